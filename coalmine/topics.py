@@ -1,0 +1,32 @@
+"""Topic names and partition counts: the one place every part of coalmine reads them from."""
+
+PREDICTIONS = "coalmine.predictions"
+LABELS = "coalmine.labels"
+ALERTS = "coalmine.alerts"
+COMMANDS = "coalmine.commands"
+DEADLETTER = "coalmine.deadletter"
+#: internal: stage-1 bucket partials, keyed by model, read by the evaluating stage
+PARTIALS = "coalmine.partials"
+
+#: predictions and labels must be co-partitioned (same count) so joins stay local
+DEFAULT_PARTITIONS = 6
+
+#: short names accepted by the command line (`coalmine tail alerts`)
+SHORT_NAMES = {
+    "predictions": PREDICTIONS,
+    "labels": LABELS,
+    "alerts": ALERTS,
+    "commands": COMMANDS,
+    "deadletter": DEADLETTER,
+    "partials": PARTIALS,
+}
+
+
+def resolve(name: str) -> str:
+    """Full topic name for a short one; full names pass through."""
+    return SHORT_NAMES.get(name, name)
+
+
+def all_topics(partitions: int = DEFAULT_PARTITIONS) -> dict[str, int]:
+    """Every topic coalmine uses with its partition count (create them before workers start)."""
+    return {t: partitions for t in SHORT_NAMES.values()}
