@@ -1,0 +1,205 @@
+"""Monitor configuration: a TOML file, validated at start-up with errors that name the field.
+
+>>> cfg = parse_config({"models": [{"name": "m", "reference": "ref.jsonl"}]}, base_dir=Path("/tmp"))
+>>> cfg.models["m"].bucket_ms, cfg.models["m"].window_ms
+(1000, 60000)
+>>> parse_config({"models": [{"name": "m", "reference": "r.jsonl", "bucket": "5 parsecs"}]})
+Traceback (most recent call last):
+...
+coalmine.config.ConfigError: models[0].bucket: expected a duration such as '500ms', '1s', '5m' or '1h', got '5 parsecs'
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DRIFT_CHECKS = ("drift", "prediction_drift", "missing_rate", "performance")
+ROLLOUT_CHECKS = ("shadow", "canary", "ab")
+ALL_CHECKS = DRIFT_CHECKS + ROLLOUT_CHECKS
+DEFAULT_CHECKS = ("drift", "prediction_drift", "missing_rate", "performance")
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+
+
+class ConfigError(ValueError):
+    """A monitor configuration that cannot run; the message names the field."""
+
+
+def parse_duration_ms(value: Any, where: str) -> int:
+    """'1s' -> 1000. Durations are strings with a unit: ms, s, m, h.
+
+    >>> parse_duration_ms("1.5m", "x")
+    90000
+    """
+    m = _DURATION.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ConfigError(
+            f"{where}: expected a duration such as '500ms', '1s', '5m' or '1h', got {value!r}"
+        )
+    ms = float(m.group(1)) * _UNITS_MS[m.group(2)]
+    if ms <= 0 or ms != int(ms):
+        raise ConfigError(f"{where}: must be a positive whole number of milliseconds, got {value!r}")
+    return int(ms)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything one model's monitor needs; built by :func:`parse_config`."""
+
+    name: str
+    reference: Path
+    features: tuple[str, ...] | None = None
+    checks: tuple[str, ...] = DEFAULT_CHECKS
+    bucket_ms: int = 1000
+    window_ms: int = 60_000
+    allowed_lateness_ms: int = 2000
+    false_alarm_every_events: int = 1_000_000
+    bins: int = 32
+    min_window_events: int = 200
+    label_ttl_ms: int = 3_600_000
+    baseline_error_rate: float | None = None
+    shift_to_detect_sd: float = 0.3
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def window_buckets(self) -> int:
+        return self.window_ms // self.bucket_ms
+
+
+@dataclass(frozen=True)
+class Config:
+    models: dict[str, ModelConfig]
+    source: Path | None = None
+
+
+# key -> (type check, description used in messages, converter)
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+_DURATION_KEYS = {"bucket": "bucket_ms", "window": "window_ms",
+                  "allowed_lateness": "allowed_lateness_ms", "label_ttl": "label_ttl_ms"}
+_NUMBER_KEYS = {
+    "false_alarm_every_events": (_positive_int, "a positive integer"),
+    "bins": (lambda v: _positive_int(v) and 4 <= v <= 1024, "an integer from 4 to 1024"),
+    "min_window_events": (_positive_int, "a positive integer"),
+    "baseline_error_rate": (_fraction, "a number in [0, 1)"),
+    "shift_to_detect_sd": (_positive_number, "a positive number (reference standard deviations)"),
+}
+_DEFAULT_KEYS = set(_DURATION_KEYS) | set(_NUMBER_KEYS)
+_MODEL_KEYS = _DEFAULT_KEYS | {"name", "reference", "features", "checks", "shadow", "canary", "ab"}
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key (expected one of: {', '.join(sorted(allowed))})"
+        )
+
+
+def _settings(table: dict, where: str) -> dict[str, Any]:
+    """Durations and numbers shared by [defaults] and [[models]], converted and checked."""
+    out: dict[str, Any] = {}
+    for key, attr in _DURATION_KEYS.items():
+        if key in table:
+            out[attr] = parse_duration_ms(table[key], f"{where}{key}")
+    for key, (ok, expected) in _NUMBER_KEYS.items():
+        if key in table:
+            if not ok(table[key]):
+                raise ConfigError(f"{where}{key}: expected {expected}, got {table[key]!r}")
+            out[key] = table[key]
+    return out
+
+
+def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> ModelConfig:
+    where = f"models[{i}]."
+    if not isinstance(table, dict):
+        raise ConfigError(f"models[{i}]: expected a table ([[models]]), got {table!r}")
+    _check_keys(table, _MODEL_KEYS, where)
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}name: expected a non-empty string, got {name!r}")
+    ref = table.get("reference")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(
+            f"{where}reference: expected a path to a JSONL or CSV file of reference rows, got {ref!r}"
+        )
+    features = table.get("features")
+    if features is not None and (
+        not isinstance(features, list) or not features
+        or not all(isinstance(f, str) and f for f in features)
+    ):
+        raise ConfigError(f"{where}features: expected a non-empty list of feature names, got {features!r}")
+    checks = table.get("checks", list(DEFAULT_CHECKS))
+    if not isinstance(checks, list) or not all(isinstance(c, str) for c in checks):
+        raise ConfigError(f"{where}checks: expected a list of check names, got {checks!r}")
+    for c in checks:
+        if c not in ALL_CHECKS:
+            raise ConfigError(f"{where}checks: unknown check {c!r} (expected any of {', '.join(ALL_CHECKS)})")
+    values = {**defaults, **_settings(table, where)}
+    if values.get("window_ms", 60_000) % values.get("bucket_ms", 1000):
+        raise ConfigError(f"{where}window: must be a whole number of buckets "
+                          f"({values.get('window_ms', 60_000)} ms is not a multiple of "
+                          f"{values.get('bucket_ms', 1000)} ms)")
+    rollout = {k: table[k] for k in ROLLOUT_CHECKS if k in table}
+    for k, v in rollout.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"{where}{k}: expected a table of settings, got {v!r}")
+    return ModelConfig(
+        name=name, reference=(base_dir / ref).resolve(),
+        features=tuple(features) if features else None, checks=tuple(checks),
+        settings=rollout, **values,
+    )
+
+
+def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> Config:
+    """Validate a parsed TOML document; relative paths resolve against ``base_dir``."""
+    _check_keys(doc, {"defaults", "models"}, "")
+    defaults_table = doc.get("defaults", {})
+    if not isinstance(defaults_table, dict):
+        raise ConfigError("defaults: expected a table ([defaults])")
+    _check_keys(defaults_table, _DEFAULT_KEYS, "defaults.")
+    defaults = _settings(defaults_table, "defaults.")
+    tables = doc.get("models")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError("models: expected at least one [[models]] table")
+    models: dict[str, ModelConfig] = {}
+    for i, table in enumerate(tables):
+        model = _model(table, i, defaults, base_dir)
+        if model.name in models:
+            raise ConfigError(f"models[{i}].name: duplicate model name {model.name!r}")
+        models[model.name] = model
+    return Config(models=models)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a monitor TOML file (errors name the file and the field)."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        cfg = parse_config(doc, base_dir=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for m in cfg.models.values():
+        if not m.reference.exists():
+            raise ConfigError(f"{path}: models.{m.name}.reference: file not found: {m.reference}")
+    return Config(models=cfg.models, source=path)
