@@ -1,0 +1,437 @@
+"""The two pipeline stages as plain objects: the worker, topic replay and file replay all run
+exactly this code.
+
+* :class:`Sketcher` (stage 1, one per source partition): folds prediction and label events
+  into per-(model, variant, event-time bucket) :class:`~coalmine.streams.sketch.Summary`
+  partials, joins labels to their predictions, keeps a watermark (largest event time seen
+  less the allowed lateness) and hands out a bucket's partial once the watermark passes
+  the bucket's end. Events later than that are returned as late, never dropped silently.
+* :class:`Evaluator` (stage 2, one per model): merges partials from every source, and once
+  every source has closed a bucket, slides the window (a ring of buckets) and runs the
+  checks; returns evaluations and alert state changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from coalmine.config import ModelConfig
+from coalmine.streams import calibration, drift
+from coalmine.streams.alerts import AlertTracker
+from coalmine.streams.reference import PREDICTION, ReferenceData, load_reference
+from coalmine.streams.sequential import CUSUM, cusum_threshold
+from coalmine.streams.sketch import NUMERIC, Layout, Summary, column_arrays
+
+VARIANTS = ("champion", "canary", "shadow")
+_VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
+
+
+@dataclass
+class ColumnModel:
+    """What the checks know of one reference column."""
+
+    name: str
+    kind: str
+    bins: slice
+    ref_counts: np.ndarray
+    ref_pos: np.ndarray
+    mean: float = 0.0
+    sd: float = 1.0
+    missing_rate: float = 0.0
+    fits: dict[str, calibration.TailFit] = field(default_factory=dict)
+
+
+class ModelMonitor:
+    """A model's reference, bins and calibrated thresholds: everything both stages share."""
+
+    def __init__(self, cfg: ModelConfig, reference: ReferenceData | None = None, seed: int = 0):
+        self.cfg = cfg
+        ref = reference if reference is not None else load_reference(cfg.reference, cfg.features)
+        if "prediction_drift" not in cfg.checks:
+            ref = ReferenceData({k: v for k, v in ref.columns.items() if k != PREDICTION}, ref.labels)
+        self.reference = ref
+        self.layout = Layout.from_reference(ref, cfg.bins)
+        self.ref_summary = self.layout.fold(ref.columns)
+        self.ref_error_rate = self._reference_error_rate(ref)
+        rng = np.random.default_rng(seed)
+        self.columns = [self._column(name, rng) for name in self.layout.names]
+        self.tests = self._count_tests()
+        self.cusum_h = cusum_threshold(2 * cfg.false_alarm_every_events * self.tests,
+                                       cfg.shift_to_detect_sd / 2)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [n for n in self.layout.names if n != PREDICTION]
+
+    def _column(self, name: str, rng: np.random.Generator) -> ColumnModel:
+        sl = self.layout.bins_of(name)
+        counts, sums = self.ref_summary.counts[sl], self.ref_summary.sums[sl]
+        values = self.reference.columns[name]
+        col = ColumnModel(name, self.layout.kinds[name], sl, counts, drift.bin_positions(counts, sums))
+        j = self.layout.names.index(name)
+        col.missing_rate = self.ref_summary.missing[j] / max(self.reference.n, 1)
+        if col.kind == NUMERIC:
+            present = values[~np.isnan(values)]
+            col.mean = float(present.mean()) if len(present) else 0.0
+            col.sd = float(present.std()) if len(present) > 1 else 0.0
+            col.fits = calibration.calibrate_numeric(counts, col.ref_pos, col.sd, rng)
+        else:
+            col.fits = calibration.calibrate_categorical(counts, rng)
+        return col
+
+    def _reference_error_rate(self, ref: ReferenceData) -> float | None:
+        if self.cfg.baseline_error_rate is not None:
+            return self.cfg.baseline_error_rate
+        if ref.labels is None or PREDICTION not in ref.columns:
+            return None
+        has = np.array([v is not None for v in ref.labels])
+        if not has.any():
+            return None
+        wrong = [str(_norm(p)) != str(_norm(l)) for p, l in zip(ref.columns[PREDICTION][has], ref.labels[has])]
+        return float(np.mean(wrong))
+
+    def _count_tests(self) -> int:
+        """K: alarming tests per evaluation, over every variant the checks may see."""
+        per_variant = sum(3 if c.kind == NUMERIC else 1 for c in self.columns)
+        per_variant += len(self.feature_names) * ("missing_rate" in self.cfg.checks)
+        per_variant += "performance" in self.cfg.checks
+        variants = 1 + any(c in self.cfg.checks for c in ("canary", "ab")) + ("shadow" in self.cfg.checks)
+        return per_variant * variants
+
+    def tail(self, window_n: int) -> float:
+        return calibration.tail_share(window_n, self.cfg.window_buckets,
+                                      self.cfg.false_alarm_every_events, self.tests)
+
+    def new_cusums(self) -> dict[str, CUSUM]:
+        k = self.cfg.shift_to_detect_sd / 2
+        return {c.name: CUSUM(c.mean, c.sd, k, self.cusum_h) for c in self.columns if c.kind == NUMERIC}
+
+
+def _norm(v):
+    """Labels and predictions compare as the same number whatever JSON type carried them."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+class Sketcher:
+    """Stage 1 for one source partition: events in, closed-bucket partials out.
+
+    >>> # see tests/test_monitor.py for complete runs
+    """
+
+    def __init__(self, monitors: dict[str, ModelMonitor], source: int = 0):
+        self.monitors, self.source = monitors, source
+        self.max_ts: int | None = None
+        self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in monitors}
+        self.closed_through: dict[str, int] = {m: -1 for m in monitors}
+        self.joins: dict[str, tuple] = {}  # request_id -> (model, variant, prediction, ts)
+        self.expired_unlabelled = 0
+
+    def _watermark(self, model: str) -> int | None:
+        if self.max_ts is None:
+            return None
+        cfg = self.monitors[model].cfg
+        return (self.max_ts - cfg.allowed_lateness_ms) // cfg.bucket_ms * cfg.bucket_ms
+
+    def add_predictions(self, events: list[dict]) -> list[tuple[int, str]]:
+        """Fold valid prediction events; return (index, reason) of those rejected (unknown
+        model, wrong value types, later than the watermark)."""
+        rejected: list[tuple[int, str]] = []
+        by_model: dict[str, list[int]] = {}
+        for i, e in enumerate(events):
+            by_model.setdefault(e["model"], []).append(i)
+        for model, idx in by_model.items():
+            if model not in self.monitors:
+                rejected += [(i, f"unknown model {model!r}") for i in idx]
+                continue
+            rejected += self._fold_model(model, [events[i] for i in idx], idx)
+        self._advance(max((e["ts"] for e in events), default=None))
+        return rejected
+
+    def _fold_model(self, model: str, events: list[dict], idx: list[int]) -> list[tuple[int, str]]:
+        mon = self.monitors[model]
+        ts = np.fromiter((e["ts"] for e in events), dtype=np.int64, count=len(events))
+        ok = ts >= self.closed_through[model]
+        rejected = [(idx[i], f"late event: ts {ts[i]} is behind the watermark "
+                              f"{self.closed_through[model]} (allowed lateness "
+                              f"{mon.cfg.allowed_lateness_ms} ms)") for i in np.flatnonzero(~ok)]
+        events = [e for e, good in zip(events, ok) if good]
+        idx = [i for i, good in zip(idx, ok) if good]
+        if not events:
+            return rejected
+        try:
+            cols = column_arrays(mon.layout, [e["features"] for e in events],
+                                 [e.get("prediction") for e in events])
+        except TypeError:
+            # rare: find the culprits one by one, fold the rest
+            good, bad = [], []
+            for e, i in zip(events, idx):
+                try:
+                    column_arrays(mon.layout, [e["features"]], [e.get("prediction")])
+                    good.append((e, i))
+                except TypeError as exc:
+                    bad.append((i, f"features.{exc.args[0]}: expected a number for a numeric feature"))
+            return rejected + bad + (self._fold_model(model, *map(list, zip(*good))) if good else [])
+        bucket_ms = mon.cfg.bucket_ms
+        buckets = np.fromiter((e["ts"] // bucket_ms for e in events), dtype=np.int64, count=len(events))
+        variants = np.fromiter((_VARIANT_CODE[e["variant"]] for e in events), dtype=np.int64, count=len(events))
+        keys, groups = np.unique(buckets * len(VARIANTS) + variants, return_inverse=True)
+        summaries = mon.layout.fold(cols, groups, len(keys))
+        errors = np.bincount(groups, weights=[e.get("status") == "error" for e in events], minlength=len(keys))
+        state = self.open[model]
+        for key, summary, err in zip(keys.tolist(), summaries, errors.tolist()):
+            summary.errors = int(err)
+            k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
+            state[k] = state[k] + summary if k in state else summary
+        if "performance" in mon.cfg.checks:
+            for e in events:
+                self.joins[e["request_id"]] = (model, e["variant"], e.get("prediction"), e["ts"])
+        return rejected
+
+    def add_labels(self, events: list[dict]) -> list[tuple[int, str]]:
+        """Join labels to their predictions (by request_id) and count labelled errors in the
+        label's bucket; labels with no prediction in the join table are rejected."""
+        rejected = []
+        for i, e in enumerate(events):
+            model = e["model"]
+            if model not in self.monitors:
+                rejected.append((i, f"unknown model {model!r}"))
+                continue
+            joined = self.joins.pop(e["request_id"], None)
+            if joined is None:
+                rejected.append((i, "label without a prediction: none seen for this request_id "
+                                    "(never published, already labelled or expired)"))
+                continue
+            _, variant, pred, _ = joined
+            mon = self.monitors[model]
+            b = max(e["ts"], self.closed_through[model]) // mon.cfg.bucket_ms * mon.cfg.bucket_ms
+            k = (b, variant)
+            s = self.open[model].get(k) or mon.layout.empty()
+            s.labelled += 1
+            s.label_errors += int(str(_norm(pred)) != str(_norm(e["label"])))
+            if isinstance(pred, (int, float)) and isinstance(e["label"], (int, float)):
+                s.abs_error_sum += abs(pred - e["label"])
+            self.open[model][k] = s
+        self._advance(max((e["ts"] for e in events), default=None))
+        return rejected
+
+    def _advance(self, ts: int | None) -> None:
+        if ts is not None and (self.max_ts is None or ts > self.max_ts):
+            self.max_ts = ts
+
+    def close(self) -> list[dict]:
+        """Partials for every bucket the watermark has passed, one message per model (empty
+        ones too: they tell stage 2 that this source has moved on)."""
+        out = []
+        for model, mon in self.monitors.items():
+            wm = self._watermark(model)
+            if wm is None or wm <= self.closed_through[model]:
+                continue
+            state = self.open[model]
+            done = sorted(k for k in state if k[0] + mon.cfg.bucket_ms <= wm)
+            buckets: dict[int, dict[str, dict]] = {}
+            for k in done:
+                buckets.setdefault(k[0], {})[k[1]] = state.pop(k).to_dict()
+            self.closed_through[model] = wm
+            out.append({"model": model, "source": self.source, "closed_through": wm,
+                        "buckets": buckets})
+        self._expire()
+        return out
+
+    def flush(self) -> list[dict]:
+        """End of input (file replay): close every open bucket."""
+        ends = [max((k[0] for k in self.open[m]), default=-1) + mon.cfg.bucket_ms
+                for m, mon in self.monitors.items()]
+        self._advance(max(ends) + max(mon.cfg.allowed_lateness_ms for mon in self.monitors.values()))
+        return self.close()
+
+    def _expire(self) -> None:
+        """Drop join entries older than the label TTL, counting them."""
+        if not self.joins or self.max_ts is None:
+            return
+        ttl = {m: mon.cfg.label_ttl_ms for m, mon in self.monitors.items()}
+        old = [r for r, (m, _, _, ts) in self.joins.items() if ts < self.max_ts - ttl[m]]
+        for r in old:
+            del self.joins[r]
+        self.expired_unlabelled += len(old)
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+@dataclass
+class Bucket:
+    start: int
+    variants: dict[str, Summary]
+
+
+class Evaluator:
+    """Stage 2 for one model: partials from ``sources`` partitions in, evaluations and alerts
+    out, once every source has closed a bucket."""
+
+    def __init__(self, monitor: ModelMonitor, sources: int = 1):
+        self.mon, self.cfg = monitor, monitor.cfg
+        self.sources = sources
+        self.closed: dict[int, int] = {}
+        self.pending: dict[int, dict[str, Summary]] = {}
+        self.applied: set[tuple[int, int]] = set()
+        self.next_bucket: int | None = None
+        self.ring: deque[Bucket] = deque(maxlen=monitor.cfg.window_buckets)
+        self.cusums: dict[str, dict[str, CUSUM]] = {}
+        self.alerts = AlertTracker(monitor.cfg.name)
+        self.late_partials = 0
+
+    def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> tuple[list[dict], list[dict]]:
+        """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
+        closed. Returns (evaluations, alerts)."""
+        src = partial["source"]
+        for start, variants in partial["buckets"].items():
+            start = int(start)
+            if (src, start) in self.applied:
+                continue  # a re-sent partial (at-least-once delivery): already merged
+            if self.next_bucket is not None and start < self.next_bucket:
+                self.late_partials += 1
+                continue
+            self.applied.add((src, start))
+            merged = self.pending.setdefault(start, {})
+            for variant, d in variants.items():
+                s = Summary.from_dict(d)
+                merged[variant] = merged[variant] + s if variant in merged else s
+        self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
+        return self._evaluate_ready(idle_sources)
+
+    def _evaluate_ready(self, idle: set[int]) -> tuple[list[dict], list[dict]]:
+        live = [t for s, t in self.closed.items() if s not in idle]
+        if len(self.closed) + len(idle - set(self.closed)) < self.sources or not live:
+            return [], []
+        through = min(live)
+        if self.next_bucket is None:
+            if not self.pending:
+                return [], []
+            self.next_bucket = min(self.pending)
+        evaluations, alerts = [], []
+        step = self.cfg.bucket_ms
+        while self.next_bucket + step <= through:
+            if not self.pending:
+                self.next_bucket = through // step * step  # nothing anywhere: jump the gap
+                break
+            if min(self.pending) - self.next_bucket > self.cfg.window_ms:
+                self.ring.clear()  # a gap longer than the window: start afresh
+                self.next_bucket = min(self.pending)
+                continue
+            ev, al = self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {})))
+            evaluations += ev
+            alerts += al
+            self.next_bucket += step
+        self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
+        return evaluations, alerts
+
+    def evaluate(self, bucket: Bucket) -> tuple[list[dict], list[dict]]:
+        """Slide the window by one bucket and run every check on each variant."""
+        self.ring.append(bucket)
+        end = bucket.start + self.cfg.bucket_ms
+        evaluations, alerts = [], []
+        variants = sorted({v for b in self.ring for v in b.variants})
+        for variant in variants:
+            parts = [b.variants[variant] for b in self.ring if variant in b.variants]
+            window = sum(parts[1:], parts[0])
+            ctx = {"model": self.cfg.name, "variant": variant, "ts": end,
+                   "window": {"start_ts": self.ring[0].start, "end_ts": end, "n": window.n}}
+            current = bucket.variants.get(variant)
+            evs = self._checks(variant, window, current)
+            for check_evs in _group(evs):
+                exceeded = any(e["value"] > e["threshold"] for e in check_evs)
+                worst = max(check_evs, key=lambda e: e["value"] / max(e["threshold"], 1e-12))
+                alert = self.alerts.observe(end, exceeded, {**ctx, **worst})
+                if alert:
+                    alerts.append(alert)
+            evaluations += [{**ctx, **e} for e in evs]
+        return evaluations, alerts
+
+    def _checks(self, variant: str, window: Summary, current: Summary | None) -> list[dict]:
+        mon, checks = self.mon, self.cfg.checks
+        out: list[dict] = []
+        cusums = self.cusums.setdefault(variant, mon.new_cusums())
+        q = mon.tail(max(window.n, 1))
+        for j, col in enumerate(mon.columns):
+            check = "prediction_drift" if col.name == PREDICTION else "drift"
+            feature = None if col.name == PREDICTION else col.name
+            if col.name in cusums and current is not None and current.n:
+                present = current.counts[col.bins].sum()
+                cusums[col.name].update(int(present), float(current.sums[col.bins].sum()))
+            if check not in checks:
+                continue
+            win_counts = window.counts[col.bins]
+            n = int(win_counts.sum())
+            if n >= self.cfg.min_window_events:
+                out += self._drift(col, check, feature, window, n, q)
+            if col.name in cusums:
+                c = cusums[col.name]
+                out.append({"check": check, "feature": feature, "statistic": "cusum",
+                            "value": c.statistic, "threshold": c.threshold, "p_value": None})
+            if "missing_rate" in checks and feature and window.n >= self.cfg.min_window_events:
+                out.append(self._missing(col, feature, int(window.missing[j]), window.n, q))
+        if "performance" in checks and mon.ref_error_rate is not None \
+                and window.labelled >= self.cfg.min_window_events:
+            out.append(self._performance(window, q))
+        return out
+
+    def _drift(self, col: ColumnModel, check: str, feature, window: Summary, n: int, q: float) -> list[dict]:
+        counts = window.counts[col.bins]
+        base = {"check": check, "feature": feature}
+        n_eff = float(drift.effective_n(col.ref_counts.sum(), n))
+        if col.kind == NUMERIC:
+            ks = drift.KolmogorovSmirnov(col.ref_counts).update(counts)
+            w = drift.Wasserstein(col.ref_pos, col.ref_counts, col.sd).update(
+                drift.bin_positions(counts, window.sums[col.bins]), counts)
+            scale = math.sqrt(n_eff)
+            return [
+                {**base, "statistic": "ks", "value": ks.statistic,
+                 "threshold": col.fits["ks"].threshold(n, q) / scale, "p_value": ks.p_value},
+                {**base, "statistic": "wasserstein", "value": w.normalized,
+                 "threshold": col.fits["wasserstein"].threshold(n, q) / scale, "p_value": None},
+                {**base, "statistic": "psi", "value": float(drift.psi_statistic(col.ref_counts, counts)),
+                 "threshold": None, "p_value": None},
+            ]
+        chi = drift.ChiSquare(col.ref_counts).update(counts)
+        return [
+            {**base, "statistic": "chi2", "value": chi.statistic,
+             "threshold": col.fits["chi2"].threshold(n, q), "p_value": chi.p_value},
+            {**base, "statistic": "jensen_shannon", "value": float(drift.js_statistic(col.ref_counts, counts)),
+             "threshold": None, "p_value": None},
+        ]
+
+    def _missing(self, col: ColumnModel, feature: str, missing: int, n: int, q: float) -> dict:
+        m = self.mon.reference.n
+        x_ref = col.missing_rate * m
+        pooled = (x_ref + missing) / (m + n)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / m)) if 0 < pooled < 1 else 0.0
+        z = (missing / n - col.missing_rate) / se if se else 0.0
+        return {"check": "missing_rate", "feature": feature, "statistic": "z", "value": z,
+                "threshold": float(stats.norm.isf(q)), "p_value": float(stats.norm.sf(z))}
+
+    def _performance(self, window: Summary, q: float) -> dict:
+        p0, n = self.mon.ref_error_rate, window.labelled
+        p0 = min(max(p0, 0.5 / self.mon.reference.n), 1 - 1e-9)  # a perfect reference still has noise
+        z = (window.label_errors - n * p0) / math.sqrt(n * p0 * (1 - p0))
+        return {"check": "performance", "feature": None, "statistic": "error_rate_z", "value": z,
+                "threshold": float(stats.norm.isf(q)), "p_value": float(stats.norm.sf(z)),
+                "error_rate": window.label_errors / n, "reference_error_rate": self.mon.ref_error_rate}
+
+
+def _group(evs: list[dict]) -> list[list[dict]]:
+    """Evaluations grouped by (check, feature): one alert per group, on any of its statistics."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in evs:
+        if e["threshold"] is not None:  # PSI and JS are reported, not alarmed on
+            groups.setdefault((e["check"], e["feature"]), []).append(e)
+    return list(groups.values())
