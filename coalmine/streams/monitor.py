@@ -307,9 +307,10 @@ class Evaluator:
                 s = Summary.from_dict(d)
                 merged[variant] = merged[variant] + s if variant in merged else s
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
-        return self._evaluate_ready(idle_sources)
+        return self.poll(idle_sources)
 
-    def _evaluate_ready(self, idle: set[int]) -> tuple[list[dict], list[dict]]:
+    def poll(self, idle: set[int] = frozenset()) -> tuple[list[dict], list[dict]]:
+        """Evaluate the buckets that every source not in ``idle`` has closed."""
         live = [t for s, t in self.closed.items() if s not in idle]
         if len(self.closed) + len(idle - set(self.closed)) < self.sources or not live:
             return [], []

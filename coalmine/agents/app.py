@@ -1,0 +1,189 @@
+"""The Faust app: topics, two agents and a timer; the logic lives in :mod:`coalmine.streams`.
+
+* ``sketch`` (stage 1) reads predictions and labels (co-partitioned, keyed by request_id) in
+  batches, one :class:`~coalmine.streams.monitor.Sketcher` per partition, and sends closed
+  bucket partials to the internal partials topic keyed by model. An event is acknowledged
+  (its offset may be committed) only once the bucket it went into has been sent, so a worker
+  killed mid-bucket loses nothing: the partition's new owner reads those events again.
+* ``evaluate`` (stage 2) reads partials keyed by model, one
+  :class:`~coalmine.streams.monitor.Evaluator` per model, and publishes alert state changes.
+  A partial is acknowledged once its buckets are evaluated; a re-sent partial is merged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import faust
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from coalmine import events as contract
+from coalmine import topics
+from coalmine.agents import metrics
+from coalmine.config import Config
+from coalmine.streams.monitor import Evaluator, ModelMonitor, Sketcher
+
+log = logging.getLogger("coalmine.worker")
+
+BATCH = 2000
+BATCH_WITHIN_S = 0.2
+#: a source partition that sent nothing for this long (wall clock) stops holding windows back
+IDLE_SOURCE_S = 15.0
+
+
+def create_app(config: Config, broker_url: str, *, web_port: int = 6066, app_id: str = "coalmine",
+               partitions: int = topics.DEFAULT_PARTITIONS, monitors: dict[str, ModelMonitor] | None = None,
+               ) -> faust.App:
+    """A Faust app monitoring ``config``'s models; run it with ``app.main()`` or a Worker."""
+    app = faust.App(
+        app_id, broker=broker_url, store="memory://", topic_partitions=partitions,
+        web_port=web_port, web_host="127.0.0.1", web_enabled=True,
+        stream_wait_empty=False, consumer_auto_offset_reset="earliest",
+        broker_session_timeout=10.0, broker_heartbeat_interval=2.0,
+        topic_allow_declare=False, producer_linger_ms=5,
+    )
+    monitors = monitors or {name: ModelMonitor(m) for name, m in config.models.items()}
+    models = set(monitors)
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    inputs = app.topic(topics.PREDICTIONS, topics.LABELS, **raw)
+    partials_topic = app.topic(topics.PARTIALS, **raw)
+    alerts_topic = app.topic(topics.ALERTS, **raw)
+    dead_topic = app.topic(topics.DEADLETTER, **raw)
+
+    sketchers: dict[int, Sketcher] = {}
+    held: dict[int, list[tuple[int, faust.EventT]]] = defaultdict(list)  # partition -> (ts, event)
+    evaluators = {name: Evaluator(mon, sources=partitions) for name, mon in monitors.items()}
+    heard: dict[str, dict[int, float]] = defaultdict(dict)  # model -> source -> wall time
+    started = time.monotonic()
+
+    async def dead_letter(message, reason: str) -> None:
+        record = contract.deadletter_record(message.value, reason, message.topic, message.partition,
+                                            message.offset, int(time.time() * 1000))
+        await dead_topic.send(key=message.key, value=contract.encode(record))
+        metrics.DEADLETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
+
+    async def sketch_partition(partition: int, batch: list, stream) -> None:
+        sketcher = sketchers.setdefault(partition, Sketcher(monitors, source=partition))
+        by_kind: dict[str, list] = {"prediction": [], "label": []}
+        for event in batch:
+            kind = "label" if event.message.topic == topics.LABELS else "prediction"
+            by_kind[kind].append(event)
+        for kind, evs in by_kind.items():
+            if not evs:
+                continue
+            valid, invalid = contract.split_valid(kind, [e.message.value for e in evs], models)
+            bad = dict(invalid)
+            good_events = [e for i, e in enumerate(evs) if i not in bad]
+            add = sketcher.add_labels if kind == "label" else sketcher.add_predictions
+            for i, reason in add(valid):
+                if reason.startswith("late event"):
+                    metrics.LATE.labels(valid[i]["model"]).inc()
+                await dead_letter(good_events[i].message, reason)
+                await stream.ack(good_events[i])
+                good_events[i] = None
+            for i, reason in invalid:
+                await dead_letter(evs[i].message, reason)
+                await stream.ack(evs[i])
+            held[partition] += [(v["ts"], e) for v, e in zip(valid, good_events) if e is not None]
+            metrics.count_events(kind, valid)
+        for partial in sketcher.close():
+            await partials_topic.send(key=partial["model"].encode(), value=contract.encode(partial))
+        # events in closed buckets are safe: acknowledge them so their offsets commit
+        safe = min(sketcher.closed_through.values(), default=-1)
+        keep = []
+        for ts, event in held[partition]:
+            if ts < safe:
+                await stream.ack(event)
+            else:
+                keep.append((ts, event))
+        held[partition] = keep
+        metrics.EXPIRED.set(sum(s.expired_unlabelled for s in sketchers.values()))
+
+    @app.agent(inputs)
+    async def sketch(stream):
+        async for batch in stream.noack_take(BATCH, within=BATCH_WITHIN_S):
+            t0 = time.perf_counter()
+            by_partition: dict[int, list] = defaultdict(list)
+            for event in batch:
+                by_partition[event.message.partition].append(event)
+            for partition, events in sorted(by_partition.items()):
+                try:
+                    await sketch_partition(partition, events, stream)
+                except Exception as exc:  # a worker never dies on one batch
+                    log.exception("stage 1 failed on a batch of partition %s", partition)
+                    for event in events:
+                        await dead_letter(event.message, f"internal error: {exc!r}")
+                        await stream.ack(event)
+            metrics.PROCESSING.labels("sketch").observe(time.perf_counter() - t0)
+            metrics.BATCH_EVENTS.labels("sketch").observe(len(batch))
+
+    async def publish(model: str, evaluations: list[dict], alerts: list[dict]) -> None:
+        for alert in alerts:
+            await alerts_topic.send(key=model.encode(), value=contract.encode(alert))
+        metrics.EVALUATIONS.labels(model).inc(len({e["ts"] for e in evaluations}))
+        metrics.record_evaluations(model, evaluations, alerts, len(evaluators[model].alerts.firing))
+
+    def idle_sources(model: str) -> set[int]:
+        now = time.monotonic()
+        last = heard[model]
+        return {s for s in range(partitions) if now - last.get(s, started) > IDLE_SOURCE_S}
+
+    @app.agent(partials_topic)
+    async def evaluate(stream):
+        waiting: list[tuple[str, int, faust.EventT]] = []
+        async for batch in stream.noack_take(BATCH, within=BATCH_WITHIN_S):
+            t0 = time.perf_counter()
+            for event in batch:
+                try:
+                    partial = orjson.loads(event.message.value)
+                    model = partial["model"]
+                    heard[model][partial["source"]] = time.monotonic()
+                    evs, alerts = evaluators[model].add(partial, idle_sources(model))
+                    await publish(model, evs, alerts)
+                    last = max((int(b) for b in partial["buckets"]), default=-1)
+                    waiting.append((model, last, event))
+                except Exception as exc:
+                    log.exception("stage 2 failed on a partial")
+                    await dead_letter(event.message, f"internal error: {exc!r}")
+                    await stream.ack(event)
+            still = []
+            for model, last, event in waiting:
+                nxt = evaluators[model].next_bucket
+                if nxt is not None and last < nxt:
+                    await stream.ack(event)
+                else:
+                    still.append((model, last, event))
+            waiting = still
+            metrics.PROCESSING.labels("evaluate").observe(time.perf_counter() - t0)
+
+    @app.timer(interval=2.0)
+    async def release_idle_sources():
+        """Quiet partitions must not hold the window back: evaluate without them."""
+        for model, evaluator in evaluators.items():
+            if heard[model]:
+                evs, alerts = evaluator.poll(idle_sources(model))
+                await publish(model, evs, alerts)
+
+    @app.page("/metrics")
+    async def prometheus(web, request):
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/health")
+    async def health(web, request):
+        return web.json({"models": sorted(models), "partitions_sketched": sorted(sketchers),
+                         "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()}})
+
+    def forget(assigned_or_revoked):
+        for tp in assigned_or_revoked:
+            if tp.topic == topics.PREDICTIONS:
+                sketchers.pop(tp.partition, None)
+                held.pop(tp.partition, None)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app, revoked, **kwargs):
+        forget(revoked)
+
+    return app

@@ -1,0 +1,51 @@
+"""Prometheus metrics of a worker, served on its web port at ``/metrics``."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram
+
+EVENTS = PromCounter("coalmine_events_total", "Events folded into summaries",
+                     ["model", "variant", "kind"])
+DEADLETTERS = PromCounter("coalmine_deadletters_total",
+                          "Events sent to the dead-letter topic, by kind of reason", ["topic", "reason"])
+LATE = PromCounter("coalmine_late_events_total",
+                   "Events later than the allowed lateness (they go to the dead-letter topic)", ["model"])
+ALERTS = PromCounter("coalmine_alerts_total", "Alert state changes published",
+                     ["model", "variant", "check", "state"])
+FIRING = Gauge("coalmine_alerts_firing", "Alerts currently firing", ["model"])
+EVALUATIONS = PromCounter("coalmine_evaluations_total", "Buckets evaluated", ["model"])
+STATISTIC = Gauge("coalmine_check_statistic", "Last value of a check's statistic",
+                  ["model", "variant", "check", "feature", "statistic"])
+THRESHOLD = Gauge("coalmine_check_threshold", "Calibrated threshold of the last evaluation",
+                  ["model", "variant", "check", "feature", "statistic"])
+PROCESSING = Histogram("coalmine_batch_processing_seconds", "Wall time to process one batch",
+                       ["stage"], buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3))
+BATCH_EVENTS = Histogram("coalmine_batch_events", "Events per processed batch", ["stage"],
+                         buckets=(1, 10, 100, 300, 1000, 3000, 10000))
+EXPIRED = Gauge("coalmine_expired_unlabelled_predictions",
+                "Predictions dropped from the label join after the label TTL, never labelled")
+
+
+def count_events(kind: str, events: list[dict]) -> None:
+    for (model, variant), n in Counter((e["model"], e.get("variant", "")) for e in events).items():
+        EVENTS.labels(model, variant, kind).inc(n)
+
+
+def reason_kind(reason: str) -> str:
+    """A short, bounded label for a dead-letter reason (full reasons go in the record)."""
+    head = reason.split(":", 1)[0]
+    return head if len(head) <= 40 and " " not in head.strip() else head.split(" ", 1)[0]
+
+
+def record_evaluations(model: str, evaluations: list[dict], alerts: list[dict], firing: int) -> None:
+    for e in evaluations:
+        labels = (model, e["variant"], e["check"], e.get("feature") or "", e["statistic"])
+        STATISTIC.labels(*labels).set(e["value"])
+        if e["threshold"] is not None:
+            THRESHOLD.labels(*labels).set(e["threshold"])
+    for a in alerts:
+        ALERTS.labels(model, a["variant"], a["check"], a["state"]).inc()
+    FIRING.labels(model).set(firing)
