@@ -1,0 +1,114 @@
+"""The two pipeline stages without a broker: alerts at the right buckets, silence on
+stationary streams, the same alerts however the events are spread over partitions."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from coalmine.config import ModelConfig
+from coalmine.streams.monitor import Evaluator, ModelMonitor, Sketcher
+from coalmine.streams.reference import ReferenceData
+
+PER_BUCKET = 200
+
+
+@pytest.fixture(scope="module")
+def monitor():
+    rng = np.random.default_rng(1)
+    ref = ReferenceData({"f0": rng.standard_normal(5000), "f1": rng.exponential(size=5000),
+                         "color": np.array(rng.choice(["red", "blue"], 5000), dtype=object),
+                         "prediction": rng.integers(0, 3, 5000).astype(float)}, None)
+    cfg = ModelConfig(name="m", reference=None, bucket_ms=1000, window_ms=20_000,
+                      checks=("drift", "prediction_drift", "missing_rate"))
+    return ModelMonitor(cfg, ref)
+
+
+def stream(buckets, shift_from=None, shift=0.0, seed=2, missing_from=None):
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(buckets):
+        f0 = rng.standard_normal(PER_BUCKET) + (shift if shift_from is not None and b >= shift_from else 0)
+        f1 = rng.exponential(size=PER_BUCKET)
+        color = rng.choice(["red", "blue"], PER_BUCKET)
+        pred = rng.integers(0, 3, PER_BUCKET)
+        for j in range(PER_BUCKET):
+            gone = missing_from is not None and b >= missing_from and j % 5 == 0
+            out.append({"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m",
+                        "version": "1", "variant": "champion", "ts": b * 1000 + j * 4,
+                        "features": {"f0": float(f0[j]), "f1": None if gone else float(f1[j]),
+                                     "color": str(color[j])},
+                        "prediction": int(pred[j]), "status": "ok"})
+    return out
+
+
+def run(monitor, events, sources=1, chunk=500):
+    sketchers = [Sketcher({"m": monitor}, source=s) for s in range(sources)]
+    evaluator = Evaluator(monitor, sources=sources)
+    alerts = []
+    for start in range(0, len(events), chunk):
+        part = events[start:start + chunk]
+        for s, sk in enumerate(sketchers):
+            mine = [e for e in part if zlib.crc32(e["request_id"].encode()) % sources == s] if sources > 1 else part
+            assert sk.add_predictions(mine) == []
+            for p in sk.close():
+                alerts += evaluator.add(p)[1]
+    for sk in sketchers:
+        for p in sk.flush():
+            alerts += evaluator.add(p)[1]
+    return alerts
+
+
+def test_stationary_stream_is_silent(monitor):
+    assert run(monitor, stream(200)) == []
+
+
+def test_mean_shift_fires_on_the_feature_within_a_few_buckets(monitor):
+    alerts = run(monitor, stream(120, shift_from=60, shift=0.5))
+    firing = [a for a in alerts if a["state"] == "firing"]
+    assert firing, "a 0.5 sd shift must be detected"
+    first = firing[0]
+    assert first["feature"] == "f0" and first["check"] == "drift"
+    assert 60_000 < first["ts"] <= 65_000  # within 5 buckets (1000 events) of the change
+    assert {a["feature"] for a in firing} == {"f0"}
+
+
+def test_missing_values_fire_missing_rate(monitor):
+    alerts = run(monitor, stream(80, missing_from=40))
+    firing = [(a["check"], a.get("feature")) for a in alerts if a["state"] == "firing"]
+    assert ("missing_rate", "f1") in firing
+    assert all(a["ts"] > 40_000 for a in alerts)
+
+
+def test_alerts_do_not_depend_on_partitions(monitor):
+    events = stream(90, shift_from=50, shift=0.4)
+    one = run(monitor, events, sources=1)
+    four = run(monitor, events, sources=4, chunk=300)
+    assert one and [a["alert_id"] for a in one] == [a["alert_id"] for a in four]
+
+
+def test_late_events_are_rejected_with_a_reason(monitor):
+    sk = Sketcher({"m": monitor})
+    events = stream(10)
+    sk.add_predictions(events)
+    sk.close()
+    rejected = sk.add_predictions([dict(events[0], event_id="late")])
+    assert len(rejected) == 1 and rejected[0][1].startswith("late event")
+
+
+def test_resent_partial_is_merged_once(monitor):
+    sk = Sketcher({"m": monitor})
+    sk.add_predictions(stream(30))
+    partials = sk.flush()
+    once, twice = Evaluator(monitor), Evaluator(monitor)
+    for p in partials:
+        once.add(p)
+        twice.add(p)
+        twice.add(p)
+    assert [b.variants["champion"].n for b in once.ring] == [b.variants["champion"].n for b in twice.ring]
+
+
+def test_unknown_model_is_rejected(monitor):
+    sk = Sketcher({"m": monitor})
+    ev = dict(stream(1)[0], model="other")
+    assert sk.add_predictions([ev]) == [(0, "unknown model 'other'")]
