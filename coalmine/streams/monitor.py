@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from coalmine.config import ModelConfig
 from coalmine.streams import calibration, drift
@@ -418,15 +418,20 @@ class Evaluator:
         se = math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / m)) if 0 < pooled < 1 else 0.0
         z = (missing / n - col.missing_rate) / se if se else 0.0
         return {"check": "missing_rate", "feature": feature, "statistic": "z", "value": z,
-                "threshold": float(stats.norm.isf(q)), "p_value": float(stats.norm.sf(z))}
+                "threshold": _z_threshold(q), "p_value": float(special.ndtr(-z))}
 
     def _performance(self, window: Summary, q: float) -> dict:
         p0, n = self.mon.ref_error_rate, window.labelled
         p0 = min(max(p0, 0.5 / self.mon.reference.n), 1 - 1e-9)  # a perfect reference still has noise
         z = (window.label_errors - n * p0) / math.sqrt(n * p0 * (1 - p0))
         return {"check": "performance", "feature": None, "statistic": "error_rate_z", "value": z,
-                "threshold": float(stats.norm.isf(q)), "p_value": float(stats.norm.sf(z)),
+                "threshold": _z_threshold(q), "p_value": float(special.ndtr(-z)),
                 "error_rate": window.label_errors / n, "reference_error_rate": self.mon.ref_error_rate}
+
+
+def _z_threshold(q: float) -> float:
+    """One-sided standard normal level exceeded with probability ``q``."""
+    return float(-special.ndtri(q))
 
 
 def _group(evs: list[dict]) -> list[list[dict]]:
