@@ -34,13 +34,14 @@ BATCH_WITHIN_S = 0.2
 IDLE_SOURCE_S = 15.0
 
 
-def create_app(config: Config, broker_url: str, *, web_port: int = 6066, app_id: str = "coalmine",
+def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_host: str = "127.0.0.1",
+               app_id: str = "coalmine",
                partitions: int = topics.DEFAULT_PARTITIONS, monitors: dict[str, ModelMonitor] | None = None,
                ) -> faust.App:
     """A Faust app monitoring ``config``'s models; run it with ``app.main()`` or a Worker."""
     app = faust.App(
         app_id, broker=broker_url, store="memory://", topic_partitions=partitions,
-        web_port=web_port, web_host="127.0.0.1", web_enabled=True,
+        web_port=web_port, web_host=web_host, web_enabled=True,
         stream_wait_empty=False, consumer_auto_offset_reset="earliest",
         broker_session_timeout=10.0, broker_heartbeat_interval=2.0,
         topic_allow_declare=False, producer_linger_ms=5,
