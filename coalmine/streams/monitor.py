@@ -238,9 +238,9 @@ class Sketcher:
                 continue
             state = self.open[model]
             done = sorted(k for k in state if k[0] + mon.cfg.bucket_ms <= wm)
-            buckets: dict[int, dict[str, dict]] = {}
+            buckets: dict[str, dict[str, dict]] = {}  # str keys: JSON objects
             for k in done:
-                buckets.setdefault(k[0], {})[k[1]] = state.pop(k).to_dict()
+                buckets.setdefault(str(k[0]), {})[k[1]] = state.pop(k).to_dict()
             self.closed_through[model] = wm
             out.append({"model": model, "source": self.source, "closed_through": wm,
                         "buckets": buckets})
