@@ -102,6 +102,7 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
                 keep.append((ts, event))
         held[partition] = keep
         metrics.EXPIRED.set(sum(s.expired_unlabelled for s in sketchers.values()))
+        metrics.UNJOINED.set(sum(s.expired_unjoined_labels for s in sketchers.values()))
 
     @app.agent(inputs)
     async def sketch(stream):

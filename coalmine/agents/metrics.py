@@ -49,3 +49,5 @@ def record_evaluations(model: str, evaluations: list[dict], alerts: list[dict], 
     for a in alerts:
         ALERTS.labels(model, a["variant"], a["check"], a["state"]).inc()
     FIRING.labels(model).set(firing)
+UNJOINED = Gauge("coalmine_unjoined_labels",
+                 "Labels dropped after the label TTL without ever meeting their prediction")

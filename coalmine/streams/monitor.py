@@ -160,7 +160,9 @@ class Sketcher:
         self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in monitors}
         self.closed_through: dict[str, int] = {m: -1 for m in monitors}
         self.joins: dict[str, tuple] = {}  # request_id -> (model, variant, prediction, ts)
+        self.early_labels: dict[str, dict] = {}  # request_id -> label that came before its prediction
         self.expired_unlabelled = 0
+        self.expired_unjoined_labels = 0
 
     def _watermark(self, model: str) -> int | None:
         if self.max_ts is None:
@@ -221,34 +223,41 @@ class Sketcher:
         if "performance" in mon.cfg.checks:
             for e in events:
                 self.joins[e["request_id"]] = (model, e["variant"], e.get("prediction"), e["ts"])
+            if self.early_labels:
+                for e in events:
+                    label = self.early_labels.pop(e["request_id"], None)
+                    if label is not None:
+                        self._score(self.joins.pop(e["request_id"]), label)
         return rejected
 
     def add_labels(self, events: list[dict]) -> list[tuple[int, str]]:
         """Join labels to their predictions (by request_id) and count labelled errors in the
-        label's bucket; labels with no prediction in the join table are rejected."""
+        current bucket. A label that comes before its prediction waits for it (until the
+        label TTL, then it is counted as unjoined)."""
         rejected = []
         for i, e in enumerate(events):
-            model = e["model"]
-            if model not in self.monitors:
-                rejected.append((i, f"unknown model {model!r}"))
+            if e["model"] not in self.monitors:
+                rejected.append((i, f"unknown model {e['model']!r}"))
                 continue
             joined = self.joins.pop(e["request_id"], None)
             if joined is None:
-                rejected.append((i, "label without a prediction: none seen for this request_id "
-                                    "(never published, already labelled or expired)"))
-                continue
-            _, variant, pred, _ = joined
-            mon = self.monitors[model]
-            b = max(e["ts"], self.closed_through[model]) // mon.cfg.bucket_ms * mon.cfg.bucket_ms
-            k = (b, variant)
-            s = self.open[model].get(k) or mon.layout.empty()
-            s.labelled += 1
-            s.label_errors += int(str(_norm(pred)) != str(_norm(e["label"])))
-            if isinstance(pred, (int, float)) and isinstance(e["label"], (int, float)):
-                s.abs_error_sum += abs(pred - e["label"])
-            self.open[model][k] = s
+                self.early_labels[e["request_id"]] = e
+            else:
+                self._score(joined, e)
         self._advance(max((e["ts"] for e in events), default=None))
         return rejected
+
+    def _score(self, joined: tuple, label: dict) -> None:
+        model, variant, pred, pred_ts = joined
+        mon = self.monitors[model]
+        ts = max(label["ts"], pred_ts, self.closed_through[model])
+        k = (ts // mon.cfg.bucket_ms * mon.cfg.bucket_ms, variant)
+        s = self.open[model].get(k) or mon.layout.empty()
+        s.labelled += 1
+        s.label_errors += int(str(_norm(pred)) != str(_norm(label["label"])))
+        if isinstance(pred, (int, float)) and isinstance(label["label"], (int, float)):
+            s.abs_error_sum += abs(pred - label["label"])
+        self.open[model][k] = s
 
     def _advance(self, ts: int | None) -> None:
         if ts is not None and (self.max_ts is None or ts > self.max_ts):
@@ -281,14 +290,25 @@ class Sketcher:
         return self.close()
 
     def _expire(self) -> None:
-        """Drop join entries older than the label TTL, counting them."""
-        if not self.joins or self.max_ts is None:
+        """Drop predictions and early labels older than the label TTL, counting them. Both
+        tables are in arrival order, so the scan stops at the first entry still alive."""
+        if self.max_ts is None:
             return
         ttl = {m: mon.cfg.label_ttl_ms for m, mon in self.monitors.items()}
-        old = [r for r, (m, _, _, ts) in self.joins.items() if ts < self.max_ts - ttl[m]]
-        for r in old:
-            del self.joins[r]
-        self.expired_unlabelled += len(old)
+        self.expired_unlabelled += _drop_oldest(self.joins, lambda v: v[3] < self.max_ts - ttl[v[0]])
+        self.expired_unjoined_labels += _drop_oldest(
+            self.early_labels, lambda e: e["ts"] < self.max_ts - ttl[e["model"]])
+
+
+def _drop_oldest(table: dict, expired) -> int:
+    old = []
+    for key, value in table.items():
+        if not expired(value):
+            break
+        old.append(key)
+    for key in old:
+        del table[key]
+    return len(old)
 
 
 # ---------------------------------------------------------------- stage 2
