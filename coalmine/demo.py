@@ -93,11 +93,11 @@ async def _run(bootstrap: str, workdir: Path, web_port: int, duration: float, ra
     n = int(duration * rate)
     drift_at = int(n * 0.4)
     scenario = simulator.Scenario(n_events=n, rate_per_s=rate, start_ts_ms=int(time.time() * 1000),
-                                  drift_at=drift_at, drift_until=int(n * 0.75), drift_feature="f1",
+                                  drift_at=drift_at, drift_until=int(n * 0.65), drift_feature="f1",
                                   drift_kind="shift", drift_size=1.0, label_delay_ms=3000,
                                   label_fraction=0.5, bad_event_every=997, seed=7)
     print(f"simulator: {n} predictions at {rate:.0f}/s over {duration:.0f}s; drift in f1 "
-          f"(+1 sd) from {drift_at / rate:.0f}s to {n * 0.75 / rate:.0f}s; labels 3s late; "
+          f"(+1 sd) from {drift_at / rate:.0f}s to {n * 0.65 / rate:.0f}s; labels 3s late; "
           f"1 in 997 events malformed", flush=True)
     seen: Counter = Counter()
     firing: list = []

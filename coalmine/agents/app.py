@@ -30,8 +30,10 @@ log = logging.getLogger("coalmine.worker")
 
 BATCH = 2000
 BATCH_WITHIN_S = 0.2
-#: a source partition that sent nothing for this long (wall clock) stops holding windows back
-IDLE_SOURCE_S = 15.0
+#: a source partition that sent nothing for this long (wall clock) stops holding windows back;
+#: longer than a rebalance after a crash (session timeout 10 s + catch-up), so that the
+#: partials a new owner re-sends are not late
+IDLE_SOURCE_S = 45.0
 
 
 def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_host: str = "127.0.0.1",
