@@ -1,12 +1,20 @@
-"""Topic names and partition counts: the one place every part of coalmine reads them from."""
+"""Topic names and partition counts: the one place every part of coalmine reads them from.
 
-PREDICTIONS = "coalmine.predictions"
-LABELS = "coalmine.labels"
-ALERTS = "coalmine.alerts"
-COMMANDS = "coalmine.commands"
-DEADLETTER = "coalmine.deadletter"
+``$COALMINE_NAMESPACE`` (e.g. ``staging.``) prefixes every name, so that several coalmine
+deployments (or test runs) can share one Kafka cluster.
+"""
+
+import os
+
+NAMESPACE = os.environ.get("COALMINE_NAMESPACE", "")
+
+PREDICTIONS = NAMESPACE + "coalmine.predictions"
+LABELS = NAMESPACE + "coalmine.labels"
+ALERTS = NAMESPACE + "coalmine.alerts"
+COMMANDS = NAMESPACE + "coalmine.commands"
+DEADLETTER = NAMESPACE + "coalmine.deadletter"
 #: internal: stage-1 bucket partials, keyed by model, read by the evaluating stage
-PARTIALS = "coalmine.partials"
+PARTIALS = NAMESPACE + "coalmine.partials"
 
 #: predictions and labels must be co-partitioned (same count) so joins stay local
 DEFAULT_PARTITIONS = 6

@@ -112,3 +112,13 @@ def test_unknown_model_is_rejected(monitor):
     sk = Sketcher({"m": monitor})
     ev = dict(stream(1)[0], model="other")
     assert sk.add_predictions([ev]) == [(0, "unknown model 'other'")]
+
+
+@pytest.mark.parametrize("x,n,x_ref,n_ref", [(12, 1000, 12, 5000), (3, 200, 0, 5000), (40, 900, 30, 900)])
+def test_rate_increase_matches_scipy_binomtest(x, n, x_ref, n_ref):
+    from scipy.stats import binomtest
+
+    from coalmine.streams.monitor import rate_increase_surprise
+
+    p = binomtest(x, x + x_ref, n / (n + n_ref), alternative="greater").pvalue
+    assert rate_increase_surprise(x, n, x_ref, n_ref) == pytest.approx(-np.log10(p))

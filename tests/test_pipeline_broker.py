@@ -1,0 +1,74 @@
+"""The whole pipeline on the embedded broker: real workers, real topics, real /metrics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from coalmine import simulator
+from coalmine.config import load_config
+from coalmine.replay import replay_files
+
+pytestmark = pytest.mark.integration
+RATE = 300  # events per second of event time: 300 per 1 s bucket
+
+
+def wait_for(worker, name: str, target: float, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.metric(name) >= target:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{name} stayed at {worker.metric(name)} < {target}")
+
+
+def test_drift_alerts_on_the_drifted_feature_and_replay_agrees(namespace, start_worker, shuttle_config, tmp_path):
+    scenario = simulator.Scenario(n_events=24_000, rate_per_s=RATE, drift_at=12_000, drift_feature="f1",
+                                  drift_size=1.0, seed=3)
+    events = list(simulator.generate(scenario))
+    worker = start_worker(shuttle_config)
+    namespace.publish(events)
+    # every bucket but the last few (allowed lateness) gets evaluated
+    wait_for(worker, "coalmine_evaluations_total", 24_000 / RATE - 4)
+    alerts = namespace.read("alerts")
+    change_ts = scenario.start_ts_ms + 12_000 * 1000 // RATE
+    firing = [a for a in alerts if a["state"] == "firing"]
+    assert firing, "a 1 sd shift in f1 must raise an alert"
+    assert all(a["ts"] > change_ts for a in alerts), "no alert before the change"
+    assert firing[0]["feature"] == "f1" and firing[0]["check"] == "drift"
+    assert firing[0]["ts"] <= change_ts + 5_000, "within 5 buckets of the change"
+
+    # the same events from files give the same alerts (file replay also closes the last buckets)
+    preds, labels = tmp_path / "p.jsonl", tmp_path / "l.jsonl"
+    simulator.write_streams(scenario, preds, labels)
+    replayed = replay_files(load_config(shuttle_config), preds, labels, progress=False).alerts
+    last_live = worker.metric("coalmine_evaluations_total")
+    assert [(a["ts"], a.get("feature"), a["state"]) for a in alerts] == [(a["ts"], a.get("feature"), a["state"]) for a in replayed][:len(alerts)]
+    assert [a["alert_id"] for a in alerts] == [a["alert_id"] for a in replayed][:len(alerts)]
+    assert len(replayed) - len(alerts) <= 2, f"live evaluated {last_live} buckets"
+
+
+def test_stationary_stream_stays_silent(namespace, start_worker, shuttle_config):
+    worker = start_worker(shuttle_config)
+    namespace.publish(simulator.generate(simulator.Scenario(n_events=30_000, rate_per_s=RATE, seed=4)))
+    wait_for(worker, "coalmine_evaluations_total", 30_000 / RATE - 4)
+    assert namespace.read("alerts") == []
+
+
+def test_bad_events_are_dead_lettered_with_reasons_and_the_worker_goes_on(namespace, start_worker, shuttle_config):
+    worker = start_worker(shuttle_config)
+    scenario = simulator.Scenario(n_events=6_000, rate_per_s=RATE, bad_event_every=100, seed=5)
+    namespace.publish(simulator.generate(scenario))
+    valid = 6_000 - 60
+    wait_for(worker, "coalmine_events_total", valid, timeout=60)
+    dead = namespace.read("deadletter")
+    reasons = [d["reason"] for d in dead]
+    assert len(dead) == 60
+    assert sum(r.startswith("not JSON") for r in reasons) == 15
+    assert sum(r == "missing field: ts" for r in reasons) == 15
+    assert sum(r.startswith("variant: expected one of") for r in reasons) == 15
+    assert sum(r.startswith("features.f2: expected a number or a string") for r in reasons) == 15
+    assert all(d["original_b64"] and d["source_topic"].endswith("coalmine.predictions") for d in dead)
+    assert worker.proc.poll() is None
+    assert worker.metric("coalmine_deadletters_total") == 60
