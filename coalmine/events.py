@@ -98,38 +98,41 @@ def _finite_scalar(x) -> bool:
     return t is str or t is int or (t is float and x - x == 0)  # NaN and inf fail x - x == 0
 
 
-def _plain_prediction(d) -> bool:
-    """The hot path: True for a valid prediction with no optional fields but the common ones.
-    Anything else goes through the detailed checks, which also produce the reason."""
-    if type(d) is not dict:
+_FEATURE_TYPES = frozenset({int, float, str, type(None)})
+
+
+def _plain_prediction(d, from_json: bool = False) -> bool:
+    """The hot path: True for a valid prediction without ``scores`` or ``error``. Anything
+    else goes through the detailed checks, which also produce the reason. orjson never
+    yields NaN or infinity, so parsed events skip the per-value finiteness test."""
+    try:
+        e, r, m, v = d["event_id"], d["request_id"], d["model"], d["version"]
+        ts, features, prediction = d["ts"], d["features"], d["prediction"]
+        if d["variant"] not in VARIANTS or d["status"] != "ok":
+            return False
+    except (KeyError, TypeError):
         return False
-    keys = d.keys()
-    if not (_PREDICTION_KEYS <= keys <= _PREDICTION_ALL) or "scores" in d or "error" in d:
-        return False
-    e, r, m, v = d["event_id"], d["request_id"], d["model"], d["version"]
     if not (type(e) is str and type(r) is str and type(m) is str and type(v) is str and e and r and m and v):
         return False
-    ts, features = d["ts"], d["features"]
-    if type(ts) is not int or ts < 0 or type(features) is not dict:
+    if type(ts) is not int or ts < 0 or type(features) is not dict or not _finite_scalar(prediction):
         return False
-    if d["variant"] not in VARIANTS or d["status"] != "ok" or not _finite_scalar(d["prediction"]):
+    if not _FEATURE_TYPES.issuperset(map(type, features.values())):  # bool is not int here
         return False
-    for x in features.values():  # inlined: this loop is most of the cost of a valid event
-        t = type(x)
-        if t is float:
-            if x - x != 0:
-                return False
-        elif t is not int and t is not str and x is not None:
-            return False
+    if not from_json and not all(x - x == 0 for x in features.values() if type(x) is float):
+        return False
+    if len(d) == len(_PREDICTION_REQUIRED):
+        return True
+    if not d.keys() <= _PREDICTION_ALL or "scores" in d or "error" in d:
+        return False
     latency = d.get("latency_ms", 0)
     unit = d.get("unit_id", "u")
-    return _finite_scalar(latency) and type(latency) is not str and latency >= 0 \
-        and type(unit) is str and bool(unit)
+    return (type(latency) is int or type(latency) is float) and latency - latency == 0 \
+        and latency >= 0 and type(unit) is str and bool(unit)
 
 
-def check_prediction(d) -> dict:
+def check_prediction(d, from_json: bool = False) -> dict:
     """Raise :class:`InvalidEvent` unless ``d`` is a valid prediction event; return it."""
-    if _plain_prediction(d):
+    if _plain_prediction(d, from_json):
         return d
     _fields(d, _PREDICTION_REQUIRED, _PREDICTION_OPTIONAL)
     for key in ("event_id", "request_id", "model", "version"):
@@ -184,7 +187,7 @@ def _parse(raw: bytes, check):
         d = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEvent(f"not JSON: {exc}") from None
-    return check(d)
+    return check(d, True) if check is check_prediction else check(d)
 
 
 def parse_prediction(raw: bytes) -> dict:

@@ -21,17 +21,23 @@ it. The statistics are standardized (``sqrt(n_eff) x statistic``) so their law h
 with the window size; the far tail needed for ``q`` (often 1e-7) is extrapolated from the
 simulated upper tail with ``log P(T > t) = a - b t^r`` (r = 2: sub-Gaussian, as the
 Kolmogorov distribution's ``2 exp(-2 t^2)``; r = 1 for chi-square). Calibration is seeded,
-takes well under a second per model, and is cached by :func:`Calibration.for_layout` callers.
+takes a second or two per model, and is cached on disk ($COALMINE_CACHE_DIR, default
+~/.cache/coalmine) by the reference and settings it depends on.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from coalmine.streams import drift
 
+#: bump when the simulation changes: cached thresholds of older versions are then ignored
+VERSION = 3
 #: window sizes (events) at which thresholds are simulated; others are interpolated in log n
 GRID_N = np.array([100, 300, 1000, 3000, 10_000, 30_000, 100_000, 1_000_000])
 SIMULATIONS = 4000
@@ -149,3 +155,30 @@ def tail_share(window_events: float, window_buckets: int, every_events: int, tes
     2e-06
     """
     return min(0.5, window_events / (window_buckets * every_events * tests))
+
+
+def _cache_path(key: str) -> Path:
+    root = Path(os.environ.get("COALMINE_CACHE_DIR") or Path.home() / ".cache" / "coalmine")
+    return root / "calibration" / f"{key}.pkl"
+
+
+def load_cached(key: str) -> list | None:
+    """Thresholds calibrated before for the same reference and settings, if any."""
+    try:
+        with open(_cache_path(key), "rb") as fh:
+            return pickle.load(fh)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        return None
+
+
+def store_cached(key: str, fits: list) -> None:
+    """Best effort: a read-only home only costs the next start-up its calibration time."""
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            pickle.dump(fits, fh)
+        tmp.replace(path)
+    except OSError:
+        pass

@@ -14,6 +14,7 @@ exactly this code.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,7 +63,12 @@ class ModelMonitor:
         self.ref_summary = self.layout.fold(ref.columns)
         self.ref_error_rate = self._reference_error_rate(ref)
         rng = np.random.default_rng(seed)
-        self.columns = [self._column(name, rng) for name in self.layout.names]
+        key = self._calibration_key(seed)
+        cached = calibration.load_cached(key)
+        self.columns = [self._column(name, rng, cached[i] if cached else None)
+                        for i, name in enumerate(self.layout.names)]
+        if cached is None:
+            calibration.store_cached(key, [c.fits for c in self.columns])
         self.tests = self._count_tests()
         self.cusum_h = cusum_threshold(2 * cfg.false_alarm_every_events * self.tests,
                                        cfg.shift_to_detect_sd / 2)
@@ -71,7 +77,14 @@ class ModelMonitor:
     def feature_names(self) -> list[str]:
         return [n for n in self.layout.names if n != PREDICTION]
 
-    def _column(self, name: str, rng: np.random.Generator) -> ColumnModel:
+    def _calibration_key(self, seed: int) -> str:
+        """Everything the simulated thresholds depend on: same key, same thresholds."""
+        h = hashlib.sha256(f"{calibration.VERSION}|{seed}|{self.layout.names}|{self.layout.vocab}".encode())
+        for arr in (self.ref_summary.counts, self.ref_summary.sums, *self.layout.edges.values()):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:32]
+
+    def _column(self, name: str, rng: np.random.Generator, fits: dict | None = None) -> ColumnModel:
         sl = self.layout.bins_of(name)
         counts, sums = self.ref_summary.counts[sl], self.ref_summary.sums[sl]
         values = self.reference.columns[name]
@@ -85,11 +98,11 @@ class ModelMonitor:
             col.sd = float(np.clip(present, edges[0], edges[-1]).std()) if len(present) > 1 else 0.0
             bin_sd = self._bin_sd(name, present)
             bin_sd[[0, -1]] = 0.0  # the outer bins sit at fixed edges
-            col.fits = calibration.calibrate_numeric(counts, col.ref_pos, bin_sd, col.sd, rng)
+            col.fits = fits or calibration.calibrate_numeric(counts, col.ref_pos, bin_sd, col.sd, rng)
             p = counts / max(counts.sum(), 1)
             col.rank_scores = np.cumsum(p) - p / 2
         else:
-            col.fits = calibration.calibrate_categorical(counts, rng)
+            col.fits = fits or calibration.calibrate_categorical(counts, rng)
         return col
 
     def _bin_sd(self, name: str, values: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ array([24.75, 49.5 , 74.25])
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
@@ -168,8 +169,18 @@ def column_arrays(layout: Layout, rows: list[dict], predictions: list) -> dict[s
     Numeric columns become float arrays with NaN for missing values; a value of the wrong
     type raises ``TypeError`` naming the column (the caller dead-letters that event).
     """
-    out = {}
+    numeric = [n for n in layout.names if layout.kinds[n] == NUMERIC and n != "prediction"]
+    out: dict[str, np.ndarray] = {}
+    if len(numeric) > 1:
+        try:  # the common case, every feature present: one C-level lookup per event
+            grab = itemgetter(*numeric)
+            matrix = np.array([grab(r) for r in rows], dtype=float).reshape(len(rows), len(numeric))
+            out = {name: matrix[:, j] for j, name in enumerate(numeric)}
+        except (KeyError, TypeError, ValueError):
+            out = {}  # a missing key or a bad value: the per-column path below says which
     for name in layout.names:
+        if name in out:
+            continue
         values = predictions if name == "prediction" else [r.get(name) for r in rows]
         if layout.kinds[name] == NUMERIC:
             try:
