@@ -102,6 +102,7 @@ class EmbeddedBroker:
 
         if self.process is not None:
             return self
+        self._check_port_free()
         listener = f"tcp://{self.bootstrap}"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -116,6 +117,15 @@ class EmbeddedBroker:
             self.stop()
             raise
         return self
+
+    def _check_port_free(self) -> None:
+        """Fail early: a broker already on the port would answer in place of ours."""
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+            try:
+                s.bind((self.host, self.port))
+            except OSError as exc:
+                raise RuntimeError(f"cannot start the embedded broker on {self.bootstrap}: {exc.strerror}") from None
 
     async def _wait_ready(self, deadline: float) -> None:
         from aiokafka.admin import AIOKafkaAdminClient

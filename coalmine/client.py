@@ -16,9 +16,9 @@ import orjson
 from coalmine import topics
 from coalmine.broker import parse_broker_url
 
-#: which field keys each topic's messages (predictions and labels by request, so they co-partition)
-_KEY_FIELD = {topics.PREDICTIONS: "request_id", topics.LABELS: "request_id",
-              topics.ALERTS: "model", topics.COMMANDS: "model"}
+#: which field keys the messages of each kind of topic, named by its last dotted part so that
+#: namespaced topics are keyed alike (predictions and labels by request: they co-partition)
+_KEY_FIELD = {"predictions": "request_id", "labels": "request_id", "alerts": "model", "commands": "model"}
 
 
 def assign_variant(unit_id: str, weights: dict[str, float], salt: str = "") -> str:
@@ -28,8 +28,9 @@ def assign_variant(unit_id: str, weights: dict[str, float], salt: str = "") -> s
     The unit's point :math:`u = h / 2^{64} \\in [0, 1)`, with :math:`h` the first 8 bytes of
     ``blake2b(salt | unit_id)`` read as an integer, is uniform; the weights, normalised by their
     sum, cut :math:`[0, 1)` into consecutive intervals in their order, and the unit gets the
-    variant whose interval holds :math:`u`. Raising one weight moves only units next to the
-    cut. A new ``salt`` per experiment makes assignments independent across experiments.
+    variant whose interval holds :math:`u`. With two variants, new weights move only the units
+    between the old and the new cut: a canary ramped from 5 % to 25 % keeps its first users.
+    A new ``salt`` per experiment makes assignments independent across experiments.
 
     >>> assign_variant("u1", {"champion": 1.0}, salt="exp-7")
     'champion'
@@ -49,7 +50,7 @@ def assign_variant(unit_id: str, weights: dict[str, float], salt: str = "") -> s
 
 
 def _key(topic: str, event: dict | bytes) -> bytes | None:
-    field = _KEY_FIELD.get(topic)
+    field = _KEY_FIELD.get(topic.rpartition(".")[2])
     if field and isinstance(event, dict) and isinstance(event.get(field), str):
         return event[field].encode()
     if field and isinstance(event, bytes):
@@ -66,7 +67,8 @@ class Publisher:
 
     ``bootstrap`` is ``host:port[,...]`` or a ``kafka://`` URL. Unless a key is given, messages
     are keyed by ``request_id`` on the predictions and labels topics (so that a prediction and
-    its label share a partition) and by ``model`` on the alerts and commands topics.
+    its label share a partition) and by ``model`` on the alerts and commands topics, whatever
+    their namespace (a topic ``*.predictions`` is a predictions topic).
 
     >>> async def main(bootstrap):                          # doctest: +SKIP
     ...     async with Publisher(bootstrap) as pub:
@@ -76,11 +78,15 @@ class Publisher:
     def __init__(self, bootstrap: str, linger_ms: int = 5):
         from aiokafka import AIOKafkaProducer
 
-        self.producer = AIOKafkaProducer(bootstrap_servers=parse_broker_url(bootstrap), linger_ms=linger_ms, acks=1,
-                                         max_batch_size=256 * 1024)
+        self.producer = AIOKafkaProducer(bootstrap_servers=parse_broker_url(bootstrap), linger_ms=linger_ms,
+                                         acks=1, max_batch_size=256 * 1024)
 
     async def __aenter__(self) -> "Publisher":
-        await self.producer.start()
+        try:
+            await self.producer.start()
+        except BaseException:  # e.g. broker unreachable: release what start() opened
+            await self.producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -123,25 +129,29 @@ async def tail(bootstrap: str, topic: str, *, from_end: bool = False, until_idle
                stop: asyncio.Event | None = None) -> AsyncIterator[dict]:
     """Yield the JSON records of a topic, every partition, from the beginning (or the end).
 
-    Stops after ``until_idle`` seconds without a message, or once ``stop`` is set; a message
-    that is not a JSON object comes as ``{"_raw": text}``. No consumer group: nothing is
-    committed, any number of tails may read at once. A topic that does not exist is a
-    ``LookupError`` (asking the broker about it would auto-create it with the wrong partitions).
+    With ``from_end``, what was published before the first ``__anext__`` is skipped. Stops
+    after ``until_idle`` seconds without a message, or once ``stop`` is set; a message that is
+    not a JSON object comes as ``{"_raw": text}``. No consumer group: nothing is committed, any
+    number of tails may read at once. A topic that does not exist is a ``LookupError`` (asking
+    the broker about it would auto-create it, with the wrong partition count).
     """
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=parse_broker_url(bootstrap), enable_auto_commit=False,
                                 auto_offset_reset="latest" if from_end else "earliest")
-    await consumer.start()
-    await asyncio.sleep(0)  # aiokafka: stop() straight after start() raises CancelledError
     try:
+        await consumer.start()
+        await asyncio.sleep(0)  # aiokafka: stop() straight after start() raises CancelledError
         partitions = consumer.partitions_for_topic(topic)  # from the all-topics metadata of start()
         if not partitions:
             raise LookupError(f"topic {topic} does not exist on {bootstrap} "
                               "(`coalmine topics create` creates coalmine's topics)")
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assignment)
         await (consumer.seek_to_end() if from_end else consumer.seek_to_beginning())
+        for tp in assignment:  # resolve the offsets now, not at the first fetch
+            await consumer.position(tp)
         last_message = time.monotonic()
         while not (stop and stop.is_set()):
             batch = await consumer.getmany(timeout_ms=200)

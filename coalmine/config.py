@@ -103,6 +103,53 @@ _DEFAULT_KEYS = set(_DURATION_KEYS) | set(_NUMBER_KEYS)
 _MODEL_KEYS = _DEFAULT_KEYS | {"name", "reference", "features", "checks", "shadow", "canary", "ab"}
 
 
+_ROLLOUT_KEYS: dict[str, dict[str, tuple]] = {
+    # table -> key -> (check, expected, RolloutPolicy field)
+    "canary": {
+        "steps": (lambda v: isinstance(v, list) and v and all(_positive_number(x) and x <= 100 for x in v)
+                  and v == sorted(set(v)) and v[-1] == 100,
+                  "increasing percentages ending at 100, e.g. [5, 25, 50, 100]", "steps"),
+        "min_events": (_positive_int, "a positive integer", "min_events"),
+        "min_duration": (None, "a duration", "min_duration_ms"),
+        "max_error_rate": (_fraction, "a number in [0, 1)", "max_error_rate"),
+        "max_p99_latency_ms": (_positive_number, "a positive number of milliseconds", "max_p99_latency_ms"),
+    },
+    "shadow": {
+        "min_agreement": (_fraction, "a number in [0, 1)", "shadow_min_agreement"),
+        "min_events": (_positive_int, "a positive integer", "shadow_min_events"),
+        "min_duration": (None, "a duration", "shadow_min_duration_ms"),
+        "tolerance": (lambda v: _positive_number(v) or v == 0, "a number >= 0 (regression)", "shadow_tolerance"),
+    },
+    "ab": {
+        "alpha": (_fraction, "a number in (0, 1)", "ab_alpha"),
+        "mde_sd": (_positive_number, "a positive number (outcome standard deviations)", "ab_mde_sd"),
+        "srm_alpha": (_fraction, "a number in (0, 1)", "srm_alpha"),
+        "canary_weight": (lambda v: _positive_number(v) and v < 100, "a percentage in (0, 100)", "ab_canary_weight"),
+    },
+}
+
+
+def _rollout_settings(table: dict, where: str) -> dict[str, Any]:
+    """[models.canary], [models.shadow], [models.ab] -> RolloutPolicy field values."""
+    out: dict[str, Any] = {}
+    for name, keys in _ROLLOUT_KEYS.items():
+        sub = table.get(name)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{where}{name}: expected a table of settings, got {sub!r}")
+        _check_keys(sub, set(keys), f"{where}{name}.")
+        for key, value in sub.items():
+            ok, expected, attr = keys[key]
+            if ok is None:
+                out[attr] = parse_duration_ms(value, f"{where}{name}.{key}")
+            elif not ok(value):
+                raise ConfigError(f"{where}{name}.{key}: expected {expected}, got {value!r}")
+            else:
+                out[attr] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -155,10 +202,7 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
         raise ConfigError(f"{where}window: must be a whole number of buckets "
                           f"({values.get('window_ms', 60_000)} ms is not a multiple of "
                           f"{values.get('bucket_ms', 1000)} ms)")
-    rollout = {k: table[k] for k in ROLLOUT_CHECKS if k in table}
-    for k, v in rollout.items():
-        if not isinstance(v, dict):
-            raise ConfigError(f"{where}{k}: expected a table of settings, got {v!r}")
+    rollout = _rollout_settings(table, where)
     return ModelConfig(
         name=name, reference=(base_dir / ref).resolve(),
         features=tuple(features) if features else None, checks=tuple(checks),

@@ -64,6 +64,8 @@ def _scalar(v, where: str) -> None:
 
 def _timestamp(d: dict) -> None:
     ts = d["ts"]
+    if type(ts) is float and ts.is_integer():  # JSON Schema's "integer" includes 5.0
+        ts = d["ts"] = int(ts)
     if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
         raise InvalidEvent(f"ts: expected event time as integer milliseconds since epoch, got {ts!r}")
 

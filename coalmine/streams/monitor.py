@@ -26,8 +26,9 @@ from coalmine.config import ModelConfig
 from coalmine.streams import calibration, drift
 from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.reference import PREDICTION, ReferenceData, load_reference
+from coalmine.streams.rollout import RolloutPolicy, latency_bins
 from coalmine.streams.sequential import CUSUM, cusum_threshold
-from coalmine.streams.sketch import NUMERIC, Layout, Summary, column_arrays
+from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, column_arrays
 
 VARIANTS = ("champion", "canary", "shadow")
 _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
@@ -70,6 +71,8 @@ class ModelMonitor:
         if cached is None:
             calibration.store_cached(key, [c.fits for c in self.columns])
         self.tests = self._count_tests()
+        self.policy = RolloutPolicy(**cfg.settings)
+        self.joins_needed = any(c in cfg.checks for c in ("performance", "shadow", "ab", "canary"))
         self.cusum_h = cusum_threshold(2 * cfg.false_alarm_every_events * self.tests,
                                        cfg.shift_to_detect_sd / 2)
 
@@ -152,6 +155,13 @@ class ModelMonitor:
         return out
 
 
+def _agree(a, b, tolerance: float) -> bool:
+    """Same class, or (numbers) within ``tolerance``."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and tolerance:
+        return abs(a - b) <= tolerance
+    return str(_norm(a)) == str(_norm(b))
+
+
 def _norm(v):
     """Labels and predictions compare as the same number whatever JSON type carried them."""
     if isinstance(v, float) and v.is_integer():
@@ -173,8 +183,10 @@ class Sketcher:
         self.max_ts: int | None = None
         self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in monitors}
         self.closed_through: dict[str, int] = {m: -1 for m in monitors}
-        self.joins: dict[str, tuple] = {}  # request_id -> (model, variant, prediction, ts)
+        # request_id -> {variant: (model, prediction, ts, latency)}: labels and shadow pairing
+        self.joins: dict[str, dict[str, tuple]] = {}
         self.early_labels: dict[str, dict] = {}  # request_id -> label that came before its prediction
+        self.versions: dict[str, dict[str, str]] = {m: {} for m in monitors}
         self.expired_unlabelled = 0
         self.expired_unjoined_labels = 0
 
@@ -228,21 +240,54 @@ class Sketcher:
         variants = np.fromiter((_VARIANT_CODE[e["variant"]] for e in events), dtype=np.int64, count=len(events))
         keys, groups = np.unique(buckets * len(VARIANTS) + variants, return_inverse=True)
         summaries = mon.layout.fold(cols, groups, len(keys))
-        errors = np.bincount(groups, weights=[e.get("status") == "error" for e in events], minlength=len(keys))
+        errors = np.bincount(groups, weights=[e["status"] == "error" for e in events], minlength=len(keys))
+        latency = np.array([e.get("latency_ms") for e in events], dtype=float)
+        lat_bins = latency_bins(latency)
+        has = lat_bins >= 0
+        lat_hist = np.bincount(groups[has] * LATENCY_BINS + lat_bins[has],
+                               minlength=len(keys) * LATENCY_BINS).reshape(len(keys), LATENCY_BINS)
         state = self.open[model]
-        for key, summary, err in zip(keys.tolist(), summaries, errors.tolist()):
-            summary.errors = int(err)
+        for key, summary, err, hist in zip(keys.tolist(), summaries, errors.tolist(), lat_hist):
+            summary.errors, summary.latency = int(err), hist
             k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
             state[k] = state[k] + summary if k in state else summary
-        if "performance" in mon.cfg.checks:
-            for e in events:
-                self.joins[e["request_id"]] = (model, e["variant"], e.get("prediction"), e["ts"])
-            if self.early_labels:
-                for e in events:
-                    label = self.early_labels.pop(e["request_id"], None)
-                    if label is not None:
-                        self._score(self.joins.pop(e["request_id"]), label)
+        self.versions[model].update((e["variant"], e["version"]) for e in events)
+        if mon.joins_needed:
+            self._join_predictions(model, mon, events)
         return rejected
+
+    def _join_predictions(self, model: str, mon: "ModelMonitor", events: list[dict]) -> None:
+        """Keep predictions for their labels; pair shadow answers with the champion's."""
+        pairing = "shadow" in mon.cfg.checks
+        for e in events:
+            rid, variant = e["request_id"], e["variant"]
+            entry = self.joins.setdefault(rid, {})
+            entry[variant] = (model, e.get("prediction"), e["ts"], e.get("latency_ms"))
+            other = {"champion": "shadow", "shadow": "champion"}.get(variant)
+            if pairing and other in entry:
+                self._pair(mon, entry, e["ts"])
+            if self.early_labels:
+                label = self.early_labels.pop(rid, None)
+                if label is not None:
+                    self._score(self.joins.pop(rid), label)
+
+    def _pair(self, mon: "ModelMonitor", entry: dict, ts: int) -> None:
+        (model, champ, _, champ_lat), (_, shadow, _, shadow_lat) = entry["champion"], entry["shadow"]
+        s = self._open_summary(model, "shadow", ts)
+        s.paired += 1
+        s.agree += _agree(champ, shadow, mon.policy.shadow_tolerance)
+        if champ_lat is not None and shadow_lat is not None:
+            s.latency_overhead_sum += shadow_lat - champ_lat
+
+    def _open_summary(self, model: str, variant: str, ts: int) -> Summary:
+        """The open bucket's summary for ``ts``, or the first open one if ``ts`` is closed."""
+        mon = self.monitors[model]
+        ts = max(ts, self.closed_through[model])
+        k = (ts // mon.cfg.bucket_ms * mon.cfg.bucket_ms, variant)
+        s = self.open[model].get(k)
+        if s is None:
+            s = self.open[model][k] = mon.layout.empty()
+        return s
 
     def add_labels(self, events: list[dict]) -> list[tuple[int, str]]:
         """Join labels to their predictions (by request_id) and count labelled errors in the
@@ -262,17 +307,27 @@ class Sketcher:
         # labels topic read ahead of the predictions topic would make predictions look late
         return rejected
 
-    def _score(self, joined: tuple, label: dict) -> None:
-        model, variant, pred, pred_ts = joined
-        mon = self.monitors[model]
-        ts = max(label["ts"], pred_ts, self.closed_through[model])
-        k = (ts // mon.cfg.bucket_ms * mon.cfg.bucket_ms, variant)
-        s = self.open[model].get(k) or mon.layout.empty()
-        s.labelled += 1
-        s.label_errors += int(str(_norm(pred)) != str(_norm(label["label"])))
-        if isinstance(pred, (int, float)) and isinstance(label["label"], (int, float)):
-            s.abs_error_sum += abs(pred - label["label"])
-        self.open[model][k] = s
+    def _score(self, entry: dict[str, tuple], label: dict) -> None:
+        """Count a label against every variant's answer to its request; outcomes count for
+        the variants that served it (not the shadow), the paired table on the shadow."""
+        truth = label["label"]
+        right = {}
+        for variant, (model, pred, pred_ts, _) in entry.items():
+            s = self._open_summary(model, variant, max(label["ts"], pred_ts))
+            right[variant] = str(_norm(pred)) == str(_norm(truth))
+            s.labelled += 1
+            s.label_errors += not right[variant]
+            if isinstance(pred, (int, float)) and isinstance(truth, (int, float)):
+                s.abs_error_sum += abs(pred - truth)
+            if "outcome" in label and variant != "shadow":
+                s.outcome_n += 1
+                s.outcome_sum += label["outcome"]
+                s.outcome_sumsq += label["outcome"] ** 2
+        if "champion" in right and "shadow" in right:
+            s = self._open_summary(entry["shadow"][0], "shadow", label["ts"])
+            s.paired_labelled += 1
+            s.b += right["champion"] and not right["shadow"]
+            s.c += right["shadow"] and not right["champion"]
 
     def _advance(self, ts: int | None) -> None:
         if ts is not None and (self.max_ts is None or ts > self.max_ts):
@@ -293,7 +348,7 @@ class Sketcher:
                 buckets.setdefault(str(k[0]), {})[k[1]] = state.pop(k).to_dict()
             self.closed_through[model] = wm
             out.append({"model": model, "source": self.source, "closed_through": wm,
-                        "buckets": buckets})
+                        "buckets": buckets, "versions": dict(self.versions[model])})
         self._expire()
         return out
 
@@ -310,7 +365,8 @@ class Sketcher:
         if self.max_ts is None:
             return
         ttl = {m: mon.cfg.label_ttl_ms for m, mon in self.monitors.items()}
-        self.expired_unlabelled += _drop_oldest(self.joins, lambda v: v[3] < self.max_ts - ttl[v[0]])
+        self.expired_unlabelled += _drop_oldest(
+            self.joins, lambda v: next(iter(v.values()))[2] < self.max_ts - ttl[next(iter(v.values()))[0]])
         self.expired_unjoined_labels += _drop_oldest(
             self.early_labels, lambda e: e["ts"] < self.max_ts - ttl[e["model"]])
 

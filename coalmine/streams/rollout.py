@@ -191,6 +191,13 @@ class RolloutPolicy:
     shadow_min_agreement: float = 0.9
     shadow_min_events: int = 2000
     shadow_min_duration_ms: int = 10_000
+    shadow_tolerance: float = 0.0
+    ab_alpha: float = 0.05
+    ab_mde_sd: float = 0.1
+    ab_canary_weight: float = 50.0
+    srm_alpha: float = 1e-3
+    #: buckets this long after a weight change are left out of the SRM test (routers lag)
+    srm_grace_ms: int = 5000
 
 
 @dataclass

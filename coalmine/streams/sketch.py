@@ -24,14 +24,16 @@ array([24.75, 49.5 , 74.25])
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from operator import itemgetter
 
 import numpy as np
 
 from coalmine.streams.reference import ReferenceData
+from coalmine.streams.rollout import LATENCY_EDGES_MS
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
+LATENCY_BINS = len(LATENCY_EDGES_MS) + 1
 
 
 @dataclass(frozen=True)
@@ -127,40 +129,48 @@ def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
 @dataclass
 class Summary:
     """Sufficient statistics of a set of events; ``+`` merges two sets exactly (counts) or to
-    floating-point rounding (sums)."""
+    floating-point rounding (sums). Besides the column histograms: serving errors, a latency
+    histogram (:data:`coalmine.streams.rollout.LATENCY_EDGES_MS`), labelled errors, outcome
+    moments for A/B tests, and, on the shadow variant, its pairing with the champion: paired
+    requests, agreements, and the discordant cells of the paired correctness table (b:
+    champion right, shadow wrong; c: the reverse)."""
 
     n: int
     counts: np.ndarray
     sums: np.ndarray
     missing: np.ndarray
+    latency: np.ndarray = field(default_factory=lambda: np.zeros(LATENCY_BINS, dtype=np.int64))
     errors: int = 0
     labelled: int = 0
     label_errors: int = 0
     abs_error_sum: float = 0.0
+    outcome_n: int = 0
+    outcome_sum: float = 0.0
+    outcome_sumsq: float = 0.0
+    paired: int = 0
+    agree: int = 0
+    paired_labelled: int = 0
+    b: int = 0
+    c: int = 0
+    latency_overhead_sum: float = 0.0
 
     @classmethod
     def zeros(cls, size: int, n_columns: int) -> "Summary":
         return cls(0, np.zeros(size, dtype=np.int64), np.zeros(size), np.zeros(n_columns, dtype=np.int64))
 
     def __add__(self, other: "Summary") -> "Summary":
-        return Summary(
-            self.n + other.n, self.counts + other.counts, self.sums + other.sums,
-            self.missing + other.missing, self.errors + other.errors,
-            self.labelled + other.labelled, self.label_errors + other.label_errors,
-            self.abs_error_sum + other.abs_error_sum,
-        )
+        return Summary(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def to_dict(self) -> dict:
         """Plain form for the wire (orjson serialises the arrays)."""
-        return {"n": self.n, "counts": self.counts, "sums": self.sums, "missing": self.missing,
-                "errors": self.errors, "labelled": self.labelled,
-                "label_errors": self.label_errors, "abs_error_sum": self.abs_error_sum}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Summary":
-        return cls(d["n"], np.asarray(d["counts"], dtype=np.int64), np.asarray(d["sums"], dtype=float),
-                   np.asarray(d["missing"], dtype=np.int64), d["errors"], d["labelled"],
-                   d["label_errors"], d["abs_error_sum"])
+        return cls(**{k: np.asarray(v, dtype=_ARRAYS[k]) if k in _ARRAYS else v for k, v in d.items()})
+
+
+_ARRAYS = {"counts": np.int64, "sums": float, "missing": np.int64, "latency": np.int64}
 
 
 def column_arrays(layout: Layout, rows: list[dict], predictions: list) -> dict[str, np.ndarray]:
