@@ -50,6 +50,7 @@ class Replay:
         self.evaluators = {name: Evaluator(mon) for name, mon in self.monitors.items()}
         self.evaluations: list[dict] = []
         self.alerts: list[dict] = []
+        self.commands: list[dict] = []
         self.dead: list[tuple[str, bytes, str]] = []
         self.counts: Counter = Counter()
 
@@ -68,9 +69,10 @@ class Replay:
 
     def _drain(self, partials: list[dict]) -> None:
         for p in partials:
-            evs, alerts = self.evaluators[p["model"]].add(p)
-            self.evaluations += evs
-            self.alerts += alerts
+            out = self.evaluators[p["model"]].add(p)
+            self.evaluations += out.evaluations
+            self.alerts += out.alerts
+            self.commands += out.commands
 
 
 def replay_files(config: Config, predictions: Path, labels: Path | None = None, *,
@@ -98,6 +100,7 @@ def replay_files(config: Config, predictions: Path, labels: Path | None = None, 
     bar.close()
     run.counts["dead_letters"] = len(run.dead)
     run.counts["alerts"] = len(run.alerts)
+    run.counts["commands"] = len(run.commands)
     return run
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -126,30 +126,123 @@ _DEFECTS = (
 )
 
 
+@dataclass
+class Version:
+    """A model version as the simulator serves it: the trained model, or a degraded copy
+    (noise on its inputs), failing a share of requests, with its own latency."""
+
+    name: str
+    noise: float = 0.0
+    error_rate: float = 0.0
+    latency_scale: float = 1.0
+
+
+def serve(version: Version, variant: str, X: np.ndarray, ts: np.ndarray, ids: list[str], units: list[str],
+          names: list[str], model: str, rng: np.random.Generator) -> list[dict]:
+    """Prediction events of ``version`` answering the requests ``ids`` (rows of ``X``)."""
+    proba = trained_model(version.noise).predict_proba(X, rng)
+    pred = (proba >= 0.5).astype(int).tolist()
+    latency = np.round(rng.gamma(4.0, 2.0 * version.latency_scale, len(X)), 2).tolist()
+    failed = (rng.random(len(X)) < version.error_rate).tolist()
+    rows, proba, ts = X.tolist(), np.round(proba, 4).tolist(), ts.tolist()
+    out = []
+    for i, rid in enumerate(ids):
+        e = {"event_id": f"{rid}-{variant}", "request_id": rid, "model": model, "version": version.name,
+             "variant": variant, "ts": ts[i], "features": dict(zip(names, rows[i])), "prediction": pred[i],
+             "scores": {"0": round(1 - proba[i], 4), "1": proba[i]}, "latency_ms": latency[i],
+             "status": "ok", "unit_id": units[i]}
+        if failed[i]:
+            e.update(status="error", prediction=None, error="model server timeout")
+        out.append(e)
+    return out
+
+
 def predictions(s: Scenario) -> tuple[list[dict], np.ndarray]:
-    """The scenario's prediction events (dicts) and their true labels."""
+    """The scenario's prediction events (dicts, all served by the champion) and their true labels."""
     X_all, y_all, names = load_shuttle()
     rng = np.random.default_rng(s.seed)
     idx = rng.integers(TRAIN_ROWS, len(X_all), s.n_events)
     X = _drifted(X_all[idx], s, names)
-    proba = trained_model().predict_proba(X)
-    pred = (proba >= 0.5).astype(int).tolist()
-    ts = (s.start_ts_ms + np.arange(s.n_events) * (1000.0 / s.rate_per_s)).astype(np.int64).tolist()
-    latency = np.round(rng.gamma(4.0, 2.0, s.n_events), 2).tolist()
-    failed = (rng.random(s.n_events) < s.error_rate).tolist()
-    rows = X.tolist()
-    proba = np.round(proba, 4).tolist()
-    out = []
-    for i in range(s.n_events):
-        e = {"event_id": f"{s.model}-{s.seed}-{i}", "request_id": f"req-{s.seed}-{i}", "model": s.model,
-             "version": s.version, "variant": "champion", "ts": ts[i],
-             "features": dict(zip(names, rows[i])), "prediction": pred[i],
-             "scores": {"0": round(1 - proba[i], 4), "1": proba[i]}, "latency_ms": latency[i],
-             "status": "ok", "unit_id": f"user-{i % 5000}"}
-        if failed[i]:
-            e.update(status="error", prediction=None, error="model server timeout")
-        out.append(e)
-    return out, y_all[idx]
+    ts = (s.start_ts_ms + np.arange(s.n_events) * (1000.0 / s.rate_per_s)).astype(np.int64)
+    ids = [f"req-{s.seed}-{i}" for i in range(s.n_events)]
+    units = [f"user-{i % 5000}" for i in range(s.n_events)]
+    events = serve(Version(s.version, error_rate=s.error_rate), "champion", X, ts, ids, units, names, s.model, rng)
+    return events, y_all[idx]
+
+
+@dataclass
+class Serving:
+    """Which versions serve now, as a router would keep it; :meth:`apply` obeys coalmine's
+    commands (set_weight, promote, rollback)."""
+
+    champion: Version
+    canary: Version | None = None
+    canary_weight: float = 0.0
+    shadow: Version | None = None
+    candidates: dict[str, Version] = field(default_factory=dict)
+
+    def apply(self, command: dict) -> str:
+        """Follow one command; returns what changed, for people."""
+        version, action = command["version"], command["action"]
+        if action == "set_weight":
+            if self.shadow is not None and self.shadow.name == version:
+                self.canary, self.shadow = self.shadow, None
+            if self.canary is not None and self.canary.name == version:
+                self.canary_weight = float(command["weight"])
+                return f"{version} now serves {self.canary_weight:g}% as canary"
+        elif action == "promote" and self.canary is not None and self.canary.name == version:
+            self.champion, self.canary, self.canary_weight = self.canary, None, 0.0
+            return f"{version} promoted to champion"
+        elif action == "rollback":
+            if self.canary is not None and self.canary.name == version:
+                self.canary, self.canary_weight = None, 0.0
+                return f"{version} rolled back"
+            if self.shadow is not None and self.shadow.name == version:
+                self.shadow = None
+                return f"shadow {version} dropped"
+        return "ignored"
+
+    def events(self, start: int, stop: int, start_ts_ms: int, rate_per_s: float, seed: int,
+               model: str = "shuttle", drift: tuple[str, float] | None = None,
+               label_delay_ms: int = 2000, label_fraction: float = 0.5) -> list[tuple[str, dict]]:
+        """Requests ``start`` to ``stop``: routed by a deterministic hash of their unit (canary
+        at ``canary_weight`` percent), mirrored to the shadow, labelled later with an outcome
+        (1 when the served answer was right). In event-time order."""
+        from coalmine.client import assign_variant
+
+        X_all, y_all, names = load_shuttle()
+        rng = np.random.default_rng([seed, start])
+        n = stop - start
+        rows = rng.integers(TRAIN_ROWS, len(X_all), n)
+        X, y = X_all[rows].copy(), y_all[rows]
+        if drift:
+            X[:, names.index(drift[0])] += drift[1] * X_all[TRAIN_ROWS:, names.index(drift[0])].std()
+        ts = (start_ts_ms + np.arange(start, stop) * (1000.0 / rate_per_s)).astype(np.int64)
+        ids = [f"req-{seed}-{i}" for i in range(start, stop)]
+        units = [f"user-{i * 7919 % 5000}" for i in range(start, stop)]
+        weights = {"champion": 100 - self.canary_weight, "canary": self.canary_weight}
+        to_canary = np.array([self.canary is not None and assign_variant(u, weights) == "canary" for u in units])
+        out: list[tuple[str, dict]] = []
+        served: dict[str, dict] = {}
+        for variant, version, mask in (("champion", self.champion, ~to_canary), ("canary", self.canary, to_canary),
+                                       ("shadow", self.shadow, ~to_canary)):
+            if version is None or not mask.any():
+                continue
+            pick = np.flatnonzero(mask)
+            events = serve(version, variant, X[pick], ts[pick], [ids[i] for i in pick], [units[i] for i in pick],
+                           names, model, rng)
+            out += [("prediction", e) for e in events]
+            if variant != "shadow":
+                served.update({e["request_id"]: e for e in events})
+        labelled = rng.random(n) < label_fraction
+        for i in np.flatnonzero(labelled).tolist():
+            e = served[ids[i]]
+            if e["status"] == "ok":
+                out.append(("label", {"event_id": f"label-{ids[i]}", "request_id": ids[i], "model": model,
+                                      "ts": int(ts[i]) + label_delay_ms, "label": int(y[i]),
+                                      "outcome": float(e["prediction"] == y[i])}))
+        out.sort(key=lambda ke: (ke[1]["ts"], ke[0] == "label"))
+        return out
 
 
 def generate(s: Scenario) -> Iterator[tuple[str, dict | bytes]]:

@@ -118,7 +118,7 @@ def test_unknown_model_is_rejected(monitor):
 def test_rate_increase_matches_scipy_binomtest(x, n, x_ref, n_ref):
     from scipy.stats import binomtest
 
-    from coalmine.streams.monitor import rate_increase_surprise
+    from coalmine.streams.drift import rate_increase_surprise
 
     p = binomtest(x, x + x_ref, n / (n + n_ref), alternative="greater").pvalue
     assert rate_increase_surprise(x, n, x_ref, n_ref) == pytest.approx(-np.log10(p))

@@ -54,6 +54,7 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
     inputs = app.topic(topics.PREDICTIONS, topics.LABELS, **raw)
     partials_topic = app.topic(topics.PARTIALS, **raw)
     alerts_topic = app.topic(topics.ALERTS, **raw)
+    commands_topic = app.topic(topics.COMMANDS, **raw)
     dead_topic = app.topic(topics.DEADLETTER, **raw)
 
     sketchers: dict[int, Sketcher] = {}
@@ -124,11 +125,14 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
             metrics.PROCESSING.labels("sketch").observe(time.perf_counter() - t0)
             metrics.BATCH_EVENTS.labels("sketch").observe(len(batch))
 
-    async def publish(model: str, evaluations: list[dict], alerts: list[dict]) -> None:
-        for alert in alerts:
+    async def publish(model: str, out) -> None:
+        for alert in out.alerts:
             await alerts_topic.send(key=model.encode(), value=contract.encode(alert))
-        metrics.EVALUATIONS.labels(model).inc(len({e["ts"] for e in evaluations}))
-        metrics.record_evaluations(model, evaluations, alerts, len(evaluators[model].alerts.firing))
+        for command in out.commands:
+            await commands_topic.send(key=model.encode(), value=contract.encode(command))
+            metrics.COMMANDS.labels(model, command["action"]).inc()
+        metrics.EVALUATIONS.labels(model).inc(len({e["ts"] for e in out.evaluations}))
+        metrics.record_evaluations(model, out.evaluations, out.alerts, len(evaluators[model].alerts.firing))
 
     def idle_sources(model: str) -> set[int]:
         now = time.monotonic()
@@ -145,8 +149,7 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
                     partial = orjson.loads(event.message.value)
                     model = partial["model"]
                     heard[model][partial["source"]] = time.monotonic()
-                    evs, alerts = evaluators[model].add(partial, idle_sources(model))
-                    await publish(model, evs, alerts)
+                    await publish(model, evaluators[model].add(partial, idle_sources(model)))
                     last = max((int(b) for b in partial["buckets"]), default=-1)
                     waiting.append((model, last, event))
                 except Exception as exc:
@@ -168,8 +171,7 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
         """Quiet partitions must not hold the window back: evaluate without them."""
         for model, evaluator in evaluators.items():
             if heard[model]:
-                evs, alerts = evaluator.poll(idle_sources(model))
-                await publish(model, evs, alerts)
+                await publish(model, evaluator.poll(idle_sources(model)))
 
     @app.page("/metrics")
     async def prometheus(web, request):

@@ -15,6 +15,7 @@ LATE = PromCounter("coalmine_late_events_total",
                    "Events later than the allowed lateness (they go to the dead-letter topic)", ["model"])
 ALERTS = PromCounter("coalmine_alerts_total", "Alert state changes published",
                      ["model", "variant", "check", "state"])
+COMMANDS = PromCounter("coalmine_commands_total", "Rollout commands published", ["model", "action"])
 FIRING = Gauge("coalmine_alerts_firing", "Alerts currently firing", ["model"])
 EVALUATIONS = PromCounter("coalmine_evaluations_total", "Buckets evaluated", ["model"])
 STATISTIC = Gauge("coalmine_check_statistic", "Last value of a check's statistic",

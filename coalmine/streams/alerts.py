@@ -34,6 +34,7 @@ class AlertTracker:
     def __init__(self, model: str, resolve_after: int = 3):
         self.model, self.resolve_after = model, resolve_after
         self.quiet: dict[tuple, int] = {}  # key -> consecutive quiet evaluations, while firing
+        self.ids: dict[tuple, str] = {}  # key -> alert_id of the firing alert
 
     @property
     def firing(self) -> list[tuple]:
@@ -47,7 +48,9 @@ class AlertTracker:
             if not exceeded:
                 return None
             self.quiet[key] = 0
-            return self._alert(ts, "firing", ev)
+            alert = self._alert(ts, "firing", ev)
+            self.ids[key] = alert["alert_id"]
+            return alert
         if exceeded:
             self.quiet[key] = 0
             return None
@@ -55,6 +58,7 @@ class AlertTracker:
         if self.quiet[key] < self.resolve_after:
             return None
         del self.quiet[key]
+        del self.ids[key]
         return self._alert(ts, "resolved", ev)
 
     def _alert(self, ts: int, state: str, ev: dict) -> dict:

@@ -26,6 +26,8 @@ How close to the exact statistic on the raw samples (tested in ``tests/test_drif
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import special
 
@@ -105,6 +107,25 @@ def chi2_statistic(ref_counts: np.ndarray, win_counts: np.ndarray) -> tuple[np.n
 def effective_n(m: np.ndarray | int, n: np.ndarray | int) -> np.ndarray:
     """Effective sample size of a two-sample comparison, ``m n / (m + n)``."""
     return np.asarray(m) * n / np.maximum(np.asarray(m) + n, 1)
+
+
+def rate_increase_surprise(x: int, n: int, x_ref: int, n_ref: int) -> float:
+    r"""-log10 of the exact one-sided p-value that a window's rate (x of n) exceeds the
+    reference's (x_ref of n_ref). Conditioning on the total count :math:`T = x + x_{ref}`,
+    under no change :math:`x \sim \mathrm{Binomial}(T, n / (n + n_{ref}))` (the conditional
+    test of two Poisson rates), which accounts for the reference's own noise and stays exact
+    for the rare events (errors, missing values) where a normal approximation pages people.
+
+    >>> round(rate_increase_surprise(12, 1000, 12, 5000), 2)
+    3.77
+    >>> rate_increase_surprise(0, 1000, 12, 5000)
+    0.0
+    """
+    total = x + x_ref
+    if x == 0 or total == 0:
+        return 0.0
+    p = float(special.bdtrc(x - 1, total, n / (n + n_ref)))
+    return float(-math.log10(max(p, 1e-300)))
 
 
 class KolmogorovSmirnov:

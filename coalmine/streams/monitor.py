@@ -18,6 +18,7 @@ import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from scipy import special
@@ -27,6 +28,7 @@ from coalmine.streams import calibration, drift
 from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.reference import PREDICTION, ReferenceData, load_reference
 from coalmine.streams.rollout import RolloutPolicy, latency_bins
+from coalmine.streams.rollout_checks import RolloutJudge
 from coalmine.streams.sequential import CUSUM, cusum_threshold
 from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, column_arrays
 
@@ -405,12 +407,16 @@ class Evaluator:
         self.ring: deque[Bucket] = deque(maxlen=monitor.cfg.window_buckets)
         self.cusums: dict[str, dict[str, CUSUM]] = {}
         self.alerts = AlertTracker(monitor.cfg.name)
+        self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy)
+        self.versions: dict[str, str] = {}  # variant -> version, as the partials report them
+        self.window_versions: dict[str, str] = {}  # variant -> version the window holds
         self.late_partials = 0
 
-    def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> tuple[list[dict], list[dict]]:
+    def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> "Emitted":
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
-        closed. Returns (evaluations, alerts)."""
+        closed."""
         src = partial["source"]
+        self.versions.update(partial.get("versions", {}))
         for start, variants in partial["buckets"].items():
             start = int(start)
             if (src, start) in self.applied:
@@ -426,17 +432,17 @@ class Evaluator:
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
         return self.poll(idle_sources)
 
-    def poll(self, idle: set[int] = frozenset()) -> tuple[list[dict], list[dict]]:
+    def poll(self, idle: set[int] = frozenset()) -> "Emitted":
         """Evaluate the buckets that every source not in ``idle`` has closed."""
+        out = Emitted([], [], [])
         live = [t for s, t in self.closed.items() if s not in idle]
         if len(self.closed) + len(idle - set(self.closed)) < self.sources or not live:
-            return [], []
+            return out
         through = min(live)
         if self.next_bucket is None:
             if not self.pending:
-                return [], []
+                return out
             self.next_bucket = min(self.pending)
-        evaluations, alerts = [], []
         step = self.cfg.bucket_ms
         while self.next_bucket + step <= through:
             if not self.pending:
@@ -446,34 +452,48 @@ class Evaluator:
                 self.ring.clear()  # a gap longer than the window: start afresh
                 self.next_bucket = min(self.pending)
                 continue
-            ev, al = self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {})))
-            evaluations += ev
-            alerts += al
+            out.extend(self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {}))))
             self.next_bucket += step
         self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
-        return evaluations, alerts
+        return out
 
-    def evaluate(self, bucket: Bucket) -> tuple[list[dict], list[dict]]:
+    def _forget_replaced_versions(self) -> None:
+        """A variant now served by another version starts a fresh window (and CUSUM)."""
+        for variant, version in self.versions.items():
+            if self.window_versions.get(variant, version) != version:
+                for b in self.ring:
+                    b.variants.pop(variant, None)
+                self.cusums.pop(variant, None)
+            self.window_versions[variant] = version
+
+    def evaluate(self, bucket: Bucket) -> "Emitted":
         """Slide the window by one bucket and run every check on each variant."""
+        self._forget_replaced_versions()
         self.ring.append(bucket)
         end = bucket.start + self.cfg.bucket_ms
-        evaluations, alerts = [], []
-        variants = sorted({v for b in self.ring for v in b.variants})
-        for variant in variants:
+        windows: dict[str, Summary] = {}
+        for variant in sorted({v for b in self.ring for v in b.variants}):
             parts = [b.variants[variant] for b in self.ring if variant in b.variants]
-            window = sum(parts[1:], parts[0])
-            ctx = {"model": self.cfg.name, "variant": variant, "ts": end,
-                   "window": {"start_ts": self.ring[0].start, "end_ts": end, "n": window.n}}
-            current = bucket.variants.get(variant)
-            evs = self._checks(variant, window, current)
-            for check_evs in _group(evs):
-                exceeded = any(e["value"] > e["threshold"] for e in check_evs)
-                worst = max(check_evs, key=lambda e: e["value"] / max(e["threshold"], 1e-12))
-                alert = self.alerts.observe(end, exceeded, {**ctx, **worst})
-                if alert:
-                    alerts.append(alert)
-            evaluations += [{**ctx, **e} for e in evs]
-        return evaluations, alerts
+            windows[variant] = sum(parts[1:], parts[0])
+        evs = []
+        for variant, window in windows.items():
+            evs += [{"variant": variant, **e} for e in self._checks(variant, window, bucket.variants.get(variant))]
+        q = self.mon.tail(max(sum(w.n for w in windows.values()), 1))
+        rollout_evs, verdicts = self.judge.evaluate(self.ring, end, windows, bucket.variants, self.versions, q)
+        evs += rollout_evs
+        out = Emitted([], [], [])
+        for e in evs:
+            ctx = {"model": self.cfg.name, "ts": end, "window": {
+                "start_ts": self.ring[0].start, "end_ts": end, "n": windows[e["variant"]].n}}
+            out.evaluations.append({**ctx, **e})
+        for group in _group(out.evaluations):
+            exceeded = any(e["value"] > e["threshold"] for e in group)
+            worst = max(group, key=lambda e: e["value"] / max(e["threshold"], 1e-12))
+            alert = self.alerts.observe(end, exceeded, worst)
+            if alert:
+                out.alerts.append(alert)
+        out.commands.extend(self.judge.decide(end, self.versions, verdicts, self.alerts.ids))
+        return out
 
     def _checks(self, variant: str, window: Summary, current: Summary | None) -> list[dict]:
         mon, checks = self.mon, self.cfg.checks
@@ -530,14 +550,14 @@ class Evaluator:
 
     def _missing(self, col: ColumnModel, feature: str, missing: int, n: int, q: float) -> dict:
         m = self.mon.reference.n
-        surprise = rate_increase_surprise(missing, n, round(col.missing_rate * m), m)
+        surprise = drift.rate_increase_surprise(missing, n, round(col.missing_rate * m), m)
         return {"check": "missing_rate", "feature": feature, "statistic": "surprise",
                 "value": surprise, "threshold": -math.log10(q), "p_value": 10 ** -surprise,
                 "missing_rate": missing / n, "reference_missing_rate": col.missing_rate}
 
     def _performance(self, window: Summary, q: float) -> dict:
         m = self.mon.reference.n
-        surprise = rate_increase_surprise(window.label_errors, window.labelled,
+        surprise = drift.rate_increase_surprise(window.label_errors, window.labelled,
                                           round(self.mon.ref_error_rate * m), m)
         return {"check": "performance", "feature": None, "statistic": "surprise", "value": surprise,
                 "threshold": -math.log10(q), "p_value": 10 ** -surprise,
@@ -545,29 +565,24 @@ class Evaluator:
                 "reference_error_rate": self.mon.ref_error_rate}
 
 
-def rate_increase_surprise(x: int, n: int, x_ref: int, n_ref: int) -> float:
-    r"""-log10 of the exact one-sided p-value that a window's rate (x of n) exceeds the
-    reference's (x_ref of n_ref). Conditioning on the total count :math:`T = x + x_{ref}`,
-    under no change :math:`x \sim \mathrm{Binomial}(T, n / (n + n_{ref}))` (the conditional
-    test of two Poisson rates), which accounts for the reference's own noise and stays exact
-    for the rare events (errors, missing values) where a normal approximation pages people.
+class Emitted(NamedTuple):
+    """What stage 2 publishes: evaluations (for metrics and replay files), alert state
+    changes, rollout commands."""
 
-    >>> round(rate_increase_surprise(12, 1000, 12, 5000), 2)
-    3.77
-    >>> rate_increase_surprise(0, 1000, 12, 5000)
-    0.0
-    """
-    total = x + x_ref
-    if x == 0 or total == 0:
-        return 0.0
-    p = float(special.bdtrc(x - 1, total, n / (n + n_ref)))
-    return float(-math.log10(max(p, 1e-300)))
+    evaluations: list[dict]
+    alerts: list[dict]
+    commands: list[dict]
+
+    def extend(self, other: "Emitted") -> None:
+        for mine, theirs in zip(self, other):
+            mine.extend(theirs)
 
 
 def _group(evs: list[dict]) -> list[list[dict]]:
-    """Evaluations grouped by (check, feature): one alert per group, on any of its statistics."""
+    """Evaluations grouped by (variant, check, feature): one alert per group, on any of its
+    statistics."""
     groups: dict[tuple, list[dict]] = {}
     for e in evs:
         if e["threshold"] is not None:  # PSI and JS are reported, not alarmed on
-            groups.setdefault((e["check"], e["feature"]), []).append(e)
+            groups.setdefault((e["variant"], e["check"], e["feature"]), []).append(e)
     return list(groups.values())
