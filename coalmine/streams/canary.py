@@ -23,25 +23,6 @@ import orjson
 from scipy import special
 
 
-def wilson_interval(k: int, n: int, z: float) -> tuple[float, float]:
-    r"""Wilson score interval for a proportion :math:`k/n` (Wilson 1927):
-
-    .. math:: \frac{k + z^2/2}{n + z^2} \pm \frac{z}{n + z^2}\sqrt{\frac{k(n-k)}{n} + \frac{z^2}{4}}
-
-    ``z`` is the normal quantile: ``ndtri(1 - (1 - confidence) / 2)`` for a two-sided interval,
-    ``ndtri(confidence)`` for one-sided bounds. With no events the interval is ``(0, 1)``.
-
-    >>> low, high = wilson_interval(90, 100, 1.959964)
-    >>> round(low, 4), round(high, 4)
-    (0.8256, 0.9448)
-    """
-    if n == 0:
-        return 0.0, 1.0
-    centre = (k + z * z / 2) / (n + z * z)
-    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def clopper_pearson_lower(k: int, n: int, confidence: float) -> float:
     r"""Exact one-sided lower confidence bound on a binomial proportion (Clopper and Pearson
     1934): the :math:`1 - c` quantile of :math:`\mathrm{Beta}(k, n - k + 1)`, 0 when
@@ -53,19 +34,23 @@ def clopper_pearson_lower(k: int, n: int, confidence: float) -> float:
     return 0.0 if k == 0 else float(special.betaincinv(k, n - k + 1, 1 - confidence))
 
 
-def difference_lower_bound(k1: int, n1: int, k2: int, n2: int, z: float) -> float:
-    r"""Newcombe's hybrid score lower bound on :math:`p_1 - p_2` (Newcombe 1998, method 10),
-    from the Wilson bounds :math:`l_1` of :math:`p_1` and :math:`u_2` of :math:`p_2`:
+def rate_ratio_lower_bound(k1: int, n1: int, k2: int, n2: int, confidence: float) -> float:
+    r"""One-sided lower confidence bound on the ratio of two event rates, :math:`r = p_1/p_2`,
+    by the conditional test of two Poisson counts (Lehmann and Romano, 4.6): given the total
+    :math:`T = k_1 + k_2`, :math:`k_1 \sim \mathrm{Binomial}(T, \pi)` with
+    :math:`\pi = n_1 r / (n_1 r + n_2)`, so the Clopper-Pearson bound :math:`\pi_L` gives
 
-    .. math:: \hat p_1 - \hat p_2 - \sqrt{(\hat p_1 - l_1)^2 + (u_2 - \hat p_2)^2}
+    .. math:: r_L = \frac{\pi_L \, n_2}{(1 - \pi_L) \, n_1}
 
-    >>> round(difference_lower_bound(30, 1000, 10, 1000, 2.326), 4)
-    0.0054
+    Exact for Poisson counts and conservative for binomial ones (their exact conditional law,
+    hypergeometric, is less dispersed), so it stays honest on a handful of errors, where
+    normal-approximation intervals are not. 0 without any event.
+
+    >>> round(rate_ratio_lower_bound(30, 1000, 10, 1000, 0.99), 3)
+    1.267
     """
-    p1, p2 = k1 / n1, k2 / n2
-    l1, _ = wilson_interval(k1, n1, z)
-    _, u2 = wilson_interval(k2, n2, z)
-    return p1 - p2 - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    pi_low = clopper_pearson_lower(k1, k1 + k2, confidence)
+    return pi_low * n2 / ((1 - pi_low) * n1)
 
 
 class LatencyHistogram:
@@ -78,7 +63,7 @@ class LatencyHistogram:
     :meth:`quantile` returns the geometric mid-point of the bin holding the sample quantile
     (the inverted-CDF one, as ``np.quantile(..., method="inverted_cdf")``). For a quantile in
     :math:`[lo, e_K)` its relative error is at most :attr:`relative_error`
-    :math:`= \sqrt g - 1`, half the relative bin width :math:`g - 1` (12.2% at 20 bins per
+    :math:`= \sqrt g - 1`, at most half the relative bin width :math:`g - 1` (12.2% at 20 bins per
     decade, so at most 5.9%). Below ``lo_ms`` it returns ``lo_ms``; at or above :math:`e_K`,
     :math:`e_K` (a lower bound).
 
@@ -204,10 +189,15 @@ class CanaryHealth:
       bound of :math:`k/n` is above :math:`1 - q`.
     - ``label_error_rate``: the same bound on the labelled error rate > ``max_label_error_rate``.
     - against the champion on the same window: ``error_rate_vs_champion`` and
-      ``label_error_rate_vs_champion`` fail when Newcombe's lower bound on (canary rate -
-      champion rate) exceeds ``margin``; ``latency_vs_champion`` fails when the canary's
-      :math:`q`-quantile exceeds :math:`(1 + \text{latency\_margin})` times the champion's
-      estimate (the champion's own noise is neglected: it usually has most of the traffic).
+      ``label_error_rate_vs_champion`` fail when the lower bound on the ratio canary rate /
+      champion rate (:func:`rate_ratio_lower_bound`) exceeds :math:`1 +` ``ratio_margin``;
+      ``latency_vs_champion`` fails when the canary's :math:`q`-quantile exceeds
+      :math:`(1 +` ``latency_margin`` :math:`)` times the champion's estimate (the champion's
+      own noise is neglected: it usually has most of the traffic).
+
+    The confidence holds per evaluation and per check; a rollout evaluated on every bucket
+    makes many (correlated) evaluations, which is why ``confidence`` defaults to 0.999 and
+    the margins tolerate a canary slightly worse than the champion.
 
     Examples
     --------
@@ -223,17 +213,18 @@ class CanaryHealth:
     ----------
     Clopper, C. J. and Pearson, E. S. (1934). The use of confidence or fiducial limits
     illustrated in the case of the binomial. Biometrika 26(4).
-    Newcombe, R. G. (1998). Interval estimation for the difference between independent
-    proportions: comparison of eleven methods. Statistics in Medicine 17(8).
+    Lehmann, E. L. and Romano, J. P. (2005). Testing Statistical Hypotheses, 3rd ed.,
+    section 4.6 (comparing two Poisson distributions). Springer.
     """
 
     def __init__(self, max_error_rate: float = 0.01, max_latency_ms: float | None = None,
                  max_label_error_rate: float | None = None, latency_quantile: float = 0.99,
-                 margin: float = 0.0, latency_margin: float = 0.2, confidence: float = 0.999):
+                 ratio_margin: float = 0.2, latency_margin: float = 0.2,
+                 confidence: float = 0.999):
         self.max_error_rate, self.max_latency_ms = max_error_rate, max_latency_ms
         self.max_label_error_rate, self.latency_quantile = max_label_error_rate, latency_quantile
-        self.margin, self.latency_margin, self.confidence = margin, latency_margin, confidence
-        self.z = float(special.ndtri(confidence))
+        self.ratio_margin, self.latency_margin = ratio_margin, latency_margin
+        self.confidence = confidence
         self.result = CanaryHealthResult(True, (), {}, 0)
 
     def update(self, canary: VariantStats, champion: VariantStats | None = None) -> None:
@@ -265,9 +256,10 @@ class CanaryHealth:
         return {"estimate": k / n, "bound": bound, "limit": limit, "failed": bound > limit}
 
     def _versus(self, k1: int, n1: int, k2: int, n2: int) -> dict:
-        bound = difference_lower_bound(k1, n1, k2, n2, self.z)
-        return {"estimate": k1 / n1 - k2 / n2, "bound": bound, "limit": self.margin,
-                "failed": bound > self.margin}
+        bound = rate_ratio_lower_bound(k1, n1, k2, n2, self.confidence)
+        limit = 1 + self.ratio_margin
+        estimate = (k1 / n1) / (k2 / n2) if k2 else None  # JSON has no infinity
+        return {"estimate": estimate, "bound": bound, "limit": limit, "failed": bound > limit}
 
     def _latency(self, hist: LatencyHistogram, limit_ms: float) -> dict:
         check = self._rate(hist.count_above(limit_ms), hist.n, 1 - self.latency_quantile)

@@ -10,12 +10,35 @@ result describes the statistics of their latest ``update``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import special
 
-from coalmine.streams.canary import LatencyHistogram, wilson_interval
+from coalmine.streams.canary import LatencyHistogram
+
+
+def wilson_interval(k: int, n: int, z: float) -> tuple[float, float]:
+    r"""Wilson score interval for a proportion :math:`k/n` (Wilson 1927):
+
+    .. math:: \frac{k + z^2/2}{n + z^2} \pm \frac{z}{n + z^2}\sqrt{\frac{k(n-k)}{n} + \frac{z^2}{4}}
+
+    ``z`` is the normal quantile: ``ndtri(1 - (1 - confidence) / 2)`` for a two-sided interval,
+    ``ndtri(confidence)`` for one-sided bounds. With no events the interval is ``(0, 1)``.
+
+    Wilson, E. B. (1927). Probable inference, the law of succession, and statistical
+    inference. Journal of the American Statistical Association 22(158).
+
+    >>> low, high = wilson_interval(90, 100, 1.959964)
+    >>> round(low, 4), round(high, 4)
+    (0.8256, 0.9448)
+    """
+    if n == 0:
+        return 0.0, 1.0
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def agreement(champion: np.ndarray, shadow: np.ndarray, atol: float = 0.0,
@@ -49,8 +72,8 @@ class ShadowAgreement:
     r"""Agreement rate of shadow and champion with a Wilson score interval.
 
     With :math:`k` agreements in :math:`n` pairs, the interval is the Wilson interval at level
-    ``confidence`` (:func:`~coalmine.streams.canary.wilson_interval`). ``below_target`` only
-    when the whole interval lies below ``target``: a low rate on few pairs is not an alert.
+    ``confidence`` (:func:`wilson_interval`). ``below_target`` only when the whole interval
+    lies below ``target``: a low rate on few pairs is not an alert.
 
     Examples
     --------
@@ -65,8 +88,7 @@ class ShadowAgreement:
 
     References
     ----------
-    Wilson, E. B. (1927). Probable inference, the law of succession, and statistical
-    inference. Journal of the American Statistical Association 22(158).
+    Wilson, E. B. (1927), see :func:`wilson_interval`.
     """
 
     def __init__(self, target: float = 0.95, confidence: float = 0.99):
