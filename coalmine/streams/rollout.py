@@ -196,7 +196,8 @@ class RolloutPolicy:
     ab_mde_sd: float = 0.1
     ab_canary_weight: float = 50.0
     srm_alpha: float = 1e-3
-    #: buckets this long after a weight change are left out of the SRM test (routers lag)
+    #: buckets this long after a weight change are left out of the SRM test: the router learns
+    #: of a command only after the bucket closed (allowed lateness) and it was evaluated
     srm_grace_ms: int = 5000
 
 
@@ -223,6 +224,7 @@ class RolloutController:
     step: dict[str, int] = field(default_factory=dict)  # version -> index of the weight in force
     step_started: dict[str, int] = field(default_factory=dict)
     step_events: dict[str, int] = field(default_factory=dict)
+    paused: set[str] = field(default_factory=set)
 
     def weight(self, version: str) -> float:
         i = self.step.get(version, -1)
@@ -254,9 +256,20 @@ class RolloutController:
     def _enter_step(self, version: str, i: int, ts: int) -> None:
         self.step[version], self.step_started[version], self.step_events[version] = i, ts, 0
 
+    def on_srm(self, ts: int, version: str, evidence: dict, alert_ids: list[str] = ()) -> dict | None:
+        """The observed split departs from the weight in force: the comparison is not valid,
+        so hold the rollout (once) until people look; a rollback stays possible."""
+        if self.stages.get(version) != "canary" or version in self.paused:
+            return None
+        self.paused.add(version)
+        return self._command(ts, version, "pause", "sample ratio mismatch: traffic split differs "
+                             "from the weight in force", evidence, list(alert_ids))
+
     def on_canary(self, ts: int, version: str, healthy: bool, events: int, evidence: dict | None = None,
-                  alert_ids: list[str] = ()) -> dict | None:
-        """Feed one evaluation of the canary: ``events`` canary events in the new bucket."""
+                  alert_ids: list[str] = (), confident: bool = True) -> dict | None:
+        """Feed one evaluation of the canary: ``events`` canary events in the new bucket;
+        ``healthy`` is False when the canary is confidently bad, ``confident`` True when its
+        health is established (a step is only taken then)."""
         stage = self.stages.setdefault(version, "canary")
         if stage != "canary":
             return None
@@ -269,7 +282,8 @@ class RolloutController:
             return self._command(ts, version, "rollback", "canary unhealthy", evidence, list(alert_ids))
         self.step_events[version] += events
         p = self.policy
-        if self.step_events[version] < p.min_events or ts - self.step_started[version] < p.min_duration_ms:
+        if (version in self.paused or not confident or self.step_events[version] < p.min_events
+                or ts - self.step_started[version] < p.min_duration_ms):
             return None
         nxt = self.step[version] + 1
         if nxt < len(p.steps):

@@ -34,6 +34,7 @@ class RolloutJudge:
         self.shadow_seen: dict[str, list] = {}  # version -> [first ts, paired so far]
         self.best_ab_p: dict[str, float] = {}  # canary version -> running min always-valid p
         self.weight_changed_ts = -1
+        self.canary_first_seen: dict[str, int] = {}
         key = os.environ.get("COALMINE_SIGNING_KEY")
         self.key = key.encode() if key else None
 
@@ -45,16 +46,22 @@ class RolloutJudge:
         if "canary" in self.checks and "canary" in windows and champ is not None:
             canary_evs = self._canary(windows["canary"], champ, q)
             evs += canary_evs
-            if windows["canary"].n >= MIN_CANARY_EVENTS:
+            canary = windows["canary"]
+            if canary.n >= MIN_CANARY_EVENTS:
                 healthy = not any(e["value"] > e["threshold"] for e in canary_evs if e["threshold"] is not None)
-                verdicts["canary"] = (healthy, current["canary"].n if "canary" in current else 0,
+                # a step needs health shown, not just bad health not yet proved: the serving
+                # error rate's upper 95% bound under the limit
+                confident = R.wilson_interval(canary.errors, canary.n, 0.1)[1] <= self.policy.max_error_rate
+                verdicts["canary"] = (healthy, confident, current["canary"].n if "canary" in current else 0,
                                       {e["statistic"]: e["value"] for e in canary_evs})
         if "shadow" in self.checks and "shadow" in windows and "shadow" in versions:
             shadow_evs = self._shadow(windows["shadow"], q)
             evs += shadow_evs
             verdicts["shadow"] = self._shadow_verdict(end, versions["shadow"], current.get("shadow"), shadow_evs)
         if "ab" in self.checks and "canary" in windows and champ is not None:
-            evs += self._ab(ring, end, windows["canary"], champ, versions.get("canary", ""))
+            ab_evs = self._ab(ring, end, windows["canary"], champ, versions.get("canary", ""))
+            evs += ab_evs
+            verdicts["srm"] = any(e["check"] == "srm" and e["value"] > e["threshold"] for e in ab_evs)
         return evs, verdicts
 
     def _canary(self, canary: Summary, champ: Summary, q: float) -> list[dict]:
@@ -121,8 +128,13 @@ class RolloutJudge:
                                    -math.log10(p.ab_alpha), best, difference=w.diff, ci=list(w.ci),
                                    cohen_d=w.cohen_d, welch_t=w.t, welch_p=w.p_value,
                                    decision_valid=best < p.ab_alpha))
-        weight = self.controller.weight(version) if version in self.controller.step else p.ab_canary_weight
-        since = self.weight_changed_ts + p.srm_grace_ms
+        if version not in self.canary_first_seen:  # a new canary: its split starts with it
+            self.canary_first_seen[version] = min(b.start for b in ring if "canary" in b.variants)
+        managed = "canary" in self.checks
+        if managed and version not in self.controller.step:
+            return evs  # the weight in force is unknown until the controller takes the canary on
+        weight = self.controller.weight(version) if managed else p.ab_canary_weight
+        since = max(self.canary_first_seen[version], self.weight_changed_ts + p.srm_grace_ms)
         observed = {"champion": 0, "canary": 0}
         for b in ring:
             if b.start >= since:
@@ -141,10 +153,14 @@ class RolloutJudge:
             ids = [i for (v, c, _), i in firing_ids.items() if v == "shadow"]
             cmd = self.controller.on_shadow(end, versions["shadow"], verdicts["shadow"], {}, ids)
             commands += [cmd] if cmd else []
+        if verdicts.get("srm") and "canary" in versions:
+            ids = [i for (v, c, _), i in firing_ids.items() if c == "srm"]
+            cmd = self.controller.on_srm(end, versions["canary"], {}, ids)
+            commands += [cmd] if cmd else []
         if "canary" in verdicts and "canary" in versions:
-            healthy, events, evidence = verdicts["canary"]
+            healthy, confident, events, evidence = verdicts["canary"]
             ids = [i for (v, c, _), i in firing_ids.items() if v == "canary" and c == "canary_health"]
-            cmd = self.controller.on_canary(end, versions["canary"], healthy, events, evidence, ids)
+            cmd = self.controller.on_canary(end, versions["canary"], healthy, events, evidence, ids, confident)
             commands += [cmd] if cmd else []
         for cmd in commands:
             if cmd["action"] == "set_weight":

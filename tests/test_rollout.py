@@ -1,0 +1,123 @@
+"""Shadow, canary and A/B decisions, closed loop: the simulator's router obeys the commands the
+pipeline issues, exactly as in production, but through file-replay code (no broker, fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from coalmine import simulator as sim
+from coalmine.config import load_config
+from coalmine.replay import Replay
+from coalmine.streams import rollout as R
+
+RATE = 300
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rollout")
+    sim.write_reference(d / "ref.jsonl", 5000)
+    (d / "m.toml").write_text(
+        '[defaults]\nbucket = "1s"\nwindow = "10s"\n\n[[models]]\nname = "shuttle"\nreference = "ref.jsonl"\n'
+        'checks = ["drift", "prediction_drift", "performance", "shadow", "canary", "ab"]\n'
+        '[models.canary]\nsteps = [10, 50, 100]\nmin_events = 100\nmin_duration = "3s"\n'
+        '[models.shadow]\nmin_events = 1000\nmin_duration = "3s"\n')
+    return load_config(d / "m.toml")
+
+
+def closed_loop(config, serving: sim.Serving, seconds: int, changes=None) -> Replay:
+    """Run ``seconds`` of traffic; after each second, the router applies new commands."""
+    run, seen = Replay(config), 0
+    for sec in range(seconds):
+        if changes and sec in changes:
+            changes[sec](serving)
+        events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=11)
+        run.feed([e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"])
+        for command in run.commands[seen:]:
+            serving.apply(command)
+        seen = len(run.commands)
+    return run
+
+
+def actions(run: Replay) -> list[tuple]:
+    return [(c["action"], c["version"], c.get("weight")) for c in run.commands]
+
+
+def test_good_shadow_is_judged_then_stepped_up_and_promoted(config):
+    serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
+    run = closed_loop(config, serving, 40)
+    assert actions(run) == [("set_weight", "v2", 10), ("set_weight", "v2", 50), ("set_weight", "v2", 100),
+                            ("promote", "v2", None)]
+    assert serving.champion.name == "v2" and serving.canary is None
+    assert not [a for a in run.alerts if a["check"] in ("canary_health", "srm", "shadow_agreement")]
+
+
+def test_failing_canary_is_rolled_back_within_bounded_events(config):
+    serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10)
+    run = closed_loop(config, serving, 30)
+    assert actions(run)[0] == ("rollback", "v3", None)
+    rollback = run.commands[0]
+    canary_events = (rollback["ts"] - T0) / 1000 * RATE * 0.10
+    assert canary_events <= 600, "rolled back within about 600 canary events"
+    assert rollback["alert_ids"], "the command names the alerts behind it"
+    assert serving.canary is None
+
+
+def test_healthy_canary_is_never_rolled_back_on_a_long_stream(config, monkeypatch):
+    serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v2"), canary_weight=10)
+    run = closed_loop(config, serving, 400)  # 120,000 requests
+    assert "rollback" not in [a for a, _, _ in actions(run)]
+    assert not [a for a in run.alerts if a["check"] == "canary_health"]
+
+
+def test_sample_ratio_mismatch_fires_when_the_router_ignores_the_weight(config):
+    # the controller takes the canary on at 10%, but this router sends 25%
+    serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v2"), canary_weight=25)
+    serving.apply = lambda command: "ignored"  # a router that never listens
+    run = closed_loop(config, serving, 30)
+    srm = [a for a in run.alerts if a["check"] == "srm" and a["state"] == "firing"]
+    assert srm and srm[0]["value"] > srm[0]["threshold"]
+
+
+def test_commands_are_signed_and_tampering_is_detected(config, monkeypatch):
+    monkeypatch.setenv("COALMINE_SIGNING_KEY", "s3cret")
+    serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10)
+    run = closed_loop(config, serving, 20)
+    command = run.commands[0]
+    assert R.verify_command(command, b"s3cret")
+    assert not R.verify_command({**command, "action": "promote"}, b"s3cret")
+    assert not R.verify_command(command, b"other key")
+
+
+@pytest.mark.parametrize("b,c", [(10, 25), (0, 7), (40, 38), (3, 0)])
+def test_mcnemar_equals_scipy_binomtest(b, c):
+    assert R.mcnemar_exact(b, c) == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def test_welch_equals_scipy_on_the_same_samples():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(1.0, 2.0, 400), rng.normal(1.3, 3.0, 250)
+    w = R.welch(len(a), a.sum(), (a**2).sum(), len(b), b.sum(), (b**2).sum())
+    ref = stats.ttest_ind(b, a, equal_var=False)
+    assert w.t == pytest.approx(ref.statistic) and w.p_value == pytest.approx(ref.pvalue)
+    ci = ref.confidence_interval(0.95)
+    assert w.ci == pytest.approx((ci.low, ci.high))
+
+
+def test_always_valid_p_value_survives_peeking_where_a_repeated_t_test_does_not():
+    """2,000 A/A experiments, read after each of 50 batches of 100 per arm."""
+    rng = np.random.default_rng(0)
+    experiments, batches, size, alpha = 2000, 50, 100, 0.05
+    a = rng.normal(size=(experiments, batches, size)).sum(axis=2).cumsum(axis=1)
+    b = rng.normal(size=(experiments, batches, size)).sum(axis=2).cumsum(axis=1)
+    n = size * np.arange(1, batches + 1)
+    diff = (b - a) / n
+    se2 = 2.0 / n  # unit variances
+    naive = (2 * stats.norm.sf(np.abs(diff) / np.sqrt(se2)) < alpha).any(axis=1).mean()
+    msprt = np.array([[R.msprt_p_value(d, v, 0.01) for d, v in zip(row, se2)] for row in diff])
+    always_valid = (msprt < alpha).any(axis=1).mean()
+    assert naive > 2 * alpha          # peeking inflates the naive test's false positives
+    assert always_valid <= alpha + 0.01  # not the always-valid one (Monte Carlo slack)
