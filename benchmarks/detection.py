@@ -1,0 +1,479 @@
+"""Drift detection: coalmine's calibrated monitor against river's ADWIN and KSWIN and a naive
+repeated two-sample KS test, on streams with a known change point (or none).
+
+For each stream and detector: false alarms (before the change; per 10^6 events on the
+stationary streams), detection delay in events after the change (or "missed"), and
+throughput (events/s, wall time of the detector alone, not of building the events).
+
+usage: python benchmarks/detection.py [--quick] [--jobs 2] [--out benchmarks/results/detection.md]
+
+Streams (300 events/s of event time, so a 10 s window holds 3,000 events):
+  stationary Shuttle, stationary N(0,1) x 10, Shuttle f1 shift 0.2 / 0.5 SD, Shuttle f1 scale x1.5,
+  Shuttle class mix (anomalies at 3x their rate), river SEA concept drift (P(y|x) only; features
+  unchanged), river RandomRBF centroid change (P(x) changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+HERE = Path(__file__).resolve().parent
+RATE = 300.0  # events per second of event time
+START_TS = 1_700_000_000_000
+LABEL_DELAY_MS = 2000
+LABEL_FRACTION = 0.5
+CHUNK = 20_000
+REF_N = 5000
+KS_EVERY, KS_WINDOW, KS_ALPHA = 300, 3000, 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# streams: numpy arrays saved to .npz, plus a reference JSONL and a monitor config per stream
+
+
+@dataclass
+class Spec:
+    key: str
+    title: str
+    n: int
+    change: int | None  # event index of the change; None = stationary
+
+
+def _ts(n: int) -> np.ndarray:
+    return (START_TS + np.arange(n) * (1000.0 / RATE)).astype(np.int64)
+
+
+def _save(work: Path, spec: Spec, X: np.ndarray, names: list[str], pred: np.ndarray,
+          proba: np.ndarray | None, y: np.ndarray | None, ref_rows: list[dict],
+          latency: np.ndarray | None = None, ref_file: Path | None = None) -> Path:
+    """Arrays -> <key>.npz; reference rows (or an existing reference file) + config -> <key>/."""
+    from coalmine.simulator import write_demo_config, write_jsonl
+
+    d = work / spec.key
+    d.mkdir(parents=True, exist_ok=True)
+    ref = d / "reference.jsonl"
+    if ref_file is not None:
+        ref.write_bytes(ref_file.read_bytes())
+    else:
+        write_jsonl(ref, ref_rows)
+    write_demo_config(d / "monitor.toml", ref, bucket="1s", window="10s", model="bench")
+    rng = np.random.default_rng(7)
+    if latency is None:
+        latency = np.round(rng.gamma(4.0, 2.0, spec.n), 2)
+    labelled = (rng.random(spec.n) < LABEL_FRACTION) if y is not None else np.zeros(spec.n, bool)
+    path = work / f"{spec.key}.npz"
+    np.savez(path, X=X.astype(float), names=np.array(names), pred=pred.astype(int),
+             proba=np.full(spec.n, np.nan) if proba is None else proba,
+             y=np.full(spec.n, -1) if y is None else y.astype(int), labelled=labelled,
+             latency=latency, change=-1 if spec.change is None else spec.change, n=spec.n)
+    return path
+
+
+def _ref_rows(X: np.ndarray, names: list[str], pred: np.ndarray, y: np.ndarray | None) -> list[dict]:
+    rows = []
+    for i, row in enumerate(X.tolist()):
+        e = {"event_id": f"ref-{i}", "model": "bench", "version": "v1", "variant": "champion", "ts": i,
+             "features": dict(zip(names, row)), "prediction": int(pred[i]), "status": "ok"}
+        if y is not None:
+            e["label"] = int(y[i])
+        rows.append(e)
+    return rows
+
+
+def build_shuttle(work: Path, spec: Spec, kind: str = "shift", size: float = 0.5, seed: int = 0) -> Path:
+    """Exactly the feature values of ``simulator.predictions(Scenario(...))`` (same draws), kept as arrays
+    so a 10^6-event stream never sits in memory as dicts."""
+    from coalmine.simulator import Scenario, TRAIN_ROWS, _drifted, load_shuttle, trained_model, write_reference
+
+    s = Scenario(n_events=spec.n, rate_per_s=RATE, drift_at=spec.change, drift_kind=kind,
+                 drift_size=size, drift_feature="f1", seed=seed)
+    X_all, y_all, names = load_shuttle()
+    rng = np.random.default_rng(s.seed)
+    idx = rng.integers(TRAIN_ROWS, len(X_all), s.n_events)
+    X = _drifted(X_all[idx], s, names)
+    proba = trained_model().predict_proba(X)
+    latency = np.round(rng.gamma(4.0, 2.0, s.n_events), 2)
+    ref = work / "shuttle-reference.jsonl"
+    if not ref.exists():
+        write_reference(ref, n=REF_N)
+    return _save(work, spec, X, names, (proba >= 0.5).astype(int), np.round(proba, 4), y_all[idx], [],
+                 latency=latency, ref_file=ref)
+
+
+def build_class_mix(work: Path, spec: Spec, factor: float = 3.0, seed: int = 0) -> Path:
+    """Held-out Shuttle rows; from the change on, anomalies (label 1) drawn at ``factor`` x their rate."""
+    from coalmine.simulator import TRAIN_ROWS, load_shuttle, trained_model, write_reference
+
+    X_all, y_all, names = load_shuttle()
+    Xh, yh = X_all[TRAIN_ROWS:], y_all[TRAIN_ROWS:]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(Xh), spec.n)
+    pos, neg = np.flatnonzero(yh == 1), np.flatnonzero(yh != 1)
+    after = np.arange(spec.n) >= spec.change
+    rate = min(1.0, factor * len(pos) / len(yh))
+    anomalous = rng.random(spec.n) < rate
+    idx[after & anomalous] = rng.choice(pos, int((after & anomalous).sum()))
+    idx[after & ~anomalous] = rng.choice(neg, int((after & ~anomalous).sum()))
+    X = Xh[idx]
+    proba = trained_model().predict_proba(X)
+    ref = work / "shuttle-reference.jsonl"
+    if not ref.exists():
+        write_reference(ref, n=REF_N)
+    return _save(work, spec, X, names, (proba >= 0.5).astype(int), np.round(proba, 4), yh[idx], [],
+                 ref_file=ref)
+
+
+def build_normal(work: Path, spec: Spec, d: int = 10, seed: int = 0) -> Path:
+    """Independent N(0,1) features; the 'model' predicts x0 + x1 > 0; no labels."""
+    names = [f"x{j}" for j in range(d)]
+    rng = np.random.default_rng(seed)
+    X = np.empty((spec.n, d))
+    for s in range(0, spec.n, 100_000):
+        X[s:s + 100_000] = rng.standard_normal((min(100_000, spec.n - s), d)).round(5)
+    R = np.random.default_rng(seed + 1000).standard_normal((REF_N, d)).round(5)
+    pred = lambda A: (A[:, 0] + A[:, 1] > 0).astype(int)  # noqa: E731
+    return _save(work, spec, X, names, pred(X), None, None, _ref_rows(R, names, pred(R), None))
+
+
+def _river_rows(stream, n: int) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for x, y in itertools.islice(stream, n):
+        xs.append([x[k] for k in sorted(x)])
+        ys.append(int(y))
+    return np.array(xs, dtype=float), np.array(ys)
+
+
+def _abrupt(before, after, n: int, change: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ConceptDriftStream(before, after, position=change, width=1)``: river 0.26 overflows in
+    math.exp for width=1 at positions past ~180, so the abrupt switch is done directly."""
+    X1, y1 = _river_rows(before, change)
+    X2, y2 = _river_rows(after, n - change)
+    return np.vstack([X1, X2]), np.concatenate([y1, y2])
+
+
+def build_sea(work: Path, spec: Spec) -> Path:
+    """SEA concept drift (variant 0 -> 3: threshold 8 -> 9.5, 10% label noise): only P(y|x) changes.
+    The model is the pre-change concept (x0 + x1 > 8); labels arrive 2 s late for half the events."""
+    from river.datasets import synth
+
+    X, y = _abrupt(synth.SEA(variant=0, noise=0.1, seed=1), synth.SEA(variant=3, noise=0.1, seed=2),
+                   spec.n, spec.change)
+    R, ry = _river_rows(synth.SEA(variant=0, noise=0.1, seed=99), REF_N)
+    names = [f"x{j}" for j in range(X.shape[1])]
+    pred = lambda A: (A[:, 0] + A[:, 1] > 8).astype(int)  # noqa: E731
+    return _save(work, spec, X, names, pred(X), None, y, _ref_rows(R, names, pred(R), ry))
+
+
+def build_rbf(work: Path, spec: Spec) -> Path:
+    """RandomRBF, 10 features, 50 centroids: at the change the generator's centroids are redrawn
+    (seed_model 1 -> 2), so P(x) changes. The model is nearest class mean of the reference."""
+    from river.datasets import synth
+
+    mk = lambda sm, ss: synth.RandomRBF(seed_model=sm, seed_sample=ss, n_classes=2, n_features=10,  # noqa: E731
+                                        n_centroids=50)
+    X, y = _abrupt(mk(1, 1), mk(2, 2), spec.n, spec.change)
+    R, ry = _river_rows(mk(1, 99), REF_N)
+    means = np.array([R[ry == c].mean(axis=0) for c in (0, 1)])
+    pred = lambda A: np.argmin(((A[:, None, :] - means[None]) ** 2).sum(-1), axis=1)  # noqa: E731
+    names = [f"x{j}" for j in range(X.shape[1])]
+    return _save(work, spec, X, names, pred(X), None, y, _ref_rows(R, names, pred(R), ry))
+
+
+def streams(quick: bool) -> list[tuple[Spec, callable, dict]]:
+    big = 100_000 if quick else 1_000_000
+    n, c = (40_000, 20_000) if quick else (200_000, 100_000)
+    return [
+        (Spec("stationary-shuttle", "1. stationary Shuttle", big, None), build_shuttle, {}),
+        (Spec("stationary-normal", "2. stationary N(0,1) x 10", big, None), build_normal, {}),
+        (Spec("shift-0.2", "3. Shuttle f1 shift 0.2 SD", n, c), build_shuttle, {"kind": "shift", "size": 0.2, "seed": 3}),
+        (Spec("shift-0.5", "4. Shuttle f1 shift 0.5 SD", n, c), build_shuttle, {"kind": "shift", "size": 0.5, "seed": 4}),
+        (Spec("scale-1.5", "5. Shuttle f1 scale x1.5", n, c), build_shuttle, {"kind": "scale", "size": 1.5, "seed": 5}),
+        (Spec("class-mix", "6. Shuttle anomalies x3", n, c), build_class_mix, {"seed": 6}),
+        (Spec("sea", "7a. SEA concept drift (labels only)", n, c), build_sea, {}),
+        (Spec("rbf", "7b. RandomRBF centroids redrawn", n, c), build_rbf, {}),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# detectors: each returns alarms as event indices (or ts for coalmine), and timing
+
+
+def _load(path: Path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _reference_values(path: Path, names: list[str]) -> np.ndarray:
+    rows = [orjson.loads(line) for line in (path.parent / path.stem / "reference.jsonl").read_bytes().splitlines()]
+    return np.array([[r["features"][f] for f in names] for r in rows], dtype=float)
+
+
+def run_coalmine(path: Path, opts: dict) -> dict:
+    from coalmine.config import load_config
+    from coalmine.replay import Replay
+
+    z = _load(path)
+    n, names, X = int(z["n"]), [str(s) for s in z["names"]], z["X"]
+    ts = _ts(n)
+    t0 = time.perf_counter()
+    run = Replay(load_config(path.parent / path.stem / "monitor.toml"))
+    setup = time.perf_counter() - t0
+    pred, proba, y, labelled, lat = z["pred"], z["proba"], z["y"], z["labelled"], z["latency"]
+    has_scores = not np.isnan(proba).all()
+    pending: list[dict] = []
+    busy = 0.0
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        rows, tsl, pl, prl, latl = X[s:e].tolist(), ts[s:e].tolist(), pred[s:e].tolist(), proba[s:e].tolist(), \
+            lat[s:e].tolist()
+        preds = []
+        for k in range(e - s):
+            i = s + k
+            ev = {"event_id": f"p-{i}", "request_id": f"req-{i}", "model": "bench", "version": "v1",
+                  "variant": "champion", "ts": tsl[k], "features": dict(zip(names, rows[k])),
+                  "prediction": pl[k], "latency_ms": latl[k], "status": "ok", "unit_id": f"user-{i % 5000}"}
+            if has_scores:
+                ev["scores"] = {"0": round(1 - prl[k], 4), "1": prl[k]}
+            preds.append(ev)
+        for i in np.flatnonzero(labelled[s:e]).tolist():
+            pending.append({"event_id": f"l-{s + i}", "request_id": f"req-{s + i}", "model": "bench",
+                            "ts": tsl[i] + LABEL_DELAY_MS, "label": int(y[s + i])})
+        horizon = tsl[-1]
+        due = [lb for lb in pending if lb["ts"] <= horizon]
+        pending = [lb for lb in pending if lb["ts"] > horizon]
+        t0 = time.perf_counter()
+        run.feed(preds, due)
+        busy += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run.feed([], pending)
+    run.finish()
+    busy += time.perf_counter() - t0
+    change = int(z["change"])
+    change_ts = int(ts[change]) if change >= 0 else None
+    firing = sorted((a for a in run.alerts if a["state"] == "firing"), key=lambda a: a["ts"])
+    before = [a for a in firing if change_ts is None or a["ts"] < change_ts]
+    after = [a for a in firing if change_ts is not None and a["ts"] >= change_ts]
+    first = after[0] if after else None
+    return {"events": n, "seconds": busy, "setup": setup,
+            "false_alarms": len(before), "fa_events": n if change < 0 else change, "fa_exact": True,
+            "delay": None if first is None else (first["ts"] - change_ts) * RATE / 1000,
+            "what": "" if first is None else f"{first['check']}" + (f" {first['feature']}" if first.get("feature") else "")
+            + f" ({first.get('statistic')})",
+            "fa_what": ", ".join(sorted({f"{a['check']} {a.get('feature') or ''}".strip() for a in before}))}
+
+
+def _first_after(alarms: list[list[int]], change: int) -> tuple[int | None, int | None]:
+    best = (None, None)
+    for j, idx in enumerate(alarms):
+        later = [i for i in idx if i >= change]
+        if later and (best[0] is None or later[0] < best[0]):
+            best = (later[0], j)
+    return best
+
+
+def run_river(path: Path, opts: dict) -> dict:
+    """One river detector per numeric feature, fed that feature's values one by one. Features are
+    independent, so each runs column by column (same alarms as interleaving them); a feature stops
+    at its first alarm at or after the change (nothing after it matters)."""
+    from river import drift
+
+    z = _load(path)
+    n, names, X, change = int(z["n"]), [str(s) for s in z["names"]], z["X"], int(z["change"])
+    kind = opts["detector"]
+    make = (lambda: drift.ADWIN()) if kind == "adwin" else \
+        (lambda: drift.KSWIN(alpha=0.005, window_size=100, seed=0))
+    limit = opts["kswin_events"] if kind == "kswin" else opts["river_events"]
+    if change < 0:
+        lo, hi, stop_at = 0, min(n, limit), None
+    elif kind == "kswin":  # too slow for 10^5 pre-change events x 9 features: a slice either side
+        lo, hi, stop_at = max(0, change - limit), min(n, change + opts["kswin_post"]), change
+    else:
+        lo, hi, stop_at = 0, n, change
+    alarms: list[list[int]] = []
+    updates = 0
+    t0 = time.perf_counter()
+    for j in range(X.shape[1]):
+        det, hits = make(), []
+        col = X[lo:hi, j].tolist()
+        for k, v in enumerate(col):
+            det.update(v)
+            if det.drift_detected:
+                hits.append(lo + k)
+                if stop_at is not None and lo + k >= stop_at:
+                    updates += k + 1
+                    break
+        else:
+            updates += len(col)
+        alarms.append(hits)
+    seconds = time.perf_counter() - t0
+    pre_hi = hi if change < 0 else change
+    fa = len({i for idx in alarms for i in idx if i < pre_hi})
+    first, j = _first_after(alarms, change) if change >= 0 else (None, None)
+    return {"events": updates / X.shape[1], "seconds": seconds, "false_alarms": fa,
+            "fa_events": pre_hi - lo, "fa_exact": lo == 0 and (change < 0 or True),
+            "delay": None if first is None else first - change, "what": "" if j is None else names[j],
+            "window": (lo, hi)}
+
+
+def run_ks(path: Path, opts: dict) -> dict:
+    """Every 300 events: scipy.stats.ks_2samp(last 3,000 values, 5,000 reference values) per feature,
+    alarm when any p < 0.05 (no multiple-testing correction: the naive approach)."""
+    from scipy.stats import ks_2samp
+
+    z = _load(path)
+    n, names, X, change = int(z["n"]), [str(s) for s in z["names"]], z["X"], int(z["change"])
+    ref = _reference_values(path, names)
+    t0 = time.perf_counter()
+    fa, first, what = 0, None, ""
+    for end in range(KS_WINDOW, n + 1, KS_EVERY):
+        p = ks_2samp(X[end - KS_WINDOW:end], ref, axis=0).pvalue
+        if (p < KS_ALPHA).any():
+            if change < 0 or end - 1 < change:
+                fa += 1
+            else:
+                first, what = end - 1, names[int(np.argmin(p))]
+                break
+    seconds = time.perf_counter() - t0
+    return {"events": (first + 1) if first is not None else n, "seconds": seconds, "false_alarms": fa,
+            "fa_events": n if change < 0 else change, "fa_exact": True,
+            "delay": None if first is None else first - change, "what": what}
+
+
+DETECTORS = {"coalmine": run_coalmine, "adwin": run_river, "kswin": run_river, "ks": run_ks}
+LABELS = {"coalmine": "coalmine (calibrated, 10 s window)", "adwin": "river ADWIN / feature",
+          "kswin": "river KSWIN / feature", "ks": "repeated KS, p < 0.05"}
+
+
+def job(path: str, detector: str, opts: dict) -> dict:
+    r = DETECTORS[detector](Path(path), {**opts, "detector": detector})
+    return {"path": path, "detector": detector, **r}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_rate(r: dict) -> str:
+    return f"{r['events'] / max(r['seconds'], 1e-9):,.0f}"
+
+
+def table(specs: list[Spec], results: dict, quick: bool) -> list[str]:
+    out = ["| stream | detector | events run | false alarms | delay (events) | first alarm on | events/s |",
+           "|---|---|---:|---:|---:|---|---:|"]
+    for spec in specs:
+        for det in DETECTORS:
+            r = results.get((spec.key, det))
+            if r is None:
+                out.append(f"| {spec.title} | {LABELS[det]} | | failed | | | |")
+                continue
+            if spec.change is None:
+                per = r["false_alarms"] * 1e6 / max(r["fa_events"], 1)
+                fa = f"{per:,.0f} per 10^6" + ("" if r["fa_events"] >= spec.n else
+                                                f" ({r['false_alarms']} in {r['fa_events']:,})")
+                delay = "n/a"
+            else:
+                if r["fa_events"] < spec.change:
+                    est = r["false_alarms"] * spec.change / max(r["fa_events"], 1)
+                    fa = f"~{est:,.0f} ({r['false_alarms']} in last {r['fa_events']:,})"
+                else:
+                    fa = f"{r['false_alarms']}"
+                delay = "missed" if r["delay"] is None else f"{r['delay']:,.0f}"
+            what = r.get("what", "")
+            if det == "coalmine" and r.get("fa_what"):
+                what = (what + "; " if what else "") + f"false: {r['fa_what']}"
+            events = f"{r['events']:,.0f}"
+            out.append(f"| {spec.title} | {LABELS[det]} | {events} | {fa} | {delay} | {what} | {_fmt_rate(r)} |")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller streams: a ~1 minute smoke run")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "detection.md")
+    args = ap.parse_args()
+    from tqdm import tqdm
+
+    opts = ({"river_events": 50_000, "kswin_events": 2_000, "kswin_post": 2_000} if args.quick else
+            {"river_events": 200_000, "kswin_events": 10_000, "kswin_post": 10_000})
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="coalmine-detection-"))
+    plan = streams(args.quick)
+    paths: dict[str, Path] = {}
+    for spec, build, kw in tqdm(plan, desc="building streams", file=sys.stderr):
+        paths[spec.key] = build(work, spec, **kw)
+    # the calibration cache is filled once per reference before the workers race for it
+    from coalmine.config import load_config
+    from coalmine.streams.monitor import ModelMonitor
+
+    for spec, _, _ in tqdm(plan, desc="calibrating", file=sys.stderr):
+        cfg = load_config(work / spec.key / "monitor.toml")
+        ModelMonitor(cfg.models["bench"])
+    jobs = [(spec, det) for spec, _, _ in plan for det in DETECTORS]
+    cost = {"kswin": 3, "coalmine": 2, "ks": 1, "adwin": 1}
+    jobs.sort(key=lambda j: (-cost[j[1]], -j[0].n))
+    results: dict = {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futs = {pool.submit(job, str(paths[spec.key]), det, opts): (spec.key, det) for spec, det in jobs}
+        for fut in tqdm(as_completed(futs), total=len(futs), desc="detector runs", file=sys.stderr):
+            key = futs[fut]
+            try:
+                results[key] = fut.result()
+            except Exception as exc:  # keep the other rows
+                print(f"{key}: {exc!r}", file=sys.stderr)
+    wall = time.perf_counter() - t_start
+    cmd = "python benchmarks/detection.py" + (" --quick" if args.quick else "")
+    big = plan[0][0].n
+    lines = [
+        f"# Drift detection: coalmine vs river detectors{' (quick run)' if args.quick else ''}",
+        "",
+        f"Rebuild: `{cmd}` ({wall / 60:.1f} min wall on {args.jobs} workers, {os.cpu_count()} cores)",
+        "",
+        f"Events come {RATE:.0f}/s in event time; coalmine runs the default config (bucket 1 s, window 10 s "
+        "= 3,000 events, false_alarm_every_events = 10^6, checks drift, prediction_drift, missing_rate, "
+        "performance) with its own calibrated thresholds. Detection = first firing alert at or after the "
+        "change; delay = (alert ts - change ts) x rate. river detectors run one instance per numeric "
+        "feature (any feature's alarm counts); the repeated KS test compares the last 3,000 values with "
+        "the 5,000 reference values every 300 events, alarm at p < 0.05 on any feature.",
+        "",
+        *table([s for s, _, _ in plan], results, args.quick),
+        "",
+        "Notes:",
+        f"- Stationary streams ({big:,} events): false alarms are **per 10^6 events**; coalmine and the "
+        f"repeated KS test run all {big:,} events, ADWIN the first {min(big, opts['river_events']):,} and "
+        f"KSWIN the first {opts['kswin_events']:,} (pure Python, ~250 us per update per feature), scaled "
+        "to 10^6. False alarms count distinct events (or tests) with an alarm on any feature; coalmine "
+        "counts firing alerts.",
+        f"- Drift streams: change at event {plan[2][0].change:,} of {plan[2][0].n:,}; false alarms are the "
+        f"count before the change. KSWIN runs only {opts['kswin_events']:,} events before the change and "
+        f"up to {opts['kswin_post']:,} after it; its \"~\" count is scaled to the whole pre-change stretch, "
+        f"and \"missed\" for KSWIN means not within {opts['kswin_post']:,} events.",
+        "- events run: events the detector processed (river detectors and the KS test stop at their "
+        "first alarm after the change). events/s: that count over the detector's own wall time "
+        "(coalmine: `Replay.feed` + `finish`, excluding building the event dicts and the one-off "
+        "calibration at start-up).",
+        "- 7a/7b use river.datasets.synth generators switched abruptly at the change "
+        "(ConceptDriftStream(position, width=1) overflows math.exp in river 0.26, so the switch is "
+        "done directly). SEA changes only P(y|x) (threshold 8 -> 9.5): no feature detector can see it; "
+        "coalmine can through its label-based performance check.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
