@@ -54,15 +54,17 @@ def _describe(topic: str, record: dict, t0: float) -> str:
     return _paint("dead", f"{clock} DEAD-LETTER from {record.get('source_topic')}: {record.get('reason')}")
 
 
-async def _watch(bootstrap: str, topic: str, seen: Counter, firing: list, t0: float, stop: asyncio.Event):
+async def _watch(bootstrap: str, topic: str, seen: Counter, log: list, t0: float, stop: asyncio.Event,
+                 serving: simulator.Serving):
     async for record in tail(bootstrap, topic, from_end=False, until_idle=None, stop=stop):
         seen[topic] += 1
-        if topic == topics.ALERTS:
-            firing.append((time.monotonic() - t0, record))
+        log.append((topic, record))
         if topic != topics.DEADLETTER or seen[topic] <= 5:
             print(_describe(topic, record, t0), flush=True)
         elif seen[topic] == 6:
             print(_paint("dead", "        (further dead letters counted, not shown)"), flush=True)
+        if topic == topics.COMMANDS:
+            print(_paint("command", f"          router: {serving.apply(record)}"), flush=True)
 
 
 def _metric(web_port: int, name: str) -> float:
@@ -88,21 +90,34 @@ def _wait_healthy(web_port: int, worker: subprocess.Popen, timeout: float = 90) 
     raise RuntimeError("the worker did not come up in time")
 
 
-async def _run(bootstrap: str, workdir: Path, web_port: int, duration: float, rate: float) -> int:
+def _plan(duration: float):
+    """The story: a shadow judged and promoted through the canary steps; a bad canary once
+    that is done (at 40% of the run at the earliest, 50% at the latest), rolled back; a drift
+    in f1 from 60% to 75% of the run."""
+    def plan(t: float, serving: simulator.Serving):
+        v2_done = serving.champion.name == "v2" or t >= 0.5 * duration
+        if t >= 0.4 * duration and v2_done and "v3" not in serving.candidates:
+            serving.candidates["v3"] = serving.canary = BAD_CANARY
+            serving.canary_weight = 10.0
+            print(f"[{t:6.1f}s] simulator: deploying canary v3 (a degraded model, 5% failed requests) "
+                  "at 10%", flush=True)
+        return ("f1", 1.0) if 0.6 * duration <= t < 0.75 * duration else None
+    return plan
+
+
+BAD_CANARY = simulator.Version("v3", noise=1.5, error_rate=0.05, latency_scale=1.5)
+
+
+async def _run(bootstrap: str, web_port: int, duration: float, rate: float) -> int:
     t0 = time.monotonic()
-    n = int(duration * rate)
-    drift_at = int(n * 0.4)
-    scenario = simulator.Scenario(n_events=n, rate_per_s=rate, start_ts_ms=int(time.time() * 1000),
-                                  drift_at=drift_at, drift_until=int(n * 0.65), drift_feature="f1",
-                                  drift_kind="shift", drift_size=1.0, label_delay_ms=3000,
-                                  label_fraction=0.5, bad_event_every=997, seed=7)
-    print(f"simulator: {n} predictions at {rate:.0f}/s over {duration:.0f}s; drift in f1 "
-          f"(+1 sd) from {drift_at / rate:.0f}s to {n * 0.65 / rate:.0f}s; labels 3s late; "
-          f"1 in 997 events malformed", flush=True)
+    serving = simulator.Serving(simulator.Version("v1"), shadow=simulator.Version("v2", latency_scale=1.2))
+    print(f"simulator: {rate:.0f} requests/s for {duration:.0f}s; champion v1, shadow v2; a bad canary v3 "
+          f"at {0.4 * duration:.0f}s; drift in f1 (+1 sd) from {0.6 * duration:.0f}s to {0.75 * duration:.0f}s; "
+          f"labels 2s late; 1 in 997 predictions malformed", flush=True)
     seen: Counter = Counter()
-    firing: list = []
+    log: list = []
     stop = asyncio.Event()
-    watchers = [asyncio.create_task(_watch(bootstrap, t, seen, firing, t0, stop))
+    watchers = [asyncio.create_task(_watch(bootstrap, t, seen, log, t0, stop, serving))
                 for t in (topics.ALERTS, topics.COMMANDS, topics.DEADLETTER)]
 
     async def progress():
@@ -110,25 +125,24 @@ async def _run(bootstrap: str, workdir: Path, web_port: int, duration: float, ra
             await asyncio.sleep(10)
             print(f"[{time.monotonic() - t0:6.1f}s] worker has folded "
                   f"{_metric(web_port, 'coalmine_events_total'):,.0f} events; "
-                  f"{seen[topics.ALERTS]} alert changes so far", flush=True)
+                  f"{seen[topics.ALERTS]} alert changes, {seen[topics.COMMANDS]} commands so far", flush=True)
 
     ticker = asyncio.create_task(progress())
-    sent = await simulator.publish(bootstrap, simulator.generate(scenario), realtime=True)
+    sent = await simulator.run_live(bootstrap, serving, seconds=duration, rate_per_s=rate,
+                                    plan=_plan(duration), bad_event_every=997)
     await asyncio.sleep(6)  # the last buckets close after the allowed lateness
     stop.set()
     ticker.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
-    folded = _metric(web_port, "coalmine_events_total")
-    states = Counter(r["state"] for _, r in firing)
+    alerts = Counter(r["state"] for t, r in log if t == topics.ALERTS)
     print("\nsummary")
-    print(f"  sent: {dict(sent)}; folded by the worker: {folded:,.0f}")
-    print(f"  alerts: {states['firing']} firing, {states['resolved']} resolved; "
-          f"commands: {seen[topics.COMMANDS]}; dead letters: {seen[topics.DEADLETTER]}")
-    first = next(((t, r) for t, r in firing if r["state"] == "firing"), None)
-    if first:
-        delay_s = (first[1]["ts"] - scenario.start_ts_ms) / 1000 - drift_at / rate
-        print(f"  first alert: {first[1]['check']} on {first[1].get('feature')} "
-              f"{delay_s:.1f}s of event time after the drift began")
+    print(f"  sent: {sent}; folded by the worker: {_metric(web_port, 'coalmine_events_total'):,.0f}")
+    print(f"  alerts: {alerts['firing']} firing, {alerts['resolved']} resolved; dead letters: "
+          f"{seen[topics.DEADLETTER]}")
+    print("  commands: " + (", ".join(f"{r['action']} {r['version']}" + (f" {r['weight']:g}%" if r.get('weight') else "")
+                                     for t, r in log if t == topics.COMMANDS) or "none"))
+    print(f"  serving now: champion {serving.champion.name}, canary "
+          f"{serving.canary.name if serving.canary else 'none'}")
     print(f"  metrics were served at http://127.0.0.1:{web_port}/metrics")
     return 0
 
@@ -138,7 +152,7 @@ def run_demo(duration: float = 60.0, rate: float = 300.0, keep: bool = False) ->
     reference = workdir / "reference.jsonl"
     simulator.write_reference(reference, n=5000)
     config = workdir / "monitor.toml"
-    simulator.write_demo_config(config, reference, bucket="1s", window="10s")
+    simulator.write_demo_config(config, reference, bucket="1s", window="10s", rollout=True)
     web_port = _free_port()
     with EmbeddedBroker() as broker:
         print(f"broker: embedded Kafka-compatible broker at {broker.url}", flush=True)
@@ -151,7 +165,7 @@ def run_demo(duration: float = 60.0, rate: float = 300.0, keep: bool = False) ->
         try:
             print(f"worker: started (log {workdir / 'worker.log'}), /metrics on port {web_port}", flush=True)
             _wait_healthy(web_port, worker)
-            return asyncio.run(_run(broker.bootstrap, workdir, web_port, duration, rate))
+            return asyncio.run(_run(broker.bootstrap, web_port, duration, rate))
         finally:
             worker.send_signal(signal.SIGTERM)
             try:

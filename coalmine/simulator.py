@@ -193,6 +193,8 @@ class Serving:
         elif action == "promote" and self.canary is not None and self.canary.name == version:
             self.champion, self.canary, self.canary_weight = self.canary, None, 0.0
             return f"{version} promoted to champion"
+        elif action == "pause":
+            return f"rollout of {version} paused: weight stays at {self.canary_weight:g}%"
         elif action == "rollback":
             if self.canary is not None and self.canary.name == version:
                 self.canary, self.canary_weight = None, 0.0
@@ -287,8 +289,18 @@ def write_reference(path: Path, n: int = 5000, seed: int = 12345) -> int:
     return write_jsonl(path, ({**e, "label": int(y)} for e, y in zip(preds, truth)))
 
 
+ROLLOUT_SETTINGS = (
+    'checks = ["drift", "prediction_drift", "missing_rate", "performance", "shadow", "canary", "ab"]\n\n'
+    "[models.shadow]\nmin_events = 1000\nmin_duration = \"3s\"\n\n"
+    "[models.canary]\nsteps = [10, 50, 100]\nmin_events = 100\nmin_duration = \"3s\"\n"
+)
+
+
 def write_demo_config(path: Path, reference_path: Path, bucket: str = "1s", window: str = "20s",
-                      model: str = "shuttle") -> None:
+                      model: str = "shuttle", rollout: bool = False) -> None:
+    """A monitor config for the simulator's model; ``rollout`` adds shadow, canary and A/B
+    checks with short steps, for a demo that lasts a minute."""
+    checks = ROLLOUT_SETTINGS if rollout else 'checks = ["drift", "prediction_drift", "missing_rate", "performance"]\n'
     path.write_text(
         "[defaults]\n"
         f'bucket = "{bucket}"\n'
@@ -298,7 +310,7 @@ def write_demo_config(path: Path, reference_path: Path, bucket: str = "1s", wind
         "[[models]]\n"
         f'name = "{model}"\n'
         f'reference = "{Path(reference_path).name if Path(reference_path).parent == path.parent else reference_path}"\n'
-        'checks = ["drift", "prediction_drift", "missing_rate", "performance"]\n'
+        + checks
     )
 
 
@@ -327,4 +339,35 @@ async def publish(bootstrap: str, events: Iterable[tuple[str, dict | bytes]], *,
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
+    return counts
+
+
+async def run_live(bootstrap: str, serving: Serving, *, seconds: float, rate_per_s: float, seed: int = 7,
+                   plan=None, bad_event_every: int = 0, step_s: float = 0.2) -> dict[str, int]:
+    """Serve traffic in real time for ``seconds``: every ``step_s`` the router (``serving``,
+    which the caller updates from coalmine's commands) answers the next requests. ``plan(t,
+    serving)`` may change versions or return a drift (feature, size) for second t."""
+    from coalmine.client import Publisher
+
+    counts = {"prediction": 0, "label": 0, "malformed": 0}
+    target = {"prediction": topics.PREDICTIONS, "label": topics.LABELS}
+    start_ts, t0, done = int(time.time() * 1000), time.monotonic(), 0
+    per_step = max(1, int(rate_per_s * step_s))
+    async with Publisher(bootstrap) as pub:
+        step = 0
+        while (step + 1) * step_s <= seconds:
+            drift = plan(step * step_s, serving) if plan else None
+            events = serving.events(done, done + per_step, start_ts, rate_per_s, seed, drift=drift)
+            sends = []
+            for kind, event in events:
+                raw = event
+                if kind == "prediction" and bad_event_every and counts["prediction"] % bad_event_every == bad_event_every - 1:
+                    raw = _DEFECTS[counts["malformed"] % len(_DEFECTS)](event)
+                    counts["malformed"] += 1
+                sends.append(await pub._send(target[kind], raw))
+                counts[kind] += 1
+            await asyncio.gather(*sends)
+            done += per_step
+            step += 1
+            await asyncio.sleep(max(0.0, t0 + step * step_s - time.monotonic()))
     return counts

@@ -121,3 +121,17 @@ def test_always_valid_p_value_survives_peeking_where_a_repeated_t_test_does_not(
     always_valid = (msprt < alpha).any(axis=1).mean()
     assert naive > 2 * alpha          # peeking inflates the naive test's false positives
     assert always_valid <= alpha + 0.01  # not the always-valid one (Monte Carlo slack)
+
+
+def test_a_new_canary_after_a_promotion_is_judged_on_its_own_traffic(config):
+    """v2 goes through the steps and is promoted; then a bad v3 arrives at 10% and is rolled
+    back, with no sample-ratio alarm from the hand-over."""
+    serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
+
+    def deploy_v3(s):
+        assert s.champion.name == "v2", "v2 was promoted before v3 arrives"
+        s.canary, s.canary_weight = sim.Version("v3", noise=1.5, error_rate=0.05), 10
+
+    run = closed_loop(config, serving, 60, changes={30: deploy_v3})
+    assert actions(run)[-1] == ("rollback", "v3", None)
+    assert not [a for a in run.alerts if a["check"] == "srm"]

@@ -188,7 +188,8 @@ class Sketcher:
         # request_id -> {variant: (model, prediction, ts, latency)}: labels and shadow pairing
         self.joins: dict[str, dict[str, tuple]] = {}
         self.early_labels: dict[str, dict] = {}  # request_id -> label that came before its prediction
-        self.versions: dict[str, dict[str, str]] = {m: {} for m in monitors}
+        # model -> (bucket start, variant) -> version serving it (the last one seen there)
+        self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in monitors}
         self.expired_unlabelled = 0
         self.expired_unjoined_labels = 0
 
@@ -253,7 +254,7 @@ class Sketcher:
             summary.errors, summary.latency = int(err), hist
             k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
             state[k] = state[k] + summary if k in state else summary
-        self.versions[model].update((e["variant"], e["version"]) for e in events)
+        self.versions[model].update(((e["ts"] // bucket_ms * bucket_ms, e["variant"]), e["version"]) for e in events)
         if mon.joins_needed:
             self._join_predictions(model, mon, events)
         return rejected
@@ -346,11 +347,12 @@ class Sketcher:
             state = self.open[model]
             done = sorted(k for k in state if k[0] + mon.cfg.bucket_ms <= wm)
             buckets: dict[str, dict[str, dict]] = {}  # str keys: JSON objects
+            versions = self.versions[model]
             for k in done:
-                buckets.setdefault(str(k[0]), {})[k[1]] = state.pop(k).to_dict()
+                buckets.setdefault(str(k[0]), {})[k[1]] = {**state.pop(k).to_dict(), "version": versions.pop(k, None)}
             self.closed_through[model] = wm
             out.append({"model": model, "source": self.source, "closed_through": wm,
-                        "buckets": buckets, "versions": dict(self.versions[model])})
+                        "buckets": buckets})
         self._expire()
         return out
 
@@ -407,16 +409,15 @@ class Evaluator:
         self.ring: deque[Bucket] = deque(maxlen=monitor.cfg.window_buckets)
         self.cusums: dict[str, dict[str, CUSUM]] = {}
         self.alerts = AlertTracker(monitor.cfg.name)
-        self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy)
-        self.versions: dict[str, str] = {}  # variant -> version, as the partials report them
-        self.window_versions: dict[str, str] = {}  # variant -> version the window holds
+        self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy, monitor.cfg.bucket_ms)
+        self.versions: dict[str, str] = {}  # variant -> version serving it, as of the evaluated bucket
+        self.bucket_versions: dict[int, dict[str, str]] = {}  # pending bucket -> variant -> version
         self.late_partials = 0
 
     def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> "Emitted":
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
         closed."""
         src = partial["source"]
-        self.versions.update(partial.get("versions", {}))
         for start, variants in partial["buckets"].items():
             start = int(start)
             if (src, start) in self.applied:
@@ -427,6 +428,9 @@ class Evaluator:
             self.applied.add((src, start))
             merged = self.pending.setdefault(start, {})
             for variant, d in variants.items():
+                version = d.pop("version", None)
+                if version is not None:
+                    self.bucket_versions.setdefault(start, {})[variant] = version
                 s = Summary.from_dict(d)
                 merged[variant] = merged[variant] + s if variant in merged else s
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
@@ -455,20 +459,21 @@ class Evaluator:
             out.extend(self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {}))))
             self.next_bucket += step
         self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
+        self.bucket_versions = {b: v for b, v in self.bucket_versions.items() if b >= self.next_bucket}
         return out
 
-    def _forget_replaced_versions(self) -> None:
+    def _forget_replaced_versions(self, start: int) -> None:
         """A variant now served by another version starts a fresh window (and CUSUM)."""
-        for variant, version in self.versions.items():
-            if self.window_versions.get(variant, version) != version:
+        for variant, version in self.bucket_versions.pop(start, {}).items():
+            if self.versions.get(variant, version) != version:
                 for b in self.ring:
                     b.variants.pop(variant, None)
                 self.cusums.pop(variant, None)
-            self.window_versions[variant] = version
+            self.versions[variant] = version
 
     def evaluate(self, bucket: Bucket) -> "Emitted":
         """Slide the window by one bucket and run every check on each variant."""
-        self._forget_replaced_versions()
+        self._forget_replaced_versions(bucket.start)
         self.ring.append(bucket)
         end = bucket.start + self.cfg.bucket_ms
         windows: dict[str, Summary] = {}

@@ -28,8 +28,8 @@ def _evaluation(variant: str, check: str, statistic: str, value: float, threshol
 class RolloutJudge:
     """Shadow, canary and A/B judgement of one model, and its :class:`RolloutController`."""
 
-    def __init__(self, model: str, checks: tuple[str, ...], policy: R.RolloutPolicy):
-        self.checks, self.policy = checks, policy
+    def __init__(self, model: str, checks: tuple[str, ...], policy: R.RolloutPolicy, bucket_ms: int):
+        self.checks, self.policy, self.bucket_ms = checks, policy, bucket_ms
         self.controller = R.RolloutController(model, policy)
         self.shadow_seen: dict[str, list] = {}  # version -> [first ts, paired so far]
         self.best_ab_p: dict[str, float] = {}  # canary version -> running min always-valid p
@@ -128,8 +128,10 @@ class RolloutJudge:
                                    -math.log10(p.ab_alpha), best, difference=w.diff, ci=list(w.ci),
                                    cohen_d=w.cohen_d, welch_t=w.t, welch_p=w.p_value,
                                    decision_valid=best < p.ab_alpha))
-        if version not in self.canary_first_seen:  # a new canary: its split starts with it
-            self.canary_first_seen[version] = min(b.start for b in ring if "canary" in b.variants)
+        if version not in self.canary_first_seen:  # a new canary: its split starts after the
+            # bucket it appeared in, which may still hold the previous version's traffic
+            first = min(b.start for b in ring if "canary" in b.variants)
+            self.canary_first_seen[version] = first + self.bucket_ms
         managed = "canary" in self.checks
         if managed and version not in self.controller.step:
             return evs  # the weight in force is unknown until the controller takes the canary on
