@@ -5,20 +5,22 @@ orjson-parsed dict, proved equal to the schemas in ``tests/test_schemas.py`` (ha
 examples and hypothesis). A broken event raises :class:`InvalidEvent` whose ``reason`` names
 the field, in JSON's words, so producers in any language can read it.
 
->>> parse_prediction(b'{"event_id": "e1"}')
-Traceback (most recent call last):
-...
-coalmine.events.InvalidEvent: missing field: request_id
->>> event = {"event_id": "e1", "request_id": "r1", "model": "m", "version": "v1", "variant": "blue",
-...          "ts": 1, "features": {}, "prediction": 1, "status": "ok"}
->>> parse_prediction(encode(event))
+>>> raw = (b'{"event_id": "e1", "request_id": "r1", "model": "m", "version": "v1", "variant": "champion",'
+...        b' "ts": 1700000000000, "features": {"f1": 0.5, "f2": "red"}, "prediction": 1, "status": "ok"}')
+>>> parse_prediction(raw)["features"]
+{'f1': 0.5, 'f2': 'red'}
+>>> parse_prediction(raw.replace(b'"champion"', b'"blue"'))
 Traceback (most recent call last):
 ...
 coalmine.events.InvalidEvent: variant: expected one of champion, canary, shadow, got 'blue'
->>> parse_prediction(encode(event).replace(b'"features":{}', b'"features":{"f2":NaN}'))
+>>> parse_prediction(raw.replace(b'"red"', b'NaN'))
 Traceback (most recent call last):
 ...
 coalmine.events.InvalidEvent: features.f2: NaN is not allowed (JSON numbers are finite)
+>>> parse_prediction(raw.replace(b' "ts": 1700000000000,', b''))
+Traceback (most recent call last):
+...
+coalmine.events.InvalidEvent: missing field: ts
 """
 
 from __future__ import annotations
@@ -118,12 +120,12 @@ def _text(v) -> None:
 
 
 def _number(v) -> None:
-    if type(v) is not float and type(v) is not int and not _is_number(v) or v - v != 0:
+    if not _is_number(v):
         raise _wrong("a number", v)
 
 
 def _non_negative(v) -> None:
-    if type(v) is not float and type(v) is not int and not _is_number(v) or not 0 <= v < math.inf:
+    if not _is_number(v) or v < 0:
         raise _wrong("a number >= 0", v)
 
 
@@ -135,7 +137,7 @@ def _bounded(low: float, high: float) -> Callable:
 
 
 def _millis(v) -> None:
-    if type(v) is not int and not _is_whole(v) or v < 0:
+    if not _is_whole(v) or v < 0:
         raise _wrong("integer milliseconds since the epoch (>= 0)", v)
 
 
@@ -146,7 +148,7 @@ def _count(v) -> None:
 
 def _scalar(v) -> None:
     """number | string."""
-    if type(v) is not str and type(v) is not int and not _is_number(v):
+    if type(v) is not str and not _is_number(v):
         raise _wrong("a number or a string", v)
 
 
@@ -166,9 +168,21 @@ def _or_null(check: Callable) -> Callable:
     return or_null
 
 
+_NUMERIC_TYPES = frozenset({int, float})
+
+
 def _mapping_of(check: Callable, what: str) -> Callable:
-    """An object whose every value passes ``check``; a defect names the entry."""
+    """An object whose every value passes ``check`` (which accepts finite numbers); a defect
+    names the entry. The hot spot of the hot path, so all-numeric objects are checked in C:
+    their sum is finite unless one value is NaN or infinite, or the sum overflows; then, and
+    for any other values, value by value."""
     def mapping(v) -> None:
+        if type(v) is dict and _NUMERIC_TYPES.issuperset(map(type, v.values())):
+            try:
+                if math.isfinite(math.fsum(v.values())):
+                    return
+            except OverflowError:
+                pass
         if type(v) is not dict:
             raise _wrong(f"an object of {what}", v)
         for name, x in v.items():
@@ -179,30 +193,11 @@ def _mapping_of(check: Callable, what: str) -> Callable:
     return mapping
 
 
+
 def _feature(v) -> None:
-    """number | string | null; the common cases first (this runs once per feature value)."""
-    t = type(v)
-    if t is float:
-        if v - v != 0:
-            raise _wrong("a finite number", v)
-    elif t is not str and t is not int and v is not None and not _is_number(v):
+    """number | string | null."""
+    if v is not None and type(v) is not str and not _is_number(v):
         raise _wrong("a number, a string or null", v)
-
-
-_NUMERIC_TYPES = frozenset({int, float})
-_feature_values = _mapping_of(_feature, "name -> number, string or null")
-
-
-def _features(v) -> None:
-    """The hot spot, in C where it can be: a sum of numbers is finite unless one of them is NaN
-    or infinite, or the sum overflows; then, and for strings and nulls, check value by value."""
-    if type(v) is dict and _NUMERIC_TYPES.issuperset(map(type, v.values())):
-        try:
-            if math.isfinite(math.fsum(v.values())):
-                return
-        except OverflowError:
-            pass
-    _feature_values(v)
 
 
 def _list_of_ids(v) -> None:
@@ -275,7 +270,7 @@ _SHAPES = {
     "prediction": _Shape(
         {"event_id": _id, "request_id": _id, "model": _id, "version": _id,
          "variant": _one_of(*VARIANTS), "ts": _millis,
-         "features": _features,
+         "features": _mapping_of(_feature, "name -> number, string or null"),
          "prediction": _or_null(_scalar), "status": _one_of(*STATUSES),
          "scores": _mapping_of(_number, "class -> probability"), "latency_ms": _non_negative,
          "error": _text, "unit_id": _id},
