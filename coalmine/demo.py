@@ -99,13 +99,13 @@ def _plan(duration: float):
         if t >= 0.4 * duration and v2_done and "v3" not in serving.candidates:
             serving.candidates["v3"] = serving.canary = BAD_CANARY
             serving.canary_weight = 10.0
-            print(f"[{t:6.1f}s] simulator: deploying canary v3 (a degraded model, 5% failed requests) "
+            print(f"[{t:6.1f}s] simulator: deploying canary v3 (a degraded model, 10% failed requests) "
                   "at 10%", flush=True)
         return ("f1", 1.0) if 0.6 * duration <= t < 0.75 * duration else None
     return plan
 
 
-BAD_CANARY = simulator.Version("v3", noise=1.5, error_rate=0.05, latency_scale=1.5)
+BAD_CANARY = simulator.Version("v3", noise=1.5, error_rate=0.10, latency_scale=1.5)
 
 
 async def _run(bootstrap: str, web_port: int, duration: float, rate: float) -> int:

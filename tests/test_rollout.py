@@ -64,6 +64,8 @@ def test_failing_canary_is_rolled_back_within_bounded_events(config):
     assert canary_events <= 600, "rolled back within about 600 canary events"
     assert rollback["alert_ids"], "the command names the alerts behind it"
     assert serving.canary is None
+    states = [a["state"] for a in run.alerts if a["variant"] == "canary"]
+    assert states.count("firing") == states.count("resolved"), "a rolled-back canary's alerts resolve"
 
 
 def test_healthy_canary_is_never_rolled_back_on_a_long_stream(config, monkeypatch):

@@ -35,6 +35,7 @@ class AlertTracker:
         self.model, self.resolve_after = model, resolve_after
         self.quiet: dict[tuple, int] = {}  # key -> consecutive quiet evaluations, while firing
         self.ids: dict[tuple, str] = {}  # key -> alert_id of the firing alert
+        self.last: dict[tuple, dict] = {}  # key -> its last evaluation, while firing
 
     @property
     def firing(self) -> list[tuple]:
@@ -44,12 +45,14 @@ class AlertTracker:
         """Feed one evaluation (``ev`` as produced by the evaluator); return an alert on a
         state change, else None."""
         key = (ev["variant"], ev["check"], ev.get("feature"))
+        if key in self.quiet:
+            self.last[key] = ev
         if key not in self.quiet:
             if not exceeded:
                 return None
             self.quiet[key] = 0
             alert = self._alert(ts, "firing", ev)
-            self.ids[key] = alert["alert_id"]
+            self.ids[key], self.last[key] = alert["alert_id"], ev
             return alert
         if exceeded:
             self.quiet[key] = 0
@@ -57,9 +60,18 @@ class AlertTracker:
         self.quiet[key] += 1
         if self.quiet[key] < self.resolve_after:
             return None
-        del self.quiet[key]
-        del self.ids[key]
+        del self.quiet[key], self.ids[key], self.last[key]
         return self._alert(ts, "resolved", ev)
+
+    def observe_gone(self, ts: int, variants: set[str], window: dict) -> list[dict]:
+        """Firing alerts of variants with no traffic left in the window (a rolled-back canary)
+        count as quiet: they resolve instead of firing forever."""
+        out = []
+        for key in [k for k in self.quiet if k[0] not in variants]:
+            alert = self.observe(ts, False, {**self.last[key], "window": window})
+            if alert:
+                out.append(alert)
+        return out
 
     def _alert(self, ts: int, state: str, ev: dict) -> dict:
         feature = ev.get("feature")

@@ -497,6 +497,8 @@ class Evaluator:
             alert = self.alerts.observe(end, exceeded, worst)
             if alert:
                 out.alerts.append(alert)
+        out.alerts.extend(self.alerts.observe_gone(end, set(windows), {
+            "start_ts": self.ring[0].start, "end_ts": end, "n": 0}))
         out.commands.extend(self.judge.decide(end, self.versions, verdicts, self.alerts.ids))
         return out
 
