@@ -248,6 +248,27 @@ def add_replay(sub) -> None:
     p.set_defaults(func=cmd_replay)
 
 
+# ------------------------------------------------------------------ status
+
+
+def cmd_status(args) -> int:
+    from coalmine.status import collect, render
+
+    print(render(asyncio.run(collect(parse_broker_url(args.broker)))))
+    return 0
+
+
+def add_status(sub) -> None:
+    p = _parser("status", sub, "per model: versions, rollout stages, firing checks, lineage",
+                "Read the commands and alerts topics and the latest predictions, and show per model "
+                "which version serves each variant, each version's rollout stage and weight, the "
+                "checks firing now, and the lineage: which version replaced which, when, and the "
+                "command and evidence behind it.",
+                "example:\n  coalmine status\n" + EPILOG_BROKER)
+    _broker_arg(p)
+    p.set_defaults(func=cmd_status)
+
+
 # ------------------------------------------------------------------ demo
 
 
@@ -268,7 +289,7 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-COMMANDS = [add_demo, add_broker, add_worker, add_publish, add_tail, add_replay, add_topics]
+COMMANDS = [add_demo, add_broker, add_worker, add_publish, add_tail, add_replay, add_status, add_topics]
 
 
 def main(argv: list[str] | None = None) -> int:

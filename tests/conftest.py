@@ -33,14 +33,14 @@ def broker():
 class Worker:
     """A `coalmine worker` subprocess with its own web port; stopped by its test."""
 
-    def __init__(self, broker: EmbeddedBroker, config: Path, namespace: str, log: Path):
+    def __init__(self, broker: EmbeddedBroker, config: Path, namespace: str, log: Path, env: dict | None = None):
         self.web_port = free_port()
         self.log = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coalmine", "worker", "--broker", broker.url, "--config", str(config),
              "--web-port", str(self.web_port), "--app-id", f"{namespace}coalmine"],
             stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "COALMINE_NAMESPACE": namespace})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "COALMINE_NAMESPACE": namespace, **(env or {})})
 
     def get(self, path: str) -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=2).read().decode()
@@ -109,8 +109,8 @@ def start_worker(broker, namespace, tmp_path):
     """start_worker(config) -> a ready Worker in the test's namespace; all stopped after the test."""
     started: list[Worker] = []
 
-    def start(config: Path, ready: bool = True) -> Worker:
-        w = Worker(broker, config, namespace.prefix, tmp_path / f"worker-{len(started)}.log")
+    def start(config: Path, ready: bool = True, env: dict | None = None) -> Worker:
+        w = Worker(broker, config, namespace.prefix, tmp_path / f"worker-{len(started)}.log", env)
         started.append(w)
         return w.wait_ready() if ready else w
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -107,3 +110,25 @@ def _counted_once(partials: list[dict], end_ts: int) -> int:
                 seen.add((p["source"], start))
                 total += sum(v["n"] for v in variants.values())
     return total
+
+
+def test_bad_canary_is_rolled_back_with_a_signed_command_and_status_shows_it(namespace, start_worker, tmp_path):
+    from coalmine.streams.rollout import verify_command
+
+    simulator.write_reference(tmp_path / "reference.jsonl", n=5000)
+    simulator.write_demo_config(tmp_path / "monitor.toml", tmp_path / "reference.jsonl", window="10s", rollout=True)
+    worker = start_worker(tmp_path / "monitor.toml", env={"COALMINE_SIGNING_KEY": "k3y"})
+    serving = simulator.Serving(simulator.Version("v1"),
+                                canary=simulator.Version("v3", noise=1.5, error_rate=0.10), canary_weight=10)
+    namespace.publish(serving.events(0, 30 * RATE, simulator.Scenario().start_ts_ms, RATE, seed=8))
+    wait_for(worker, "coalmine_commands_total", 1)
+    commands = namespace.read("commands")
+    assert [(c["action"], c["version"]) for c in commands] == [("rollback", "v3")]
+    assert verify_command(commands[0], b"k3y") and not verify_command({**commands[0], "version": "v1"}, b"k3y")
+
+    status = subprocess.run([sys.executable, "-m", "coalmine", "status", "--broker", namespace.broker.url],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "COALMINE_NAMESPACE": namespace.prefix})
+    text = status.stdout
+    assert "version v3     rolled back" in text and "canary canary_health" in text, text
+    assert "v3 rolled back at ts" in text

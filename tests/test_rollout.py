@@ -137,3 +137,16 @@ def test_a_new_canary_after_a_promotion_is_judged_on_its_own_traffic(config):
     run = closed_loop(config, serving, 60, changes={30: deploy_v3})
     assert actions(run)[-1] == ("rollback", "v3", None)
     assert not [a for a in run.alerts if a["check"] == "srm"]
+
+
+def test_status_shows_stages_firing_checks_and_lineage(config):
+    from coalmine.status import render, summarize
+
+    serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
+    run = closed_loop(config, serving, 60, changes={30: lambda s: setattr(s, "canary", sim.Version(
+        "v3", noise=1.5, error_rate=0.05)) or setattr(s, "canary_weight", 10)})
+    recent = [e for k, e in serving.events(60 * RATE, 61 * RATE, T0, RATE, seed=11) if k == "prediction"]
+    text = render(summarize(run.commands, run.alerts, recent))
+    assert "serving now   champion: v2" in text
+    assert "version v2     production (promoted)" in text and "version v3     rolled back" in text
+    assert "v2 replaced v1 at ts" in text and "v3 rolled back at ts" in text

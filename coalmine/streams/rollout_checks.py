@@ -167,6 +167,8 @@ class RolloutJudge:
         for cmd in commands:
             if cmd["action"] == "set_weight":
                 self.weight_changed_ts = end
+            if cmd["action"] == "promote":
+                cmd["evidence"] = {**cmd["evidence"], "replaces": versions.get("champion")}
         return [R.sign_command(c, self.key) if self.key else c for c in commands]
 
 
