@@ -248,6 +248,50 @@ def add_replay(sub) -> None:
     p.set_defaults(func=cmd_replay)
 
 
+# ------------------------------------------------------------------ validate
+
+
+def cmd_validate(args) -> int:
+    import orjson
+
+    from coalmine.client import Publisher
+    from coalmine.streams.rollout import sign_command
+    from coalmine.validate import validate
+
+    config = _config_or_exit(args.config)
+    if args.model not in config.models:
+        sys.exit(f"coalmine validate: --model {args.model!r} is not in {args.config}")
+    command = validate(config, args.model, args.version, Path(args.predictions), Path(args.labels))
+    key = os.environ.get("COALMINE_SIGNING_KEY")
+    command = sign_command(command, key.encode()) if key else command
+    print(orjson.dumps(command, option=orjson.OPT_INDENT_2).decode())
+    if args.publish:
+        async def send():
+            async with Publisher(parse_broker_url(args.broker)) as pub:
+                await pub.publish(topics.COMMANDS, command)
+        asyncio.run(send())
+        print(f"published to {topics.COMMANDS}", file=sys.stderr)
+    return 0 if command["action"] == "promote" else 1
+
+
+def add_validate(sub) -> None:
+    p = _parser("validate", sub, "validation stage: replay a labelled holdout, gate the version",
+                "Replay a new version's predictions on a labelled holdout through the monitor's "
+                "checks. Exit 0 and a promote-to-shadow command when no performance check fires, "
+                "else exit 1 and a rollback command; --publish sends it to the commands topic "
+                "(signed when $COALMINE_SIGNING_KEY is set).",
+                "example:\n  coalmine validate --config monitor.toml --model shuttle --version v2 \\\n"
+                "      --predictions holdout-preds.jsonl --labels holdout-labels.jsonl --publish\n" + EPILOG_BROKER)
+    _broker_arg(p)
+    p.add_argument("--config", required=True, help="monitor TOML file")
+    p.add_argument("--model", required=True, help="model name in the config")
+    p.add_argument("--version", required=True, help="the version being validated")
+    p.add_argument("--predictions", required=True, help="its predictions on the holdout (JSONL)")
+    p.add_argument("--labels", required=True, help="the holdout's labels (JSONL)")
+    p.add_argument("--publish", action="store_true", help="send the command to the commands topic")
+    p.set_defaults(func=cmd_validate)
+
+
 # ------------------------------------------------------------------ status
 
 
@@ -289,7 +333,8 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-COMMANDS = [add_demo, add_broker, add_worker, add_publish, add_tail, add_replay, add_status, add_topics]
+COMMANDS = [add_demo, add_broker, add_worker, add_publish, add_tail, add_replay, add_validate, add_status,
+            add_topics]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def _is_number(v) -> bool:
     """int or finite float; bool is not a number (orjson gives Python bools, an int subclass);
     numpy scalars are numbers, as :func:`encode` writes them."""
     t = type(v)
-    if t is int or t is bool:
+    if t is int:
         return True
     if t is float:
         return v - v == 0  # False for NaN and infinities

@@ -29,6 +29,8 @@ class ModelStatus:
 
 
 def _stage(command: dict) -> str:
+    if command["action"] == "promote" and command.get("stage", "production") != "production":
+        return f"{command['stage']} (validated)"
     return {"set_weight": f"canary at {command.get('weight', 0):g}%", "promote": "production (promoted)",
             "rollback": "rolled back", "pause": "paused"}.get(command["action"], command["action"])
 
@@ -44,7 +46,7 @@ def summarize(commands: list[dict], alerts: list[dict], recent: list[dict]) -> d
             st.stages[c["version"]] += ", paused"
         else:
             st.stages[c["version"]] = _stage(c)
-        if c["action"] == "promote":
+        if c["action"] == "promote" and c.get("stage", "production") == "production":
             previous = c.get("evidence", {}).get("replaces") or "the previous champion"
             st.lineage.append(f"{c['version']} replaced {previous} at ts {c['ts']} "
                               f"(command {c['command_id'][:12]}: {c['reason']})")

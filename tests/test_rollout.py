@@ -150,3 +150,19 @@ def test_status_shows_stages_firing_checks_and_lineage(config):
     assert "serving now   champion: v2" in text
     assert "version v2     production (promoted)" in text and "version v3     rolled back" in text
     assert "v2 replaced v1 at ts" in text and "v3 rolled back at ts" in text
+
+
+@pytest.mark.parametrize("noise,exit_code,action", [(0.0, 0, "promote"), (1.5, 1, "rollback")])
+def test_validation_stage_gates_a_version_on_a_labelled_holdout(config, tmp_path, capsys, noise, exit_code, action):
+    import orjson
+
+    from coalmine.cli import main
+
+    events = sim.Serving(sim.Version("v9", noise=noise)).events(0, 20 * RATE, T0, RATE, seed=12, label_fraction=1.0)
+    sim.write_jsonl(tmp_path / "p.jsonl", (e for k, e in events if k == "prediction"))
+    sim.write_jsonl(tmp_path / "l.jsonl", (e for k, e in events if k == "label"))
+    code = main(["validate", "--config", str(config.source), "--model", "shuttle", "--version", "v9",
+                 "--predictions", str(tmp_path / "p.jsonl"), "--labels", str(tmp_path / "l.jsonl")])
+    command = orjson.loads(capsys.readouterr().out)
+    assert (code, command["action"], command["version"]) == (exit_code, action, "v9")
+    assert command.get("stage") == ("shadow" if action == "promote" else None)
