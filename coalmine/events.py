@@ -41,6 +41,7 @@ VARIANTS = ("champion", "canary", "shadow")
 STATUSES = ("ok", "error")
 STATES = ("firing", "resolved")
 ACTIONS = ("rollback", "set_weight", "promote", "pause")
+STAGES = ("validation", "shadow", "canary", "production")
 
 
 class InvalidEvent(ValueError):
@@ -288,9 +289,9 @@ _SHAPES = {
     "command": _Shape(
         {"command_id": _id, "ts": _millis, "model": _id, "version": _id,
          "action": _one_of(*ACTIONS), "weight": _bounded(0, 100), "reason": _text,
-         "alert_ids": _list_of_ids, "evidence": _object,
+         "alert_ids": _list_of_ids, "evidence": _object, "stage": _one_of(*STAGES),
          "signature": _matching("[0-9a-f]{64}", "64 lowercase hex digits (HMAC-SHA256)")},
-        optional=("weight", "evidence", "signature"), rule=_command_rule),
+        optional=("weight", "evidence", "stage", "signature"), rule=_command_rule),
     "deadletter": _Shape(
         {"deadletter_id": _matching("[0-9a-f]{64}", "64 lowercase hex digits (SHA-256)"),
          "ts": _millis, "source_topic": _id, "partition": _or_null(_count), "offset": _or_null(_count),

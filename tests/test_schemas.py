@@ -81,6 +81,7 @@ VALID = {
               {"window": {"start_ts": 0, "end_ts": 0, "n": 0}}],
     "command": [{}, {"action": "set_weight", "weight": 25}, {"action": "set_weight", "weight": 0.5},
                 {"action": "promote", "alert_ids": []}, {"action": "pause", "evidence": {"p99": 12.0}},
+                {"action": "promote", "stage": "shadow"},
                 {"signature": "ab" * 32}, {"weight": 100}],
     "deadletter": [{}, {"partition": None, "offset": None}, {"original_text": None, "original_b64": ""},
                    {"deadletter_id": "9f" * 32, "partition": 0, "offset": 0}],
@@ -152,6 +153,7 @@ SPECIFIC_DEFECTS = {
         ("short signature", {**COMMAND, "signature": "ab" * 31}),
         ("evidence a list", {**COMMAND, "evidence": [1]}),
         ("null reason", {**COMMAND, "reason": None}),
+        ("bad stage", {**COMMAND, "action": "promote", "stage": "staging"}),
     ],
     "deadletter": [
         ("id not hex", {**DEADLETTER, "deadletter_id": "z" * 64}),
@@ -227,7 +229,7 @@ def test_numbers_orjson_reads_as_floats_stay_valid():
 # ---- hypothesis: random events, valid and broken, judged the same by both -----------------------
 
 WORDS = ["champion", "canary", "shadow", "ok", "error", "firing", "resolved", "rollback", "set_weight",
-         "promote", "pause", "", "x", "ab" * 32, "AB" * 32, "e30=", "not base64!"]
+         "promote", "pause", "validation", "production", "", "x", "ab" * 32, "AB" * 32, "e30=", "not base64!"]
 numbers = st.one_of(st.integers(-(10**3), 10**3), st.integers(-(2**70), 2**70),
                     st.floats(allow_nan=True, allow_infinity=True),
                     st.sampled_from([0, 0.0, -0.0, 1.0, 5.0, 0.5, 1, 100, 100.5, 1700000000000]))
