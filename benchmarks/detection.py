@@ -389,6 +389,9 @@ def table(specs: list[Spec], results: dict, quick: bool) -> list[str]:
                 else:
                     fa = f"{r['false_alarms']}"
                 delay = "missed" if r["delay"] is None else f"{r['delay']:,.0f}"
+                rate = r["false_alarms"] / max(r["fa_events"], 1)  # alarms per event before the change
+                if r["delay"] is not None and 1 - math.exp(-rate * (r["delay"] + 1)) > 0.5:
+                    delay += " (chance)"
             what = r.get("what", "")
             if det == "coalmine" and r.get("fa_what"):
                 what = (what + "; " if what else "") + f"false: {r['fa_what']}"
@@ -463,6 +466,8 @@ def main() -> int:
         "first alarm after the change). events/s: that count over the detector's own wall time "
         "(coalmine: `Replay.feed` + `finish`, excluding building the event dicts and the one-off "
         "calibration at start-up).",
+        "- \"(chance)\": at the detector's own pre-change false-alarm rate, an alarm within that many "
+        "events was more likely than not anyway, so the delay is no evidence that it saw the change.",
         "- 7a/7b use river.datasets.synth generators switched abruptly at the change "
         "(ConceptDriftStream(position, width=1) overflows math.exp in river 0.26, so the switch is "
         "done directly). SEA changes only P(y|x) (threshold 8 -> 9.5): no feature detector can see it; "
