@@ -122,3 +122,48 @@ def test_rate_increase_matches_scipy_binomtest(x, n, x_ref, n_ref):
 
     p = binomtest(x, x + x_ref, n / (n + n_ref), alternative="greater").pvalue
     assert rate_increase_surprise(x, n, x_ref, n_ref) == pytest.approx(-np.log10(p))
+
+
+def test_regression_performance_fires_when_absolute_error_grows():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(5000)
+    truth = 2 * x + rng.normal(0, 0.5, 5000)
+    ref = ReferenceData({"x": x, "prediction": 2 * x}, np.array(truth, dtype=object))
+    mon = ModelMonitor(ModelConfig(name="m", reference=None, window_ms=10_000,
+                                   checks=("performance",)), ref)
+    sk, ev = Sketcher({"m": mon}), Evaluator(mon)
+    alerts = []
+    for b in range(60):
+        xs = rng.standard_normal(200)
+        noise = 0.5 if b < 30 else 1.0  # the model gets worse at bucket 30
+        preds = [{"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "version": "1",
+                  "variant": "champion", "ts": b * 1000 + j * 5, "features": {"x": float(xs[j])},
+                  "prediction": float(2 * xs[j]), "status": "ok"} for j in range(200)]
+        labels = [{"event_id": f"l{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "ts": b * 1000 + j * 5,
+                   "label": float(2 * xs[j] + rng.normal(0, noise))} for j in range(200)]
+        sk.add_predictions(preds)
+        sk.add_labels(labels)
+        for p in sk.close():
+            alerts += ev.add(p).alerts
+    firing = [a for a in alerts if a["state"] == "firing"]
+    assert firing and firing[0]["check"] == "performance" and firing[0]["statistic"] == "mae_z"
+    assert 30_000 < firing[0]["ts"] <= 33_000
+
+
+def test_file_replay_is_byte_identical(tmp_path):
+    from coalmine import simulator
+    from coalmine.config import load_config
+    from coalmine.replay import replay_files, write_jsonl
+
+    simulator.write_reference(tmp_path / "ref.jsonl", n=3000)
+    simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
+    s = simulator.Scenario(n_events=15_000, rate_per_s=300, drift_at=7000, drift_size=0.8, bad_event_every=300)
+    simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
+    outputs = []
+    for i in range(2):
+        run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl",
+                           progress=False)
+        with open(tmp_path / f"e{i}.jsonl", "wb") as fh:
+            write_jsonl(run.alerts + run.evaluations, fh)
+        outputs.append((tmp_path / f"e{i}.jsonl").read_bytes())
+    assert run.alerts and outputs[0] == outputs[1]

@@ -59,12 +59,13 @@ class ModelMonitor:
     def __init__(self, cfg: ModelConfig, reference: ReferenceData | None = None, seed: int = 0):
         self.cfg = cfg
         ref = reference if reference is not None else load_reference(cfg.reference, cfg.features)
+        self.ref_error_rate = self._reference_error_rate(ref)
+        self.ref_abs_errors = self._reference_abs_errors(ref)
         if "prediction_drift" not in cfg.checks:
             ref = ReferenceData({k: v for k, v in ref.columns.items() if k != PREDICTION}, ref.labels)
         self.reference = ref
         self.layout = Layout.from_reference(ref, cfg.bins)
         self.ref_summary = self.layout.fold(ref.columns)
-        self.ref_error_rate = self._reference_error_rate(ref)
         rng = np.random.default_rng(seed)
         key = self._calibration_key(seed)
         cached = calibration.load_cached(key)
@@ -117,6 +118,16 @@ class ModelMonitor:
         n = np.maximum(np.bincount(idx, minlength=width), 1)
         mean = np.bincount(idx, weights=values, minlength=width) / n
         return np.sqrt(np.maximum(np.bincount(idx, weights=values**2, minlength=width) / n - mean**2, 0))
+
+    def _reference_abs_errors(self, ref: ReferenceData) -> np.ndarray | None:
+        """|prediction - label| on the reference, for a regression model (numeric predictions
+        with more than 20 distinct values); None otherwise."""
+        pred = ref.columns.get(PREDICTION)
+        if ref.labels is None or pred is None or pred.dtype == object or len(np.unique(pred[~np.isnan(pred)])) <= 20:
+            return None
+        labels = np.array([v if isinstance(v, (int, float)) else np.nan for v in ref.labels], dtype=float)
+        err = np.abs(pred - labels)
+        return err[~np.isnan(err)] if (~np.isnan(err)).any() else None
 
     def _reference_error_rate(self, ref: ReferenceData) -> float | None:
         if self.cfg.baseline_error_rate is not None:
@@ -322,6 +333,7 @@ class Sketcher:
             s.label_errors += not right[variant]
             if isinstance(pred, (int, float)) and isinstance(truth, (int, float)):
                 s.abs_error_sum += abs(pred - truth)
+                s.abs_error_sumsq += (pred - truth) ** 2
             if "outcome" in label and variant != "shadow":
                 s.outcome_n += 1
                 s.outcome_sum += label["outcome"]
@@ -525,7 +537,9 @@ class Evaluator:
                             "value": c.statistic, "threshold": c.threshold, "p_value": None})
             if "missing_rate" in checks and feature and window.n >= self.cfg.min_window_events:
                 out.append(self._missing(col, feature, int(window.missing[j]), window.n, q))
-        if "performance" in checks and mon.ref_error_rate is not None \
+        if "performance" in checks and mon.ref_abs_errors is not None and window.labelled >= self.cfg.min_window_events:
+            out.append(self._regression_performance(window, q))
+        elif "performance" in checks and mon.ref_error_rate is not None \
                 and window.labelled >= self.cfg.min_window_events:
             out.append(self._performance(window, q))
         return out
@@ -561,6 +575,17 @@ class Evaluator:
         return {"check": "missing_rate", "feature": feature, "statistic": "surprise",
                 "value": surprise, "threshold": -math.log10(q), "p_value": 10 ** -surprise,
                 "missing_rate": missing / n, "reference_missing_rate": col.missing_rate}
+
+    def _regression_performance(self, window: Summary, q: float) -> dict:
+        """Mean absolute error of the window against the reference's: one-sided Welch z."""
+        ref, n = self.mon.ref_abs_errors, window.labelled
+        mae = window.abs_error_sum / n
+        var = max(window.abs_error_sumsq / n - mae * mae, 0.0) * n / max(n - 1, 1)
+        se = math.sqrt(var / n + ref.var(ddof=1) / len(ref)) or 1e-12
+        z = (mae - float(ref.mean())) / se
+        return {"check": "performance", "feature": None, "statistic": "mae_z", "value": z,
+                "threshold": float(-special.ndtri(q)), "p_value": float(special.ndtr(-z)),
+                "mae": mae, "reference_mae": float(ref.mean())}
 
     def _performance(self, window: Summary, q: float) -> dict:
         m = self.mon.reference.n

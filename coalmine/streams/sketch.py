@@ -144,6 +144,7 @@ class Summary:
     labelled: int = 0
     label_errors: int = 0
     abs_error_sum: float = 0.0
+    abs_error_sumsq: float = 0.0
     outcome_n: int = 0
     outcome_sum: float = 0.0
     outcome_sumsq: float = 0.0
