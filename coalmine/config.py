@@ -119,6 +119,7 @@ _ROLLOUT_KEYS: dict[str, dict[str, tuple]] = {
         "min_events": (_positive_int, "a positive integer", "shadow_min_events"),
         "min_duration": (None, "a duration", "shadow_min_duration_ms"),
         "tolerance": (lambda v: _positive_number(v) or v == 0, "a number >= 0 (regression)", "shadow_tolerance"),
+        "timeout": (None, "a duration", "shadow_timeout_ms"),
     },
     "ab": {
         "alpha": (_fraction, "a number in (0, 1)", "ab_alpha"),

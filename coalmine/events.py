@@ -244,7 +244,7 @@ class _Shape:
         try:
             for key, value in d.items():
                 fields[key](value)
-        except KeyError:
+        except KeyError:  # from fields[key]: the checks themselves never index a dict
             raise InvalidEvent(f"unknown field: {where}{key} (allowed: {', '.join(fields)})") from None
         except _Defect as defect:
             raise InvalidEvent(f"{where}{key}{defect.path}: {defect}") from None

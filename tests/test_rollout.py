@@ -3,6 +3,8 @@ pipeline issues, exactly as in production, but through file-replay code (no brok
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -166,3 +168,16 @@ def test_validation_stage_gates_a_version_on_a_labelled_holdout(config, tmp_path
     command = orjson.loads(capsys.readouterr().out)
     assert (code, command["action"], command["version"]) == (exit_code, action, "v9")
     assert command.get("stage") == ("shadow" if action == "promote" else None)
+
+
+def test_a_shadow_that_stops_answering_counts_as_failing(config):
+    """Half the shadow's answers never come: agreement falls, and the shadow is rolled back."""
+    serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
+    run, seen = Replay(config), 0
+    for sec in range(20):
+        events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=13)
+        events = [(k, e) for k, e in events if not (e.get("variant") == "shadow" and zlib.crc32(e["request_id"].encode()) % 2)]
+        run.feed([e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"])
+    assert actions(run)[:1] == [("rollback", "v2", None)]
+    missing = [e for e in run.evaluations if e["check"] == "shadow_agreement"][-1]["shadow_missing"]
+    assert missing > 0

@@ -201,6 +201,8 @@ class Sketcher:
         self.early_labels: dict[str, dict] = {}  # request_id -> label that came before its prediction
         # model -> (bucket start, variant) -> version serving it (the last one seen there)
         self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in monitors}
+        self.shadow_seen: dict[str, int] = {}  # model -> latest shadow answer's ts
+        self.awaiting_shadow: dict[str, tuple[str, int]] = {}  # request_id -> (model, ts), in order
         self.expired_unlabelled = 0
         self.expired_unjoined_labels = 0
 
@@ -273,17 +275,46 @@ class Sketcher:
     def _join_predictions(self, model: str, mon: "ModelMonitor", events: list[dict]) -> None:
         """Keep predictions for their labels; pair shadow answers with the champion's."""
         pairing = "shadow" in mon.cfg.checks
+        timeout = mon.policy.shadow_timeout_ms
         for e in events:
             rid, variant = e["request_id"], e["variant"]
             entry = self.joins.setdefault(rid, {})
             entry[variant] = (model, e.get("prediction"), e["ts"], e.get("latency_ms"))
-            other = {"champion": "shadow", "shadow": "champion"}.get(variant)
-            if pairing and other in entry:
-                self._pair(mon, entry, e["ts"])
+            if pairing:
+                self._pair_shadow(mon, model, e, entry, timeout)
             if self.early_labels:
                 label = self.early_labels.pop(rid, None)
                 if label is not None:
                     self._score(self.joins.pop(rid), label)
+
+    def _pair_shadow(self, mon: "ModelMonitor", model: str, e: dict, entry: dict, timeout: int) -> None:
+        """Pair champion and shadow answers of one request, in whichever order they come; while
+        a shadow serves, a champion answer waits for its shadow at most ``timeout``."""
+        if e["variant"] == "shadow":
+            self.shadow_seen[model] = max(self.shadow_seen.get(model, 0), e["ts"])
+            if "champion" in entry:
+                self._pair(mon, entry, e["ts"])
+                self.awaiting_shadow.pop(e["request_id"], None)
+        elif e["variant"] == "champion":
+            if "shadow" in entry:
+                self._pair(mon, entry, e["ts"])
+            elif e["ts"] - self.shadow_seen.get(model, -timeout - 1) <= timeout:
+                self.awaiting_shadow[e["request_id"]] = (model, e["ts"])
+
+    def _expire_shadow_waits(self) -> None:
+        """A shadow that has not answered within the shadow timeout failed: it counts as a
+        paired request that disagreed."""
+        expired = []
+        for rid, (model, ts) in self.awaiting_shadow.items():
+            if ts >= self.max_ts - self.monitors[model].policy.shadow_timeout_ms:
+                break  # arrival order: the rest are younger
+            expired.append((rid, model, ts))
+        for rid, model, ts in expired:
+            del self.awaiting_shadow[rid]
+            if self.shadow_seen[model] >= ts:  # the shadow answered later requests, not this one
+                s = self._open_summary(model, "shadow", self.max_ts)
+                s.paired += 1
+                s.shadow_missing += 1
 
     def _pair(self, mon: "ModelMonitor", entry: dict, ts: int) -> None:
         (model, champ, _, champ_lat), (_, shadow, _, shadow_lat) = entry["champion"], entry["shadow"]
@@ -380,6 +411,8 @@ class Sketcher:
         tables are in arrival order, so the scan stops at the first entry still alive."""
         if self.max_ts is None:
             return
+        if self.awaiting_shadow:
+            self._expire_shadow_waits()
         ttl = {m: mon.cfg.label_ttl_ms for m, mon in self.monitors.items()}
         self.expired_unlabelled += _drop_oldest(
             self.joins, lambda v: next(iter(v.values()))[2] < self.max_ts - ttl[next(iter(v.values()))[0]])

@@ -192,6 +192,8 @@ class RolloutPolicy:
     shadow_min_events: int = 2000
     shadow_min_duration_ms: int = 10_000
     shadow_tolerance: float = 0.0
+    #: a shadow answer later than this (event time) after the champion's counts as a failure
+    shadow_timeout_ms: int = 5000
     ab_alpha: float = 0.05
     ab_mde_sd: float = 0.1
     ab_canary_weight: float = 50.0

@@ -93,7 +93,7 @@ class RolloutJudge:
             low, high = R.wilson_interval(shadow.agree, shadow.paired, 2 * q)
             evs.append(_evaluation("shadow", "shadow_agreement", "disagreement_lower_bound", 1 - high,
                                    1 - p.shadow_min_agreement, agreement=shadow.agree / shadow.paired,
-                                   agreement_interval=[low, high],
+                                   agreement_interval=[low, high], shadow_missing=shadow.shadow_missing,
                                    latency_overhead_ms=shadow.latency_overhead_sum / shadow.paired))
         if shadow.b + shadow.c:
             pv = R.mcnemar_exact(shadow.b, shadow.c)
@@ -110,7 +110,9 @@ class RolloutJudge:
         if any(e["value"] > e["threshold"] for e in evs):
             return "fail"
         p = self.policy
-        if seen[1] >= p.shadow_min_events and end - seen[0] >= p.shadow_min_duration_ms:
+        # judged only once a missing answer would have shown (the shadow timeout has passed)
+        duration = max(p.shadow_min_duration_ms, p.shadow_timeout_ms + self.bucket_ms)
+        if seen[1] >= p.shadow_min_events and end - seen[0] >= duration:
             return "pass"
         return None
 

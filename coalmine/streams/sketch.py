@@ -154,6 +154,7 @@ class Summary:
     b: int = 0
     c: int = 0
     latency_overhead_sum: float = 0.0
+    shadow_missing: int = 0
 
     @classmethod
     def zeros(cls, size: int, n_columns: int) -> "Summary":
