@@ -52,7 +52,7 @@ class ModelConfig:
     """Everything one model's monitor needs; built by :func:`parse_config`."""
 
     name: str
-    reference: Path
+    reference: Path | None
     features: tuple[str, ...] | None = None
     checks: tuple[str, ...] = DEFAULT_CHECKS
     bucket_ms: int = 1000
@@ -65,6 +65,8 @@ class ModelConfig:
     baseline_error_rate: float | None = None
     shift_to_detect_sd: float = 0.3
     settings: dict[str, Any] = field(default_factory=dict)
+    #: instead of a file: the model's first N prediction events (in event time) are the reference
+    reference_first_events: int | None = None
 
     @property
     def window_buckets(self) -> int:
@@ -100,7 +102,8 @@ _NUMBER_KEYS = {
     "shift_to_detect_sd": (_positive_number, "a positive number (reference standard deviations)"),
 }
 _DEFAULT_KEYS = set(_DURATION_KEYS) | set(_NUMBER_KEYS)
-_MODEL_KEYS = _DEFAULT_KEYS | {"name", "reference", "features", "checks", "shadow", "canary", "ab"}
+_MODEL_KEYS = _DEFAULT_KEYS | {"name", "reference", "reference_first_events", "features", "checks",
+                               "shadow", "canary", "ab"}
 
 
 _ROLLOUT_KEYS: dict[str, dict[str, tuple]] = {
@@ -181,11 +184,16 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
     name = table.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}name: expected a non-empty string, got {name!r}")
-    ref = table.get("reference")
-    if not isinstance(ref, str) or not ref:
+    ref, first = table.get("reference"), table.get("reference_first_events")
+    if (ref is None) == (first is None):
+        raise ConfigError(f"{where}reference: give exactly one of reference (a file) and "
+                          f"reference_first_events (the first N events of the model's traffic)")
+    if ref is not None and (not isinstance(ref, str) or not ref):
         raise ConfigError(
-            f"{where}reference: expected a path to a JSONL or CSV file of reference rows, got {ref!r}"
+            f"{where}reference: expected a path to a JSONL, CSV or Parquet file of reference rows, got {ref!r}"
         )
+    if first is not None and not (_positive_int(first) and first >= 100):
+        raise ConfigError(f"{where}reference_first_events: expected an integer >= 100, got {first!r}")
     features = table.get("features")
     if features is not None and (
         not isinstance(features, list) or not features
@@ -205,7 +213,7 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
                           f"{values.get('bucket_ms', 1000)} ms)")
     rollout = _rollout_settings(table, where)
     return ModelConfig(
-        name=name, reference=(base_dir / ref).resolve(),
+        name=name, reference=(base_dir / ref).resolve() if ref else None, reference_first_events=first,
         features=tuple(features) if features else None, checks=tuple(checks),
         settings=rollout, **values,
     )
@@ -245,6 +253,6 @@ def load_config(path: str | Path) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     for m in cfg.models.values():
-        if not m.reference.exists():
+        if m.reference is not None and not m.reference.exists():
             raise ConfigError(f"{path}: models.{m.name}.reference: file not found: {m.reference}")
     return Config(models=cfg.models, source=path)

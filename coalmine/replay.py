@@ -16,6 +16,7 @@ import orjson
 from coalmine import events as contract
 from coalmine.config import Config
 from coalmine.streams.monitor import Evaluator, ModelMonitor, Sketcher
+from coalmine.streams.reference import event_rows, first_events, reference_from_rows
 
 CHUNK = 20_000
 _DUMP = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
@@ -75,11 +76,34 @@ class Replay:
             self.commands += out.commands
 
 
+def references_from_file(config: Config, predictions: Path) -> dict[str, ModelMonitor]:
+    """Monitors for every model; those configured with ``reference_first_events`` take their
+    reference from the start of the file (read until no earlier event can follow)."""
+    wanted = {m.name: m for m in config.models.values() if m.reference is None}
+    found: dict[str, list[dict]] = {name: [] for name in wanted}
+    for chunk in _chunks(predictions, "prediction", set(wanted), []):
+        for e in chunk:
+            found[e["model"]].append(e)
+        horizon = max(e["ts"] for e in chunk) if chunk else 0
+        if all(len(found[n]) >= m.reference_first_events
+               and first_events(found[n], n, m.reference_first_events)[-1]["ts"] < horizon - m.allowed_lateness_ms
+               for n, m in wanted.items()):
+            break
+    monitors = {}
+    for name, m in config.models.items():
+        if name in wanted:
+            rows = event_rows(first_events(found[name], name, m.reference_first_events))
+            monitors[name] = ModelMonitor(m, reference_from_rows(rows, m.features, f"first events of {name}"))
+        else:
+            monitors[name] = ModelMonitor(m)
+    return monitors
+
+
 def replay_files(config: Config, predictions: Path, labels: Path | None = None, *,
                  progress: bool | None = None) -> Replay:
     """Run prediction (and label) JSONL files, in event-time order, through the pipeline."""
     models = set(config.models)
-    run = Replay(config)
+    run = Replay(config, references_from_file(config, predictions))
     pending_labels: list[dict] = []
     label_chunks = _chunks(labels, "label", models, run.dead) if labels else iter(())
     bar = _progress(predictions, progress)

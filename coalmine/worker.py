@@ -7,10 +7,52 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+from coalmine import events as contract
 from coalmine import topics
 from coalmine.broker import ensure_topics, parse_broker_url
-from coalmine.config import Config
+from coalmine.config import Config, ModelConfig
+from coalmine.streams.reference import event_rows, first_events, reference_from_rows
+
+log = logging.getLogger("coalmine.worker")
+
+
+async def reference_from_topic(bootstrap: str, model: ModelConfig, wait_s: float = 3600) -> list[dict]:
+    """The model's first ``reference_first_events`` predictions in event time, read from the
+    start of the predictions topic: every worker picks the same ones. Waits (logging) while
+    the topic holds fewer, and reads each partition until no earlier event can follow."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    n, lateness = model.reference_first_events, model.allowed_lateness_ms
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topics.PREDICTIONS, p) for p in sorted(consumer.partitions_for_topic(topics.PREDICTIONS) or ())]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        found: list[dict] = []
+        last_ts = {tp: -1 for tp in parts}
+        deadline, said = time.monotonic() + wait_s, 0.0
+        while time.monotonic() < deadline:
+            for tp, messages in (await consumer.getmany(timeout_ms=1000)).items():
+                valid, _ = contract.split_valid("prediction", [m.value for m in messages], {model.name})
+                found += valid
+                last_ts[tp] = max([last_ts[tp]] + [e["ts"] for e in valid])
+            if len(found) >= n:
+                nth = first_events(found, model.name, n)[-1]["ts"]
+                ends = await consumer.end_offsets(parts)
+                positions = {tp: await consumer.position(tp) for tp in parts}
+                if all(last_ts[tp] > nth + lateness or positions[tp] >= ends[tp] for tp in parts):
+                    return first_events(found, model.name, n)
+            elif time.monotonic() - said > 10:
+                said = time.monotonic()
+                log.warning("model %s: waiting for %d reference events on %s (%d so far)",
+                            model.name, n, topics.PREDICTIONS, len(found))
+        raise TimeoutError(f"model {model.name}: fewer than {n} events on {topics.PREDICTIONS} after {wait_s:.0f}s")
+    finally:
+        await consumer.stop()
 
 
 def run_worker(config: Config, broker_url: str, *, web_port: int = 6066, web_host: str = "127.0.0.1",
@@ -23,11 +65,17 @@ def run_worker(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
     from coalmine.streams.monitor import ModelMonitor
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # calibrate before joining the group, so a slow start never stalls a rebalance
-    monitors = {name: ModelMonitor(m) for name, m in config.models.items()}
-    asyncio.run(ensure_topics(parse_broker_url(broker_url), topics.all_topics(partitions)))
+    bootstrap = parse_broker_url(broker_url)
+    asyncio.run(ensure_topics(bootstrap, topics.all_topics(partitions)))
+    # references and calibration before joining the group, so a slow start never stalls a rebalance
+    monitors = {}
+    for name, m in config.models.items():
+        if m.reference is None:
+            rows = event_rows(asyncio.run(reference_from_topic(bootstrap, m)))
+            monitors[name] = ModelMonitor(m, reference_from_rows(rows, m.features, f"first events of {name}"))
+        else:
+            monitors[name] = ModelMonitor(m)
     app = create_app(config, broker_url, web_port=web_port, web_host=web_host, app_id=app_id,
-                     partitions=partitions,
-                     monitors=monitors)
+                     partitions=partitions, monitors=monitors)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

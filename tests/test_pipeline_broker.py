@@ -132,3 +132,16 @@ def test_bad_canary_is_rolled_back_with_a_signed_command_and_status_shows_it(nam
     text = status.stdout
     assert "version v3     rolled back" in text and "canary canary_health" in text, text
     assert "v3 rolled back at ts" in text
+
+
+def test_worker_takes_its_reference_from_the_first_events_of_the_topic(namespace, start_worker, tmp_path):
+    (tmp_path / "m.toml").write_text('[defaults]\nwindow = "10s"\n[[models]]\nname = "shuttle"\n'
+                                     'reference_first_events = 3000\nchecks = ["drift"]\n')
+    scenario = simulator.Scenario(n_events=18_000, rate_per_s=RATE, drift_at=12_000, drift_size=1.0,
+                                  label_fraction=0, seed=22)
+    namespace.publish(simulator.generate(scenario))
+    worker = start_worker(tmp_path / "m.toml")
+    wait_for(worker, "coalmine_evaluations_total", 18_000 / RATE - 4)
+    alerts = namespace.read("alerts")
+    change = scenario.start_ts_ms + 12_000 * 1000 // RATE
+    assert alerts and all(a["ts"] > change for a in alerts) and alerts[0]["feature"] == "f1"

@@ -58,6 +58,9 @@ class ModelMonitor:
 
     def __init__(self, cfg: ModelConfig, reference: ReferenceData | None = None, seed: int = 0):
         self.cfg = cfg
+        if reference is None and cfg.reference is None:
+            raise ValueError(f"model {cfg.name}: reference_first_events needs the events passed in "
+                             "(see coalmine.streams.reference.first_events)")
         ref = reference if reference is not None else load_reference(cfg.reference, cfg.features)
         self.ref_error_rate = self._reference_error_rate(ref)
         self.ref_abs_errors = self._reference_abs_errors(ref)

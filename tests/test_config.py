@@ -1,0 +1,83 @@
+"""A wrong config stops start-up with a message naming the field; references load from every
+supported source."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from coalmine import simulator
+from coalmine.config import ConfigError, load_config, parse_config
+from coalmine.streams.reference import load_reference
+
+BASE = {"name": "m", "reference": "ref.jsonl"}
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"models": [{**BASE, "bucket": "5 parsecs"}]}, "models[0].bucket: expected a duration"),
+    ({"models": [{**BASE, "windw": "10s"}]}, "models[0].windw: unknown key"),
+    ({"defaults": {"window": "10s", "bucket": "3s"}, "models": [BASE]}, "models[0].window: must be a whole number of buckets"),
+    ({"models": [{**BASE, "checks": ["drift", "vibes"]}]}, "models[0].checks: unknown check 'vibes'"),
+    ({"models": [{"name": "m"}]}, "models[0].reference: give exactly one of reference"),
+    ({"models": [{**BASE, "reference_first_events": 500}]}, "models[0].reference: give exactly one of"),
+    ({"models": [{"name": "m", "reference_first_events": 5}]}, "models[0].reference_first_events: expected an integer >= 100"),
+    ({"models": [{**BASE, "canary": {"steps": [5, 50]}}]}, "models[0].canary.steps: expected increasing percentages"),
+    ({"models": [{**BASE, "shadow": {"min_agreement": 2}}]}, "models[0].shadow.min_agreement: expected a number in [0, 1)"),
+    ({"models": [BASE, BASE]}, "models[1].name: duplicate model name 'm'"),
+    ({"defaults": {"false_alarm_every_events": -1}, "models": [BASE]}, "defaults.false_alarm_every_events: expected a positive integer"),
+    ({"models": []}, "models: expected at least one [[models]] table"),
+])
+def test_bad_config_names_the_field(doc, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert message in str(err.value)
+
+
+def test_missing_reference_file_is_named(tmp_path):
+    (tmp_path / "m.toml").write_text('[[models]]\nname = "m"\nreference = "nowhere.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"models.m.reference: file not found: .*nowhere.jsonl"):
+        load_config(tmp_path / "m.toml")
+
+
+def test_worker_refuses_a_bad_config_with_the_field_in_the_message(tmp_path):
+    (tmp_path / "m.toml").write_text('[[models]]\nname = "m"\nreference = "r.jsonl"\nbucket = 5\n')
+    out = subprocess.run([sys.executable, "-m", "coalmine", "worker", "--config", str(tmp_path / "m.toml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "models[0].bucket: expected a duration" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_reference_from_jsonl_csv_and_parquet_agree(tmp_path):
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    simulator.write_reference(tmp_path / "ref.jsonl", n=500)
+    rows = [{**e["features"], "prediction": e["prediction"], "label": e["label"]}
+            for e in map(orjson.loads, (tmp_path / "ref.jsonl").read_bytes().splitlines())]
+    names = list(rows[0])
+    (tmp_path / "ref.csv").write_text(",".join(names) + "\n" + "\n".join(
+        ",".join(str(r[k]) for k in names) for r in rows) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ref.parquet")
+    refs = [load_reference(tmp_path / f"ref.{ext}") for ext in ("jsonl", "csv", "parquet")]
+    for ref in refs[1:]:
+        assert list(ref.columns) == list(refs[0].columns)
+        for name in ref.columns:
+            assert np.allclose(ref.columns[name], refs[0].columns[name])
+        assert [float(x) for x in ref.labels] == [float(x) for x in refs[0].labels]
+
+
+def test_reference_from_the_first_events_of_a_replayed_file(tmp_path):
+    from coalmine.replay import replay_files
+
+    (tmp_path / "m.toml").write_text('[defaults]\nwindow = "10s"\n[[models]]\nname = "shuttle"\n'
+                                     'reference_first_events = 3000\nchecks = ["drift"]\n')
+    s = simulator.Scenario(n_events=18_000, rate_per_s=300, drift_at=12_000, drift_size=1.0, seed=21)
+    simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
+    run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", progress=False)
+    change = s.start_ts_ms + 12_000 * 1000 // 300
+    assert run.alerts and all(a["ts"] > change for a in run.alerts)
+    assert run.alerts[0]["feature"] == "f1"
