@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from prometheus_client import Counter as PromCounter
@@ -36,9 +37,14 @@ def count_events(kind: str, events: list[dict]) -> None:
 
 
 def reason_kind(reason: str) -> str:
-    """A short, bounded label for a dead-letter reason (full reasons go in the record)."""
-    head = reason.split(":", 1)[0]
-    return head if len(head) <= 40 and " " not in head.strip() else head.split(" ", 1)[0]
+    """A short, bounded label for a dead-letter reason (the full reason is in the record):
+    the field or kind before the first ``:``, ``.``, ``[`` or space, so per-feature reasons do
+    not mint a label each.
+
+    >>> reason_kind("features.f2: NaN is not allowed"), reason_kind("late event: ts 5 is behind")
+    ('features', 'late')
+    """
+    return re.split(r"[:.\[ ]", reason.strip(), maxsplit=1)[0][:40] or "other"
 
 
 def record_evaluations(model: str, evaluations: list[dict], alerts: list[dict], firing: int) -> None:
