@@ -81,7 +81,7 @@ def references_from_file(config: Config, predictions: Path) -> dict[str, ModelMo
     reference from the start of the file (read until no earlier event can follow)."""
     wanted = {m.name: m for m in config.models.values() if m.reference is None}
     found: dict[str, list[dict]] = {name: [] for name in wanted}
-    for chunk in _chunks(predictions, "prediction", set(wanted), []):
+    for chunk in _chunks(predictions, "prediction", set(wanted), []) if wanted else ():
         for e in chunk:
             found[e["model"]].append(e)
         horizon = max(e["ts"] for e in chunk) if chunk else 0
