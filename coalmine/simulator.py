@@ -343,14 +343,15 @@ async def publish(bootstrap: str, events: Iterable[tuple[str, dict | bytes]], *,
 
 
 async def run_live(bootstrap: str, serving: Serving, *, seconds: float, rate_per_s: float, seed: int = 7,
-                   plan=None, bad_event_every: int = 0, step_s: float = 0.2) -> dict[str, int]:
+                   plan=None, bad_event_every: int = 0, step_s: float = 0.2,
+                   targets: dict[str, str] | None = None) -> dict[str, int]:
     """Serve traffic in real time for ``seconds``: every ``step_s`` the router (``serving``,
     which the caller updates from coalmine's commands) answers the next requests. ``plan(t,
     serving)`` may change versions or return a drift (feature, size) for second t."""
     from coalmine.client import Publisher
 
     counts = {"prediction": 0, "label": 0, "malformed": 0}
-    target = {"prediction": topics.PREDICTIONS, "label": topics.LABELS}
+    target = targets or {"prediction": topics.PREDICTIONS, "label": topics.LABELS}
     start_ts, t0, done = int(time.time() * 1000), time.monotonic(), 0
     per_step = max(1, int(rate_per_s * step_s))
     async with Publisher(bootstrap) as pub:

@@ -145,3 +145,50 @@ def test_worker_takes_its_reference_from_the_first_events_of_the_topic(namespace
     alerts = namespace.read("alerts")
     change = scenario.start_ts_ms + 12_000 * 1000 // RATE
     assert alerts and all(a["ts"] > change for a in alerts) and alerts[0]["feature"] == "f1"
+
+
+def test_closed_loop_on_the_broker_shadow_judged_canary_stepped_and_promoted(namespace, start_worker, tmp_path):
+    """The router obeys the commands the worker publishes, in real time: the healthy shadow
+    v2 is judged, stepped 10 -> 50 -> 100 and promoted, and never rolled back."""
+    import asyncio
+
+    from coalmine.client import tail
+
+    simulator.write_reference(tmp_path / "reference.jsonl", n=5000)
+    simulator.write_demo_config(tmp_path / "monitor.toml", tmp_path / "reference.jsonl", window="10s", rollout=True)
+    start_worker(tmp_path / "monitor.toml")
+    serving = simulator.Serving(simulator.Version("v1"), shadow=simulator.Version("v2"))
+
+    async def loop():
+        stop = asyncio.Event()
+
+        async def obey():
+            async for command in tail(namespace.broker.bootstrap, namespace.topic["commands"], stop=stop):
+                serving.apply(command)
+                if command["action"] in ("promote", "rollback"):
+                    stop.set()
+
+        router = asyncio.create_task(obey())
+        traffic = asyncio.create_task(simulator.run_live(
+            namespace.broker.bootstrap, serving, seconds=60, rate_per_s=RATE,
+            targets={"prediction": namespace.topic["predictions"], "label": namespace.topic["labels"]}))
+        await asyncio.wait_for(router, timeout=90)
+        traffic.cancel()
+
+    asyncio.run(loop())
+    commands = [(c["action"], c.get("weight")) for c in namespace.read("commands")]
+    assert commands == [("set_weight", 10), ("set_weight", 50), ("set_weight", 100), ("promote", None)]
+    assert serving.champion.name == "v2"
+
+
+def test_sample_ratio_mismatch_on_the_broker_alerts_and_pauses(namespace, start_worker, tmp_path):
+    """The router sends 25% to the canary while the rollout holds it at 10%."""
+    simulator.write_reference(tmp_path / "reference.jsonl", n=5000)
+    simulator.write_demo_config(tmp_path / "monitor.toml", tmp_path / "reference.jsonl", window="10s", rollout=True)
+    worker = start_worker(tmp_path / "monitor.toml")
+    serving = simulator.Serving(simulator.Version("v1"), canary=simulator.Version("v2"), canary_weight=25)
+    namespace.publish(serving.events(0, 20 * RATE, simulator.Scenario().start_ts_ms, RATE, seed=9))
+    wait_for(worker, "coalmine_commands_total", 1)
+    assert [c["action"] for c in namespace.read("commands")][:1] == ["pause"]
+    srm = [a for a in namespace.read("alerts") if a["check"] == "srm"]
+    assert srm and srm[0]["state"] == "firing"
