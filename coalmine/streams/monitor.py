@@ -205,7 +205,10 @@ class Sketcher:
         # model -> (bucket start, variant) -> version serving it (the last one seen there)
         self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in monitors}
         self.shadow_seen: dict[str, int] = {}  # model -> latest shadow answer's ts
-        self.awaiting_shadow: dict[str, tuple[str, int]] = {}  # request_id -> (model, ts), in order
+        # request_id -> (variant, (model, prediction, ts, latency)): the first of a champion and
+        # shadow answer, waiting for the other; kept apart from the label joins, which a label
+        # read ahead of its predictions may close early
+        self.unpaired: dict[str, tuple[str, tuple]] = {}
         self.expired_unlabelled = 0
         self.expired_unjoined_labels = 0
 
@@ -293,37 +296,40 @@ class Sketcher:
     def _pair_shadow(self, mon: "ModelMonitor", model: str, e: dict, entry: dict, timeout: int) -> None:
         """Pair champion and shadow answers of one request, in whichever order they come; while
         a shadow serves, a champion answer waits for its shadow at most ``timeout``."""
-        if e["variant"] == "shadow":
+        variant = e["variant"]
+        if variant == "shadow":
             self.shadow_seen[model] = max(self.shadow_seen.get(model, 0), e["ts"])
-            if "champion" in entry:
-                self._pair(mon, entry, e["ts"])
-                self.awaiting_shadow.pop(e["request_id"], None)
-        elif e["variant"] == "champion":
-            if "shadow" in entry:
-                self._pair(mon, entry, e["ts"])
-            elif e["ts"] - self.shadow_seen.get(model, -timeout - 1) <= timeout:
-                self.awaiting_shadow[e["request_id"]] = (model, e["ts"])
+        elif variant != "champion" or e["ts"] - self.shadow_seen.get(model, -timeout - 1) > timeout:
+            return  # no shadow serving: nothing to wait for
+        mine = entry[variant]
+        other = self.unpaired.pop(e["request_id"], None)
+        if other is None:
+            self.unpaired[e["request_id"]] = (variant, mine)
+        elif other[0] != variant:
+            champion, shadow = (mine, other[1]) if variant == "champion" else (other[1], mine)
+            self._pair(mon, champion, shadow, e["ts"])
 
     def _expire_shadow_waits(self) -> None:
         """A shadow that has not answered within the shadow timeout failed: it counts as a
-        paired request that disagreed."""
+        paired request that disagreed (if the shadow answered later requests, i.e. it still
+        serves). Shadow answers whose champion never came are dropped."""
         expired = []
-        for rid, (model, ts) in self.awaiting_shadow.items():
+        for rid, (variant, (model, _, ts, _)) in self.unpaired.items():
             if ts >= self.max_ts - self.monitors[model].policy.shadow_timeout_ms:
                 break  # arrival order: the rest are younger
-            expired.append((rid, model, ts))
-        for rid, model, ts in expired:
-            del self.awaiting_shadow[rid]
-            if self.shadow_seen[model] >= ts:  # the shadow answered later requests, not this one
+            expired.append((rid, variant, model, ts))
+        for rid, variant, model, ts in expired:
+            del self.unpaired[rid]
+            if variant == "champion" and self.shadow_seen[model] >= ts:
                 s = self._open_summary(model, "shadow", self.max_ts)
                 s.paired += 1
                 s.shadow_missing += 1
 
-    def _pair(self, mon: "ModelMonitor", entry: dict, ts: int) -> None:
-        (model, champ, _, champ_lat), (_, shadow, _, shadow_lat) = entry["champion"], entry["shadow"]
+    def _pair(self, mon: "ModelMonitor", champion: tuple, shadow: tuple, ts: int) -> None:
+        (model, champ, _, champ_lat), (_, shadow_pred, _, shadow_lat) = champion, shadow
         s = self._open_summary(model, "shadow", ts)
         s.paired += 1
-        s.agree += _agree(champ, shadow, mon.policy.shadow_tolerance)
+        s.agree += _agree(champ, shadow_pred, mon.policy.shadow_tolerance)
         if champ_lat is not None and shadow_lat is not None:
             s.latency_overhead_sum += shadow_lat - champ_lat
 
@@ -414,7 +420,7 @@ class Sketcher:
         tables are in arrival order, so the scan stops at the first entry still alive."""
         if self.max_ts is None:
             return
-        if self.awaiting_shadow:
+        if self.unpaired:
             self._expire_shadow_waits()
         ttl = {m: mon.cfg.label_ttl_ms for m, mon in self.monitors.items()}
         self.expired_unlabelled += _drop_oldest(
