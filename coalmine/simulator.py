@@ -456,16 +456,16 @@ def write_demo_config(path: Path, reference_path: Path, bucket: str = "1s", wind
 
 async def publish(bootstrap: str, events: Iterable[tuple[str, dict | bytes]], *, realtime: bool,
                   speed: float = 1.0, progress: Callable[[int], object] | None = None,
-                  chunk: int = 5000) -> dict[str, int]:
-    """Send predictions and labels to their topics (keyed by request_id), returning the count
-    of each kind. When ``realtime``, event time advances at ``speed`` x the wall clock from the
+                  chunk: int = 5000, targets: dict[str, str] | None = None) -> dict[str, int]:
+    """Send predictions and labels to their topics (``targets``, kind -> topic; by default
+    coalmine's), keyed by request_id, returning the count of each kind. When ``realtime``, event time advances at ``speed`` x the wall clock from the
     first event (whose ``ts`` should then be near now); otherwise as fast as the broker takes
     them, acknowledged ``chunk`` at a time. ``progress(n)`` (e.g. a tqdm bar's ``update``)
     hears of every ``n`` events acknowledged."""
     from coalmine.client import Publisher
 
     counts = {"prediction": 0, "label": 0}
-    target = {"prediction": topics.PREDICTIONS, "label": topics.LABELS}
+    target = targets or {"prediction": topics.PREDICTIONS, "label": topics.LABELS}
     first_ts, t0 = None, time.monotonic()
     pending: list[asyncio.Future] = []
 

@@ -218,16 +218,15 @@ def test_demo_config_loads_and_finds_its_reference_from_anywhere(tmp_path, monke
 # ---- publishing ----------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_publish_paces_event_time_to_the_wall_clock_and_keys_by_request(namespace, monkeypatch):
-    monkeypatch.setattr(sim.topics, "PREDICTIONS", namespace.topic["predictions"])
-    monkeypatch.setattr(sim.topics, "LABELS", namespace.topic["labels"])
+def test_publish_paces_event_time_to_the_wall_clock(namespace):
     # 3 s of event time at speed 4: about 0.75 s of wall clock
     events = stream(n_events=600, rate_per_s=200, label_delay_ms=500, bad_event_every=100,
                     start_ts_ms=int(time.time() * 1000), seed=13)
     acknowledged = []
     started = time.monotonic()
+    targets = {"prediction": namespace.topic["predictions"], "label": namespace.topic["labels"]}
     counts = asyncio.run(sim.publish(namespace.broker.bootstrap, events, realtime=True, speed=4.0,
-                                     progress=acknowledged.append))
+                                     progress=acknowledged.append, targets=targets))
     elapsed = time.monotonic() - started
     n_labels = sum(k == "label" for k, _ in events)
     assert counts == {"prediction": 600, "label": n_labels} and sum(acknowledged) == 600 + n_labels
