@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import faust
 import orjson
@@ -41,12 +44,16 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
                partitions: int = topics.DEFAULT_PARTITIONS, monitors: dict[str, ModelMonitor] | None = None,
                ) -> faust.App:
     """A Faust app monitoring ``config``'s models; run it with ``app.main()`` or a Worker."""
+    # Faust keeps an app directory even with memory tables: never the working directory
+    datadir = Path(os.environ.get("COALMINE_DATA_DIR") or Path(tempfile.gettempdir()) / "coalmine-faust") / app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id, broker=broker_url, store="memory://", topic_partitions=partitions,
         web_port=web_port, web_host=web_host, web_enabled=True,
         stream_wait_empty=False, consumer_auto_offset_reset="earliest",
         broker_session_timeout=10.0, broker_heartbeat_interval=2.0,
         topic_allow_declare=False, producer_linger_ms=5,
+        datadir=datadir,
     )
     monitors = monitors or {name: ModelMonitor(m) for name, m in config.models.items()}
     models = set(monitors)
