@@ -338,7 +338,6 @@ def _not_json(raw, error: Exception, kind: str) -> InvalidEvent:
 
 _PREDICTION_REQUIRED = frozenset({"event_id", "request_id", "model", "version", "variant", "ts", "features",
                                   "prediction", "status"})
-_PREDICTION_PLAIN = _PREDICTION_REQUIRED | {"latency_ms", "unit_id"}
 _FEATURE_TYPES = frozenset({int, float, str, type(None)})
 
 
@@ -347,19 +346,21 @@ def _plain_prediction(d) -> bool:
     valid prediction with nothing but the required fields, ``latency_ms`` and ``unit_id``.
     False sends the event through :func:`validate`, which decides and gives the reason; the
     schema tests run every example through both."""
-    if type(d) is not dict or not (_PREDICTION_REQUIRED <= d.keys() <= _PREDICTION_PLAIN):
+    try:
+        e, r, m, v, ts = d["event_id"], d["request_id"], d["model"], d["version"], d["ts"]
+        p, features, variant, status = d["prediction"], d["features"], d["variant"], d["status"]
+    except (KeyError, TypeError):
         return False
-    e, r, m, v, ts = d["event_id"], d["request_id"], d["model"], d["version"], d["ts"]
-    if not (type(e) is str and type(r) is str and type(m) is str and type(v) is str and e and r and m and v):
-        return False
-    p, features = d["prediction"], d["features"]
-    if type(ts) is not int or ts < 0 or d["variant"] not in VARIANTS or d["status"] != "ok" \
-            or type(features) is not dict or not (type(p) is int or type(p) is float or (type(p) is str and p)):
-        return False
-    if not _FEATURE_TYPES.issuperset(map(type, features.values())):  # bool is not int here
-        return False
+    extra = len(d) - len(_PREDICTION_REQUIRED)  # only latency_ms and unit_id may come besides
     latency, unit = d.get("latency_ms", 0), d.get("unit_id", "u")
-    return (type(latency) is int or type(latency) is float) and latency >= 0 and type(unit) is str and bool(unit)
+    if extra and extra != ("latency_ms" in d) + ("unit_id" in d):
+        return False
+    return (type(e) is str and type(r) is str and type(m) is str and type(v) is str and e and r and m and v
+            and type(ts) is int and ts >= 0 and variant in VARIANTS and status == "ok"
+            and type(features) is dict and (type(p) is int or type(p) is float or (type(p) is str and p))
+            and _FEATURE_TYPES.issuperset(map(type, features.values()))  # bool is not int here
+            and (type(latency) is int or type(latency) is float) and latency >= 0
+            and type(unit) is str and bool(unit))
 
 
 def parse(kind: str, raw: bytes) -> dict:

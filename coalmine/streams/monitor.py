@@ -237,13 +237,16 @@ class Sketcher:
         mon = self.monitors[model]
         ts = np.fromiter((e["ts"] for e in events), dtype=np.int64, count=len(events))
         ok = ts >= self.closed_through[model]
-        rejected = [(idx[i], f"late event: ts {ts[i]} is behind the watermark "
-                              f"{self.closed_through[model]} (allowed lateness "
-                              f"{mon.cfg.allowed_lateness_ms} ms)") for i in np.flatnonzero(~ok)]
-        events = [e for e, good in zip(events, ok) if good]
-        idx = [i for i, good in zip(idx, ok) if good]
-        if not events:
-            return rejected
+        rejected = []
+        if not ok.all():
+            rejected = [(idx[i], f"late event: ts {ts[i]} is behind the watermark "
+                                 f"{self.closed_through[model]} (allowed lateness "
+                                 f"{mon.cfg.allowed_lateness_ms} ms)") for i in np.flatnonzero(~ok)]
+            events = [e for e, good in zip(events, ok) if good]
+            idx = [i for i, good in zip(idx, ok) if good]
+            ts = ts[ok]
+            if not events:
+                return rejected
         try:
             cols = column_arrays(mon.layout, [e["features"] for e in events],
                                  [e.get("prediction") for e in events])
@@ -258,7 +261,7 @@ class Sketcher:
                     bad.append((i, f"features.{exc.args[0]}: expected a number for a numeric feature"))
             return rejected + bad + (self._fold_model(model, *map(list, zip(*good))) if good else [])
         bucket_ms = mon.cfg.bucket_ms
-        buckets = np.fromiter((e["ts"] // bucket_ms for e in events), dtype=np.int64, count=len(events))
+        buckets = ts // bucket_ms
         variants = np.fromiter((_VARIANT_CODE[e["variant"]] for e in events), dtype=np.int64, count=len(events))
         keys, groups = np.unique(buckets * len(VARIANTS) + variants, return_inverse=True)
         summaries = mon.layout.fold(cols, groups, len(keys))
@@ -268,12 +271,14 @@ class Sketcher:
         has = lat_bins >= 0
         lat_hist = np.bincount(groups[has] * LATENCY_BINS + lat_bins[has],
                                minlength=len(keys) * LATENCY_BINS).reshape(len(keys), LATENCY_BINS)
-        state = self.open[model]
-        for key, summary, err, hist in zip(keys.tolist(), summaries, errors.tolist(), lat_hist):
+        _, first_from_end = np.unique(groups[::-1], return_index=True)
+        last = len(events) - 1 - first_from_end  # index of each group's last event
+        state, versions = self.open[model], self.versions[model]
+        for key, summary, err, hist, i in zip(keys.tolist(), summaries, errors.tolist(), lat_hist, last.tolist()):
             summary.errors, summary.latency = int(err), hist
             k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
             state[k] = state[k] + summary if k in state else summary
-        self.versions[model].update(((e["ts"] // bucket_ms * bucket_ms, e["variant"]), e["version"]) for e in events)
+            versions[k] = events[i]["version"]
         if mon.joins_needed:
             self._join_predictions(model, mon, events)
         return rejected
