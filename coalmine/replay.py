@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -31,13 +32,10 @@ class ReplayResult:
 def _chunks(path: Path, kind: str, models: set[str], dead: list) -> Iterator[list[dict]]:
     """Parsed, valid events in chunks; invalid lines go to ``dead`` with their reason."""
     with open(path, "rb") as fh:
-        while True:
-            lines = [line.rstrip(b"\n") for _, line in zip(range(CHUNK), fh)]
-            if not lines:
-                return
-            lines = [line for line in lines if line.strip()]
+        while raw := list(islice(fh, CHUNK)):
+            lines = [line for line in raw if not line.isspace()]
             valid, invalid = contract.split_valid(kind, lines, models)
-            dead += [(kind, lines[i], reason) for i, reason in invalid]
+            dead += [(kind, lines[i].rstrip(b"\r\n"), reason) for i, reason in invalid]
             yield valid
 
 

@@ -161,11 +161,12 @@ class Summary:
         return cls(0, np.zeros(size, dtype=np.int64), np.zeros(size), np.zeros(n_columns, dtype=np.int64))
 
     def __add__(self, other: "Summary") -> "Summary":
-        return Summary(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        a, b = self.__dict__, other.__dict__
+        return Summary(**{name: a[name] + b[name] for name in _FIELDS})
 
     def to_dict(self) -> dict:
         """Plain form for the wire (orjson serialises the arrays)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Summary":
@@ -173,6 +174,7 @@ class Summary:
 
 
 _ARRAYS = {"counts": np.int64, "sums": float, "missing": np.int64, "latency": np.int64}
+_FIELDS = tuple(f.name for f in fields(Summary))
 
 
 def column_arrays(layout: Layout, rows: list[dict], predictions: list) -> dict[str, np.ndarray]:
