@@ -222,20 +222,25 @@ class Sketcher:
         """Fold valid prediction events; return (index, reason) of those rejected (unknown
         model, wrong value types, later than the watermark)."""
         rejected: list[tuple[int, str]] = []
-        by_model: dict[str, list[int]] = {}
-        for i, e in enumerate(events):
-            by_model.setdefault(e["model"], []).append(i)
-        for model, idx in by_model.items():
+        models = {e["model"] for e in events}
+        if len(models) == 1:  # the common case: no regrouping
+            by_model = {models.pop(): (events, range(len(events)))}
+        else:
+            groups: dict[str, list[int]] = {}
+            for i, e in enumerate(events):
+                groups.setdefault(e["model"], []).append(i)
+            by_model = {m: ([events[i] for i in idx], idx) for m, idx in groups.items()}
+        for model, (mine, idx) in by_model.items():
             if model not in self.monitors:
                 rejected += [(i, f"unknown model {model!r}") for i in idx]
                 continue
-            rejected += self._fold_model(model, [events[i] for i in idx], idx)
-        self._advance(max((e["ts"] for e in events), default=None))
+            rejected += self._fold_model(model, mine, list(idx))
         return rejected
 
     def _fold_model(self, model: str, events: list[dict], idx: list[int]) -> list[tuple[int, str]]:
         mon = self.monitors[model]
         ts = np.fromiter((e["ts"] for e in events), dtype=np.int64, count=len(events))
+        self._advance(int(ts.max()))  # safe before the late check: that compares with closed_through
         ok = ts >= self.closed_through[model]
         rejected = []
         if not ok.all():
