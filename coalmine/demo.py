@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from coalmine import simulator, topics
-from coalmine.broker import EmbeddedBroker, ensure_topics
+from coalmine.broker import EmbeddedBroker, ensure_topics, free_port
 from coalmine.client import tail
 
 _COLORS = {"firing": "\033[31m", "resolved": "\033[32m", "command": "\033[36m", "dead": "\033[33m"}
@@ -29,14 +29,6 @@ _COLORS = {"firing": "\033[31m", "resolved": "\033[32m", "command": "\033[36m", 
 
 def _paint(kind: str, text: str) -> str:
     return f"{_COLORS[kind]}{text}\033[0m" if sys.stdout.isatty() else text
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _describe(topic: str, record: dict, t0: float) -> str:
@@ -153,7 +145,7 @@ def run_demo(duration: float = 60.0, rate: float = 300.0, keep: bool = False) ->
     simulator.write_reference(reference, n=5000)
     config = workdir / "monitor.toml"
     simulator.write_demo_config(config, reference, bucket="1s", window="10s", rollout=True)
-    web_port = _free_port()
+    web_port = free_port()
     with EmbeddedBroker() as broker:
         print(f"broker: embedded Kafka-compatible broker at {broker.url}", flush=True)
         asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics()))

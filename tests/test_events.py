@@ -13,15 +13,10 @@ from jsonschema import Draft202012Validator
 
 from coalmine import events
 from coalmine.events import InvalidEvent
+from examples import ALERT, COMMAND, LABEL
 
 PREDICTION = {"event_id": "e1", "request_id": "r1", "model": "m", "version": "v1", "variant": "champion",
               "ts": 1700000000000, "features": {"f1": 0.5, "f2": "red"}, "prediction": 1, "status": "ok"}
-LABEL = {"event_id": "l1", "request_id": "r1", "model": "m", "ts": 1700000002000, "label": 1}
-ALERT = {"alert_id": "a1", "ts": 1700000010000, "model": "m", "variant": "canary", "check": "drift",
-         "state": "firing", "statistic": "ks", "value": 0.31, "threshold": 0.2,
-         "window": {"start_ts": 1700000000000, "end_ts": 1700000010000, "n": 500}, "message": "drift on f1"}
-COMMAND = {"command_id": "c1", "ts": 1700000010000, "model": "m", "version": "v2", "action": "rollback",
-           "reason": "canary unhealthy", "alert_ids": ["a1"]}
 
 
 def wire(event) -> bytes:

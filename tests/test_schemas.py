@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator
 
 from coalmine import events
 from coalmine.events import KINDS, InvalidEvent
+from examples import ALERT, COMMAND, LABEL
 
 SCHEMAS = {kind: json.loads(events.schema_path(kind).read_text()) for kind in KINDS}
 VALIDATORS = {kind: Draft202012Validator(schema) for kind, schema in SCHEMAS.items()}
@@ -58,12 +59,6 @@ def wire(event) -> bytes:
 PREDICTION = {"event_id": "e1", "request_id": "r1", "model": "m", "version": "v1", "variant": "champion",
               "ts": 1700000000000, "features": {"a": 1.5, "b": "red", "c": None, "d": 2}, "prediction": 1,
               "status": "ok"}
-LABEL = {"event_id": "l1", "request_id": "r1", "model": "m", "ts": 1700000002000, "label": 1}
-ALERT = {"alert_id": "a1", "ts": 1700000010000, "model": "m", "variant": "canary", "check": "drift",
-         "state": "firing", "statistic": "ks", "value": 0.31, "threshold": 0.2,
-         "window": {"start_ts": 1700000000000, "end_ts": 1700000010000, "n": 500}, "message": "drift on f1"}
-COMMAND = {"command_id": "c1", "ts": 1700000010000, "model": "m", "version": "v2", "action": "rollback",
-           "reason": "canary unhealthy", "alert_ids": ["a1"]}
 DEADLETTER = {"deadletter_id": "0" * 64, "ts": 1700000010000, "source_topic": "coalmine.predictions",
               "partition": 3, "offset": 42, "reason": "missing field: ts", "original_b64": "e30=",
               "original_text": "{}"}
