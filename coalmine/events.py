@@ -31,6 +31,8 @@ import json
 import math
 import re
 from collections.abc import Callable
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -336,42 +338,157 @@ def _not_json(raw, error: Exception, kind: str) -> InvalidEvent:
     return InvalidEvent(f"not JSON: {error}")
 
 
-_PREDICTION_REQUIRED = frozenset({"event_id", "request_id", "model", "version", "variant", "ts", "features",
-                                  "prediction", "status"})
-_FEATURE_TYPES = frozenset({int, float, str, type(None)})
+# ---- batches: the hot path -----------------------------------------------------------------
+# Checking field by field, event by event, costs more than parsing the JSON. So a batch is
+# checked column by column with C-level iteration (itemgetter, zip, map, set), which vouches
+# for a whole clean batch at once. A batch that fails is halved until the suspects are few;
+# those go through :func:`validate`, which decides and gives the reason. Only orjson's output
+# comes here, and orjson never yields NaN or infinities, so a float is a finite number.
+# ``tests/test_schemas.py`` judges single events and mixed batches against the schemas.
+
+_STR, _DICT = frozenset({str}), frozenset({dict})
+_NUMBERS = frozenset({int, float})  # type() is exact: a bool is not an int here
+_SCALARS = _NUMBERS | _STR
+_FEATURE_VALUES = _SCALARS | {type(None)}
+_SMALL_BATCH = 32  # a failed batch this small goes to validate() whole
 
 
-def _plain_prediction(d) -> bool:
-    """The hot path, for orjson-parsed events (whose numbers are always finite): True for a
-    valid prediction with nothing but the required fields, ``latency_ms`` and ``unit_id``.
-    False sends the event through :func:`validate`, which decides and gives the reason; the
-    schema tests run every example through both."""
+def _types(values) -> set:
+    return set(map(type, values))
+
+
+def _ids_column(values) -> bool:
+    return _types(values) <= _STR and all(values)
+
+
+def _texts_column(values) -> bool:
+    return _types(values) <= _STR
+
+
+def _millis_column(values) -> bool:
+    return _types(values) <= {int} and min(values) >= 0
+
+
+def _numbers_column(values) -> bool:
+    return _types(values) <= _NUMBERS
+
+
+def _non_negative_column(values) -> bool:
+    return _types(values) <= _NUMBERS and min(values) >= 0
+
+
+def _members_column(*allowed: str) -> Callable:
+    members = frozenset(allowed)
+    return lambda values: _types(values) <= _STR and members.issuperset(values)
+
+
+def _mappings_column(value_types: frozenset) -> Callable:
+    return lambda values: (_types(values) <= _DICT
+                           and _types(chain.from_iterable(map(dict.values, values))) <= value_types)
+
+
+def _predictions_column(values) -> bool:
+    return _types(values) <= _FEATURE_VALUES  # null: see _prediction_rows_rule
+
+
+def _prediction_rows_rule(columns: dict) -> bool:
+    preds = columns["prediction"]
+    return None not in preds or all(s == "error" for p, s in zip(preds, columns["status"]) if p is None)
+
+
+#: kind -> (field -> check of the column of its values, rule over the columns)
+_COLUMNS: dict[str, tuple[dict[str, Callable], Callable | None]] = {
+    "prediction": ({"event_id": _ids_column, "request_id": _ids_column, "model": _ids_column,
+                    "version": _ids_column, "variant": _members_column(*VARIANTS), "ts": _millis_column,
+                    "features": _mappings_column(_FEATURE_VALUES), "prediction": _predictions_column,
+                    "status": _members_column(*STATUSES), "scores": _mappings_column(_NUMBERS),
+                    "latency_ms": _non_negative_column, "error": _texts_column, "unit_id": _ids_column},
+                   _prediction_rows_rule),
+    "label": ({"event_id": _ids_column, "request_id": _ids_column, "model": _ids_column, "ts": _millis_column,
+               "label": lambda values: _types(values) <= _SCALARS, "outcome": _numbers_column}, None),
+}
+
+
+def _batch_valid(kind: str, docs: list) -> bool:
+    """True when every parsed document in ``docs`` is a valid ``kind`` event; False when the
+    column checks cannot vouch for all of them (then :func:`validate` decides one by one)."""
+    if kind not in _COLUMNS or not docs or _types(docs) != _DICT:
+        return not docs
+    shape, (checks, rule) = _SHAPES[kind], _COLUMNS[kind]
+    present = set().union(*docs)
+    if not present <= shape.fields.keys():
+        return False
     try:
-        e, r, m, v, ts = d["event_id"], d["request_id"], d["model"], d["version"], d["ts"]
-        p, features, variant, status = d["prediction"], d["features"], d["variant"], d["status"]
-    except (KeyError, TypeError):
+        columns = {name: list(map(itemgetter(name), docs)) for name in shape.required}
+    except KeyError:
         return False
-    extra = len(d) - len(_PREDICTION_REQUIRED)  # only latency_ms and unit_id may come besides
-    latency, unit = d.get("latency_ms", 0), d.get("unit_id", "u")
-    if extra and extra != ("latency_ms" in d) + ("unit_id" in d):
-        return False
-    return (type(e) is str and type(r) is str and type(m) is str and type(v) is str and e and r and m and v
-            and type(ts) is int and ts >= 0 and variant in VARIANTS and status == "ok"
-            and type(features) is dict and (type(p) is int or type(p) is float or (type(p) is str and p))
-            and _FEATURE_TYPES.issuperset(map(type, features.values()))  # bool is not int here
-            and (type(latency) is int or type(latency) is float) and latency >= 0
-            and type(unit) is str and bool(unit))
+    for name in present - shape.required_set:
+        columns[name] = [d[name] for d in docs if name in d]
+    return all(checks[name](values) for name, values in columns.items()) and (rule is None or rule(columns))
+
+
+def _suspects(kind: str, docs: list, start: int = 0) -> list[int]:
+    """Positions (from ``start``) of the documents the column checks cannot vouch for, found
+    by halving: a batch with a few bad events costs a few more column checks, not a slow path."""
+    if _batch_valid(kind, docs):
+        return []
+    if len(docs) <= _SMALL_BATCH:
+        return list(range(start, start + len(docs)))
+    mid = len(docs) // 2
+    return _suspects(kind, docs[:mid], start) + _suspects(kind, docs[mid:], start + mid)
+
+
+def _loads(kind: str, raws: list) -> tuple[list, list[int], list[tuple[int, str]]]:
+    """orjson over a batch: (documents, their indices in the batch, [(index, reason)] of the
+    raws that are not JSON)."""
+    try:
+        return list(map(orjson.loads, raws)), list(range(len(raws))), []
+    except orjson.JSONDecodeError:
+        pass
+    docs, where, broken = [], [], []
+    for i, raw in enumerate(raws):
+        try:
+            docs.append(orjson.loads(raw))
+            where.append(i)
+        except orjson.JSONDecodeError as exc:
+            broken.append((i, _not_json(raw, exc, kind).reason))
+    return docs, where, broken
+
+
+def split_valid(kind: str, raws: list[bytes], known_models: set[str] | None = None
+                ) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Parse a batch: (valid events in batch order, [(index in batch, reason)] for the rest, in
+    batch order). With ``known_models``, an event of any other model is invalid:
+    ``unknown model 'x'``."""
+    docs, where, invalid = _loads(kind, raws)
+    reasons = {}
+    for pos in _suspects(kind, docs):
+        try:
+            validate(kind, docs[pos])
+        except InvalidEvent as exc:
+            reasons[pos] = exc.reason
+    docs, where = _set_aside(docs, where, reasons, invalid)
+    if known_models is not None and not known_models.issuperset(map(itemgetter("model"), docs)):
+        docs, where = _set_aside(docs, where, {p: f"unknown model {d['model']!r}" for p, d in enumerate(docs)
+                                               if d["model"] not in known_models}, invalid)
+    return docs, sorted(invalid)
+
+
+def _set_aside(docs: list, where: list[int], reasons: dict[int, str], invalid: list) -> tuple[list, list[int]]:
+    """Move the documents at the positions in ``reasons`` to ``invalid``; return the others."""
+    if not reasons:
+        return docs, where
+    invalid += [(where[p], reason) for p, reason in reasons.items()]
+    keep = [p for p in range(len(docs)) if p not in reasons]
+    return [docs[p] for p in keep], [where[p] for p in keep]
 
 
 def parse(kind: str, raw: bytes) -> dict:
     """The event in ``raw`` (JSON bytes), checked; raise :class:`InvalidEvent` otherwise."""
-    try:
-        d = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _not_json(raw, exc, kind) from None
-    if kind == "prediction" and _plain_prediction(d):
-        return d
-    return validate(kind, d)
+    valid, invalid = split_valid(kind, [raw])
+    if invalid:
+        raise InvalidEvent(invalid[0][1])
+    return valid[0]
 
 
 def parse_prediction(raw: bytes) -> dict:
@@ -380,24 +497,6 @@ def parse_prediction(raw: bytes) -> dict:
 
 def parse_label(raw: bytes) -> dict:
     return parse("label", raw)
-
-
-def split_valid(kind: str, raws: list[bytes], known_models: set[str] | None = None
-                ) -> tuple[list[dict], list[tuple[int, str]]]:
-    """Parse a batch: (valid events in batch order, [(index in batch, reason)] for the rest).
-    With ``known_models``, an event of any other model is invalid: ``unknown model 'x'``."""
-    valid, invalid = [], []
-    for i, raw in enumerate(raws):
-        try:
-            d = parse(kind, raw)
-        except InvalidEvent as exc:
-            invalid.append((i, exc.reason))
-            continue
-        if known_models is not None and d["model"] not in known_models:
-            invalid.append((i, f"unknown model {d['model']!r}"))
-            continue
-        valid.append(d)
-    return valid, invalid
 
 
 def deadletter_id(raw: bytes | None, source_topic: str, partition: int | None, offset: int | None) -> str:

@@ -5,9 +5,12 @@ No broker and no clock: the same files and config give byte-identical alerts and
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from itertools import islice
+from operator import itemgetter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -100,13 +103,18 @@ def references_from_file(config: Config, predictions: Path) -> dict[str, ModelMo
 def replay_files(config: Config, predictions: Path, labels: Path | None = None, *,
                  progress: bool | None = None) -> Replay:
     """Run prediction (and label) JSONL files, in event-time order, through the pipeline."""
+    with bulk_gc():
+        return _replay_files(config, predictions, labels, progress)
+
+
+def _replay_files(config: Config, predictions: Path, labels: Path | None, progress: bool | None) -> Replay:
     models = set(config.models)
     run = Replay(config, references_from_file(config, predictions))
     pending_labels: list[dict] = []
     label_chunks = _chunks(labels, "label", models, run.dead) if labels else iter(())
     bar = _progress(predictions, progress)
     for chunk in _chunks(predictions, "prediction", models, run.dead):
-        horizon = max((e["ts"] for e in chunk), default=0)
+        horizon = max(map(itemgetter("ts"), chunk), default=0)
         while not pending_labels or pending_labels[-1]["ts"] <= horizon:
             nxt = next(label_chunks, None)
             if nxt is None:
@@ -124,6 +132,20 @@ def replay_files(config: Config, predictions: Path, labels: Path | None = None, 
     run.counts["alerts"] = len(run.alerts)
     run.counts["commands"] = len(run.commands)
     return run
+
+
+@contextmanager
+def bulk_gc():
+    """Collect the young generation every 80,000 container allocations instead of CPython's
+    700: the tens of thousands of event dicts in a chunk, freed by reference counting, were
+    otherwise traversed by collection after collection (40% of replay time, measured).
+    Cycles, e.g. from dead-lettered events' exceptions, are still collected."""
+    before = gc.get_threshold()
+    gc.set_threshold(4 * CHUNK, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def _progress(path: Path, enabled: bool | None):

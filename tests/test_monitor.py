@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from coalmine.config import ModelConfig
-from coalmine.streams.monitor import Evaluator, ModelMonitor, Sketcher
+from coalmine.streams.monitor import VARIANTS, Bucket, Evaluator, ModelMonitor, Sketcher, SlidingWindow
 from coalmine.streams.reference import ReferenceData
+from coalmine.streams.sketch import Layout
 
 PER_BUCKET = 200
 
@@ -105,7 +106,7 @@ def test_resent_partial_is_merged_once(monitor):
         once.add(p)
         twice.add(p)
         twice.add(p)
-    assert [b.variants["champion"].n for b in once.ring] == [b.variants["champion"].n for b in twice.ring]
+    assert [b.variants["champion"].n for b in once.window.buckets] == [b.variants["champion"].n for b in twice.window.buckets]
 
 
 def test_unknown_model_is_rejected(monitor):
@@ -167,3 +168,25 @@ def test_file_replay_is_byte_identical(tmp_path):
             write_jsonl(run.alerts + run.evaluations, fh)
         outputs.append((tmp_path / f"e{i}.jsonl").read_bytes())
     assert run.alerts and outputs[0] == outputs[1]
+
+
+def test_sliding_window_equals_the_sum_of_its_buckets():
+    """Running sums (add the new bucket, subtract the one leaving) give the window a full
+    re-sum gives, as variants come, go and are forgotten."""
+    rng = np.random.default_rng(3)
+    layout = Layout.from_columns({"x": rng.standard_normal(500)}, bins=8)
+    window = SlidingWindow(size=5, bucket_ms=1000)
+    for i in range(60):
+        if i == 23:
+            window.forget("canary")
+        variants = {v: layout.fold({"x": rng.standard_normal(int(rng.integers(1, 50))) * 100})
+                    for v in VARIANTS if rng.random() < (0.9 if v == "champion" else 0.3)}
+        got = window.append(Bucket(i * 1000, variants))
+        expected: dict = {}
+        for b in window.buckets:
+            for v, summary in b.variants.items():
+                expected[v] = expected[v] + summary if v in expected else summary
+        assert list(got) == sorted(expected)
+        for v, summary in got.items():
+            assert summary.n == expected[v].n and summary.counts.tolist() == expected[v].counts.tolist()
+            np.testing.assert_allclose(summary.sums, expected[v].sums, rtol=1e-12, atol=1e-9)

@@ -278,6 +278,21 @@ def test_schema_and_python_agree_on_random_events(kind, data):
         assert not expected, event
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_each_event_of_a_mixed_batch_is_judged_as_alone(kind, data):
+    """split_valid vouches for clean batches column by column and halves failed ones: in a
+    batch of valid and broken events, each is judged as the schema judges it alone."""
+    known = [{**BASE[kind], **extra} for extra in VALID[kind]] + [event for _, event in _defects(kind)]
+    one = st.one_of(mutated(kind), st.sampled_from(known))
+    raws = [wire(e) for e in data.draw(st.lists(one, min_size=1, max_size=80))]
+    expected = [schema_accepts(kind, raw) for raw in raws]
+    valid, invalid = events.split_valid(kind, raws)
+    assert [i for i, _ in invalid] == [i for i, ok in enumerate(expected) if not ok]
+    assert valid == [orjson.loads(raw) for raw, ok in zip(raws, expected) if ok]
+
+
 # ---- what coalmine itself publishes follows the contract ----------------------------------------
 
 def test_published_alerts_and_dead_letters_follow_their_schemas(tmp_path):

@@ -27,6 +27,8 @@ takes a second or two per model, and is cached on disk ($COALMINE_CACHE_DIR, def
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -58,12 +60,23 @@ class TailFit:
     def threshold(self, n: float, q: float) -> float:
         """Level that the standardized statistic exceeds with probability ``q`` in a window
         of ``n`` events."""
-        x = np.log(np.clip(n, GRID_N[0], GRID_N[-1]))
-        a, b, floor = (float(np.interp(x, np.log(GRID_N), v)) for v in (self.a, self.b, self.floor))
+        x = math.log(min(max(n, GRID_N[0]), GRID_N[-1]))
+        a, b, floor = (_interp_log_grid(x, v) for v in (self.a, self.b, self.floor))
         if not b > 0:
             return floor
-        t = max(a - np.log(q), 0.0) / b
+        t = max(a - math.log(q), 0.0) / b
         return max(floor, t ** (1 / self.power))
+
+
+_LOG_GRID = np.log(GRID_N).tolist()
+
+
+def _interp_log_grid(x: float, values: np.ndarray) -> float:
+    """``np.interp(x, log(GRID_N), values)`` for one point, in plain Python: it runs for every
+    check after every bucket, where numpy's call overhead dominated."""
+    j = min(max(bisect.bisect_right(_LOG_GRID, x), 1), len(_LOG_GRID) - 1) - 1
+    y0, y1 = float(values[j]), float(values[j + 1])
+    return (y1 - y0) / (_LOG_GRID[j + 1] - _LOG_GRID[j]) * (x - _LOG_GRID[j]) + y0
 
 
 def fit_tail(samples: np.ndarray, power: float) -> tuple[float, float, float, float]:
@@ -115,14 +128,9 @@ def simulated_wasserstein(pos: np.ndarray, bin_sd: np.ndarray, ref: np.ndarray, 
     reference's by two sampling errors, the window's and the reference's own (as the
     Dirichlet draw does for the bin masses), both simulated as normal: the bin's spread over
     sqrt(count). The outer bins sit at fixed edges (``bin_sd`` 0 there)."""
-    ref_rows = np.broadcast_to(ref, win.shape)
     means = pos + rng.standard_normal(win.shape) * bin_sd * np.sqrt(
-        1 / np.maximum(win, 1) + 1 / np.maximum(ref_rows, 1))
-    x = np.concatenate([np.broadcast_to(pos, win.shape), means], axis=-1)
-    w = np.concatenate([ref_rows / ref.sum(), -win / win.sum(axis=-1, keepdims=True)], axis=-1)
-    order = np.argsort(x, axis=-1, kind="stable")
-    x, w = np.take_along_axis(x, order, -1), np.take_along_axis(w, order, -1)
-    return (np.abs(np.cumsum(w, axis=-1)[..., :-1]) * np.diff(x, axis=-1)).sum(axis=-1)
+        1 / np.maximum(win, 1) + 1 / np.maximum(ref, 1))
+    return drift.wasserstein_statistic(pos, ref, means, win)
 
 
 def calibrate_numeric(ref_counts: np.ndarray, positions: np.ndarray, bin_sd: np.ndarray, sd: float,

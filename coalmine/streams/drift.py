@@ -55,22 +55,23 @@ def ks_statistic(ref_counts: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
 def bin_positions(counts: np.ndarray, sums: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
     """Mean of the values in each bin; with the layout's inner ``edges``, the two outer bins
     sit at the outermost edges instead (winsorized). Empty bins get 0: their weight is 0
-    then, and a point of weight 0 changes no Wasserstein integral."""
+    then, and a point of weight 0 changes no Wasserstein integral. Stacks of columns (one per
+    row, ``edges`` stacked alike) work along the last axis."""
     pos = np.divide(sums, counts, out=np.zeros_like(sums, dtype=float), where=counts > 0)
     if edges is not None:
-        pos[0], pos[-1] = edges[0], edges[-1]
+        pos[..., 0], pos[..., -1] = edges[..., 0], edges[..., -1]
     return pos
 
 
 def wasserstein_statistic(ref_pos: np.ndarray, ref_counts: np.ndarray,
-                          win_pos: np.ndarray, win_counts: np.ndarray) -> float:
+                          win_pos: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
     r"""Wasserstein-1 distance :math:`\int |F_{ref}(x) - F_{win}(x)|\,dx` between two
     discrete distributions: masses ``counts`` at ``positions`` (the bins' means)."""
-    x = np.concatenate([ref_pos, win_pos])
-    w = np.concatenate([_proportions(ref_counts), -_proportions(win_counts)])
-    order = np.argsort(x, kind="stable")
-    gaps = np.diff(x[order])
-    return float(np.abs(np.cumsum(w[order])[:-1]) @ gaps)
+    x = np.concatenate(np.broadcast_arrays(ref_pos, win_pos), axis=-1)
+    w = np.concatenate(np.broadcast_arrays(_proportions(ref_counts), -_proportions(win_counts)), axis=-1)
+    order = np.argsort(x, axis=-1, kind="stable")
+    x, w = np.take_along_axis(x, order, -1), np.take_along_axis(w, order, -1)
+    return (np.abs(np.cumsum(w, axis=-1)[..., :-1]) * np.diff(x, axis=-1)).sum(axis=-1)
 
 
 def psi_statistic(ref_counts: np.ndarray, win_counts: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -128,6 +129,11 @@ def rate_increase_surprise(x: int, n: int, x_ref: int, n_ref: int) -> float:
     return float(-math.log10(max(p, 1e-300)))
 
 
+def _result(values: np.ndarray) -> np.ndarray | float:
+    """A float for one column, the array for a stack of columns."""
+    return values if np.ndim(values) else float(values)
+
+
 class KolmogorovSmirnov:
     r"""Binned two-sample Kolmogorov-Smirnov drift statistic.
 
@@ -140,13 +146,16 @@ class KolmogorovSmirnov:
     Parameters
     ----------
     ref_counts
-        The reference histogram.
+        The reference histogram, or a stack of them (one row per column, equally many bins):
+        then every result is an array with one value per column, from one numpy pass.
 
     Examples
     --------
     >>> ks = KolmogorovSmirnov(np.array([25, 25, 25, 25]))
     >>> round(ks.update(np.array([10, 20, 30, 40])).statistic, 3)
     0.2
+    >>> KolmogorovSmirnov(np.array([[25, 25], [10, 40]])).update(np.array([[25, 25], [40, 10]])).statistic
+    array([0. , 0.6])
 
     References
     ----------
@@ -155,18 +164,19 @@ class KolmogorovSmirnov:
 
     def __init__(self, ref_counts: np.ndarray):
         self.ref_counts = ref_counts
-        self.statistic = 0.0
-        self.standardized = 0.0
+        self._ref_cdf, self._ref_n = _cdf(ref_counts), ref_counts.sum(axis=-1)
+        self.statistic = self.standardized = 0.0
 
     def update(self, win_counts: np.ndarray) -> "KolmogorovSmirnov":
-        self.statistic = float(ks_statistic(self.ref_counts, win_counts))
-        self.standardized = self.statistic * float(np.sqrt(effective_n(self.ref_counts.sum(), win_counts.sum())))
+        d = np.abs(self._ref_cdf - _cdf(win_counts)).max(axis=-1)
+        self.statistic = _result(d)
+        self.standardized = _result(d * np.sqrt(effective_n(self._ref_n, win_counts.sum(axis=-1))))
         return self
 
     @property
-    def p_value(self) -> float:
+    def p_value(self) -> np.ndarray | float:
         """Asymptotic (Kolmogorov distribution) p-value, for people; thresholds are calibrated."""
-        return float(special.kolmogorov(self.standardized))
+        return _result(special.kolmogorov(self.standardized))
 
 
 class Wasserstein:
@@ -176,7 +186,8 @@ class Wasserstein:
 
     with each bin's mass at the mean of its values. ``normalized`` divides by the
     reference's standard deviation, so one threshold serves features of any unit;
-    ``standardized`` is :math:`\sqrt{n_{eff}}\,W_1/\sigma_{ref}`.
+    ``standardized`` is :math:`\sqrt{n_{eff}}\,W_1/\sigma_{ref}`. Stacks of columns (one
+    row each, ``sd`` an array) give arrays, as in :class:`KolmogorovSmirnov`.
 
     Examples
     --------
@@ -192,15 +203,16 @@ class Wasserstein:
     families of nonparametric tests. Entropy 19(2).
     """
 
-    def __init__(self, ref_pos: np.ndarray, ref_counts: np.ndarray, sd: float):
+    def __init__(self, ref_pos: np.ndarray, ref_counts: np.ndarray, sd: float | np.ndarray):
         self.ref_pos, self.ref_counts = ref_pos, ref_counts
-        self.sd = sd if sd > 0 else 1.0
+        self.sd = np.where(np.asarray(sd) > 0, sd, 1.0)
         self.statistic = self.normalized = self.standardized = 0.0
 
     def update(self, win_pos: np.ndarray, win_counts: np.ndarray) -> "Wasserstein":
-        self.statistic = wasserstein_statistic(self.ref_pos, self.ref_counts, win_pos, win_counts)
-        self.normalized = self.statistic / self.sd
-        self.standardized = self.normalized * float(np.sqrt(effective_n(self.ref_counts.sum(), win_counts.sum())))
+        w = wasserstein_statistic(self.ref_pos, self.ref_counts, win_pos, win_counts)
+        n_eff = effective_n(self.ref_counts.sum(axis=-1), win_counts.sum(axis=-1))
+        self.statistic, self.normalized = _result(w), _result(w / self.sd)
+        self.standardized = _result(w / self.sd * np.sqrt(n_eff))
         return self
 
 

@@ -18,6 +18,7 @@ import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -34,6 +35,27 @@ from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, colu
 
 VARIANTS = ("champion", "canary", "shadow")
 _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
+# field getters for the hot path: map() with these runs in C, a comprehension in Python
+_TS, _MODEL, _VARIANT, _STATUS, _FEATURES, _PREDICTION, _LATENCY = map(
+    itemgetter, ("ts", "model", "variant", "status", "features", "prediction", "latency_ms"))
+_STATUS_FAILED = {"ok": False, "error": True}
+
+
+def _coded(values: list, codes: dict, dtype) -> np.ndarray:
+    """``codes[v]`` for each value, as an array: one lookup in all when all values are alike
+    (one variant, no serving errors: the common batch)."""
+    distinct = set(values)
+    if len(distinct) == 1:
+        return np.full(len(values), codes[distinct.pop()], dtype=dtype)
+    return np.fromiter(map(codes.__getitem__, values), dtype=dtype, count=len(values))
+
+
+def _latencies(events: list[dict]) -> np.ndarray:
+    """Each event's ``latency_ms``, NaN where it reported none."""
+    try:
+        return np.fromiter(map(_LATENCY, events), dtype=float, count=len(events))
+    except KeyError:
+        return np.array([e.get("latency_ms", np.nan) for e in events], dtype=float)
 
 
 @dataclass
@@ -51,6 +73,34 @@ class ColumnModel:
     #: each bin's mid-rank in the reference, F(lower edge) + p/2: the CUSUM's per-event score
     rank_scores: np.ndarray | None = None
     fits: dict[str, calibration.TailFit] = field(default_factory=dict)
+
+
+@dataclass
+class NumericBlock:
+    """Numeric columns with equally many bins, stacked one row each, so that one numpy pass
+    per statistic evaluates them all (per-column calls cost more in overhead than in work)."""
+
+    columns: list[ColumnModel]
+    bins: np.ndarray  # (columns, bins): indices into the flat summary arrays
+    edges: np.ndarray  # (columns, bins - 1)
+    ks: drift.KolmogorovSmirnov
+    wasserstein: drift.Wasserstein
+
+    @classmethod
+    def stack(cls, columns: list[ColumnModel]) -> "NumericBlock":
+        ref = np.stack([c.ref_counts for c in columns])
+        return cls(columns, np.stack([np.arange(c.bins.start, c.bins.stop) for c in columns]),
+                   np.stack([c.edges for c in columns]), drift.KolmogorovSmirnov(ref),
+                   drift.Wasserstein(np.stack([c.ref_pos for c in columns]), ref, np.array([c.sd for c in columns])))
+
+    def statistics(self, window: "Summary") -> dict[str, tuple[float, float, float, float]]:
+        """Column name -> (KS, its p-value, Wasserstein-1 / reference SD, PSI) on ``window``."""
+        counts = window.counts[self.bins]
+        ks = self.ks.update(counts)
+        w = self.wasserstein.update(drift.bin_positions(counts, window.sums[self.bins], self.edges), counts)
+        psi = drift.psi_statistic(self.ks.ref_counts, counts)
+        rows = zip(ks.statistic.tolist(), ks.p_value.tolist(), w.normalized.tolist(), psi.tolist())
+        return dict(zip((c.name for c in self.columns), rows))
 
 
 class ModelMonitor:
@@ -151,6 +201,14 @@ class ModelMonitor:
         variants = 1 + any(c in self.cfg.checks for c in ("canary", "ab")) + ("shadow" in self.cfg.checks)
         return per_variant * variants
 
+    def numeric_blocks(self) -> list[NumericBlock]:
+        """The numeric columns stacked by their number of bins."""
+        by_width: dict[int, list[ColumnModel]] = {}
+        for c in self.columns:
+            if c.kind == NUMERIC:
+                by_width.setdefault(c.bins.stop - c.bins.start, []).append(c)
+        return [NumericBlock.stack(cols) for cols in by_width.values()]
+
     def tail(self, window_n: int) -> float:
         return calibration.tail_share(window_n, self.cfg.window_buckets,
                                       self.cfg.false_alarm_every_events, self.tests)
@@ -222,7 +280,7 @@ class Sketcher:
         """Fold valid prediction events; return (index, reason) of those rejected (unknown
         model, wrong value types, later than the watermark)."""
         rejected: list[tuple[int, str]] = []
-        models = {e["model"] for e in events}
+        models = set(map(_MODEL, events))
         if len(models) == 1:  # the common case: no regrouping
             by_model = {models.pop(): (events, range(len(events)))}
         else:
@@ -239,7 +297,7 @@ class Sketcher:
 
     def _fold_model(self, model: str, events: list[dict], idx: list[int]) -> list[tuple[int, str]]:
         mon = self.monitors[model]
-        ts = np.fromiter((e["ts"] for e in events), dtype=np.int64, count=len(events))
+        ts = np.fromiter(map(_TS, events), dtype=np.int64, count=len(events))
         self._advance(int(ts.max()))  # safe before the late check: that compares with closed_through
         ok = ts >= self.closed_through[model]
         rejected = []
@@ -253,8 +311,7 @@ class Sketcher:
             if not events:
                 return rejected
         try:
-            cols = column_arrays(mon.layout, [e["features"] for e in events],
-                                 [e.get("prediction") for e in events])
+            cols = column_arrays(mon.layout, list(map(_FEATURES, events)), list(map(_PREDICTION, events)))
         except TypeError:
             # rare: find the culprits one by one, fold the rest
             good, bad = [], []
@@ -267,12 +324,12 @@ class Sketcher:
             return rejected + bad + (self._fold_model(model, *map(list, zip(*good))) if good else [])
         bucket_ms = mon.cfg.bucket_ms
         buckets = ts // bucket_ms
-        variants = np.fromiter((_VARIANT_CODE[e["variant"]] for e in events), dtype=np.int64, count=len(events))
+        variants = _coded(list(map(_VARIANT, events)), _VARIANT_CODE, np.int64)
         keys, groups = np.unique(buckets * len(VARIANTS) + variants, return_inverse=True)
         summaries = mon.layout.fold(cols, groups, len(keys))
-        errors = np.bincount(groups, weights=[e["status"] == "error" for e in events], minlength=len(keys))
-        latency = np.array([e.get("latency_ms") for e in events], dtype=float)
-        lat_bins = latency_bins(latency)
+        failed = _coded(list(map(_STATUS, events)), _STATUS_FAILED, bool)
+        errors = np.bincount(groups, weights=failed, minlength=len(keys))
+        lat_bins = latency_bins(_latencies(events))
         has = lat_bins >= 0
         lat_hist = np.bincount(groups[has] * LATENCY_BINS + lat_bins[has],
                                minlength=len(keys) * LATENCY_BINS).reshape(len(keys), LATENCY_BINS)
@@ -459,6 +516,50 @@ class Bucket:
     variants: dict[str, Summary]
 
 
+class SlidingWindow:
+    """The last ``size`` buckets and, per variant, the sum of their summaries, kept by adding
+    the bucket that comes in and subtracting the one that drops out: two merges a slide, not
+    a window's worth. Counts stay exact. Float sums are re-added from the buckets whenever a
+    bucket starts a multiple of the window length in event time, so rounding cannot build up,
+    and live runs, replays and restarted workers re-add at the same buckets."""
+
+    def __init__(self, size: int, bucket_ms: int):
+        self.buckets: deque[Bucket] = deque(maxlen=size)
+        self.bucket_ms = bucket_ms
+        self.sums: dict[str, Summary] = {}
+
+    def append(self, bucket: Bucket) -> dict[str, Summary]:
+        """Slide by ``bucket``; return the window of every variant present, by variant name."""
+        out = self.buckets[0] if len(self.buckets) == self.buckets.maxlen else None
+        self.buckets.append(bucket)
+        if out is None or bucket.start // self.bucket_ms % self.buckets.maxlen == 0:
+            self._add_up()
+        else:
+            for variant, s in bucket.variants.items():
+                self.sums[variant] = self.sums[variant] + s if variant in self.sums else s
+            for variant, s in out.variants.items():
+                self.sums[variant] = self.sums[variant] - s
+                if not any(variant in b.variants for b in self.buckets):
+                    del self.sums[variant]
+        return {v: self.sums[v] for v in sorted(self.sums)}
+
+    def forget(self, variant: str) -> None:
+        """Drop ``variant`` from every bucket: it starts a fresh window."""
+        for b in self.buckets:
+            b.variants.pop(variant, None)
+        self.sums.pop(variant, None)
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.sums.clear()
+
+    def _add_up(self) -> None:
+        self.sums = {}
+        for b in self.buckets:
+            for variant, s in b.variants.items():
+                self.sums[variant] = self.sums[variant] + s if variant in self.sums else s
+
+
 class Evaluator:
     """Stage 2 for one model: partials from ``sources`` partitions in, evaluations and alerts
     out, once every source has closed a bucket."""
@@ -470,13 +571,14 @@ class Evaluator:
         self.pending: dict[int, dict[str, Summary]] = {}
         self.applied: set[tuple[int, int]] = set()
         self.next_bucket: int | None = None
-        self.ring: deque[Bucket] = deque(maxlen=monitor.cfg.window_buckets)
+        self.window = SlidingWindow(monitor.cfg.window_buckets, monitor.cfg.bucket_ms)
         self.cusums: dict[str, dict[str, CUSUM]] = {}
         self.alerts = AlertTracker(monitor.cfg.name)
         self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy, monitor.cfg.bucket_ms)
         self.versions: dict[str, str] = {}  # variant -> version serving it, as of the evaluated bucket
         self.bucket_versions: dict[int, dict[str, str]] = {}  # pending bucket -> variant -> version
         self.late_partials = 0
+        self.blocks = monitor.numeric_blocks()
 
     def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> "Emitted":
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
@@ -517,7 +619,7 @@ class Evaluator:
                 self.next_bucket = through // step * step  # nothing anywhere: jump the gap
                 break
             if min(self.pending) - self.next_bucket > self.cfg.window_ms:
-                self.ring.clear()  # a gap longer than the window: start afresh
+                self.window.clear()  # a gap longer than the window: start afresh
                 self.next_bucket = min(self.pending)
                 continue
             out.extend(self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {}))))
@@ -530,30 +632,26 @@ class Evaluator:
         """A variant now served by another version starts a fresh window (and CUSUM)."""
         for variant, version in self.bucket_versions.pop(start, {}).items():
             if self.versions.get(variant, version) != version:
-                for b in self.ring:
-                    b.variants.pop(variant, None)
+                self.window.forget(variant)
                 self.cusums.pop(variant, None)
             self.versions[variant] = version
 
     def evaluate(self, bucket: Bucket) -> "Emitted":
         """Slide the window by one bucket and run every check on each variant."""
         self._forget_replaced_versions(bucket.start)
-        self.ring.append(bucket)
+        windows = self.window.append(bucket)
+        ring = self.window.buckets
         end = bucket.start + self.cfg.bucket_ms
-        windows: dict[str, Summary] = {}
-        for variant in sorted({v for b in self.ring for v in b.variants}):
-            parts = [b.variants[variant] for b in self.ring if variant in b.variants]
-            windows[variant] = sum(parts[1:], parts[0])
         evs = []
         for variant, window in windows.items():
             evs += [{"variant": variant, **e} for e in self._checks(variant, window, bucket.variants.get(variant))]
         q = self.mon.tail(max(sum(w.n for w in windows.values()), 1))
-        rollout_evs, verdicts = self.judge.evaluate(self.ring, end, windows, bucket.variants, self.versions, q)
+        rollout_evs, verdicts = self.judge.evaluate(ring, end, windows, bucket.variants, self.versions, q)
         evs += rollout_evs
         out = Emitted([], [], [])
         for e in evs:
             ctx = {"model": self.cfg.name, "ts": end, "window": {
-                "start_ts": self.ring[0].start, "end_ts": end, "n": windows[e["variant"]].n}}
+                "start_ts": ring[0].start, "end_ts": end, "n": windows[e["variant"]].n}}
             out.evaluations.append({**ctx, **e})
         for group in _group(out.evaluations):
             exceeded = any(e["value"] > e["threshold"] for e in group)
@@ -562,15 +660,17 @@ class Evaluator:
             if alert:
                 out.alerts.append(alert)
         out.alerts.extend(self.alerts.observe_gone(end, set(windows), {
-            "start_ts": self.ring[0].start, "end_ts": end, "n": 0}))
+            "start_ts": ring[0].start, "end_ts": end, "n": 0}))
         out.commands.extend(self.judge.decide(end, self.versions, verdicts, self.alerts.ids))
         return out
 
     def _checks(self, variant: str, window: Summary, current: Summary | None) -> list[dict]:
         mon, checks = self.mon, self.cfg.checks
         out: list[dict] = []
-        cusums = self.cusums.setdefault(variant, mon.new_cusums())
+        cusums = self.cusums[variant] if variant in self.cusums else self.cusums.setdefault(variant, mon.new_cusums())
         q = mon.tail(max(window.n, 1))
+        numeric = {k: v for b in self.blocks for k, v in b.statistics(window).items()} \
+            if "drift" in checks or "prediction_drift" in checks else {}
         for j, col in enumerate(mon.columns):
             check = "prediction_drift" if col.name == PREDICTION else "drift"
             feature = None if col.name == PREDICTION else col.name
@@ -582,7 +682,7 @@ class Evaluator:
             win_counts = window.counts[col.bins]
             n = int(win_counts.sum())
             if n >= self.cfg.min_window_events:
-                out += self._drift(col, check, feature, window, n, q)
+                out += self._drift(col, check, feature, window, n, q, numeric.get(col.name))
             if col.name in cusums:
                 c = cusums[col.name]
                 out.append({"check": check, "feature": feature, "statistic": "cusum",
@@ -596,22 +696,20 @@ class Evaluator:
             out.append(self._performance(window, q))
         return out
 
-    def _drift(self, col: ColumnModel, check: str, feature, window: Summary, n: int, q: float) -> list[dict]:
+    def _drift(self, col: ColumnModel, check: str, feature, window: Summary, n: int, q: float,
+               numeric: tuple[float, float, float, float] | None) -> list[dict]:
+        """Evaluations of one column; a numeric one's statistics come from its block."""
         counts = window.counts[col.bins]
         base = {"check": check, "feature": feature}
-        n_eff = float(drift.effective_n(col.ref_counts.sum(), n))
         if col.kind == NUMERIC:
-            ks = drift.KolmogorovSmirnov(col.ref_counts).update(counts)
-            w = drift.Wasserstein(col.ref_pos, col.ref_counts, col.sd).update(
-                drift.bin_positions(counts, window.sums[col.bins], col.edges), counts)
-            scale = math.sqrt(n_eff)
+            ks, ks_p, wasserstein, psi = numeric
+            scale = math.sqrt(float(drift.effective_n(col.ref_counts.sum(), n)))
             return [
-                {**base, "statistic": "ks", "value": ks.statistic,
-                 "threshold": col.fits["ks"].threshold(n, q) / scale, "p_value": ks.p_value},
-                {**base, "statistic": "wasserstein", "value": w.normalized,
+                {**base, "statistic": "ks", "value": ks,
+                 "threshold": col.fits["ks"].threshold(n, q) / scale, "p_value": ks_p},
+                {**base, "statistic": "wasserstein", "value": wasserstein,
                  "threshold": col.fits["wasserstein"].threshold(n, q) / scale, "p_value": None},
-                {**base, "statistic": "psi", "value": float(drift.psi_statistic(col.ref_counts, counts)),
-                 "threshold": None, "p_value": None},
+                {**base, "statistic": "psi", "value": psi, "threshold": None, "p_value": None},
             ]
         chi = drift.ChiSquare(col.ref_counts).update(counts)
         return [

@@ -25,6 +25,7 @@ array([24.75, 49.5 , 74.25])
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from itertools import chain
 from operator import itemgetter
 
 import numpy as np
@@ -164,6 +165,11 @@ class Summary:
         a, b = self.__dict__, other.__dict__
         return Summary(**{name: a[name] + b[name] for name in _FIELDS})
 
+    def __sub__(self, other: "Summary") -> "Summary":
+        """The summary of a set less a subset of it (a sliding window's oldest bucket)."""
+        a, b = self.__dict__, other.__dict__
+        return Summary(**{name: a[name] - b[name] for name in _FIELDS})
+
     def to_dict(self) -> dict:
         """Plain form for the wire (orjson serialises the arrays)."""
         return dict(self.__dict__)
@@ -188,7 +194,8 @@ def column_arrays(layout: Layout, rows: list[dict], predictions: list) -> dict[s
     if len(numeric) > 1:
         try:  # the common case, every feature present: one C-level lookup per event
             grab = itemgetter(*numeric)
-            matrix = np.array([grab(r) for r in rows], dtype=float).reshape(len(rows), len(numeric))
+            matrix = np.fromiter(chain.from_iterable(map(grab, rows)), dtype=float,
+                                 count=len(rows) * len(numeric)).reshape(len(rows), len(numeric))
             out = {name: matrix[:, j] for j, name in enumerate(numeric)}
         except (KeyError, TypeError, ValueError):
             out = {}  # a missing key or a bad value: the per-column path below says which
