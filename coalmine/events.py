@@ -379,7 +379,13 @@ def _non_negative_column(values) -> bool:
 
 def _members_column(*allowed: str) -> Callable:
     members = frozenset(allowed)
-    return lambda values: _types(values) <= _STR and members.issuperset(values)
+
+    def check(values) -> bool:
+        try:
+            return members.issuperset(values)  # a number is no member; a list or an object raises
+        except TypeError:
+            return False
+    return check
 
 
 def _mappings_column(value_types: frozenset) -> Callable:
@@ -409,33 +415,52 @@ _COLUMNS: dict[str, tuple[dict[str, Callable], Callable | None]] = {
 }
 
 
-def _batch_valid(kind: str, docs: list) -> bool:
-    """True when every parsed document in ``docs`` is a valid ``kind`` event; False when the
-    column checks cannot vouch for all of them (then :func:`validate` decides one by one)."""
+class Events(list):
+    """Valid events, in batch order. ``columns`` (field -> the events' values, in order) is
+    kept when the column checks vouched for the whole batch: stage 1 then reads fields from
+    it instead of extracting them again (see :func:`values_of`)."""
+
+    columns: dict[str, list] | None = None
+
+
+def values_of(events: list[dict], name: str) -> list:
+    """Every event's ``name``; ``KeyError`` if one lacks it."""
+    columns = getattr(events, "columns", None)
+    values = columns.get(name) if columns is not None else None
+    if values is not None and len(values) == len(events):
+        return values
+    return list(map(itemgetter(name), events))
+
+
+def _batch_columns(kind: str, docs: list) -> dict[str, list] | None:
+    """The columns (field -> values of the documents that have it) when every parsed document
+    in ``docs`` is a valid ``kind`` event; None when the column checks cannot vouch for all
+    of them (then :func:`validate` decides one by one)."""
     if kind not in _COLUMNS or not docs or _types(docs) != _DICT:
-        return not docs
+        return None if docs else {}
     shape, (checks, rule) = _SHAPES[kind], _COLUMNS[kind]
     present = set().union(*docs)
     if not present <= shape.fields.keys():
-        return False
+        return None
     try:
         columns = {name: list(map(itemgetter(name), docs)) for name in shape.required}
     except KeyError:
-        return False
+        return None
     for name in present - shape.required_set:
         columns[name] = [d[name] for d in docs if name in d]
-    return all(checks[name](values) for name, values in columns.items()) and (rule is None or rule(columns))
+    valid = all(checks[name](values) for name, values in columns.items()) and (rule is None or rule(columns))
+    return columns if valid else None
 
 
 def _suspects(kind: str, docs: list, start: int = 0) -> list[int]:
-    """Positions (from ``start``) of the documents the column checks cannot vouch for, found
-    by halving: a batch with a few bad events costs a few more column checks, not a slow path."""
-    if _batch_valid(kind, docs):
-        return []
+    """Positions (from ``start``) in a batch the column checks could not vouch for of the
+    documents they cannot vouch for, found by halving: a few bad events cost a few more
+    column checks, not a slow path."""
     if len(docs) <= _SMALL_BATCH:
         return list(range(start, start + len(docs)))
     mid = len(docs) // 2
-    return _suspects(kind, docs[:mid], start) + _suspects(kind, docs[mid:], start + mid)
+    halves = ((docs[:mid], start), (docs[mid:], start + mid))
+    return [p for half, at in halves if _batch_columns(kind, half) is None for p in _suspects(kind, half, at)]
 
 
 def _loads(kind: str, raws: list) -> tuple[list, list[int], list[tuple[int, str]]]:
@@ -461,17 +486,20 @@ def split_valid(kind: str, raws: list[bytes], known_models: set[str] | None = No
     batch order). With ``known_models``, an event of any other model is invalid:
     ``unknown model 'x'``."""
     docs, where, invalid = _loads(kind, raws)
+    columns = _batch_columns(kind, docs)
     reasons = {}
-    for pos in _suspects(kind, docs):
+    for pos in _suspects(kind, docs) if columns is None else ():
         try:
             validate(kind, docs[pos])
         except InvalidEvent as exc:
             reasons[pos] = exc.reason
     docs, where = _set_aside(docs, where, reasons, invalid)
-    if known_models is not None and not known_models.issuperset(map(itemgetter("model"), docs)):
-        docs, where = _set_aside(docs, where, {p: f"unknown model {d['model']!r}" for p, d in enumerate(docs)
-                                               if d["model"] not in known_models}, invalid)
-    return docs, sorted(invalid)
+    valid = Events(docs)
+    valid.columns = columns if len(docs) == len(raws) else None
+    if known_models is not None and not known_models.issuperset(values_of(valid, "model")):
+        unknown = {p: f"unknown model {d['model']!r}" for p, d in enumerate(docs) if d["model"] not in known_models}
+        valid = Events(_set_aside(docs, where, unknown, invalid)[0])
+    return valid, sorted(invalid)
 
 
 def _set_aside(docs: list, where: list[int], reasons: dict[int, str], invalid: list) -> tuple[list, list[int]]:

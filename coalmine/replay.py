@@ -10,7 +10,6 @@ import sys
 from collections import Counter
 from contextlib import contextmanager
 from itertools import islice
-from operator import itemgetter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -114,7 +113,7 @@ def _replay_files(config: Config, predictions: Path, labels: Path | None, progre
     label_chunks = _chunks(labels, "label", models, run.dead) if labels else iter(())
     bar = _progress(predictions, progress)
     for chunk in _chunks(predictions, "prediction", models, run.dead):
-        horizon = max(map(itemgetter("ts"), chunk), default=0)
+        horizon = max(contract.values_of(chunk, "ts"), default=0)
         while not pending_labels or pending_labels[-1]["ts"] <= horizon:
             nxt = next(label_chunks, None)
             if nxt is None:

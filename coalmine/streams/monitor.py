@@ -18,13 +18,13 @@ import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
 from scipy import special
 
 from coalmine.config import ModelConfig
+from coalmine.events import values_of
 from coalmine.streams import calibration, drift
 from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.reference import PREDICTION, ReferenceData, load_reference
@@ -36,8 +36,6 @@ from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, colu
 VARIANTS = ("champion", "canary", "shadow")
 _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
 # field getters for the hot path: map() with these runs in C, a comprehension in Python
-_TS, _MODEL, _VARIANT, _STATUS, _FEATURES, _PREDICTION, _LATENCY = map(
-    itemgetter, ("ts", "model", "variant", "status", "features", "prediction", "latency_ms"))
 _STATUS_FAILED = {"ok": False, "error": True}
 
 
@@ -53,7 +51,7 @@ def _coded(values: list, codes: dict, dtype) -> np.ndarray:
 def _latencies(events: list[dict]) -> np.ndarray:
     """Each event's ``latency_ms``, NaN where it reported none."""
     try:
-        return np.fromiter(map(_LATENCY, events), dtype=float, count=len(events))
+        return np.array(values_of(events, "latency_ms"), dtype=float)
     except KeyError:
         return np.array([e.get("latency_ms", np.nan) for e in events], dtype=float)
 
@@ -280,7 +278,7 @@ class Sketcher:
         """Fold valid prediction events; return (index, reason) of those rejected (unknown
         model, wrong value types, later than the watermark)."""
         rejected: list[tuple[int, str]] = []
-        models = set(map(_MODEL, events))
+        models = set(values_of(events, "model"))
         if len(models) == 1:  # the common case: no regrouping
             by_model = {models.pop(): (events, range(len(events)))}
         else:
@@ -297,7 +295,7 @@ class Sketcher:
 
     def _fold_model(self, model: str, events: list[dict], idx: list[int]) -> list[tuple[int, str]]:
         mon = self.monitors[model]
-        ts = np.fromiter(map(_TS, events), dtype=np.int64, count=len(events))
+        ts = np.array(values_of(events, "ts"), dtype=np.int64)
         self._advance(int(ts.max()))  # safe before the late check: that compares with closed_through
         ok = ts >= self.closed_through[model]
         rejected = []
@@ -311,7 +309,7 @@ class Sketcher:
             if not events:
                 return rejected
         try:
-            cols = column_arrays(mon.layout, list(map(_FEATURES, events)), list(map(_PREDICTION, events)))
+            cols = column_arrays(mon.layout, values_of(events, "features"), values_of(events, "prediction"))
         except TypeError:
             # rare: find the culprits one by one, fold the rest
             good, bad = [], []
@@ -324,10 +322,10 @@ class Sketcher:
             return rejected + bad + (self._fold_model(model, *map(list, zip(*good))) if good else [])
         bucket_ms = mon.cfg.bucket_ms
         buckets = ts // bucket_ms
-        variants = _coded(list(map(_VARIANT, events)), _VARIANT_CODE, np.int64)
+        variants = _coded(values_of(events, "variant"), _VARIANT_CODE, np.int64)
         keys, groups = np.unique(buckets * len(VARIANTS) + variants, return_inverse=True)
         summaries = mon.layout.fold(cols, groups, len(keys))
-        failed = _coded(list(map(_STATUS, events)), _STATUS_FAILED, bool)
+        failed = _coded(values_of(events, "status"), _STATUS_FAILED, bool)
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
         lat_bins = latency_bins(_latencies(events))
         has = lat_bins >= 0
