@@ -81,6 +81,7 @@ class NumericBlock:
     columns: list[ColumnModel]
     bins: np.ndarray  # (columns, bins): indices into the flat summary arrays
     edges: np.ndarray  # (columns, bins - 1)
+    rank_scores: np.ndarray  # (columns, bins)
     ks: drift.KolmogorovSmirnov
     wasserstein: drift.Wasserstein
 
@@ -88,16 +89,26 @@ class NumericBlock:
     def stack(cls, columns: list[ColumnModel]) -> "NumericBlock":
         ref = np.stack([c.ref_counts for c in columns])
         return cls(columns, np.stack([np.arange(c.bins.start, c.bins.stop) for c in columns]),
-                   np.stack([c.edges for c in columns]), drift.KolmogorovSmirnov(ref),
+                   np.stack([c.edges for c in columns]), np.stack([c.rank_scores for c in columns]),
+                   drift.KolmogorovSmirnov(ref),
                    drift.Wasserstein(np.stack([c.ref_pos for c in columns]), ref, np.array([c.sd for c in columns])))
 
-    def statistics(self, window: "Summary") -> dict[str, tuple[float, float, float, float]]:
-        """Column name -> (KS, its p-value, Wasserstein-1 / reference SD, PSI) on ``window``."""
+    def statistics(self, window: "Summary") -> dict[str, tuple[int, float, float, float, float]]:
+        """Column name -> (events with a value, KS, its p-value, Wasserstein-1 / reference SD,
+        PSI) on ``window``."""
         counts = window.counts[self.bins]
         ks = self.ks.update(counts)
         w = self.wasserstein.update(drift.bin_positions(counts, window.sums[self.bins], self.edges), counts)
         psi = drift.psi_statistic(self.ks.ref_counts, counts)
-        rows = zip(ks.statistic.tolist(), ks.p_value.tolist(), w.normalized.tolist(), psi.tolist())
+        rows = zip(counts.sum(axis=1).tolist(), ks.statistic.tolist(), ks.p_value.tolist(),
+                   w.normalized.tolist(), psi.tolist())
+        return dict(zip((c.name for c in self.columns), rows))
+
+    def rank_sums(self, bucket: "Summary") -> dict[str, tuple[int, float]]:
+        """Column name -> (events with a value, sum of their reference mid-ranks): what the
+        rank CUSUMs take from a bucket."""
+        counts = bucket.counts[self.bins]
+        rows = zip(counts.sum(axis=1).tolist(), (counts * self.rank_scores).sum(axis=1).tolist())
         return dict(zip((c.name for c in self.columns), rows))
 
 
@@ -640,17 +651,15 @@ class Evaluator:
         windows = self.window.append(bucket)
         ring = self.window.buckets
         end = bucket.start + self.cfg.bucket_ms
-        evs = []
+        out = Emitted([], [], [])
+        ctx = {variant: {"model": self.cfg.name, "ts": end, "window": {
+            "start_ts": ring[0].start, "end_ts": end, "n": window.n}, "variant": variant}
+            for variant, window in windows.items()}
         for variant, window in windows.items():
-            evs += [{"variant": variant, **e} for e in self._checks(variant, window, bucket.variants.get(variant))]
+            out.evaluations.extend(self._checks(ctx[variant], variant, window, bucket.variants.get(variant)))
         q = self.mon.tail(max(sum(w.n for w in windows.values()), 1))
         rollout_evs, verdicts = self.judge.evaluate(ring, end, windows, bucket.variants, self.versions, q)
-        evs += rollout_evs
-        out = Emitted([], [], [])
-        for e in evs:
-            ctx = {"model": self.cfg.name, "ts": end, "window": {
-                "start_ts": ring[0].start, "end_ts": end, "n": windows[e["variant"]].n}}
-            out.evaluations.append({**ctx, **e})
+        out.evaluations.extend({**ctx[e["variant"]], **e} for e in rollout_evs)
         for group in _group(out.evaluations):
             exceeded = any(e["value"] > e["threshold"] for e in group)
             worst = max(group, key=lambda e: e["value"] / max(e["threshold"], 1e-12))
@@ -662,57 +671,61 @@ class Evaluator:
         out.commands.extend(self.judge.decide(end, self.versions, verdicts, self.alerts.ids))
         return out
 
-    def _checks(self, variant: str, window: Summary, current: Summary | None) -> list[dict]:
-        mon, checks = self.mon, self.cfg.checks
+    def _checks(self, ctx: dict, variant: str, window: Summary, current: Summary | None) -> list[dict]:
+        """Evaluations of ``variant``'s window (each ``ctx`` plus one statistic); the rank
+        CUSUMs take in ``current``, the bucket just closed."""
+        mon, checks, least = self.mon, self.cfg.checks, self.cfg.min_window_events
         out: list[dict] = []
         cusums = self.cusums[variant] if variant in self.cusums else self.cusums.setdefault(variant, mon.new_cusums())
         q = mon.tail(max(window.n, 1))
-        numeric = {k: v for b in self.blocks for k, v in b.statistics(window).items()} \
-            if "drift" in checks or "prediction_drift" in checks else {}
+        numeric = {}
+        for block in self.blocks:
+            if current is not None and current.n:
+                for name, (n, score) in block.rank_sums(current).items():
+                    cusums[name].update(n, score)
+            if "drift" in checks or "prediction_drift" in checks:
+                numeric.update(block.statistics(window))
         for j, col in enumerate(mon.columns):
             check = "prediction_drift" if col.name == PREDICTION else "drift"
             feature = None if col.name == PREDICTION else col.name
-            if col.name in cusums and current is not None and current.n:
-                counts = current.counts[col.bins]
-                cusums[col.name].update(int(counts.sum()), float(counts @ col.rank_scores))
             if check not in checks:
                 continue
-            win_counts = window.counts[col.bins]
-            n = int(win_counts.sum())
-            if n >= self.cfg.min_window_events:
-                out += self._drift(col, check, feature, window, n, q, numeric.get(col.name))
-            if col.name in cusums:
+            base = {**ctx, "check": check, "feature": feature}
+            if col.kind == NUMERIC:
+                n, *statistics = numeric[col.name]
+                if n >= least:
+                    out += self._numeric_drift(col, base, n, q, *statistics)
                 c = cusums[col.name]
-                out.append({"check": check, "feature": feature, "statistic": "cusum",
-                            "value": c.statistic, "threshold": c.threshold, "p_value": None})
-            if "missing_rate" in checks and feature and window.n >= self.cfg.min_window_events:
-                out.append(self._missing(col, feature, int(window.missing[j]), window.n, q))
-        if "performance" in checks and mon.ref_abs_errors is not None and window.labelled >= self.cfg.min_window_events:
-            out.append(self._regression_performance(window, q))
-        elif "performance" in checks and mon.ref_error_rate is not None \
-                and window.labelled >= self.cfg.min_window_events:
-            out.append(self._performance(window, q))
+                out.append({**base, "statistic": "cusum", "value": c.statistic, "threshold": c.threshold,
+                            "p_value": None})
+            elif (n := int(window.counts[col.bins].sum())) >= least:
+                out += self._categorical_drift(col, base, window.counts[col.bins], n, q)
+            if "missing_rate" in checks and feature and window.n >= least:
+                out.append({**ctx, **self._missing(col, feature, int(window.missing[j]), window.n, q)})
+        if "performance" in checks and mon.ref_abs_errors is not None and window.labelled >= least:
+            out.append({**ctx, **self._regression_performance(window, q)})
+        elif "performance" in checks and mon.ref_error_rate is not None and window.labelled >= least:
+            out.append({**ctx, **self._performance(window, q)})
         return out
 
-    def _drift(self, col: ColumnModel, check: str, feature, window: Summary, n: int, q: float,
-               numeric: tuple[float, float, float, float] | None) -> list[dict]:
-        """Evaluations of one column; a numeric one's statistics come from its block."""
-        counts = window.counts[col.bins]
-        base = {"check": check, "feature": feature}
-        if col.kind == NUMERIC:
-            ks, ks_p, wasserstein, psi = numeric
-            scale = math.sqrt(float(drift.effective_n(col.ref_counts.sum(), n)))
-            return [
-                {**base, "statistic": "ks", "value": ks,
-                 "threshold": col.fits["ks"].threshold(n, q) / scale, "p_value": ks_p},
-                {**base, "statistic": "wasserstein", "value": wasserstein,
-                 "threshold": col.fits["wasserstein"].threshold(n, q) / scale, "p_value": None},
-                {**base, "statistic": "psi", "value": psi, "threshold": None, "p_value": None},
-            ]
+    @staticmethod
+    def _numeric_drift(col: ColumnModel, base: dict, n: int, q: float, ks: float, ks_p: float,
+                       wasserstein: float, psi: float) -> list[dict]:
+        scale = math.sqrt(float(drift.effective_n(col.ref_counts.sum(), n)))
+        return [
+            {**base, "statistic": "ks", "value": ks, "threshold": col.fits["ks"].threshold(n, q) / scale,
+             "p_value": ks_p},
+            {**base, "statistic": "wasserstein", "value": wasserstein,
+             "threshold": col.fits["wasserstein"].threshold(n, q) / scale, "p_value": None},
+            {**base, "statistic": "psi", "value": psi, "threshold": None, "p_value": None},
+        ]
+
+    @staticmethod
+    def _categorical_drift(col: ColumnModel, base: dict, counts: np.ndarray, n: int, q: float) -> list[dict]:
         chi = drift.ChiSquare(col.ref_counts).update(counts)
         return [
-            {**base, "statistic": "chi2", "value": chi.statistic,
-             "threshold": col.fits["chi2"].threshold(n, q), "p_value": chi.p_value},
+            {**base, "statistic": "chi2", "value": chi.statistic, "threshold": col.fits["chi2"].threshold(n, q),
+             "p_value": chi.p_value},
             {**base, "statistic": "jensen_shannon", "value": float(drift.js_statistic(col.ref_counts, counts)),
              "threshold": None, "p_value": None},
         ]
