@@ -56,13 +56,15 @@ def test_reference_from_jsonl_csv_and_parquet_agree(tmp_path):
     import pyarrow.parquet as pq
 
     simulator.write_reference(tmp_path / "ref.jsonl", n=500)
-    rows = [{**e["features"], "prediction": e["prediction"], "label": e["label"]}
+    rows = [{**e["features"], "prediction": e["prediction"], "label": e["label"],
+             **{f"scores.{c}": p for c, p in e["scores"].items()}}
             for e in map(orjson.loads, (tmp_path / "ref.jsonl").read_bytes().splitlines())]
     names = list(rows[0])
     (tmp_path / "ref.csv").write_text(",".join(names) + "\n" + "\n".join(
         ",".join(str(r[k]) for k in names) for r in rows) + "\n")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ref.parquet")
     refs = [load_reference(tmp_path / f"ref.{ext}") for ext in ("jsonl", "csv", "parquet")]
+    assert [n for n in refs[0].columns if n.startswith("scores.")] == ["scores.0", "scores.1"]
     for ref in refs[1:]:
         assert list(ref.columns) == list(refs[0].columns)
         for name in ref.columns:

@@ -190,3 +190,35 @@ def test_sliding_window_equals_the_sum_of_its_buckets():
         for v, summary in got.items():
             assert summary.n == expected[v].n and summary.counts.tolist() == expected[v].counts.tolist()
             np.testing.assert_allclose(summary.sums, expected[v].sums, rtol=1e-12, atol=1e-9)
+
+
+def scored_stream(buckets, unsure_from=None, seed=4):
+    """A binary classifier that always predicts 1, with P(1) = 0.5 + Beta(8, 2) / 2; from
+    ``unsure_from`` on, Beta(4, 2): the same predictions, less sure."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(buckets):
+        p1 = 0.5 + rng.beta(8 if unsure_from is None or b < unsure_from else 4, 2, PER_BUCKET) / 2
+        f0 = rng.standard_normal(PER_BUCKET)
+        out += [{"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "version": "1",
+                 "variant": "champion", "ts": b * 1000 + j * 4, "features": {"f0": float(f0[j])},
+                 "prediction": 1, "scores": {"0": float(1 - p1[j]), "1": float(p1[j])}, "status": "ok"}
+                for j in range(PER_BUCKET)]
+    return out
+
+
+def test_score_drift_fires_prediction_drift_for_the_class_scores():
+    """Predictions unchanged, scores drifting: prediction_drift names each class's score; the
+    same model is silent while nothing changes."""
+    from coalmine.streams.reference import event_rows, reference_from_rows
+
+    ref = reference_from_rows(event_rows(scored_stream(25, seed=1)))
+    assert [n for n in ref.columns if n != "f0"] == ["prediction", "scores.0", "scores.1"]
+    cfg = ModelConfig(name="m", reference=None, bucket_ms=1000, window_ms=20_000,
+                      checks=("drift", "prediction_drift"))
+    scored = ModelMonitor(cfg, ref)
+    assert run(scored, scored_stream(150)) == []
+    firing = [a for a in run(scored, scored_stream(120, unsure_from=60)) if a["state"] == "firing"]
+    assert {(a["check"], a["feature"]) for a in firing} == {("prediction_drift", "scores.0"),
+                                                            ("prediction_drift", "scores.1")}
+    assert all(60_000 < a["ts"] <= 65_000 for a in firing)

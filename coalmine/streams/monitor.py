@@ -27,7 +27,7 @@ from coalmine.config import ModelConfig
 from coalmine.events import values_of
 from coalmine.streams import calibration, drift
 from coalmine.streams.alerts import AlertTracker
-from coalmine.streams.reference import PREDICTION, ReferenceData, load_reference
+from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output, load_reference
 from coalmine.streams.rollout import RolloutPolicy, latency_bins
 from coalmine.streams.rollout_checks import RolloutJudge
 from coalmine.streams.sequential import CUSUM, cusum_threshold
@@ -124,7 +124,7 @@ class ModelMonitor:
         self.ref_error_rate = self._reference_error_rate(ref)
         self.ref_abs_errors = self._reference_abs_errors(ref)
         if "prediction_drift" not in cfg.checks:
-            ref = ReferenceData({k: v for k, v in ref.columns.items() if k != PREDICTION}, ref.labels)
+            ref = ReferenceData({k: v for k, v in ref.columns.items() if not is_model_output(k)}, ref.labels)
         self.reference = ref
         self.layout = Layout.from_reference(ref, cfg.bins)
         self.ref_summary = self.layout.fold(ref.columns)
@@ -137,13 +137,14 @@ class ModelMonitor:
             calibration.store_cached(key, [c.fits for c in self.columns])
         self.tests = self._count_tests()
         self.policy = RolloutPolicy(**cfg.settings)
+        self.scored = any(n.startswith(SCORES) for n in self.layout.names)
         self.joins_needed = any(c in cfg.checks for c in ("performance", "shadow", "ab", "canary"))
         self.cusum_h = cusum_threshold(2 * cfg.false_alarm_every_events * self.tests,
                                        cfg.shift_to_detect_sd / 2)
 
     @property
     def feature_names(self) -> list[str]:
-        return [n for n in self.layout.names if n != PREDICTION]
+        return [n for n in self.layout.names if not is_model_output(n)]
 
     def _calibration_key(self, seed: int) -> str:
         """Everything the simulated thresholds depend on: same key, same thresholds."""
@@ -320,13 +321,14 @@ class Sketcher:
             if not events:
                 return rejected
         try:
-            cols = column_arrays(mon.layout, values_of(events, "features"), values_of(events, "prediction"))
+            cols = column_arrays(mon.layout, values_of(events, "features"), values_of(events, "prediction"),
+                                 [e.get("scores") for e in events] if mon.scored else None)
         except TypeError:
             # rare: find the culprits one by one, fold the rest
             good, bad = [], []
             for e, i in zip(events, idx):
                 try:
-                    column_arrays(mon.layout, [e["features"]], [e.get("prediction")])
+                    column_arrays(mon.layout, [e["features"]], [e.get("prediction")], [e.get("scores")])
                     good.append((e, i))
                 except TypeError as exc:
                     bad.append((i, f"features.{exc.args[0]}: expected a number for a numeric feature"))
@@ -686,7 +688,7 @@ class Evaluator:
             if "drift" in checks or "prediction_drift" in checks:
                 numeric.update(block.statistics(window))
         for j, col in enumerate(mon.columns):
-            check = "prediction_drift" if col.name == PREDICTION else "drift"
+            check = "prediction_drift" if is_model_output(col.name) else "drift"
             feature = None if col.name == PREDICTION else col.name
             if check not in checks:
                 continue
@@ -700,7 +702,7 @@ class Evaluator:
                             "p_value": None})
             elif (n := int(window.counts[col.bins].sum())) >= least:
                 out += self._categorical_drift(col, base, window.counts[col.bins], n, q)
-            if "missing_rate" in checks and feature and window.n >= least:
+            if "missing_rate" in checks and check == "drift" and window.n >= least:
                 out.append({**ctx, **self._missing(col, feature, int(window.missing[j]), window.n, q)})
         if "performance" in checks and mon.ref_abs_errors is not None and window.labelled >= least:
             out.append({**ctx, **self._regression_performance(window, q)})

@@ -2,7 +2,7 @@
 
 A JSONL reference holds prediction events (a slice of the topic, as a user would export it),
 optionally with a ``label`` key per row; a CSV or Parquet reference holds one column per
-feature plus optional ``prediction`` and ``label`` columns. A model may instead take "the
+feature plus optional ``prediction``, ``scores.<class>`` and ``label`` columns. A model may instead take "the
 first N events" of its own traffic (``reference_first_events``): see :func:`first_events`.
 """
 
@@ -16,6 +16,13 @@ import numpy as np
 import orjson
 
 PREDICTION = "prediction"
+#: columns ``scores.<class>``: the probability a prediction event gave each class
+SCORES = "scores."
+
+
+def is_model_output(name: str) -> bool:
+    """The prediction or a class score: watched by ``prediction_drift``, not ``drift``."""
+    return name == PREDICTION or name.startswith(SCORES)
 
 
 @dataclass(frozen=True)
@@ -48,13 +55,15 @@ def _csv_value(text: str):
 
 def event_rows(events: list[dict]) -> list[dict]:
     """Reference rows from prediction events (failed requests left out): features, the
-    prediction, and ``label`` where the event carries one."""
+    prediction, the class scores (``scores.<class>``), and ``label`` where the event carries
+    one."""
     rows = []
     for event in events:
         if event.get("status", "ok") != "ok":
             continue
         row = dict(event["features"])
         row[PREDICTION] = event.get("prediction")
+        row.update((SCORES + c, p) for c, p in (event.get("scores") or {}).items())
         if "label" in event:
             row["label"] = event["label"]
         rows.append(row)
@@ -106,13 +115,14 @@ def reference_from_rows(rows: list[dict], features: tuple[str, ...] | None = Non
     if not rows:
         raise ValueError(f"{source}: the reference holds no rows")
     present = list(dict.fromkeys(k for row in rows[:1000] for k in row))
-    names = list(features) if features else [k for k in present if k not in (PREDICTION, "label")]
+    names = list(features) if features else [k for k in present if k != "label" and not is_model_output(k)]
     missing = [f for f in names if f not in present]
     if missing:
         raise ValueError(f"{source}: feature {missing[0]!r} is not in the reference")
     columns = {name: _column([row.get(name) for row in rows]) for name in names}
-    if any(row.get(PREDICTION) is not None for row in rows):
-        columns[PREDICTION] = _column([row.get(PREDICTION) for row in rows])
+    for name in [PREDICTION, *sorted(k for k in present if k.startswith(SCORES))]:
+        if any(row.get(name) is not None for row in rows):
+            columns[name] = _column([row.get(name) for row in rows])
     has_labels = any(row.get("label") is not None for row in rows)
     labels = np.array([row.get("label") for row in rows], dtype=object) if has_labels else None
     return ReferenceData(columns=columns, labels=labels)

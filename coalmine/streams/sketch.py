@@ -30,7 +30,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from coalmine.streams.reference import ReferenceData
+from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output
 from coalmine.streams.rollout import LATENCY_EDGES_MS
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
@@ -183,13 +183,16 @@ _ARRAYS = {"counts": np.int64, "sums": float, "missing": np.int64, "latency": np
 _FIELDS = tuple(f.name for f in fields(Summary))
 
 
-def column_arrays(layout: Layout, rows: list[dict], predictions: list) -> dict[str, np.ndarray]:
-    """Feature dicts (one per event) -> one array per column, ready for :meth:`Layout.fold`.
+def column_arrays(layout: Layout, rows: list[dict], predictions: list,
+                  scores: list[dict | None] | None = None) -> dict[str, np.ndarray]:
+    """Feature dicts, predictions and class-score dicts (one each per event; ``scores`` only
+    when the layout has ``scores.<class>`` columns) -> one array per column, ready for
+    :meth:`Layout.fold`.
 
     Numeric columns become float arrays with NaN for missing values; a value of the wrong
     type raises ``TypeError`` naming the column (the caller dead-letters that event).
     """
-    numeric = [n for n in layout.names if layout.kinds[n] == NUMERIC and n != "prediction"]
+    numeric = [n for n in layout.names if layout.kinds[n] == NUMERIC and not is_model_output(n)]
     out: dict[str, np.ndarray] = {}
     if len(numeric) > 1:
         try:  # the common case, every feature present: one C-level lookup per event
@@ -202,7 +205,12 @@ def column_arrays(layout: Layout, rows: list[dict], predictions: list) -> dict[s
     for name in layout.names:
         if name in out:
             continue
-        values = predictions if name == "prediction" else [r.get(name) for r in rows]
+        if name == PREDICTION:
+            values = predictions
+        elif name.startswith(SCORES):
+            values = [(s or {}).get(name[len(SCORES):]) for s in scores or [None] * len(rows)]
+        else:
+            values = [r.get(name) for r in rows]
         if layout.kinds[name] == NUMERIC:
             try:
                 out[name] = np.array(values, dtype=float)
