@@ -222,3 +222,34 @@ def test_score_drift_fires_prediction_drift_for_the_class_scores():
     assert {(a["check"], a["feature"]) for a in firing} == {("prediction_drift", "scores.0"),
                                                             ("prediction_drift", "scores.1")}
     assert all(60_000 < a["ts"] <= 65_000 for a in firing)
+
+
+def test_a_version_hand_over_mid_bucket_is_not_credited_to_the_new_version(monitor):
+    """The router swaps the canary from v2 to v3 in the middle of bucket 10: that bucket still
+    counts for v2 (a healthy v2 must not vouch for v3), and v3's window starts with bucket 11,
+    whichever partition saw which version first."""
+    events = stream(14)
+    for e in events:
+        b, j = map(int, e["event_id"].split("-"))
+        e["variant"] = "canary" if j % 2 else "champion"
+        if e["variant"] == "canary":
+            e["version"] = "v3" if b > 10 or (b == 10 and j >= PER_BUCKET // 2) else "v2"
+    for sources in (1, 3):
+        sketchers = [Sketcher({"m": monitor}, source=s) for s in range(sources)]
+        evaluator = Evaluator(monitor, sources=sources)
+        seen, evaluate = {}, evaluator.evaluate
+
+        def watch(bucket):
+            out = evaluate(bucket)
+            seen[bucket.start] = (evaluator.versions.get("canary"), evaluator.window.sums["canary"].n)
+            return out
+
+        evaluator.evaluate = watch
+        for s, sk in enumerate(sketchers):
+            sk.add_predictions([e for e in events if zlib.crc32(e["request_id"].encode()) % sources == s])
+        for sk in sketchers:
+            for p in sk.flush():
+                evaluator.add(p)
+        canary_n = sum(1 for e in events if e["variant"] == "canary" and e["ts"] // 1000 == 11)
+        assert seen[10_000][0] == "v2"  # the hand-over bucket still counts for v2
+        assert seen[11_000] == ("v3", canary_n)  # v3's window: bucket 11 alone

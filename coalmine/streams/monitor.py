@@ -270,7 +270,7 @@ class Sketcher:
         # request_id -> {variant: (model, prediction, ts, latency)}: labels and shadow pairing
         self.joins: dict[str, dict[str, tuple]] = {}
         self.early_labels: dict[str, dict] = {}  # request_id -> label that came before its prediction
-        # model -> (bucket start, variant) -> version serving it (the last one seen there)
+        # model -> (bucket start, variant) -> version serving it (the first one seen there)
         self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in monitors}
         self.shadow_seen: dict[str, int] = {}  # model -> latest shadow answer's ts
         # request_id -> (variant, (model, prediction, ts, latency)): the first of a champion and
@@ -344,14 +344,13 @@ class Sketcher:
         has = lat_bins >= 0
         lat_hist = np.bincount(groups[has] * LATENCY_BINS + lat_bins[has],
                                minlength=len(keys) * LATENCY_BINS).reshape(len(keys), LATENCY_BINS)
-        _, first_from_end = np.unique(groups[::-1], return_index=True)
-        last = len(events) - 1 - first_from_end  # index of each group's last event
+        _, first = np.unique(groups, return_index=True)  # each group's first event
         state, versions = self.open[model], self.versions[model]
-        for key, summary, err, hist, i in zip(keys.tolist(), summaries, errors.tolist(), lat_hist, last.tolist()):
+        for key, summary, err, hist, i in zip(keys.tolist(), summaries, errors.tolist(), lat_hist, first.tolist()):
             summary.errors, summary.latency = int(err), hist
             k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
             state[k] = state[k] + summary if k in state else summary
-            versions[k] = events[i]["version"]
+            versions.setdefault(k, events[i]["version"])  # a hand-over bucket is the old version's
         if mon.joins_needed:
             self._join_predictions(model, mon, events)
         return rejected
@@ -587,7 +586,8 @@ class Evaluator:
         self.alerts = AlertTracker(monitor.cfg.name)
         self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy, monitor.cfg.bucket_ms)
         self.versions: dict[str, str] = {}  # variant -> version serving it, as of the evaluated bucket
-        self.bucket_versions: dict[int, dict[str, str]] = {}  # pending bucket -> variant -> version
+        # pending bucket -> variant -> the version each source saw first in it
+        self.bucket_versions: dict[int, dict[str, set[str]]] = {}
         self.late_partials = 0
         self.blocks = monitor.numeric_blocks()
 
@@ -607,7 +607,7 @@ class Evaluator:
             for variant, d in variants.items():
                 version = d.pop("version", None)
                 if version is not None:
-                    self.bucket_versions.setdefault(start, {})[variant] = version
+                    self.bucket_versions.setdefault(start, {}).setdefault(variant, set()).add(version)
                 s = Summary.from_dict(d)
                 merged[variant] = merged[variant] + s if variant in merged else s
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
@@ -640,12 +640,17 @@ class Evaluator:
         return out
 
     def _forget_replaced_versions(self, start: int) -> None:
-        """A variant now served by another version starts a fresh window (and CUSUM)."""
-        for variant, version in self.bucket_versions.pop(start, {}).items():
-            if self.versions.get(variant, version) != version:
+        """A variant now served by another version starts a fresh window (and CUSUM). The
+        bucket in which the router switched belongs to the old version while any source saw
+        it there first: the old version's traffic must not vouch for the new one."""
+        for variant, seen in self.bucket_versions.pop(start, {}).items():
+            current = self.versions.get(variant)
+            if current in seen:
+                continue
+            if current is not None:
                 self.window.forget(variant)
                 self.cusums.pop(variant, None)
-            self.versions[variant] = version
+            self.versions[variant] = min(seen)
 
     def evaluate(self, bucket: Bucket) -> "Emitted":
         """Slide the window by one bucket and run every check on each variant."""
