@@ -171,21 +171,9 @@ def _or_null(check: Callable) -> Callable:
     return or_null
 
 
-_NUMERIC_TYPES = frozenset({int, float})
-
-
 def _mapping_of(check: Callable, what: str) -> Callable:
-    """An object whose every value passes ``check`` (which accepts finite numbers); a defect
-    names the entry. The hot spot of the hot path, so all-numeric objects are checked in C:
-    their sum is finite unless one value is NaN or infinite, or the sum overflows; then, and
-    for any other values, value by value."""
+    """An object whose every value passes ``check``; a defect names the entry."""
     def mapping(v) -> None:
-        if type(v) is dict and _NUMERIC_TYPES.issuperset(map(type, v.values())):
-            try:
-                if math.isfinite(math.fsum(v.values())):
-                    return
-            except OverflowError:
-                pass
         if type(v) is not dict:
             raise _wrong(f"an object of {what}", v)
         for name, x in v.items():

@@ -49,7 +49,11 @@ def _proportions(counts: np.ndarray, eps: float = 0.0) -> np.ndarray:
 def ks_statistic(ref_counts: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
     r"""Kolmogorov-Smirnov distance between two histograms on the same bins,
     :math:`D = \max_k |F_{ref}(e_k) - F_{win}(e_k)|`."""
-    return np.abs(_cdf(ref_counts) - _cdf(win_counts)).max(axis=-1)
+    return _ks_from_cdf(_cdf(ref_counts), win_counts)
+
+
+def _ks_from_cdf(ref_cdf: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
+    return np.abs(ref_cdf - _cdf(win_counts)).max(axis=-1)
 
 
 def bin_positions(counts: np.ndarray, sums: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
@@ -168,7 +172,7 @@ class KolmogorovSmirnov:
         self.statistic = self.standardized = 0.0
 
     def update(self, win_counts: np.ndarray) -> "KolmogorovSmirnov":
-        d = np.abs(self._ref_cdf - _cdf(win_counts)).max(axis=-1)
+        d = _ks_from_cdf(self._ref_cdf, win_counts)
         self.statistic = _result(d)
         self.standardized = _result(d * np.sqrt(effective_n(self._ref_n, win_counts.sum(axis=-1))))
         return self

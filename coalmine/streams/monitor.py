@@ -35,8 +35,12 @@ from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, colu
 
 VARIANTS = ("champion", "canary", "shadow")
 _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
-# field getters for the hot path: map() with these runs in C, a comprehension in Python
 _STATUS_FAILED = {"ok": False, "error": True}
+
+
+def _accumulate(table: dict, key, summary: Summary) -> None:
+    """Merge ``summary`` into ``table[key]``."""
+    table[key] = table[key] + summary if key in table else summary
 
 
 def _coded(values: list, codes: dict, dtype) -> np.ndarray:
@@ -349,7 +353,7 @@ class Sketcher:
         for key, summary, err, hist, i in zip(keys.tolist(), summaries, errors.tolist(), lat_hist, first.tolist()):
             summary.errors, summary.latency = int(err), hist
             k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
-            state[k] = state[k] + summary if k in state else summary
+            _accumulate(state, k, summary)
             versions.setdefault(k, events[i]["version"])  # a hand-over bucket is the old version's
         if mon.joins_needed:
             self._join_predictions(model, mon, events)
@@ -546,7 +550,7 @@ class SlidingWindow:
             self._add_up()
         else:
             for variant, s in bucket.variants.items():
-                self.sums[variant] = self.sums[variant] + s if variant in self.sums else s
+                _accumulate(self.sums, variant, s)
             for variant, s in out.variants.items():
                 self.sums[variant] = self.sums[variant] - s
                 if not any(variant in b.variants for b in self.buckets):
@@ -567,7 +571,7 @@ class SlidingWindow:
         self.sums = {}
         for b in self.buckets:
             for variant, s in b.variants.items():
-                self.sums[variant] = self.sums[variant] + s if variant in self.sums else s
+                _accumulate(self.sums, variant, s)
 
 
 class Evaluator:
@@ -608,8 +612,7 @@ class Evaluator:
                 version = d.pop("version", None)
                 if version is not None:
                     self.bucket_versions.setdefault(start, {}).setdefault(variant, set()).add(version)
-                s = Summary.from_dict(d)
-                merged[variant] = merged[variant] + s if variant in merged else s
+                _accumulate(merged, variant, Summary.from_dict(d))
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
         return self.poll(idle_sources)
 
@@ -683,7 +686,9 @@ class Evaluator:
         CUSUMs take in ``current``, the bucket just closed."""
         mon, checks, least = self.mon, self.cfg.checks, self.cfg.min_window_events
         out: list[dict] = []
-        cusums = self.cusums[variant] if variant in self.cusums else self.cusums.setdefault(variant, mon.new_cusums())
+        if variant not in self.cusums:
+            self.cusums[variant] = mon.new_cusums()
+        cusums = self.cusums[variant]
         q = mon.tail(max(window.n, 1))
         numeric = {}
         for block in self.blocks:
