@@ -67,6 +67,38 @@ def bin_positions(counts: np.ndarray, sums: np.ndarray, edges: np.ndarray | None
     return pos
 
 
+def smoothed_rank_coefficients(ref_counts: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""Per-bin intercept and slope of the smoothed reference rank, the reference CDF drawn
+    linearly across each inner bin:
+
+    .. math:: u(x) = F(l_b) + p_b \frac{x - l_b}{h_b - l_b} \quad (l_b \le x < h_b)
+
+    with :math:`p_b` the reference's share of bin :math:`b` and :math:`F(l_b)` its share below.
+    The two open outer bins score their mid-rank :math:`F(l_b) + p_b / 2` whatever the value,
+    so :math:`0 \le u \le 1` and an outlier moves a sum of scores by one unit at most. Being
+    linear within a bin, a bucket's sum of scores follows exactly from its bin counts and bin
+    sums: :math:`\sum_b (a_b n_b + s_b S_b)`, mergeable like them.
+
+    >>> a, s = smoothed_rank_coefficients(np.array([1, 2, 1]), np.array([0.0, 2.0]))
+    >>> [float(v) for v in a + s * np.array([-5.0, 1.0, 9.0])]   # one value in each bin
+    [0.125, 0.5, 0.875]
+    """
+    p = _proportions(ref_counts)
+    below = np.cumsum(p) - p
+    width = np.diff(edges)
+    slopes = np.zeros_like(p)
+    slopes[1:-1] = p[1:-1] / width
+    intercepts = below + p / 2
+    intercepts[1:-1] = below[1:-1] - slopes[1:-1] * edges[:-1]
+    return intercepts, slopes
+
+
+def smoothed_ranks(values: np.ndarray, edges: np.ndarray, intercepts: np.ndarray, slopes: np.ndarray) -> np.ndarray:
+    """Each value's smoothed reference rank (:func:`smoothed_rank_coefficients`)."""
+    b = np.searchsorted(edges, values, side="right")
+    return intercepts[b] + slopes[b] * values
+
+
 def wasserstein_statistic(ref_pos: np.ndarray, ref_counts: np.ndarray,
                           win_pos: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
     r"""Wasserstein-1 distance :math:`\int |F_{ref}(x) - F_{win}(x)|\,dx` between two

@@ -72,8 +72,13 @@ class ColumnModel:
     edges: np.ndarray | None = None
     sd: float = 1.0
     missing_rate: float = 0.0
-    #: each bin's mid-rank in the reference, F(lower edge) + p/2: the CUSUM's per-event score
-    rank_scores: np.ndarray | None = None
+    #: the rank CUSUM's per-event score is ``rank_intercepts[b] + rank_slopes[b] * x`` for a value
+    #: ``x`` in bin ``b`` (see :func:`coalmine.streams.drift.smoothed_rank_coefficients`)
+    rank_intercepts: np.ndarray | None = None
+    rank_slopes: np.ndarray | None = None
+    #: mean and standard deviation of that score over the reference's own values
+    rank_mean: float = 0.5
+    rank_sd: float = 0.0
     fits: dict[str, calibration.TailFit] = field(default_factory=dict)
 
 
@@ -85,15 +90,20 @@ class NumericBlock:
     columns: list[ColumnModel]
     bins: np.ndarray  # (columns, bins): indices into the flat summary arrays
     edges: np.ndarray  # (columns, bins - 1)
-    rank_scores: np.ndarray  # (columns, bins)
+    rank_intercepts: np.ndarray  # (columns, bins)
+    rank_slopes: np.ndarray  # (columns, bins)
+    #: (bin mid-rank - 1/2)^2 per bin: the spread CUSUM's per-event score (Mood's scale score)
+    spread_scores: np.ndarray  # (columns, bins)
     ks: drift.KolmogorovSmirnov
     wasserstein: drift.Wasserstein
 
     @classmethod
     def stack(cls, columns: list[ColumnModel]) -> "NumericBlock":
         ref = np.stack([c.ref_counts for c in columns])
+        p = ref / np.maximum(ref.sum(axis=1, keepdims=True), 1)
         return cls(columns, np.stack([np.arange(c.bins.start, c.bins.stop) for c in columns]),
-                   np.stack([c.edges for c in columns]), np.stack([c.rank_scores for c in columns]),
+                   np.stack([c.edges for c in columns]), np.stack([c.rank_intercepts for c in columns]),
+                   np.stack([c.rank_slopes for c in columns]), (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
                    drift.KolmogorovSmirnov(ref),
                    drift.Wasserstein(np.stack([c.ref_pos for c in columns]), ref, np.array([c.sd for c in columns])))
 
@@ -108,12 +118,23 @@ class NumericBlock:
                    w.normalized.tolist(), psi.tolist())
         return dict(zip((c.name for c in self.columns), rows))
 
-    def rank_sums(self, bucket: "Summary") -> dict[str, tuple[int, float]]:
-        """Column name -> (events with a value, sum of their reference mid-ranks): what the
-        rank CUSUMs take from a bucket."""
+    def new_cusums(self, k: float, threshold: float) -> tuple[CUSUM, CUSUM]:
+        """A location and a spread CUSUM over the block's columns (:meth:`update_cusums`)."""
+        p = self.ks.ref_counts / np.maximum(self.ks.ref_counts.sum(axis=1, keepdims=True), 1)
+        spread_mean = (p * self.spread_scores).sum(axis=1)
+        spread_sd = np.sqrt((p * (self.spread_scores - spread_mean[:, None]) ** 2).sum(axis=1))
+        return (CUSUM([c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, threshold),
+                CUSUM(spread_mean, spread_sd, k, threshold))
+
+    def update_cusums(self, cusums: tuple[CUSUM, CUSUM], bucket: "Summary") -> None:
+        """Feed a bucket to the rank CUSUMs: the location CUSUM takes each event's smoothed
+        reference rank (linear in the value within a bin, so the bin counts and sums give the
+        exact sum), the spread CUSUM its bin's squared distance from the median rank."""
         counts = bucket.counts[self.bins]
-        rows = zip(counts.sum(axis=1).tolist(), (counts * self.rank_scores).sum(axis=1).tolist())
-        return dict(zip((c.name for c in self.columns), rows))
+        n = counts.sum(axis=1)
+        location, spread = cusums
+        location.update(n, (counts * self.rank_intercepts + bucket.sums[self.bins] * self.rank_slopes).sum(axis=1))
+        spread.update(n, (counts * self.spread_scores).sum(axis=1))
 
 
 class ModelMonitor:
@@ -172,8 +193,9 @@ class ModelMonitor:
             bin_sd = self._bin_sd(name, present)
             bin_sd[[0, -1]] = 0.0  # the outer bins sit at fixed edges
             col.fits = fits or calibration.calibrate_numeric(counts, col.ref_pos, bin_sd, col.sd, rng)
-            p = counts / max(counts.sum(), 1)
-            col.rank_scores = np.cumsum(p) - p / 2
+            col.rank_intercepts, col.rank_slopes = drift.smoothed_rank_coefficients(counts, edges)
+            ref_scores = drift.smoothed_ranks(present, edges, col.rank_intercepts, col.rank_slopes)
+            col.rank_mean, col.rank_sd = float(ref_scores.mean()), float(ref_scores.std())
         else:
             col.fits = fits or calibration.calibrate_categorical(counts, rng)
         return col
@@ -209,7 +231,7 @@ class ModelMonitor:
 
     def _count_tests(self) -> int:
         """K: alarming tests per evaluation, over every variant the checks may see."""
-        per_variant = sum(3 if c.kind == NUMERIC else 1 for c in self.columns)
+        per_variant = sum(4 if c.kind == NUMERIC else 1 for c in self.columns)
         per_variant += len(self.feature_names) * ("missing_rate" in self.cfg.checks)
         per_variant += "performance" in self.cfg.checks
         variants = 1 + any(c in self.cfg.checks for c in ("canary", "ab")) + ("shadow" in self.cfg.checks)
@@ -227,20 +249,14 @@ class ModelMonitor:
         return calibration.tail_share(window_n, self.cfg.window_buckets,
                                       self.cfg.false_alarm_every_events, self.tests)
 
-    def new_cusums(self) -> dict[str, CUSUM]:
-        """A CUSUM per numeric column on the events' reference mid-ranks (a rank CUSUM): one
-        outlier moves it by at most half a unit, so heavy tails do not page anyone, and a
-        location shift of d standard deviations moves the mean score by about d score
-        standard deviations on normal data (asymptotic relative efficiency 0.955)."""
-        k = self.cfg.shift_to_detect_sd / 2
-        out = {}
-        for c in self.columns:
-            if c.kind == NUMERIC:
-                p = c.ref_counts / max(c.ref_counts.sum(), 1)
-                mean = float(p @ c.rank_scores)
-                sd = float(np.sqrt(p @ (c.rank_scores - mean) ** 2))
-                out[c.name] = CUSUM(mean, sd, k, self.cusum_h)
-        return out
+    def new_cusums(self, blocks: list[NumericBlock]) -> list[tuple[CUSUM, CUSUM]]:
+        """Rank CUSUMs per numeric column, a block at a time: on the events' smoothed reference
+        ranks (location) and on their squared distance from the median rank (spread). Ranks
+        bound each event's weight, so heavy tails do not page anyone; a location shift of d
+        standard deviations moves the mean rank by about d rank standard deviations on normal
+        data, and by more on features with many ties, where a small shift moves values past
+        whole steps of the reference CDF."""
+        return [b.new_cusums(self.cfg.shift_to_detect_sd / 2, self.cusum_h) for b in blocks]
 
 
 def _agree(a, b, tolerance: float) -> bool:
@@ -586,7 +602,7 @@ class Evaluator:
         self.applied: set[tuple[int, int]] = set()
         self.next_bucket: int | None = None
         self.window = SlidingWindow(monitor.cfg.window_buckets, monitor.cfg.bucket_ms)
-        self.cusums: dict[str, dict[str, CUSUM]] = {}
+        self.cusums: dict[str, list[tuple[CUSUM, CUSUM]]] = {}
         self.alerts = AlertTracker(monitor.cfg.name)
         self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy, monitor.cfg.bucket_ms)
         self.versions: dict[str, str] = {}  # variant -> version serving it, as of the evaluated bucket
@@ -687,14 +703,14 @@ class Evaluator:
         mon, checks, least = self.mon, self.cfg.checks, self.cfg.min_window_events
         out: list[dict] = []
         if variant not in self.cusums:
-            self.cusums[variant] = mon.new_cusums()
-        cusums = self.cusums[variant]
+            self.cusums[variant] = mon.new_cusums(self.blocks)
         q = mon.tail(max(window.n, 1))
-        numeric = {}
-        for block in self.blocks:
+        numeric, sequential = {}, {}
+        for block, cusums in zip(self.blocks, self.cusums[variant]):
             if current is not None and current.n:
-                for name, (n, score) in block.rank_sums(current).items():
-                    cusums[name].update(n, score)
+                block.update_cusums(cusums, current)
+            names = [c.name for c in block.columns]
+            sequential.update(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
             if "drift" in checks or "prediction_drift" in checks:
                 numeric.update(block.statistics(window))
         for j, col in enumerate(mon.columns):
@@ -707,8 +723,10 @@ class Evaluator:
                 n, *statistics = numeric[col.name]
                 if n >= least:
                     out += self._numeric_drift(col, base, n, q, *statistics)
-                c = cusums[col.name]
-                out.append({**base, "statistic": "cusum", "value": c.statistic, "threshold": c.threshold,
+                location, spread = sequential[col.name]
+                out.append({**base, "statistic": "cusum", "value": location, "threshold": mon.cusum_h,
+                            "p_value": None})
+                out.append({**base, "statistic": "cusum_spread", "value": spread, "threshold": mon.cusum_h,
                             "p_value": None})
             elif (n := int(window.counts[col.bins].sum())) >= least:
                 out += self._categorical_drift(col, base, window.counts[col.bins], n, q)

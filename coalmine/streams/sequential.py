@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from scipy.optimize import brentq
 
 #: Siegmund's correction for the overshoot of a Gaussian random walk over the threshold
@@ -38,7 +39,8 @@ def cusum_threshold(arl0: float, k: float) -> float:
 
 
 class CUSUM:
-    r"""Two-sided CUSUM (Page 1954) on standardized values, fed by bucket aggregates.
+    r"""Two-sided CUSUM (Page 1954) on standardized values, fed by bucket aggregates; one
+    instance can run many columns at once (``mean``, ``sd``, ``n`` and ``total`` as arrays).
 
     Each bucket contributes its event count :math:`n` and the sum of its values; with the
     reference mean :math:`\mu` and standard deviation :math:`\sigma`,
@@ -54,7 +56,7 @@ class CUSUM:
     Parameters
     ----------
     mean, sd
-        Reference mean and standard deviation of the monitored value.
+        Reference mean and standard deviation of the monitored value (arrays: one per column).
     k
         Reference value: half the smallest shift worth detecting, in standard deviations.
     threshold
@@ -65,11 +67,11 @@ class CUSUM:
     >>> cusum = CUSUM(mean=0.0, sd=1.0, k=0.15, threshold=40.0)
     >>> for _ in range(5):
     ...     _ = cusum.update(n=100, total=0.0)
-    >>> cusum.statistic
+    >>> float(cusum.statistic)
     0.0
     >>> for _ in range(3):
     ...     _ = cusum.update(n=100, total=50.0)   # mean shift of 0.5 sd; capped at 2h
-    >>> round(cusum.statistic, 1), cusum.drift_detected
+    >>> float(cusum.statistic), bool(cusum.drift_detected)
     (80.0, True)
 
     References
@@ -78,22 +80,23 @@ class CUSUM:
     Siegmund, D. (1985). Sequential Analysis. Springer.
     """
 
-    def __init__(self, mean: float, sd: float, k: float, threshold: float):
-        self.mean, self.sd = mean, sd if sd > 0 else 1.0
+    def __init__(self, mean, sd, k: float, threshold: float):
+        self.mean = np.asarray(mean, dtype=float)
+        self.sd = np.where(np.asarray(sd, dtype=float) > 0, sd, 1.0)
         self.k, self.threshold = k, threshold
-        self.upper = self.lower = 0.0
+        self.upper = self.lower = np.zeros_like(self.mean)
 
-    def update(self, n: int, total: float) -> "CUSUM":
+    def update(self, n, total) -> "CUSUM":
         z = (total - n * self.mean) / self.sd
-        cap = 2 * self.threshold
-        self.upper = min(cap, max(0.0, self.upper + z - self.k * n))
-        self.lower = min(cap, max(0.0, self.lower - z - self.k * n))
+        cap, slack = 2 * self.threshold, self.k * np.asarray(n)
+        self.upper = np.clip(self.upper + z - slack, 0.0, cap)
+        self.lower = np.clip(self.lower - z - slack, 0.0, cap)
         return self
 
     @property
-    def statistic(self) -> float:
-        return max(self.upper, self.lower)
+    def statistic(self) -> np.ndarray:
+        return np.maximum(self.upper, self.lower)
 
     @property
-    def drift_detected(self) -> bool:
+    def drift_detected(self) -> np.ndarray:
         return self.statistic > self.threshold
