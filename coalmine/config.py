@@ -58,7 +58,7 @@ class ModelConfig:
     bucket_ms: int = 1000
     window_ms: int = 60_000
     allowed_lateness_ms: int = 2000
-    false_alarm_every_events: int = 1_000_000
+    false_alarm_every_events: int = 10_000_000
     bins: int = 32
     min_window_events: int = 200
     label_ttl_ms: int = 3_600_000

@@ -445,8 +445,7 @@ def write_demo_config(path: Path, reference_path: Path, bucket: str = "1s", wind
         "[defaults]\n"
         f'bucket = "{bucket}"\n'
         f'window = "{window}"\n'
-        'allowed_lateness = "2s"\n'
-        "false_alarm_every_events = 1000000\n\n"
+        'allowed_lateness = "2s"\n\n'
         "[[models]]\n"
         f'name = "{model}"\n'
         f"reference = {orjson.dumps(reference).decode()}\n"

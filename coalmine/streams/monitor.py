@@ -30,7 +30,7 @@ from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output, load_reference
 from coalmine.streams.rollout import RolloutPolicy, latency_bins
 from coalmine.streams.rollout_checks import RolloutJudge
-from coalmine.streams.sequential import CUSUM, cusum_threshold
+from coalmine.streams.sequential import CUSUM, CusumThresholds
 from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, column_arrays
 
 VARIANTS = ("champion", "canary", "shadow")
@@ -118,21 +118,22 @@ class NumericBlock:
                    w.normalized.tolist(), psi.tolist())
         return dict(zip((c.name for c in self.columns), rows))
 
-    def new_cusums(self, k: float, threshold: float) -> tuple[CUSUM, CUSUM]:
+    def new_cusums(self, k: float) -> tuple[CUSUM, CUSUM]:
         """A location and a spread CUSUM over the block's columns (:meth:`update_cusums`)."""
         p = self.ks.ref_counts / np.maximum(self.ks.ref_counts.sum(axis=1, keepdims=True), 1)
         spread_mean = (p * self.spread_scores).sum(axis=1)
         spread_sd = np.sqrt((p * (self.spread_scores - spread_mean[:, None]) ** 2).sum(axis=1))
-        return (CUSUM([c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, threshold),
-                CUSUM(spread_mean, spread_sd, k, threshold))
+        return (CUSUM([c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, math.inf),
+                CUSUM(spread_mean, spread_sd, k, math.inf))
 
-    def update_cusums(self, cusums: tuple[CUSUM, CUSUM], bucket: "Summary") -> None:
+    def update_cusums(self, cusums: tuple[CUSUM, CUSUM], bucket: "Summary", threshold: float) -> None:
         """Feed a bucket to the rank CUSUMs: the location CUSUM takes each event's smoothed
         reference rank (linear in the value within a bin, so the bin counts and sums give the
         exact sum), the spread CUSUM its bin's squared distance from the median rank."""
         counts = bucket.counts[self.bins]
         n = counts.sum(axis=1)
         location, spread = cusums
+        location.threshold = spread.threshold = threshold
         location.update(n, (counts * self.rank_intercepts + bucket.sums[self.bins] * self.rank_slopes).sum(axis=1))
         spread.update(n, (counts * self.spread_scores).sum(axis=1))
 
@@ -164,8 +165,9 @@ class ModelMonitor:
         self.policy = RolloutPolicy(**cfg.settings)
         self.scored = any(n.startswith(SCORES) for n in self.layout.names)
         self.joins_needed = any(c in cfg.checks for c in ("performance", "shadow", "ab", "canary"))
-        self.cusum_h = cusum_threshold(2 * cfg.false_alarm_every_events * self.tests,
-                                       cfg.shift_to_detect_sd / 2)
+        present = [int(np.count_nonzero(~np.isnan(ref.columns[c.name]))) for c in self.columns if c.kind == NUMERIC]
+        self.cusum_h = CusumThresholds(cfg.false_alarm_every_events * self.tests, cfg.shift_to_detect_sd / 2,
+                                       reference_events=min(present, default=0) or None)
 
     @property
     def feature_names(self) -> list[str]:
@@ -256,7 +258,7 @@ class ModelMonitor:
         standard deviations moves the mean rank by about d rank standard deviations on normal
         data, and by more on features with many ties, where a small shift moves values past
         whole steps of the reference CDF."""
-        return [b.new_cusums(self.cfg.shift_to_detect_sd / 2, self.cusum_h) for b in blocks]
+        return [b.new_cusums(self.cfg.shift_to_detect_sd / 2) for b in blocks]
 
 
 def _agree(a, b, tolerance: float) -> bool:
@@ -682,7 +684,9 @@ class Evaluator:
             "start_ts": ring[0].start, "end_ts": end, "n": window.n}, "variant": variant}
             for variant, window in windows.items()}
         for variant, window in windows.items():
-            out.evaluations.extend(self._checks(ctx[variant], variant, window, bucket.variants.get(variant)))
+            # the CUSUMs' threshold follows the events per bucket (checked once a bucket)
+            cusum_h = self.mon.cusum_h(window.n / len(ring))
+            out.evaluations.extend(self._checks(ctx[variant], variant, window, bucket.variants.get(variant), cusum_h))
         q = self.mon.tail(max(sum(w.n for w in windows.values()), 1))
         rollout_evs, verdicts = self.judge.evaluate(ring, end, windows, bucket.variants, self.versions, q)
         out.evaluations.extend({**ctx[e["variant"]], **e} for e in rollout_evs)
@@ -697,9 +701,10 @@ class Evaluator:
         out.commands.extend(self.judge.decide(end, self.versions, verdicts, self.alerts.ids))
         return out
 
-    def _checks(self, ctx: dict, variant: str, window: Summary, current: Summary | None) -> list[dict]:
+    def _checks(self, ctx: dict, variant: str, window: Summary, current: Summary | None,
+                cusum_h: float) -> list[dict]:
         """Evaluations of ``variant``'s window (each ``ctx`` plus one statistic); the rank
-        CUSUMs take in ``current``, the bucket just closed."""
+        CUSUMs take in ``current``, the bucket just closed, and alarm above ``cusum_h``."""
         mon, checks, least = self.mon, self.cfg.checks, self.cfg.min_window_events
         out: list[dict] = []
         if variant not in self.cusums:
@@ -708,7 +713,7 @@ class Evaluator:
         numeric, sequential = {}, {}
         for block, cusums in zip(self.blocks, self.cusums[variant]):
             if current is not None and current.n:
-                block.update_cusums(cusums, current)
+                block.update_cusums(cusums, current, cusum_h)
             names = [c.name for c in block.columns]
             sequential.update(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
             if "drift" in checks or "prediction_drift" in checks:
@@ -724,9 +729,9 @@ class Evaluator:
                 if n >= least:
                     out += self._numeric_drift(col, base, n, q, *statistics)
                 location, spread = sequential[col.name]
-                out.append({**base, "statistic": "cusum", "value": location, "threshold": mon.cusum_h,
+                out.append({**base, "statistic": "cusum", "value": location, "threshold": cusum_h,
                             "p_value": None})
-                out.append({**base, "statistic": "cusum_spread", "value": spread, "threshold": mon.cusum_h,
+                out.append({**base, "statistic": "cusum_spread", "value": spread, "threshold": cusum_h,
                             "p_value": None})
             elif (n := int(window.counts[col.bins].sum())) >= least:
                 out += self._categorical_drift(col, base, window.counts[col.bins], n, q)

@@ -10,32 +10,98 @@ import math
 
 import numpy as np
 from scipy.optimize import brentq
+from scipy.special import logsumexp
 
 #: Siegmund's correction for the overshoot of a Gaussian random walk over the threshold
 _OVERSHOOT = 1.166
+#: bucket sizes (events) at which :class:`CusumThresholds` solves for the threshold
+_BUCKET_GRID = 2.0 ** np.arange(0, 17)
+#: Gauss-Hermite nodes over the reference's sampling error
+_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(24)
+_WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
 
 
-def cusum_arl0(h: float, k: float) -> float:
-    r"""Siegmund's approximation of a one-sided CUSUM's average run length without change,
-    for standardized increments and reference value ``k``:
+def cusum_arl0(h: float, k: float, bucket_events: float = 1.0) -> float:
+    r"""Siegmund's approximation of a one-sided CUSUM's average run length in events without
+    change, for standardized increments, reference value ``k``, checked after every bucket of
+    ``n`` events. The bucket sums are steps of drift :math:`-kn` and variance :math:`n`:
 
-    .. math:: ARL_0 \approx \frac{e^{2kb} - 2kb - 1}{2k^2}, \quad b = h + 1.166
+    .. math::
+        ARL_0 \approx n \frac{e^{2\kappa b} - 2\kappa b - 1}{2\kappa^2}, \quad
+        \kappa = k\sqrt{n}, \quad b = \frac{h}{\sqrt{n}} + 1.166
+
+    Checking only at bucket ends misses crossings inside a bucket, which the corrected
+    boundary accounts for (checked against simulation: within 15 % for buckets of up to 75
+    events, conservative beyond).
 
     >>> round(cusum_arl0(5.0, 0.5))
     938
+    >>> cusum_arl0(40.0, 0.15, bucket_events=75) > 10 * cusum_arl0(40.0, 0.15)
+    True
     """
-    b = h + _OVERSHOOT
-    return (math.exp(2 * k * b) - 2 * k * b - 1) / (2 * k * k)
+    return float(np.exp(_log_arl0(h, np.asarray(k, dtype=float), bucket_events)))
 
 
-def cusum_threshold(arl0: float, k: float) -> float:
-    """The threshold ``h`` at which a one-sided CUSUM runs ``arl0`` events between false alarms.
+def _log_arl0(h: float, k: np.ndarray, n: float) -> np.ndarray:
+    kappa = np.maximum(k, 1e-6) * math.sqrt(n)
+    x = 2 * kappa * (h / math.sqrt(n) + _OVERSHOOT)
+    # log(expm1(x) - x) without overflow: x itself once exp(x) dwarfs x
+    body = np.where(x > 30, x, np.log(np.maximum(np.expm1(np.minimum(x, 30)) - x, 1e-300)))
+    return body + math.log(n) - np.log(2 * kappa * kappa)
 
-    >>> round(cusum_threshold(938, 0.5), 2)
+
+def log_false_alarm_rate(h: float, k: float, bucket_events: float = 1.0,
+                         reference_events: float | None = None) -> float:
+    r"""Log of the false alarms per event of a two-sided CUSUM (:func:`cusum_arl0` per side),
+    averaged over the reference's sampling error: the reference mean is off the truth by
+    :math:`\varepsilon \sim N(0, 1/m)` standard deviations for ``m`` reference events, which
+    shifts one side's reference value to :math:`k - \varepsilon` and the other's to
+    :math:`k + \varepsilon` (Gauss-Hermite quadrature). Ignoring it would let a reference mean
+    two standard errors off page many times as often as asked (16 times at ``k`` = 0.15 and
+    the usual thresholds).
+
+    >>> round(math.exp(log_false_alarm_rate(5.0, 0.5)) * cusum_arl0(5.0, 0.5), 3)   # two sides
+    2.0
+    """
+    eps = _NODES / math.sqrt(reference_events) if reference_events else np.zeros(1)
+    log_w = np.log(_WEIGHTS) if reference_events else np.zeros(1)
+    sides = np.concatenate([log_w - _log_arl0(h, k - eps, bucket_events), log_w - _log_arl0(h, k + eps, bucket_events)])
+    return float(logsumexp(sides))
+
+
+def cusum_threshold(arl0: float, k: float, bucket_events: float = 1.0, reference_events: float | None = None) -> float:
+    """The threshold ``h`` at which a two-sided CUSUM, checked after buckets of
+    ``bucket_events``, runs ``arl0`` events between false alarms (:func:`log_false_alarm_rate`).
+
+    >>> round(cusum_threshold(469, 0.5), 2)
     5.0
+    >>> round(cusum_threshold(1e8, 0.15), 1), round(cusum_threshold(1e8, 0.15, 75, 5000), 1)
+    (52.2, 46.5)
     """
-    upper = 300 / (2 * k)  # exp(2kb) stays finite below this
-    return brentq(lambda h: cusum_arl0(h, k) - arl0, 1e-6, upper)
+    def excess(h: float) -> float:
+        return log_false_alarm_rate(h, k, bucket_events, reference_events) + math.log(arl0)
+
+    return 0.0 if excess(0.0) <= 0 else brentq(excess, 0.0, 1e4)
+
+
+class CusumThresholds:
+    """:func:`cusum_threshold` as a function of the bucket size, solved on a grid of sizes at
+    start-up and interpolated in log size: the events per bucket follow the traffic.
+
+    >>> h = CusumThresholds(1e8, 0.15, reference_events=5000)
+    >>> round(h(1), 1), round(h(75), 1), round(h(300), 1)
+    (55.4, 46.4, 36.2)
+    """
+
+    def __init__(self, arl0: float, k: float, reference_events: float | None = None):
+        self.levels = np.array([cusum_threshold(arl0, k, n, reference_events) for n in _BUCKET_GRID])
+        self._log_grid = np.log2(_BUCKET_GRID).tolist()
+
+    def __call__(self, bucket_events: float) -> float:
+        x = math.log2(min(max(bucket_events, 1.0), _BUCKET_GRID[-1]))
+        j = min(int(x), len(self._log_grid) - 2)
+        lo, hi = float(self.levels[j]), float(self.levels[j + 1])
+        return lo + (hi - lo) * (x - j)
 
 
 class CUSUM:
