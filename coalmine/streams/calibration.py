@@ -27,7 +27,6 @@ takes a second or two per model, and is cached on disk ($COALMINE_CACHE_DIR, def
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 import pickle
@@ -50,33 +49,34 @@ TAIL = (10 / SIMULATIONS, 0.1)
 @dataclass(frozen=True)
 class TailFit:
     """``log P(T > t) = a - b t^power`` at each grid window size, and the simulated
-    ``1 - 1/SIMULATIONS`` quantile as a floor (the fit never goes below what was seen)."""
+    ``1 - 1/SIMULATIONS`` quantile as a floor (the fit never goes below what was seen).
+    :meth:`stack` puts several columns' fits in one, to threshold them in one numpy pass."""
 
     a: np.ndarray
     b: np.ndarray
     floor: np.ndarray
-    power: float
+    power: float | np.ndarray
 
-    def threshold(self, n: float, q: float) -> float:
+    @classmethod
+    def stack(cls, fits: list["TailFit"]) -> "TailFit":
+        return cls(*(np.stack([getattr(f, name) for f in fits]) for name in ("a", "b", "floor")),
+                   np.array([f.power for f in fits], dtype=float))
+
+    def threshold(self, n, q: float):
         """Level that the standardized statistic exceeds with probability ``q`` in a window
-        of ``n`` events."""
-        x = math.log(min(max(n, GRID_N[0]), GRID_N[-1]))
-        a, b, floor = (_interp_log_grid(x, v) for v in (self.a, self.b, self.floor))
-        if not b > 0:
-            return floor
-        t = max(a - math.log(q), 0.0) / b
-        return max(floor, t ** (1 / self.power))
+        of ``n`` events; a stacked fit takes an array of ``n``, one per column."""
+        x = np.log(np.clip(n, GRID_N[0], GRID_N[-1]))
+        j = np.clip(np.searchsorted(_LOG_GRID, x, side="right"), 1, len(GRID_N) - 1) - 1
+        w = (x - _LOG_GRID[j]) / (_LOG_GRID[j + 1] - _LOG_GRID[j])
+        at = (np.arange(len(j)), j) if self.a.ndim == 2 else (j,)
+        after = (at[0], j + 1) if self.a.ndim == 2 else (j + 1,)
+        a, b, floor = (v[at] * (1 - w) + v[after] * w for v in (self.a, self.b, self.floor))
+        t = np.maximum(a - math.log(q), 0.0) / np.where(b > 0, b, 1.0)
+        level = np.where(b > 0, np.maximum(floor, t ** (1 / self.power)), floor)
+        return float(level) if level.ndim == 0 else level
 
 
-_LOG_GRID = np.log(GRID_N).tolist()
-
-
-def _interp_log_grid(x: float, values: np.ndarray) -> float:
-    """``np.interp(x, log(GRID_N), values)`` for one point, in plain Python: it runs for every
-    check after every bucket, where numpy's call overhead dominated."""
-    j = min(max(bisect.bisect_right(_LOG_GRID, x), 1), len(_LOG_GRID) - 1) - 1
-    y0, y1 = float(values[j]), float(values[j + 1])
-    return (y1 - y0) / (_LOG_GRID[j + 1] - _LOG_GRID[j]) * (x - _LOG_GRID[j]) + y0
+_LOG_GRID = np.log(GRID_N)
 
 
 def fit_tail(samples: np.ndarray, power: float) -> tuple[float, float, float, float]:

@@ -106,7 +106,8 @@ def wasserstein_statistic(ref_pos: np.ndarray, ref_counts: np.ndarray,
     x = np.concatenate(np.broadcast_arrays(ref_pos, win_pos), axis=-1)
     w = np.concatenate(np.broadcast_arrays(_proportions(ref_counts), -_proportions(win_counts)), axis=-1)
     order = np.argsort(x, axis=-1, kind="stable")
-    x, w = np.take_along_axis(x, order, -1), np.take_along_axis(w, order, -1)
+    at = (np.arange(len(x))[:, None], order) if x.ndim == 2 else order  # faster than take_along_axis
+    x, w = x[at], w[at]
     return (np.abs(np.cumsum(w, axis=-1)[..., :-1]) * np.diff(x, axis=-1)).sum(axis=-1)
 
 

@@ -96,6 +96,8 @@ class NumericBlock:
     spread_scores: np.ndarray  # (columns, bins)
     ks: drift.KolmogorovSmirnov
     wasserstein: drift.Wasserstein
+    ks_fits: calibration.TailFit  # stacked, one row per column
+    wasserstein_fits: calibration.TailFit
 
     @classmethod
     def stack(cls, columns: list[ColumnModel]) -> "NumericBlock":
@@ -105,17 +107,23 @@ class NumericBlock:
                    np.stack([c.edges for c in columns]), np.stack([c.rank_intercepts for c in columns]),
                    np.stack([c.rank_slopes for c in columns]), (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
                    drift.KolmogorovSmirnov(ref),
-                   drift.Wasserstein(np.stack([c.ref_pos for c in columns]), ref, np.array([c.sd for c in columns])))
+                   drift.Wasserstein(np.stack([c.ref_pos for c in columns]), ref, np.array([c.sd for c in columns])),
+                   calibration.TailFit.stack([c.fits["ks"] for c in columns]),
+                   calibration.TailFit.stack([c.fits["wasserstein"] for c in columns]))
 
-    def statistics(self, window: "Summary") -> dict[str, tuple[int, float, float, float, float]]:
-        """Column name -> (events with a value, KS, its p-value, Wasserstein-1 / reference SD,
-        PSI) on ``window``."""
+    def statistics(self, window: "Summary", q: float) -> dict[str, tuple]:
+        """Column name -> (events with a value, KS, its p-value, its threshold, Wasserstein-1 /
+        reference SD, its threshold, PSI) on ``window``, thresholds at tail probability ``q``."""
         counts = window.counts[self.bins]
+        n = counts.sum(axis=1)
         ks = self.ks.update(counts)
         w = self.wasserstein.update(drift.bin_positions(counts, window.sums[self.bins], self.edges), counts)
         psi = drift.psi_statistic(self.ks.ref_counts, counts)
-        rows = zip(counts.sum(axis=1).tolist(), ks.statistic.tolist(), ks.p_value.tolist(),
-                   w.normalized.tolist(), psi.tolist())
+        # the fits are of sqrt(n_eff) x statistic: back to the statistic's own scale
+        scale = np.sqrt(np.maximum(drift.effective_n(self.ks.ref_counts.sum(axis=1), n), 1e-12))
+        rows = zip(n.tolist(), ks.statistic.tolist(), ks.p_value.tolist(),
+                   (self.ks_fits.threshold(n, q) / scale).tolist(), w.normalized.tolist(),
+                   (self.wasserstein_fits.threshold(n, q) / scale).tolist(), psi.tolist())
         return dict(zip((c.name for c in self.columns), rows))
 
     def new_cusums(self, k: float) -> tuple[CUSUM, CUSUM]:
@@ -564,12 +572,12 @@ class SlidingWindow:
         """Slide by ``bucket``; return the window of every variant present, by variant name."""
         out = self.buckets[0] if len(self.buckets) == self.buckets.maxlen else None
         self.buckets.append(bucket)
-        if out is None or bucket.start // self.bucket_ms % self.buckets.maxlen == 0:
+        if bucket.start // self.bucket_ms % self.buckets.maxlen == 0:
             self._add_up()
         else:
             for variant, s in bucket.variants.items():
                 _accumulate(self.sums, variant, s)
-            for variant, s in out.variants.items():
+            for variant, s in (out.variants.items() if out is not None else ()):
                 self.sums[variant] = self.sums[variant] - s
                 if not any(variant in b.variants for b in self.buckets):
                     del self.sums[variant]
@@ -717,7 +725,7 @@ class Evaluator:
             names = [c.name for c in block.columns]
             sequential.update(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
             if "drift" in checks or "prediction_drift" in checks:
-                numeric.update(block.statistics(window))
+                numeric.update(block.statistics(window, q))
         for j, col in enumerate(mon.columns):
             check = "prediction_drift" if is_model_output(col.name) else "drift"
             feature = None if col.name == PREDICTION else col.name
@@ -727,7 +735,7 @@ class Evaluator:
             if col.kind == NUMERIC:
                 n, *statistics = numeric[col.name]
                 if n >= least:
-                    out += self._numeric_drift(col, base, n, q, *statistics)
+                    out += self._numeric_drift(base, *statistics)
                 location, spread = sequential[col.name]
                 out.append({**base, "statistic": "cusum", "value": location, "threshold": cusum_h,
                             "p_value": None})
@@ -744,14 +752,12 @@ class Evaluator:
         return out
 
     @staticmethod
-    def _numeric_drift(col: ColumnModel, base: dict, n: int, q: float, ks: float, ks_p: float,
-                       wasserstein: float, psi: float) -> list[dict]:
-        scale = math.sqrt(float(drift.effective_n(col.ref_counts.sum(), n)))
+    def _numeric_drift(base: dict, ks: float, ks_p: float, ks_threshold: float, wasserstein: float,
+                       wasserstein_threshold: float, psi: float) -> list[dict]:
         return [
-            {**base, "statistic": "ks", "value": ks, "threshold": col.fits["ks"].threshold(n, q) / scale,
-             "p_value": ks_p},
-            {**base, "statistic": "wasserstein", "value": wasserstein,
-             "threshold": col.fits["wasserstein"].threshold(n, q) / scale, "p_value": None},
+            {**base, "statistic": "ks", "value": ks, "threshold": ks_threshold, "p_value": ks_p},
+            {**base, "statistic": "wasserstein", "value": wasserstein, "threshold": wasserstein_threshold,
+             "p_value": None},
             {**base, "statistic": "psi", "value": psi, "threshold": None, "p_value": None},
         ]
 
