@@ -435,17 +435,21 @@ ROLLOUT_SETTINGS = (
 
 
 def write_demo_config(path: Path, reference_path: Path, bucket: str = "1s", window: str = "20s",
-                      model: str = "shuttle", rollout: bool = False) -> None:
+                      model: str = "shuttle", rollout: bool = False,
+                      false_alarm_every_events: int | None = 1_000_000) -> None:
     """A monitor config for the simulator's model, naming the reference relative to the config
     file; ``rollout`` adds shadow, canary and A/B checks with short steps, for a demo that
-    lasts a minute."""
+    lasts a minute (and a false-alarm budget of 10^6 events, a demo's worth many times over,
+    so that its canary decisions take seconds; None leaves coalmine's default)."""
     checks = ROLLOUT_SETTINGS if rollout else 'checks = ["drift", "prediction_drift", "missing_rate", "performance"]\n'
     reference = os.path.relpath(Path(reference_path).resolve(), Path(path).resolve().parent)
     Path(path).write_text(
         "[defaults]\n"
         f'bucket = "{bucket}"\n'
         f'window = "{window}"\n'
-        'allowed_lateness = "2s"\n\n'
+        'allowed_lateness = "2s"\n'
+        + (f"false_alarm_every_events = {false_alarm_every_events}\n" if false_alarm_every_events else "")
+        + "\n"
         "[[models]]\n"
         f'name = "{model}"\n'
         f"reference = {orjson.dumps(reference).decode()}\n"

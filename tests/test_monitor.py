@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from coalmine.config import ModelConfig
+from coalmine.streams import drift
 from coalmine.streams.monitor import VARIANTS, Bucket, Evaluator, ModelMonitor, Sketcher, SlidingWindow
 from coalmine.streams.reference import ReferenceData
 from coalmine.streams.sketch import Layout
@@ -25,11 +26,12 @@ def monitor():
     return ModelMonitor(cfg, ref)
 
 
-def stream(buckets, shift_from=None, shift=0.0, seed=2, missing_from=None):
+def stream(buckets, shift_from=None, shift=0.0, seed=2, missing_from=None, scale=1.0):
     rng = np.random.default_rng(seed)
     out = []
     for b in range(buckets):
-        f0 = rng.standard_normal(PER_BUCKET) + (shift if shift_from is not None and b >= shift_from else 0)
+        drifted = shift_from is not None and b >= shift_from
+        f0 = rng.standard_normal(PER_BUCKET) * (scale if drifted else 1.0) + (shift if drifted else 0)
         f1 = rng.exponential(size=PER_BUCKET)
         color = rng.choice(["red", "blue"], PER_BUCKET)
         pred = rng.integers(0, 3, PER_BUCKET)
@@ -72,6 +74,35 @@ def test_mean_shift_fires_on_the_feature_within_a_few_buckets(monitor):
     assert first["feature"] == "f0" and first["check"] == "drift"
     assert 60_000 < first["ts"] <= 65_000  # within 5 buckets (1000 events) of the change
     assert {a["feature"] for a in firing} == {"f0"}
+
+
+def test_a_scale_change_fires_the_spread_cusum_within_a_few_buckets(monitor):
+    """Same mean and median, 1.5 x the spread: the location CUSUM has nothing to see, the
+    spread CUSUM (squared distance of the rank from the median) does."""
+    alerts = run(monitor, stream(120, shift_from=60, scale=1.5))
+    firing = [a for a in alerts if a["state"] == "firing"]
+    assert firing and all(a["feature"] == "f0" for a in firing)
+    assert firing[0]["statistic"] == "cusum_spread"
+    assert 60_000 < firing[0]["ts"] <= 64_000
+
+
+def test_the_location_cusum_sums_smoothed_ranks_exactly_from_bins(monitor):
+    """A bucket's sum of smoothed reference ranks, taken from its bin counts and sums, equals
+    the sum of each event's own score (ties included)."""
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.standard_normal(300), np.round(rng.standard_normal(200), 1),
+                             [-50.0, 50.0]])  # ties, and both open outer bins
+    col = next(c for c in monitor.columns if c.name == "f0")
+    block = next(b for b in monitor.numeric_blocks() if col in b.columns)
+    bucket = monitor.layout.fold({**{n: np.full(len(values), np.nan) for n in monitor.layout.names
+                                      if monitor.layout.kinds[n] == "numeric"}, "f0": values,
+                                  "color": np.full(len(values), None, dtype=object)})
+    location, _ = block.new_cusums(k=0.0)
+    block.update_cusums((location, _), bucket, threshold=1e9)
+    row = block.columns.index(col)
+    expected = drift.smoothed_ranks(values, col.edges, col.rank_intercepts, col.rank_slopes).sum()
+    z = (expected - len(values) * col.rank_mean) / col.rank_sd
+    assert location.statistic[row] == pytest.approx(abs(z), rel=1e-9)
 
 
 def test_missing_values_fire_missing_rate(monitor):

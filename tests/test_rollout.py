@@ -23,7 +23,10 @@ def config(tmp_path_factory):
     d = tmp_path_factory.mktemp("rollout")
     sim.write_reference(d / "ref.jsonl", 5000)
     (d / "m.toml").write_text(
-        '[defaults]\nbucket = "1s"\nwindow = "10s"\n\n[[models]]\nname = "shuttle"\nreference = "ref.jsonl"\n'
+        # steps of 3 s and 100 events, as in the demo: with them the demo's budget (10^6 events,
+        # not the default 10^7) lets a failing canary's evidence build up within its first step
+        '[defaults]\nbucket = "1s"\nwindow = "10s"\nfalse_alarm_every_events = 1000000\n\n'
+        '[[models]]\nname = "shuttle"\nreference = "ref.jsonl"\n'
         'checks = ["drift", "prediction_drift", "performance", "shadow", "canary", "ab"]\n'
         '[models.canary]\nsteps = [10, 50, 100]\nmin_events = 100\nmin_duration = "3s"\n'
         '[models.shadow]\nmin_events = 1000\nmin_duration = "3s"\n')

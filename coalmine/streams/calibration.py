@@ -12,7 +12,8 @@ target expected number of events between false alarms for the whole model,
   window test gets the tail probability ``q(n) = n / (W E K)``. Overlapping windows make
   successive evaluations positively correlated, which only lengthens the run between false
   alarms: the split is conservative.
-* sequential detectors (CUSUM) get their share as a run length, ``E K`` events per side.
+* sequential detectors (CUSUM) get their share as a run length, ``E K`` events (both sides
+  together; :mod:`coalmine.streams.sequential`).
 
 Each window statistic's null distribution is simulated from the reference itself: the true
 column distribution is drawn from a Dirichlet posterior of the reference's bin counts (so
