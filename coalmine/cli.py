@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 from coalmine import topics
@@ -212,13 +213,12 @@ def cmd_replay(args) -> int:
     from coalmine.replay import replay_files, write_jsonl
 
     config = _config_or_exit(args.config)
-    run = replay_files(config, Path(args.predictions), Path(args.labels) if args.labels else None,
-                       progress=None if not args.quiet else False)
+    with open(args.evaluations, "wb") if args.evaluations else nullcontext() as evaluations:
+        run = replay_files(config, Path(args.predictions), Path(args.labels) if args.labels else None,
+                           progress=None if not args.quiet else False,
+                           on_evaluations=evaluations and (lambda batch: write_jsonl(batch, evaluations)))
     with open(args.alerts, "wb") as fh:
         write_jsonl(run.alerts, fh)
-    if args.evaluations:
-        with open(args.evaluations, "wb") as fh:
-            write_jsonl(run.evaluations, fh)
     if args.deadletter:
         from coalmine import events
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import orjson
 
@@ -43,13 +43,16 @@ def _chunks(path: Path, kind: str, models: set[str], dead: list) -> Iterator[lis
 
 class Replay:
     """Feeds events in event-time chunks to one :class:`Sketcher` (one source) and one
-    :class:`Evaluator` per model, collecting what they emit."""
+    :class:`Evaluator` per model, collecting the alerts and commands they emit. Evaluations
+    (one per check per bucket: far more) go to ``on_evaluations`` as they come, if given, and
+    are not kept, so a long replay's memory does not grow with its length."""
 
-    def __init__(self, config: Config, monitors: dict[str, ModelMonitor] | None = None):
+    def __init__(self, config: Config, monitors: dict[str, ModelMonitor] | None = None,
+                 on_evaluations: Callable[[list[dict]], object] | None = None):
         self.monitors = monitors or {name: ModelMonitor(m) for name, m in config.models.items()}
         self.sketcher = Sketcher(self.monitors)
         self.evaluators = {name: Evaluator(mon) for name, mon in self.monitors.items()}
-        self.evaluations: list[dict] = []
+        self.on_evaluations = on_evaluations
         self.alerts: list[dict] = []
         self.commands: list[dict] = []
         self.dead: list[tuple[str, bytes, str]] = []
@@ -71,7 +74,8 @@ class Replay:
     def _drain(self, partials: list[dict]) -> None:
         for p in partials:
             out = self.evaluators[p["model"]].add(p)
-            self.evaluations += out.evaluations
+            if self.on_evaluations is not None and out.evaluations:
+                self.on_evaluations(out.evaluations)
             self.alerts += out.alerts
             self.commands += out.commands
 
@@ -99,16 +103,18 @@ def references_from_file(config: Config, predictions: Path) -> dict[str, ModelMo
     return monitors
 
 
-def replay_files(config: Config, predictions: Path, labels: Path | None = None, *,
-                 progress: bool | None = None) -> Replay:
-    """Run prediction (and label) JSONL files, in event-time order, through the pipeline."""
+def replay_files(config: Config, predictions: Path, labels: Path | None = None, *, progress: bool | None = None,
+                 on_evaluations: Callable[[list[dict]], object] | None = None) -> Replay:
+    """Run prediction (and label) JSONL files, in event-time order, through the pipeline
+    (evaluations go to ``on_evaluations`` as they come: see :class:`Replay`)."""
     with bulk_gc():
-        return _replay_files(config, predictions, labels, progress)
+        return _replay_files(config, predictions, labels, progress, on_evaluations)
 
 
-def _replay_files(config: Config, predictions: Path, labels: Path | None, progress: bool | None) -> Replay:
+def _replay_files(config: Config, predictions: Path, labels: Path | None, progress: bool | None,
+                  on_evaluations: Callable[[list[dict]], object] | None) -> Replay:
     models = set(config.models)
-    run = Replay(config, references_from_file(config, predictions))
+    run = Replay(config, references_from_file(config, predictions), on_evaluations)
     pending_labels: list[dict] = []
     label_chunks = _chunks(labels, "label", models, run.dead) if labels else iter(())
     bar = _progress(predictions, progress)

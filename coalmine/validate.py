@@ -13,8 +13,9 @@ from coalmine.streams.alerts import stable_id
 
 def validate(config: Config, model: str, version: str, predictions: Path, labels: Path) -> dict:
     """A ``promote`` (to shadow) or ``rollback`` command for ``version``, with the evidence."""
-    run = replay_files(config, predictions, labels, progress=False)
-    perf = [e for e in run.evaluations if e["model"] == model and e["check"] == "performance"]
+    perf: list[dict] = []
+    run = replay_files(config, predictions, labels, progress=False, on_evaluations=lambda batch: perf.extend(
+        e for e in batch if e["model"] == model and e["check"] == "performance"))
     failing = [a for a in run.alerts if a["model"] == model and a["check"] == "performance" and a["state"] == "firing"]
     last = perf[-1] if perf else None
     evidence = {"labelled": run.counts["labels"], "evaluations": len(perf),

@@ -193,12 +193,12 @@ def test_file_replay_is_byte_identical(tmp_path):
     simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
     outputs = []
     for i in range(2):
-        run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl",
-                           progress=False)
-        with open(tmp_path / f"e{i}.jsonl", "wb") as fh:
-            write_jsonl(run.alerts + run.evaluations, fh)
+        with open(tmp_path / f"e{i}.jsonl", "wb") as evaluations:
+            run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl",
+                               progress=False, on_evaluations=lambda batch: write_jsonl(batch, evaluations))
+            write_jsonl(run.alerts, evaluations)
         outputs.append((tmp_path / f"e{i}.jsonl").read_bytes())
-    assert run.alerts and outputs[0] == outputs[1]
+    assert run.alerts and outputs[0].count(b"\n") > 10 * len(run.alerts) and outputs[0] == outputs[1]
 
 
 def test_sliding_window_equals_the_sum_of_its_buckets():
@@ -284,3 +284,36 @@ def test_a_version_hand_over_mid_bucket_is_not_credited_to_the_new_version(monit
         canary_n = sum(1 for e in events if e["variant"] == "canary" and e["ts"] // 1000 == 11)
         assert seen[10_000][0] == "v2"  # the hand-over bucket still counts for v2
         assert seen[11_000] == ("v3", canary_n)  # v3's window: bucket 11 alone
+
+
+def test_replay_command_writes_alerts_and_every_evaluation(tmp_path, capsys):
+    """`coalmine replay --alerts --evaluations`: the alerts of the same replay run in code, and
+    one line per check per evaluation with the fields the issue names (streamed to the file,
+    not kept in memory)."""
+    import orjson
+
+    from coalmine import simulator
+    from coalmine.cli import main
+    from coalmine.config import load_config
+    from coalmine.replay import replay_files
+
+    simulator.write_reference(tmp_path / "ref.jsonl", n=3000)
+    simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
+    s = simulator.Scenario(n_events=9000, rate_per_s=300, drift_at=4500, drift_size=0.8)
+    simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
+    code = main(["replay", "--predictions", str(tmp_path / "p.jsonl"), "--labels", str(tmp_path / "l.jsonl"),
+                 "--config", str(tmp_path / "m.toml"), "--alerts", str(tmp_path / "a.jsonl"),
+                 "--evaluations", str(tmp_path / "e.jsonl"), "--quiet"])
+    assert code == 0 and "alert changes" in capsys.readouterr().err
+    alerts = [orjson.loads(line) for line in (tmp_path / "a.jsonl").read_bytes().splitlines()]
+    expected = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl",
+                            progress=False).alerts
+    assert alerts and alerts == orjson.loads(orjson.dumps(expected, option=orjson.OPT_SERIALIZE_NUMPY))
+    evaluations = [orjson.loads(line) for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
+    buckets = {e["ts"] for e in evaluations}
+    assert len(buckets) >= 9000 // 300  # one per second of predictions (labels run 2 s later)
+    for e in evaluations:
+        assert {"model", "variant", "check", "feature", "statistic", "value", "threshold"} <= e.keys()
+        assert {"start_ts", "end_ts", "n"} <= e["window"].keys()
+    cusum = [e for e in evaluations if e["feature"] == "f1" and e["statistic"] == "cusum"]
+    assert len(cusum) == len(buckets) and cusum[-1]["value"] > cusum[-1]["threshold"]

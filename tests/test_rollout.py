@@ -176,13 +176,14 @@ def test_validation_stage_gates_a_version_on_a_labelled_holdout(config, tmp_path
 def test_a_shadow_that_stops_answering_counts_as_failing(config):
     """Half the shadow's answers never come: agreement falls, and the shadow is rolled back."""
     serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
-    run, seen = Replay(config), 0
+    evaluations: list[dict] = []
+    run = Replay(config, on_evaluations=evaluations.extend)
     for sec in range(20):
         events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=13)
         events = [(k, e) for k, e in events if not (e.get("variant") == "shadow" and zlib.crc32(e["request_id"].encode()) % 2)]
         run.feed([e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"])
     assert actions(run)[:1] == [("rollback", "v2", None)]
-    missing = [e for e in run.evaluations if e["check"] == "shadow_agreement"][-1]["shadow_missing"]
+    missing = [e for e in evaluations if e["check"] == "shadow_agreement"][-1]["shadow_missing"]
     assert missing > 0
 
 
