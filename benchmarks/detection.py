@@ -742,8 +742,8 @@ def main() -> int:
         "Delay per seed lists realizations 0, 1, ... in order; realization 0's delays are those of the "
         "table above (the same runs).",
         "- False alarms in all, over both stationary streams (every event) and the pre-change stretches "
-        f"of all {n_seeds} realizations of the {len(drifting)} drifting streams (coalmine's target: one "
-        "per 10^6 events): " + silent_totals([s for s, _, _ in plan], results, n_seeds) + ".",
+        f"of all {n_seeds} realizations of the {len(drifting)} drifting streams (coalmine's default budget: "
+        "one per 10^7 events, the whole model): " + silent_totals([s for s, _, _ in plan], results, n_seeds) + ".",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
