@@ -73,7 +73,9 @@ def test_mean_shift_fires_on_the_feature_within_a_few_buckets(monitor):
     first = firing[0]
     assert first["feature"] == "f0" and first["check"] == "drift"
     assert 60_000 < first["ts"] <= 65_000  # within 5 buckets (1000 events) of the change
-    assert {a["feature"] for a in firing} == {"f0"}
+    # f0 alone, and the joint CUSUM over all features (no "feature"), which sees it too
+    assert {a.get("feature") for a in firing} == {"f0", None}
+    assert all(a["statistic"] == "cusum_joint" for a in firing if "feature" not in a)
 
 
 def test_a_scale_change_fires_the_spread_cusum_within_a_few_buckets(monitor):
@@ -81,7 +83,7 @@ def test_a_scale_change_fires_the_spread_cusum_within_a_few_buckets(monitor):
     spread CUSUM (squared distance of the rank from the median) does."""
     alerts = run(monitor, stream(120, shift_from=60, scale=1.5))
     firing = [a for a in alerts if a["state"] == "firing"]
-    assert firing and all(a["feature"] == "f0" for a in firing)
+    assert firing and all(a.get("feature") == "f0" for a in firing if a["statistic"] != "cusum_joint")
     assert firing[0]["statistic"] == "cusum_spread"
     assert 60_000 < firing[0]["ts"] <= 64_000
 
@@ -317,3 +319,24 @@ def test_replay_command_writes_alerts_and_every_evaluation(tmp_path, capsys):
         assert {"start_ts", "end_ts", "n"} <= e["window"].keys()
     cusum = [e for e in evaluations if e["feature"] == "f1" and e["statistic"] == "cusum"]
     assert len(cusum) == len(buckets) and cusum[-1]["value"] > cusum[-1]["threshold"]
+
+
+def test_a_correlation_break_fires_only_the_joint_cusum():
+    """Two features that move together in the reference stop doing so; each keeps its own
+    distribution, so the per-feature checks have nothing to see: the joint CUSUM does."""
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal(5000)
+    ref = ReferenceData({"a": base, "b": 0.95 * base + 0.31 * rng.standard_normal(5000)}, None)
+    mon = ModelMonitor(ModelConfig(name="m", reference=None, bucket_ms=1000, window_ms=20_000, checks=("drift",)), ref)
+    events = []
+    for b in range(120):
+        a = rng.standard_normal(PER_BUCKET)
+        together = 0.95 * a + 0.31 * rng.standard_normal(PER_BUCKET)
+        apart = rng.standard_normal(PER_BUCKET)  # same N(0, 1) marginal, no tie to a
+        for j in range(PER_BUCKET):
+            events.append({"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "version": "1",
+                           "variant": "champion", "ts": b * 1000 + j * 4, "status": "ok", "prediction": 0,
+                           "features": {"a": float(a[j]), "b": float((apart if b >= 60 else together)[j])}})
+    firing = [a for a in run(mon, events) if a["state"] == "firing"]
+    assert firing and {a["statistic"] for a in firing} == {"cusum_joint"}
+    assert 60_000 < firing[0]["ts"] <= 63_000

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from coalmine.streams.sequential import CusumThresholds, cusum_threshold
+from coalmine.streams.sequential import CusumThresholds, cusum_threshold, joint_cusum_threshold
 
 
 def simulated_run_length(h: float, k: float, bucket_events: int, reference_events: int | None,
@@ -46,3 +46,25 @@ def test_thresholds_follow_the_bucket_size():
     for n in (1, 16, 75, 300, 4096):
         assert table(n) == pytest.approx(cusum_threshold(1e8, 0.15, n, 5000), rel=0.02)
     assert table(1) > table(75) > table(300)
+
+
+@pytest.mark.parametrize("columns, bucket_events", [(2, 75), (10, 75), (10, 300)])
+def test_joint_threshold_holds_the_run_length_without_wasting_it(columns, bucket_events):
+    """Wald's bound: the joint CUSUM runs at least as long as asked between false alarms
+    (simulated on chi-square increments, the reference error included). The bound is loose, 6
+    to 50 times the run length asked, which costs about a tenth of the threshold; a wrong
+    exponent would be off by orders of magnitude."""
+    target, shift, m = 20_000, 0.3, 1000
+    h = joint_cusum_threshold(target, columns, shift, bucket_events, m)
+    rng = np.random.default_rng(1)
+    chains, buckets = 4000, 1500
+    bias = rng.standard_normal((chains, columns)) * math.sqrt(bucket_events / m)  # z's mean, per chain
+    s, alarms = np.zeros(chains), 0
+    for _ in range(buckets):
+        z = rng.standard_normal((chains, columns)) + bias
+        s = np.maximum(0, s + (z**2).sum(axis=1) - columns - bucket_events * shift**2 / 2)
+        hit = s > h
+        alarms += int(hit.sum())
+        s[hit] = 0
+    run_length = chains * buckets * bucket_events / max(alarms, 1)
+    assert target < run_length < 60 * target

@@ -30,7 +30,8 @@ from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output, load_reference
 from coalmine.streams.rollout import RolloutPolicy, latency_bins
 from coalmine.streams.rollout_checks import RolloutJudge
-from coalmine.streams.sequential import CUSUM, CusumThresholds
+from coalmine.streams.sequential import (CUSUM, CusumThresholds, JointCUSUM, ThresholdTable,
+                                         joint_cusum_threshold)
 from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, column_arrays
 
 VARIANTS = ("champion", "canary", "shadow")
@@ -134,7 +135,8 @@ class NumericBlock:
         return (CUSUM([c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, math.inf),
                 CUSUM(spread_mean, spread_sd, k, math.inf))
 
-    def update_cusums(self, cusums: tuple[CUSUM, CUSUM], bucket: "Summary", threshold: float) -> None:
+    def update_cusums(self, cusums: tuple[CUSUM, CUSUM], bucket: "Summary",
+                      threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """Feed a bucket to the rank CUSUMs: the location CUSUM takes each event's smoothed
         reference rank (linear in the value within a bin, so the bin counts and sums give the
         exact sum), the spread CUSUM its bin's squared distance from the median rank."""
@@ -142,8 +144,10 @@ class NumericBlock:
         n = counts.sum(axis=1)
         location, spread = cusums
         location.threshold = spread.threshold = threshold
-        location.update(n, (counts * self.rank_intercepts + bucket.sums[self.bins] * self.rank_slopes).sum(axis=1))
+        ranks = (counts * self.rank_intercepts + bucket.sums[self.bins] * self.rank_slopes).sum(axis=1)
+        location.update(n, ranks)
         spread.update(n, (counts * self.spread_scores).sum(axis=1))
+        return n, ranks
 
 
 class ModelMonitor:
@@ -169,6 +173,7 @@ class ModelMonitor:
                         for i, name in enumerate(self.layout.names)]
         if cached is None:
             calibration.store_cached(key, [c.fits for c in self.columns])
+        self.joint_columns, self.joint_corr, joint_rows = self._joint_reference()
         self.tests = self._count_tests()
         self.policy = RolloutPolicy(**cfg.settings)
         self.scored = any(n.startswith(SCORES) for n in self.layout.names)
@@ -176,6 +181,31 @@ class ModelMonitor:
         present = [int(np.count_nonzero(~np.isnan(ref.columns[c.name]))) for c in self.columns if c.kind == NUMERIC]
         self.cusum_h = CusumThresholds(cfg.false_alarm_every_events * self.tests, cfg.shift_to_detect_sd / 2,
                                        reference_events=min(present, default=0) or None)
+        self.joint_h = ThresholdTable(lambda n: joint_cusum_threshold(
+            cfg.false_alarm_every_events * self.tests, len(self.joint_columns), cfg.shift_to_detect_sd, n,
+            joint_rows)) if self.joint_columns else None
+
+    def _joint_reference(self) -> tuple[list[ColumnModel], np.ndarray | None, int]:
+        """The feature columns the joint CUSUM watches (numeric, not constant; at least two)
+        and the correlation of their smoothed reference ranks over the reference rows that
+        have them all (at least 100), with that row count."""
+        cols = [c for c in self.columns if c.kind == NUMERIC and not is_model_output(c.name) and c.rank_sd > 0]
+        if len(cols) < 2 or "drift" not in self.cfg.checks:
+            return [], None, 0
+        values = np.stack([self.reference.columns[c.name] for c in cols], axis=1)
+        rows = values[~np.isnan(values).any(axis=1)]
+        if len(rows) < 100:
+            return [], None, 0
+        scores = np.stack([drift.smoothed_ranks(rows[:, j], c.edges, c.rank_intercepts, c.rank_slopes)
+                           for j, c in enumerate(cols)], axis=1)
+        return cols, np.corrcoef(scores, rowvar=False), len(rows)
+
+    def new_joint_cusum(self) -> JointCUSUM | None:
+        """The joint CUSUM over :attr:`joint_columns` (None when there are fewer than two)."""
+        if not self.joint_columns:
+            return None
+        return JointCUSUM([c.rank_mean for c in self.joint_columns], [c.rank_sd for c in self.joint_columns],
+                          self.joint_corr, self.cfg.shift_to_detect_sd)
 
     @property
     def feature_names(self) -> list[str]:
@@ -244,6 +274,7 @@ class ModelMonitor:
         per_variant = sum(4 if c.kind == NUMERIC else 1 for c in self.columns)
         per_variant += len(self.feature_names) * ("missing_rate" in self.cfg.checks)
         per_variant += "performance" in self.cfg.checks
+        per_variant += bool(self.joint_columns)
         variants = 1 + any(c in self.cfg.checks for c in ("canary", "ab")) + ("shadow" in self.cfg.checks)
         return per_variant * variants
 
@@ -613,6 +644,7 @@ class Evaluator:
         self.next_bucket: int | None = None
         self.window = SlidingWindow(monitor.cfg.window_buckets, monitor.cfg.bucket_ms)
         self.cusums: dict[str, list[tuple[CUSUM, CUSUM]]] = {}
+        self.joint_cusums: dict[str, JointCUSUM | None] = {}
         self.alerts = AlertTracker(monitor.cfg.name)
         self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy, monitor.cfg.bucket_ms)
         self.versions: dict[str, str] = {}  # variant -> version serving it, as of the evaluated bucket
@@ -679,6 +711,7 @@ class Evaluator:
             if current is not None:
                 self.window.forget(variant)
                 self.cusums.pop(variant, None)
+                self.joint_cusums.pop(variant, None)
             self.versions[variant] = min(seen)
 
     def evaluate(self, bucket: Bucket) -> "Emitted":
@@ -692,9 +725,8 @@ class Evaluator:
             "start_ts": ring[0].start, "end_ts": end, "n": window.n}, "variant": variant}
             for variant, window in windows.items()}
         for variant, window in windows.items():
-            # the CUSUMs' threshold follows the events per bucket (checked once a bucket)
-            cusum_h = self.mon.cusum_h(window.n / len(ring))
-            out.evaluations.extend(self._checks(ctx[variant], variant, window, bucket.variants.get(variant), cusum_h))
+            out.evaluations.extend(self._checks(ctx[variant], variant, window, bucket.variants.get(variant),
+                                                window.n / len(ring)))
         q = self.mon.tail(max(sum(w.n for w in windows.values()), 1))
         rollout_evs, verdicts = self.judge.evaluate(ring, end, windows, bucket.variants, self.versions, q)
         out.evaluations.extend({**ctx[e["variant"]], **e} for e in rollout_evs)
@@ -710,19 +742,22 @@ class Evaluator:
         return out
 
     def _checks(self, ctx: dict, variant: str, window: Summary, current: Summary | None,
-                cusum_h: float) -> list[dict]:
+                bucket_events: float) -> list[dict]:
         """Evaluations of ``variant``'s window (each ``ctx`` plus one statistic); the rank
-        CUSUMs take in ``current``, the bucket just closed, and alarm above ``cusum_h``."""
+        CUSUMs take in ``current``, the bucket just closed, their thresholds following the
+        window's ``bucket_events`` (they are checked once a bucket)."""
         mon, checks, least = self.mon, self.cfg.checks, self.cfg.min_window_events
         out: list[dict] = []
         if variant not in self.cusums:
             self.cusums[variant] = mon.new_cusums(self.blocks)
+            self.joint_cusums[variant] = mon.new_joint_cusum()
         q = mon.tail(max(window.n, 1))
-        numeric, sequential = {}, {}
+        cusum_h = mon.cusum_h(bucket_events)
+        numeric, sequential, bucket_ranks = {}, {}, {}
         for block, cusums in zip(self.blocks, self.cusums[variant]):
-            if current is not None and current.n:
-                block.update_cusums(cusums, current, cusum_h)
             names = [c.name for c in block.columns]
+            if current is not None and current.n:
+                bucket_ranks.update(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
             sequential.update(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
             if "drift" in checks or "prediction_drift" in checks:
                 numeric.update(block.statistics(window, q))
@@ -745,6 +780,12 @@ class Evaluator:
                 out += self._categorical_drift(col, base, window.counts[col.bins], n, q)
             if "missing_rate" in checks and check == "drift" and window.n >= least:
                 out.append({**ctx, **self._missing(col, feature, int(window.missing[j]), window.n, q)})
+        if (joint := self.joint_cusums[variant]) is not None:
+            joint.threshold = mon.joint_h(bucket_events)
+            if bucket_ranks:
+                joint.update(*zip(*(bucket_ranks[c.name] for c in mon.joint_columns)))
+            out.append({**ctx, "check": "drift", "feature": None, "statistic": "cusum_joint",
+                        "value": joint.statistic, "threshold": joint.threshold, "p_value": None})
         if "performance" in checks and mon.ref_abs_errors is not None and window.labelled >= least:
             out.append({**ctx, **self._regression_performance(window, q)})
         elif "performance" in checks and mon.ref_error_rate is not None and window.labelled >= least:

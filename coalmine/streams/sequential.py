@@ -7,6 +7,7 @@ few tenths of a standard deviation; a CUSUM accumulates the evidence and needs h
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import brentq
@@ -84,9 +85,22 @@ def cusum_threshold(arl0: float, k: float, bucket_events: float = 1.0, reference
     return 0.0 if excess(0.0) <= 0 else brentq(excess, 0.0, 1e4)
 
 
-class CusumThresholds:
-    """:func:`cusum_threshold` as a function of the bucket size, solved on a grid of sizes at
-    start-up and interpolated in log size: the events per bucket follow the traffic.
+class ThresholdTable:
+    """A threshold as a function of the bucket size, solved on a grid of sizes at start-up and
+    interpolated in log size: the events per bucket follow the traffic."""
+
+    def __init__(self, level_at: Callable[[float], float]):
+        self.levels = np.array([level_at(n) for n in _BUCKET_GRID])
+
+    def __call__(self, bucket_events: float) -> float:
+        x = math.log2(min(max(bucket_events, 1.0), _BUCKET_GRID[-1]))
+        j = min(int(x), len(_BUCKET_GRID) - 2)
+        lo, hi = float(self.levels[j]), float(self.levels[j + 1])
+        return lo + (hi - lo) * (x - j)
+
+
+class CusumThresholds(ThresholdTable):
+    """:func:`cusum_threshold` by bucket size.
 
     >>> h = CusumThresholds(1e8, 0.15, reference_events=5000)
     >>> round(h(1), 1), round(h(75), 1), round(h(300), 1)
@@ -94,14 +108,94 @@ class CusumThresholds:
     """
 
     def __init__(self, arl0: float, k: float, reference_events: float | None = None):
-        self.levels = np.array([cusum_threshold(arl0, k, n, reference_events) for n in _BUCKET_GRID])
-        self._log_grid = np.log2(_BUCKET_GRID).tolist()
+        super().__init__(lambda n: cusum_threshold(arl0, k, n, reference_events))
 
-    def __call__(self, bucket_events: float) -> float:
-        x = math.log2(min(max(bucket_events, 1.0), _BUCKET_GRID[-1]))
-        j = min(int(x), len(self._log_grid) - 2)
-        lo, hi = float(self.levels[j]), float(self.levels[j + 1])
-        return lo + (hi - lo) * (x - j)
+
+def joint_cusum_threshold(arl0: float, columns: int, shift_sd: float, bucket_events: float,
+                          reference_events: float | None = None) -> float:
+    r"""Threshold of a :class:`JointCUSUM` over ``columns`` columns, checked after buckets of
+    ``n`` events, for ``arl0`` events between false alarms. Its increments are
+    :math:`X = Q - p - c` with :math:`Q \sim \chi^2_p(\lambda)`; Wald's exponential bound
+    gives :math:`ARL_0 \ge e^{\theta h}` buckets for the root :math:`\theta > 0` of
+    :math:`E[e^{\theta X}] = 1`:
+
+    .. math::
+        -\tfrac{p}{2}\ln(1 - 2\theta) + \frac{\lambda\theta}{1 - 2\theta} - \theta(p + c) = 0,
+        \qquad h = \ln(ARL_0 / n) / \theta
+
+    with allowance :math:`c = n\delta^2/2` for a shift of :math:`\delta` standard deviations
+    and :math:`\lambda = 2np/m`, twice the noncentrality that a reference of ``m`` events
+    gives on average through its own sampling error.
+    The bound is conservative (in simulation the run lasts 6 to 50 times longer than asked,
+    which costs about a tenth of the threshold at ten columns); it needs no simulation at
+    start-up.
+
+    >>> round(joint_cusum_threshold(5.5e8, 10, 0.3, 75, 5000), 1)
+    77.2
+    """
+    p, n = columns, bucket_events
+    c, lam = n * shift_sd**2 / 2, 2 * n * p / reference_events if reference_events else 0.0
+
+    def log_mgf(t: float) -> float:
+        return -p / 2 * math.log1p(-2 * t) + lam * t / (1 - 2 * t) - t * (p + c)
+
+    theta = brentq(log_mgf, 1e-12, 0.5 - 1e-12)
+    return max(math.log(arl0 / n), 0.0) / theta
+
+
+class JointCUSUM:
+    r"""CUSUM on the Hotelling statistic of many columns' bucket means (Crosier 1988; Healy
+    1987): fast on a shift spread over several columns, or on one column that leaves the
+    others it used to move with, which no single column's CUSUM sees as soon.
+
+    Each bucket gives every column its count :math:`n_j` and sum; with the reference means
+    :math:`\mu`, standard deviations :math:`\sigma` and correlation matrix :math:`R`,
+
+    .. math::
+        z_j = \frac{\sum x_j - n_j\mu_j}{\sigma_j\sqrt{n_j}}, \qquad
+        Q = z^\top R^{-1} z \sim \chi^2_p, \qquad
+        S \leftarrow \min(2h, \max(0, S + Q - p - n\delta^2/2))
+
+    Buckets with fewer than ``min_events`` events in a column are skipped (``z`` is then far
+    from normal).
+
+    Examples
+    --------
+    >>> j = JointCUSUM(mean=[0, 0], sd=[1, 1], corr=[[1, 0.9], [0.9, 1]], shift_sd=0.3)
+    >>> j.threshold = 30.0
+    >>> _ = j.update(n=[100, 100], total=[5.0, 5.0])         # both move together: expected
+    >>> float(j.statistic)
+    0.0
+    >>> _ = j.update(n=[100, 100], total=[30.0, -30.0])      # they part ways
+    >>> round(float(j.statistic), 1), bool(j.drift_detected)
+    (60.0, True)
+
+    References
+    ----------
+    Healy, J. D. (1987). A note on multivariate CUSUM procedures. Technometrics 29(4).
+    Crosier, R. B. (1988). Multivariate generalizations of cumulative sum quality-control
+    schemes. Technometrics 30(3).
+    """
+
+    def __init__(self, mean, sd, corr, shift_sd: float, min_events: int = 30):
+        self.mean, self.sd = np.asarray(mean, dtype=float), np.asarray(sd, dtype=float)
+        self.precision = np.linalg.pinv(np.asarray(corr, dtype=float))
+        self.allowance, self.min_events = shift_sd**2 / 2, min_events
+        self.threshold = math.inf
+        self.statistic = 0.0
+
+    def update(self, n, total) -> "JointCUSUM":
+        n = np.asarray(n, dtype=float)
+        if n.min() >= self.min_events:
+            z = (np.asarray(total) - n * self.mean) / (self.sd * np.sqrt(n))
+            q = float(z @ self.precision @ z)
+            step = q - len(z) - self.allowance * float(n.mean())
+            self.statistic = min(2 * self.threshold, max(0.0, self.statistic + step))
+        return self
+
+    @property
+    def drift_detected(self) -> bool:
+        return self.statistic > self.threshold
 
 
 class CUSUM:
