@@ -78,6 +78,20 @@ def test_mean_shift_fires_on_the_feature_within_a_few_buckets(monitor):
     assert all(a["statistic"] == "cusum_joint" for a in firing if "feature" not in a)
 
 
+def test_feature_and_model_wide_alerts_fire_side_by_side(monitor):
+    """A feature's alert and the joint CUSUM's (feature None) can fire together; the worker
+    lists and counts them (it crashed sorting None against a feature name once)."""
+    evaluator = Evaluator(monitor)
+    for b in range(4):
+        evaluator.alerts.observe(b, True, {"variant": "champion", "check": "drift", "feature": "f0",
+                                           "statistic": "cusum", "value": 2.0, "threshold": 1.0,
+                                           "window": {"start_ts": 0, "end_ts": b, "n": 1}})
+        evaluator.alerts.observe(b, True, {"variant": "champion", "check": "drift", "feature": None,
+                                           "statistic": "cusum_joint", "value": 2.0, "threshold": 1.0,
+                                           "window": {"start_ts": 0, "end_ts": b, "n": 1}})
+    assert evaluator.alerts.firing == [("champion", "drift", None), ("champion", "drift", "f0")]
+
+
 def test_a_scale_change_fires_the_spread_cusum_within_a_few_buckets(monitor):
     """Same mean and median, 1.5 x the spread: the location CUSUM has nothing to see, the
     spread CUSUM (squared distance of the rank from the median) does."""

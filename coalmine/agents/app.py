@@ -178,7 +178,10 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
         """Quiet partitions must not hold the window back: evaluate without them."""
         for model, evaluator in evaluators.items():
             if heard[model]:
-                await publish(model, evaluator.poll(idle_sources(model)))
+                try:
+                    await publish(model, evaluator.poll(idle_sources(model)))
+                except Exception:  # a stage-2 bug must not take the worker down with it
+                    log.exception("stage 2 failed releasing idle sources of %s", model)
 
     @app.page("/metrics")
     async def prometheus(web, request):

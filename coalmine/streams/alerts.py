@@ -39,7 +39,8 @@ class AlertTracker:
 
     @property
     def firing(self) -> list[tuple]:
-        return sorted(self.quiet)
+        """Keys of the firing alerts, sorted (a model-wide alert's feature is None)."""
+        return sorted(self.quiet, key=lambda key: tuple(map(str, key)))
 
     def observe(self, ts: int, exceeded: bool, ev: dict) -> dict | None:
         """Feed one evaluation (``ev`` as produced by the evaluator); return an alert on a
