@@ -85,12 +85,16 @@ class ColumnModel:
 
 @dataclass
 class NumericBlock:
-    """Numeric columns with equally many bins, stacked one row each, so that one numpy pass
-    per statistic evaluates them all (per-column calls cost more in overhead than in work)."""
+    """All numeric columns stacked one row each, so that one numpy pass per statistic
+    evaluates them all (per-column calls cost more in overhead than in work). Columns with
+    fewer bins (ties merge quantile edges) are padded at the top with empty bins, which
+    change no statistic: KS and PSI terms of two empty bins are 0, an empty bin adds no
+    Wasserstein mass and no CUSUM score."""
 
     columns: list[ColumnModel]
-    bins: np.ndarray  # (columns, bins): indices into the flat summary arrays
-    edges: np.ndarray  # (columns, bins - 1)
+    bins: np.ndarray  # (columns, bins): indices into the flat summary arrays; -1 for padding
+    edges: np.ndarray  # (columns, bins - 1), the last edge repeated over the padding
+    top_bin: np.ndarray  # (columns,): each column's last real bin, the upper outer one
     rank_intercepts: np.ndarray  # (columns, bins)
     rank_slopes: np.ndarray  # (columns, bins)
     #: (bin mid-rank - 1/2)^2 per bin: the spread CUSUM's per-event score (Mood's scale score)
@@ -102,23 +106,37 @@ class NumericBlock:
 
     @classmethod
     def stack(cls, columns: list[ColumnModel]) -> "NumericBlock":
-        ref = np.stack([c.ref_counts for c in columns])
+        width = max(c.bins.stop - c.bins.start for c in columns)
+
+        def rows(arrays, size=width, **pad):
+            return np.stack([np.pad(a, (0, size - len(a)), **pad) for a in arrays])
+
+        ref = rows([c.ref_counts for c in columns])
         p = ref / np.maximum(ref.sum(axis=1, keepdims=True), 1)
-        return cls(columns, np.stack([np.arange(c.bins.start, c.bins.stop) for c in columns]),
-                   np.stack([c.edges for c in columns]), np.stack([c.rank_intercepts for c in columns]),
-                   np.stack([c.rank_slopes for c in columns]), (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
+        return cls(columns, rows([np.arange(c.bins.start, c.bins.stop) for c in columns], constant_values=-1),
+                   rows([c.edges for c in columns], width - 1, mode="edge"),
+                   np.array([c.bins.stop - c.bins.start - 1 for c in columns]),
+                   rows([c.rank_intercepts for c in columns]), rows([c.rank_slopes for c in columns]),
+                   (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
                    drift.KolmogorovSmirnov(ref),
-                   drift.Wasserstein(np.stack([c.ref_pos for c in columns]), ref, np.array([c.sd for c in columns])),
+                   drift.Wasserstein(rows([c.ref_pos for c in columns], mode="edge"), ref,
+                                     np.array([c.sd for c in columns])),
                    calibration.TailFit.stack([c.fits["ks"] for c in columns]),
                    calibration.TailFit.stack([c.fits["wasserstein"] for c in columns]))
+
+    def _gather(self, flat: np.ndarray) -> np.ndarray:
+        """(columns, bins) from a summary's flat array; padding reads the appended 0."""
+        return np.append(flat, 0)[self.bins]
 
     def statistics(self, window: "Summary", q: float) -> dict[str, tuple]:
         """Column name -> (events with a value, KS, its p-value, its threshold, Wasserstein-1 /
         reference SD, its threshold, PSI) on ``window``, thresholds at tail probability ``q``."""
-        counts = window.counts[self.bins]
+        counts = self._gather(window.counts)
         n = counts.sum(axis=1)
         ks = self.ks.update(counts)
-        w = self.wasserstein.update(drift.bin_positions(counts, window.sums[self.bins], self.edges), counts)
+        positions = drift.bin_positions(counts, self._gather(window.sums), self.edges)
+        positions[np.arange(len(self.columns)), self.top_bin] = self.edges[:, -1]  # winsorized, as unpadded
+        w = self.wasserstein.update(positions, counts)
         psi = drift.psi_statistic(self.ks.ref_counts, counts)
         # the fits are of sqrt(n_eff) x statistic: back to the statistic's own scale
         scale = np.sqrt(np.maximum(drift.effective_n(self.ks.ref_counts.sum(axis=1), n), 1e-12))
@@ -140,11 +158,11 @@ class NumericBlock:
         """Feed a bucket to the rank CUSUMs: the location CUSUM takes each event's smoothed
         reference rank (linear in the value within a bin, so the bin counts and sums give the
         exact sum), the spread CUSUM its bin's squared distance from the median rank."""
-        counts = bucket.counts[self.bins]
+        counts = self._gather(bucket.counts)
         n = counts.sum(axis=1)
         location, spread = cusums
         location.threshold = spread.threshold = threshold
-        ranks = (counts * self.rank_intercepts + bucket.sums[self.bins] * self.rank_slopes).sum(axis=1)
+        ranks = (counts * self.rank_intercepts + self._gather(bucket.sums) * self.rank_slopes).sum(axis=1)
         location.update(n, ranks)
         spread.update(n, (counts * self.spread_scores).sum(axis=1))
         return n, ranks
@@ -279,12 +297,9 @@ class ModelMonitor:
         return per_variant * variants
 
     def numeric_blocks(self) -> list[NumericBlock]:
-        """The numeric columns stacked by their number of bins."""
-        by_width: dict[int, list[ColumnModel]] = {}
-        for c in self.columns:
-            if c.kind == NUMERIC:
-                by_width.setdefault(c.bins.stop - c.bins.start, []).append(c)
-        return [NumericBlock.stack(cols) for cols in by_width.values()]
+        """The numeric columns stacked in one block (none without numeric columns)."""
+        numeric = [c for c in self.columns if c.kind == NUMERIC]
+        return [NumericBlock.stack(numeric)] if numeric else []
 
     def tail(self, window_n: int) -> float:
         return calibration.tail_share(window_n, self.cfg.window_buckets,
