@@ -38,6 +38,8 @@ def _describe(topic: str, record: dict, t0: float) -> str:
         text = (f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} "
                 f"{what}: {record['statistic']}={record['value']:.4g} "
                 f"(threshold {record['threshold']:.4g}, {record['window']['n']} events)")
+        if not record["window"]["n"]:  # resolved because the variant's traffic is gone
+            text = f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} {what}: no traffic left"
         return _paint(record["state"], text)
     if topic == topics.COMMANDS:
         weight = f" weight={record['weight']}" if record.get("weight") is not None else ""

@@ -71,6 +71,8 @@ def test_failing_canary_is_rolled_back_within_bounded_events(config):
     assert serving.canary is None
     states = [a["state"] for a in run.alerts if a["variant"] == "canary"]
     assert states.count("firing") == states.count("resolved"), "a rolled-back canary's alerts resolve"
+    gone = [a for a in run.alerts if a["variant"] == "canary" and a["window"]["n"] == 0]
+    assert gone and all(a["message"].endswith("resolved: no traffic left in the window") for a in gone)
 
 
 def test_healthy_canary_is_never_rolled_back_on_a_long_stream(config, monkeypatch):

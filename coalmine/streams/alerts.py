@@ -87,6 +87,8 @@ class AlertTracker:
                         f"{ev['value']:.4g} {verb} threshold {ev['threshold']:.4g} "
                         f"over {ev['window']['n']} events"),
         }
+        if state == "resolved" and not ev["window"]["n"]:  # observe_gone: the last values are stale
+            alert["message"] = f"{self.model}/{ev['variant']}: {what} resolved: no traffic left in the window"
         if feature:
             alert["feature"] = feature
         if ev.get("p_value") is not None:
