@@ -202,8 +202,18 @@ def _list_of_ids(v) -> None:
 
 
 def _object(v) -> None:
+    """A free-form object, as JSON can carry it: no NaN or Infinity anywhere inside."""
     if type(v) is not dict:
         raise _wrong("an object", v)
+    _json_numbers(v)
+
+
+def _json_numbers(v, path: str = "") -> None:
+    if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+        raise _Defect(str(_wrong("", v)), path)
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for key, x in items:
+        _json_numbers(x, f"{path}.{key}" if isinstance(v, dict) else f"{path}[{key}]")
 
 
 def _matching(pattern: str, what: str) -> Callable:
