@@ -16,7 +16,7 @@ Streams (300 events/s of event time, so a 10 s window holds 3,000 events):
   Shuttle class mix (anomalies at 3x their rate), river SEA concept drift (P(y|x) only; features
   unchanged), river RandomRBF centroid change (P(x) changes).
 
-coalmine runs twice: the default config (bucket 1 s) and the same config with bucket 250 ms.
+coalmine runs twice: the default config (bucket 250 ms) and the same config with bucket 1 s.
 A second table repeats each drifting stream with --seeds realizations (different random draws, the
 same change and reference) for the detectors silent on the stationary streams (both coalmine configs
 and the two calibrated ADWINs): median delay, detections, false alarms before the change.
@@ -72,15 +72,15 @@ ADWIN_CALIBRATED_DELTA = 1e-200
 ADWIN_RANK_DELTA_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-15, 1e-20, 1e-30,
                          1e-50, 1e-100, 1e-150, 1e-200)
 ADWIN_RANK_DELTA = 1e-3
-# coalmine detectors: the default config (bucket 1 s) and the same with bucket 250 ms, a user's setting
-# for lower latency (coalmine evaluates once per bucket: with 1 s buckets a change at 333.33 s of event
-# time can alert at 334 s, 200 events later, at the earliest; with 250 ms buckets at 333.5 s, 50 events)
-COALMINE_CONFIGS = {"coalmine": ("1s", "monitor.toml"), "coalmine_250ms": ("250ms", "monitor-250ms.toml")}
+# coalmine detectors: the default config (bucket 250 ms) and the same with bucket 1 s (coalmine's CUSUMs
+# run once per bucket: with 250 ms buckets a change at 333.33 s of event time can alert at 333.5 s, 50
+# events later, at the earliest; with 1 s buckets at 334 s, 200 events later)
+COALMINE_CONFIGS = {"coalmine": (None, "monitor.toml"), "coalmine_1s": ("1s", "monitor-1s.toml")}
 # multi-seed table: realization rep of a drifting stream draws its events with seeds offset by
 # REP_STRIDE * rep (rep 0 is the stream of the single-seed table); only the detectors silent on the
 # stationary streams run on it
 REP_STRIDE = 1000
-SILENT = ("coalmine", "coalmine_250ms", "adwin_cal", "adwin_rank")
+SILENT = ("coalmine", "coalmine_1s", "adwin_cal", "adwin_rank")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def _save(work: Path, spec: Spec, X: np.ndarray, names: list[str], pred: np.ndar
           proba: np.ndarray | None, y: np.ndarray | None, ref_rows: list[dict],
           latency: np.ndarray | None = None, ref_file: Path | None = None, rep: int = 0) -> Path:
     """Arrays -> <key>.npz; reference rows (or an existing reference file) + one monitor config per
-    coalmine detector (COALMINE_CONFIGS: bucket 1 s and 250 ms, window 10 s) -> <key>/. ``rep`` seeds
+    coalmine detector (COALMINE_CONFIGS: the default bucket and 1 s, window 10 s) -> <key>/. ``rep`` seeds
     which events carry a label and the latencies (rep 0: the draws of the single-seed table)."""
     from coalmine.simulator import write_demo_config, write_jsonl
 
@@ -430,10 +430,10 @@ def run_ks(path: Path, opts: dict) -> dict:
             "delay": None if first is None else first - change, "what": what}
 
 
-DETECTORS = {"coalmine": run_coalmine, "coalmine_250ms": run_coalmine, "adwin": run_river, "adwin_cal": run_river,
+DETECTORS = {"coalmine": run_coalmine, "coalmine_1s": run_coalmine, "adwin": run_river, "adwin_cal": run_river,
              "adwin_rank": run_river, "kswin": run_river, "ks": run_ks}
 LABELS = {"coalmine": "coalmine (calibrated, 10 s window)",
-          "coalmine_250ms": "coalmine, bucket 250 ms (calibrated, 10 s window)", "adwin": "river ADWIN / feature",
+          "coalmine_1s": "coalmine, bucket 1 s (calibrated, 10 s window)", "adwin": "river ADWIN / feature",
           "adwin_cal": f"river ADWIN / feature, calibrated (delta={ADWIN_CALIBRATED_DELTA:g})",
           "adwin_rank": f"river ADWIN / feature on reference ranks, calibrated (delta={ADWIN_RANK_DELTA:g})",
           "kswin": "river KSWIN / feature", "ks": "repeated KS, p < 0.05"}
@@ -625,7 +625,7 @@ def main() -> int:
             ModelMonitor(cfg.models["bench"])
     jobs = [(spec, det) for spec, _, _ in plan for det in DETECTORS]
     jobs += [(spec, det) for spec, _, _ in reps for det in SILENT]
-    cost = {"kswin": 3, "coalmine": 2, "coalmine_250ms": 2, "ks": 1, "adwin": 1, "adwin_cal": 1, "adwin_rank": 1}
+    cost = {"kswin": 3, "coalmine": 2, "coalmine_1s": 2, "ks": 1, "adwin": 1, "adwin_cal": 1, "adwin_rank": 1}
     jobs.sort(key=lambda j: (-cost[j[1]], -j[0].n))
     results: dict = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -651,10 +651,10 @@ def main() -> int:
         "",
         f"Rebuild: `{cmd}` ({wall / 60:.1f} min wall on {args.jobs} workers, {os.cpu_count()} cores)",
         "",
-        f"Events come {RATE:.0f}/s in event time; coalmine runs the default config (bucket 1 s, window 10 s "
-        "= 3,000 events, default false_alarm_every_events = 10^7, checks drift, prediction_drift, missing_rate, "
-        "performance) with its own calibrated thresholds, and again with only the bucket changed to "
-        "250 ms (\"coalmine, bucket 250 ms\"). Detection = first firing alert at or after the "
+        f"Events come {RATE:.0f}/s in event time; coalmine runs the default config (bucket 250 ms, window tests "
+        "once a second, window 10 s = 3,000 events, default false_alarm_every_events = 10^7, checks drift, "
+        "prediction_drift, missing_rate, performance) with its own calibrated thresholds, and again with "
+        "only the bucket changed to 1 s (\"coalmine, bucket 1 s\"). Detection = first firing alert at or after the "
         "change; delay = (alert ts - change ts) x rate. river detectors run one instance per numeric "
         "feature (any feature's alarm counts), fed the raw values except for the ADWIN on reference "
         "ranks, which is fed each value's mid-rank in that feature's 5,000 reference values; the "
@@ -670,16 +670,14 @@ def main() -> int:
         "~250 us per update per feature), scaled to 10^6. False alarms count distinct events (or "
         "tests) with an alarm on any feature; coalmine counts firing alerts. The two calibrated ADWINs "
         "run every event of both.",
-        "- coalmine, bucket 250 ms: the same monitor config as the coalmine row with `bucket = \"250ms\"` "
-        "instead of \"1s\" (window still 10 s, now 40 buckets; same reference, so the same simulated "
-        f"null tails). coalmine evaluates once per bucket: with 1 s buckets the change (at "
+        "- coalmine, bucket 1 s: the same monitor config as the coalmine row with `bucket = \"1s\"` "
+        "instead of the default 250 ms (window still 10 s, now 10 buckets; same reference, so the same "
+        f"simulated null tails). coalmine's CUSUMs run once per bucket: with 250 ms buckets the change (at "
         f"{earliest['change_s']:.2f} s of event time on the drift streams) can alert at "
-        f"{earliest['1s'][0]:g} s, {earliest['1s'][1]:,.0f} events after it, at the earliest; with 250 ms "
-        f"buckets at {earliest['250ms'][0]:g} s, {earliest['250ms'][1]:,.0f} events after it. Four times "
-        "as many evaluations share the same false-alarm budget (false_alarm_every_events = 10^7), so "
-        "each window test's tail probability is a quarter of the 1 s config's; the CUSUMs' threshold "
-        "follows the events per bucket (checked after every bucket: 300 events at 1 s, 75 at 250 ms), "
-        "for the same run length in events between false alarms.",
+        f"{earliest['250ms'][0]:g} s, {earliest['250ms'][1]:,.0f} events after it, at the earliest; with "
+        f"1 s buckets at {earliest['1s'][0]:g} s, {earliest['1s'][1]:,.0f} events after it. The window "
+        "tests run once a second in both; the CUSUMs' threshold follows the events per bucket (75 at "
+        "250 ms, 300 at 1 s) for the same run length in events between false alarms.",
         "- Default ADWIN: river's default delta = 0.002, on the raw values.",
         f"- Calibrated ADWIN (raw values): delta = {ADWIN_CALIBRATED_DELTA:g}, the largest of "
         f"{', '.join(f'{d:g}' for d in ADWIN_DELTA_GRID)} with no alarm on any feature over all 10^6 "

@@ -1,8 +1,8 @@
 """Monitor configuration: a TOML file, validated at start-up with errors that name the field.
 
 >>> cfg = parse_config({"models": [{"name": "m", "reference": "ref.jsonl"}]}, base_dir=Path("/tmp"))
->>> cfg.models["m"].bucket_ms, cfg.models["m"].window_ms
-(1000, 60000)
+>>> cfg.models["m"].bucket_ms, cfg.models["m"].window_ms, cfg.models["m"].window_step_ms
+(250, 60000, 1000)
 >>> parse_config({"models": [{"name": "m", "reference": "r.jsonl", "bucket": "5 parsecs"}]})
 Traceback (most recent call last):
 ...
@@ -47,6 +47,10 @@ def parse_duration_ms(value: Any, where: str) -> int:
     return int(ms)
 
 
+#: the window tests run at most once per this much event time (see ModelConfig.window_step_ms)
+WINDOW_STEP_MS = 1000
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything one model's monitor needs; built by :func:`parse_config`."""
@@ -55,7 +59,7 @@ class ModelConfig:
     reference: Path | None
     features: tuple[str, ...] | None = None
     checks: tuple[str, ...] = DEFAULT_CHECKS
-    bucket_ms: int = 1000
+    bucket_ms: int = 250
     window_ms: int = 60_000
     allowed_lateness_ms: int = 2000
     false_alarm_every_events: int = 10_000_000
@@ -71,6 +75,13 @@ class ModelConfig:
     @property
     def window_buckets(self) -> int:
         return self.window_ms // self.bucket_ms
+
+    @property
+    def window_step_ms(self) -> int:
+        """The window tests run when a bucket ending on a multiple of this closes: every
+        bucket, but no more often than once a second of event time (the CUSUMs run every
+        bucket: they are the fast detectors; a window test's power is its window's size)."""
+        return -(-max(self.bucket_ms, WINDOW_STEP_MS) // self.bucket_ms) * self.bucket_ms
 
 
 @dataclass(frozen=True)
@@ -207,10 +218,10 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
         if c not in ALL_CHECKS:
             raise ConfigError(f"{where}checks: unknown check {c!r} (expected any of {', '.join(ALL_CHECKS)})")
     values = {**defaults, **_settings(table, where)}
-    if values.get("window_ms", 60_000) % values.get("bucket_ms", 1000):
+    bucket, window = values.get("bucket_ms", ModelConfig.bucket_ms), values.get("window_ms", ModelConfig.window_ms)
+    if window % bucket:
         raise ConfigError(f"{where}window: must be a whole number of buckets "
-                          f"({values.get('window_ms', 60_000)} ms is not a multiple of "
-                          f"{values.get('bucket_ms', 1000)} ms)")
+                          f"({window} ms is not a multiple of {bucket} ms)")
     rollout = _rollout_settings(table, where)
     return ModelConfig(
         name=name, reference=(base_dir / ref).resolve() if ref else None, reference_first_events=first,

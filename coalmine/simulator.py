@@ -434,7 +434,7 @@ ROLLOUT_SETTINGS = (
 )
 
 
-def write_demo_config(path: Path, reference_path: Path, bucket: str = "1s", window: str = "20s",
+def write_demo_config(path: Path, reference_path: Path, bucket: str | None = "1s", window: str = "20s",
                       model: str = "shuttle", rollout: bool = False,
                       false_alarm_every_events: int | None = 1_000_000) -> None:
     """A monitor config for the simulator's model, naming the reference relative to the config
@@ -445,8 +445,8 @@ def write_demo_config(path: Path, reference_path: Path, bucket: str = "1s", wind
     reference = os.path.relpath(Path(reference_path).resolve(), Path(path).resolve().parent)
     Path(path).write_text(
         "[defaults]\n"
-        f'bucket = "{bucket}"\n'
-        f'window = "{window}"\n'
+        + (f'bucket = "{bucket}"\n' if bucket else "")  # None: coalmine's default
+        + f'window = "{window}"\n'
         'allowed_lateness = "2s"\n'
         + (f"false_alarm_every_events = {false_alarm_every_events}\n" if false_alarm_every_events else "")
         + "\n"

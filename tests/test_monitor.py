@@ -354,3 +354,27 @@ def test_a_correlation_break_fires_only_the_joint_cusum():
     firing = [a for a in run(mon, events) if a["state"] == "firing"]
     assert firing and {a["statistic"] for a in firing} == {"cusum_joint"}
     assert 60_000 < firing[0]["ts"] <= 63_000
+
+
+def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor):
+    """With 250 ms buckets the CUSUMs run every bucket and the window tests once a second. A
+    drift alert raised by a window test does not resolve on the CUSUM-only buckets in between
+    (the CUSUMs are kept out of it here by a huge allowance: shift_to_detect_sd = 100)."""
+    from dataclasses import replace
+
+    fine = ModelMonitor(replace(monitor.cfg, bucket_ms=250, shift_to_detect_sd=100.0), monitor.reference)
+    sketcher, evaluator = Sketcher({"m": fine}), Evaluator(fine)
+    evaluations, alerts = [], []
+    events = stream(50, shift_from=20, shift=0.5)
+    for start in range(0, len(events), 500):
+        assert sketcher.add_predictions(events[start:start + 500]) == []
+        for p in sketcher.close():
+            out = evaluator.add(p)
+            evaluations += out.evaluations
+            alerts += out.alerts
+    ks_ts = {e["ts"] for e in evaluations if e["statistic"] == "ks"}
+    cusum_ts = {e["ts"] for e in evaluations if e["statistic"] == "cusum"}
+    assert ks_ts and all(ts % 1000 == 0 for ts in ks_ts)
+    assert len(cusum_ts) > 3 * len(ks_ts)
+    f0 = [a for a in alerts if a.get("feature") == "f0"]
+    assert [a["state"] for a in f0] == ["firing"] and f0[0]["statistic"] in ("ks", "wasserstein")

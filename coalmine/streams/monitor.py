@@ -35,6 +35,8 @@ from coalmine.streams.sequential import (CUSUM, CusumThresholds, JointCUSUM, Thr
 from coalmine.streams.sketch import LATENCY_BINS, NUMERIC, Layout, Summary, column_arrays
 
 VARIANTS = ("champion", "canary", "shadow")
+#: checks whose statistics (but for the CUSUMs) are window tests, run once per window step
+WINDOW_CHECKS = frozenset({"drift", "prediction_drift", "missing_rate", "performance"})
 _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
 _STATUS_FAILED = {"ok": False, "error": True}
 
@@ -197,8 +199,10 @@ class ModelMonitor:
         self.scored = any(n.startswith(SCORES) for n in self.layout.names)
         self.joins_needed = any(c in cfg.checks for c in ("performance", "shadow", "ab", "canary"))
         present = [int(np.count_nonzero(~np.isnan(ref.columns[c.name]))) for c in self.columns if c.kind == NUMERIC]
+        # budgeted for twice the reference mean's sampling variance (half the rows), as the joint
+        # CUSUM's noncentrality is: on average over references, with a margin for an unlucky one
         self.cusum_h = CusumThresholds(cfg.false_alarm_every_events * self.tests, cfg.shift_to_detect_sd / 2,
-                                       reference_events=min(present, default=0) or None)
+                                       reference_events=min(present, default=0) / 2 or None)
         self.joint_h = ThresholdTable(lambda n: joint_cusum_threshold(
             cfg.false_alarm_every_events * self.tests, len(self.joint_columns), cfg.shift_to_detect_sd, n,
             joint_rows)) if self.joint_columns else None
@@ -302,7 +306,13 @@ class ModelMonitor:
         return [NumericBlock.stack(numeric)] if numeric else []
 
     def tail(self, window_n: int) -> float:
+        """Tail probability of a check run after every bucket (the rollout checks)."""
         return calibration.tail_share(window_n, self.cfg.window_buckets,
+                                      self.cfg.false_alarm_every_events, self.tests)
+
+    def window_test_tail(self, window_n: int) -> float:
+        """Tail probability of a window test, run once per :attr:`ModelConfig.window_step_ms`."""
+        return calibration.tail_share(window_n, self.cfg.window_ms / self.cfg.window_step_ms,
                                       self.cfg.false_alarm_every_events, self.tests)
 
     def new_cusums(self, blocks: list[NumericBlock]) -> list[tuple[CUSUM, CUSUM]]:
@@ -667,6 +677,8 @@ class Evaluator:
         self.bucket_versions: dict[int, dict[str, set[str]]] = {}
         self.late_partials = 0
         self.blocks = monitor.numeric_blocks()
+        # (variant, check, feature) -> the window tests' evaluations at their last run
+        self.held: dict[tuple, list[dict]] = {}
 
     def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> "Emitted":
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
@@ -726,6 +738,7 @@ class Evaluator:
             if current is not None:
                 self.window.forget(variant)
                 self.cusums.pop(variant, None)
+                self.held = {k: v for k, v in self.held.items() if k[0] != variant}
                 self.joint_cusums.pop(variant, None)
             self.versions[variant] = min(seen)
 
@@ -739,13 +752,21 @@ class Evaluator:
         ctx = {variant: {"model": self.cfg.name, "ts": end, "window": {
             "start_ts": ring[0].start, "end_ts": end, "n": window.n}, "variant": variant}
             for variant, window in windows.items()}
+        window_tests = end % self.cfg.window_step_ms == 0
         for variant, window in windows.items():
             out.evaluations.extend(self._checks(ctx[variant], variant, window, bucket.variants.get(variant),
-                                                window.n / len(ring)))
+                                                window.n / len(ring), window_tests))
         q = self.mon.tail(max(sum(w.n for w in windows.values()), 1))
         rollout_evs, verdicts = self.judge.evaluate(ring, end, windows, bucket.variants, self.versions, q)
         out.evaluations.extend({**ctx[e["variant"]], **e} for e in rollout_evs)
-        for group in _group(out.evaluations):
+        groups = _group(out.evaluations)
+        if window_tests:
+            self.held = {key: [e for e in group if _is_window_test(e)] for key, group in groups.items()}
+        else:  # a window test's verdict stands until it runs again
+            for key, held in self.held.items():
+                if key[0] in windows:
+                    groups.setdefault(key, []).extend(held)
+        for group in groups.values():
             exceeded = any(e["value"] > e["threshold"] for e in group)
             worst = max(group, key=lambda e: e["value"] / max(e["threshold"], 1e-12))
             alert = self.alerts.observe(end, exceeded, worst)
@@ -757,16 +778,18 @@ class Evaluator:
         return out
 
     def _checks(self, ctx: dict, variant: str, window: Summary, current: Summary | None,
-                bucket_events: float) -> list[dict]:
+                bucket_events: float, window_tests: bool = True) -> list[dict]:
         """Evaluations of ``variant``'s window (each ``ctx`` plus one statistic); the rank
         CUSUMs take in ``current``, the bucket just closed, their thresholds following the
-        window's ``bucket_events`` (they are checked once a bucket)."""
+        window's ``bucket_events`` (they are checked once a bucket); the window tests run only
+        when ``window_tests``."""
         mon, checks, least = self.mon, self.cfg.checks, self.cfg.min_window_events
         out: list[dict] = []
         if variant not in self.cusums:
             self.cusums[variant] = mon.new_cusums(self.blocks)
             self.joint_cusums[variant] = mon.new_joint_cusum()
-        q = mon.tail(max(window.n, 1))
+        q = mon.window_test_tail(max(window.n, 1))
+        least = least if window_tests else math.inf  # no window test this bucket
         cusum_h = mon.cusum_h(bucket_events)
         numeric, sequential, bucket_ranks = {}, {}, {}
         for block, cusums in zip(self.blocks, self.cusums[variant]):
@@ -774,7 +797,7 @@ class Evaluator:
             if current is not None and current.n:
                 bucket_ranks.update(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
             sequential.update(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
-            if "drift" in checks or "prediction_drift" in checks:
+            if window_tests and ("drift" in checks or "prediction_drift" in checks):
                 numeric.update(block.statistics(window, q))
         for j, col in enumerate(mon.columns):
             check = "prediction_drift" if is_model_output(col.name) else "drift"
@@ -783,7 +806,7 @@ class Evaluator:
                 continue
             base = {**ctx, "check": check, "feature": feature}
             if col.kind == NUMERIC:
-                n, *statistics = numeric[col.name]
+                n, *statistics = numeric.get(col.name, (0,))
                 if n >= least:
                     out += self._numeric_drift(base, *statistics)
                 location, spread = sequential[col.name]
@@ -868,11 +891,16 @@ class Emitted(NamedTuple):
             mine.extend(theirs)
 
 
-def _group(evs: list[dict]) -> list[list[dict]]:
+def _group(evs: list[dict]) -> dict[tuple, list[dict]]:
     """Evaluations grouped by (variant, check, feature): one alert per group, on any of its
     statistics."""
     groups: dict[tuple, list[dict]] = {}
     for e in evs:
         if e["threshold"] is not None:  # PSI and JS are reported, not alarmed on
             groups.setdefault((e["variant"], e["check"], e["feature"]), []).append(e)
-    return list(groups.values())
+    return groups
+
+
+def _is_window_test(e: dict) -> bool:
+    """A statistic of the window (not a CUSUM, not a rollout check, which run every bucket)."""
+    return e["check"] in WINDOW_CHECKS and not e["statistic"].startswith("cusum")
