@@ -5,9 +5,10 @@ p < 0.05 such a monitor fires on a stationary stream within minutes. coalmine in
 target expected number of events between false alarms for the whole model,
 ``false_alarm_every_events`` (E), and shares it out:
 
-* an evaluation follows every bucket, i.e. every ``n / W`` events for a window of ``n``
-  events over ``W`` buckets, so the chance of any false alarm per evaluation may be
-  ``(n / W) / E``;
+* the window tests run once per window step (a second of event time, or the bucket if
+  longer: :attr:`coalmine.config.ModelConfig.window_step_ms`), i.e. every ``n / W`` events
+  for a window of ``n`` events and ``W`` steps, so the chance of any false alarm per
+  evaluation may be ``(n / W) / E`` (the rollout checks, run every bucket, count buckets);
 * that chance is split evenly (Bonferroni) over the K alarming tests of the model, so each
   window test gets the tail probability ``q(n) = n / (W E K)``. Overlapping windows make
   successive evaluations positively correlated, which only lengthens the run between false
@@ -157,13 +158,13 @@ def calibrate_categorical(ref_counts: np.ndarray, rng: np.random.Generator) -> d
     return {"chi2": fit_grid(samples, (1,))}
 
 
-def tail_share(window_events: float, window_buckets: int, every_events: int, tests: int) -> float:
+def tail_share(window_events: float, window_evaluations: float, every_events: int, tests: int) -> float:
     """Tail probability allowed to one window test at one evaluation (module docstring).
 
     >>> tail_share(6000, 60, 1_000_000, 50)
     2e-06
     """
-    return min(0.5, window_events / (window_buckets * every_events * tests))
+    return min(0.5, window_events / (window_evaluations * every_events * tests))
 
 
 def _cache_path(key: str) -> Path:
