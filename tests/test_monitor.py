@@ -109,7 +109,7 @@ def test_the_location_cusum_sums_smoothed_ranks_exactly_from_bins(monitor):
     values = np.concatenate([rng.standard_normal(300), np.round(rng.standard_normal(200), 1),
                              [-50.0, 50.0]])  # ties, and both open outer bins
     col = next(c for c in monitor.columns if c.name == "f0")
-    block = next(b for b in monitor.numeric_blocks() if col in b.columns)
+    block = monitor.numeric_block
     bucket = monitor.layout.fold({**{n: np.full(len(values), np.nan) for n in monitor.layout.names
                                       if monitor.layout.kinds[n] == "numeric"}, "f0": values,
                                   "color": np.full(len(values), None, dtype=object)})

@@ -148,7 +148,12 @@ class NumericBlock:
         return dict(zip((c.name for c in self.columns), rows))
 
     def new_cusums(self, k: float) -> tuple[CUSUM, CUSUM]:
-        """A location and a spread CUSUM over the block's columns (:meth:`update_cusums`)."""
+        """A location and a spread CUSUM over the block's columns (:meth:`update_cusums`): on
+        the events' smoothed reference ranks and on their squared distance from the median
+        rank. Ranks bound each event's weight, so heavy tails do not page anyone; a location
+        shift of d standard deviations moves the mean rank by about d rank standard deviations
+        on normal data, and by more on features with many ties, where a small shift moves
+        values past whole steps of the reference CDF."""
         p = self.ks.ref_counts / np.maximum(self.ks.ref_counts.sum(axis=1, keepdims=True), 1)
         spread_mean = (p * self.spread_scores).sum(axis=1)
         spread_sd = np.sqrt((p * (self.spread_scores - spread_mean[:, None]) ** 2).sum(axis=1))
@@ -194,6 +199,9 @@ class ModelMonitor:
         if cached is None:
             calibration.store_cached(key, [c.fits for c in self.columns])
         self.joint_columns, self.joint_corr, joint_rows = self._joint_reference()
+        numeric = [c for c in self.columns if c.kind == NUMERIC]
+        #: every numeric column stacked for one numpy pass per statistic (None without any)
+        self.numeric_block = NumericBlock.stack(numeric) if numeric else None
         self.tests = self._count_tests()
         self.policy = RolloutPolicy(**cfg.settings)
         self.scored = any(n.startswith(SCORES) for n in self.layout.names)
@@ -300,11 +308,6 @@ class ModelMonitor:
         variants = 1 + any(c in self.cfg.checks for c in ("canary", "ab")) + ("shadow" in self.cfg.checks)
         return per_variant * variants
 
-    def numeric_blocks(self) -> list[NumericBlock]:
-        """The numeric columns stacked in one block (none without numeric columns)."""
-        numeric = [c for c in self.columns if c.kind == NUMERIC]
-        return [NumericBlock.stack(numeric)] if numeric else []
-
     def tail(self, window_n: int) -> float:
         """Tail probability of a check run after every bucket (the rollout checks)."""
         return calibration.tail_share(window_n, self.cfg.window_buckets,
@@ -314,15 +317,6 @@ class ModelMonitor:
         """Tail probability of a window test, run once per :attr:`ModelConfig.window_step_ms`."""
         return calibration.tail_share(window_n, self.cfg.window_ms / self.cfg.window_step_ms,
                                       self.cfg.false_alarm_every_events, self.tests)
-
-    def new_cusums(self, blocks: list[NumericBlock]) -> list[tuple[CUSUM, CUSUM]]:
-        """Rank CUSUMs per numeric column, a block at a time: on the events' smoothed reference
-        ranks (location) and on their squared distance from the median rank (spread). Ranks
-        bound each event's weight, so heavy tails do not page anyone; a location shift of d
-        standard deviations moves the mean rank by about d rank standard deviations on normal
-        data, and by more on features with many ties, where a small shift moves values past
-        whole steps of the reference CDF."""
-        return [b.new_cusums(self.cfg.shift_to_detect_sd / 2) for b in blocks]
 
 
 def _agree(a, b, tolerance: float) -> bool:
@@ -668,7 +662,7 @@ class Evaluator:
         self.applied: set[tuple[int, int]] = set()
         self.next_bucket: int | None = None
         self.window = SlidingWindow(monitor.cfg.window_buckets, monitor.cfg.bucket_ms)
-        self.cusums: dict[str, list[tuple[CUSUM, CUSUM]]] = {}
+        self.cusums: dict[str, tuple[CUSUM, CUSUM] | None] = {}
         self.joint_cusums: dict[str, JointCUSUM | None] = {}
         self.alerts = AlertTracker(monitor.cfg.name)
         self.judge = RolloutJudge(monitor.cfg.name, monitor.cfg.checks, monitor.policy, monitor.cfg.bucket_ms)
@@ -676,7 +670,6 @@ class Evaluator:
         # pending bucket -> variant -> the version each source saw first in it
         self.bucket_versions: dict[int, dict[str, set[str]]] = {}
         self.late_partials = 0
-        self.blocks = monitor.numeric_blocks()
         # (variant, check, feature) -> the window tests' evaluations at their last run
         self.held: dict[tuple, list[dict]] = {}
 
@@ -785,20 +778,21 @@ class Evaluator:
         when ``window_tests``."""
         mon, checks, least = self.mon, self.cfg.checks, self.cfg.min_window_events
         out: list[dict] = []
+        block = mon.numeric_block
         if variant not in self.cusums:
-            self.cusums[variant] = mon.new_cusums(self.blocks)
+            self.cusums[variant] = block.new_cusums(self.cfg.shift_to_detect_sd / 2) if block else None
             self.joint_cusums[variant] = mon.new_joint_cusum()
         q = mon.window_test_tail(max(window.n, 1))
         least = least if window_tests else math.inf  # no window test this bucket
         cusum_h = mon.cusum_h(bucket_events)
         numeric, sequential, bucket_ranks = {}, {}, {}
-        for block, cusums in zip(self.blocks, self.cusums[variant]):
-            names = [c.name for c in block.columns]
+        if block is not None:
+            names, cusums = [c.name for c in block.columns], self.cusums[variant]
             if current is not None and current.n:
-                bucket_ranks.update(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
-            sequential.update(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
+                bucket_ranks = dict(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
+            sequential = dict(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
             if window_tests and ("drift" in checks or "prediction_drift" in checks):
-                numeric.update(block.statistics(window, q))
+                numeric = block.statistics(window, q)
         for j, col in enumerate(mon.columns):
             check = "prediction_drift" if is_model_output(col.name) else "drift"
             feature = None if col.name == PREDICTION else col.name

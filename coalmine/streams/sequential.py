@@ -111,7 +111,6 @@ class CusumThresholds(ThresholdTable):
         super().__init__(lambda n: cusum_threshold(arl0, k, n, reference_events))
 
 
-
 def joint_cusum_threshold(arl0: float, columns: int, shift_sd: float, bucket_events: float,
                           reference_events: float | None = None) -> float:
     r"""Threshold of a :class:`JointCUSUM` over ``columns`` columns, checked after buckets of
