@@ -94,9 +94,14 @@ class Publisher:
 
     async def publish(self, topic: str, event: dict | bytes, key: str | None = None) -> None:
         """Send one event and wait for the broker's acknowledgement."""
-        await (await self._send(topic, event, key))
+        await (await self.send(topic, event, key))
 
-    async def _send(self, topic: str, event: dict | bytes, key: str | None = None):
+    async def send(self, topic: str, event: dict | bytes, key: str | None = None) -> asyncio.Future:
+        """Queue one event for sending, without waiting for the broker; returns the future of its
+        acknowledgement (await it, or gather many, before trusting the event is stored).
+
+        Awaiting ``send`` itself may wait for room in the producer's buffer, never for the broker.
+        """
         value = event if isinstance(event, bytes) else orjson.dumps(event)
         k = key.encode() if key is not None else _key(topic, event)
         return await self.producer.send(topic, value, key=k)
@@ -105,7 +110,7 @@ class Publisher:
         """Send many events, waiting for acknowledgements a chunk at a time; returns the count."""
         pending, sent = [], 0
         for event in events:
-            pending.append(await self._send(topic, event))
+            pending.append(await self.send(topic, event))
             if len(pending) >= chunk:
                 await asyncio.gather(*pending)
                 sent += len(pending)

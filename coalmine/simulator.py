@@ -486,7 +486,7 @@ async def publish(bootstrap: str, events: Iterable[tuple[str, dict | bytes]], *,
                 if ahead > 0.02:
                     await settle()
                     await asyncio.sleep(ahead)
-            pending.append(await pub._send(target[kind], event))
+            pending.append(await pub.send(target[kind], event))
             counts[kind] += 1
             if len(pending) >= chunk:
                 await settle()
@@ -517,7 +517,7 @@ async def run_live(bootstrap: str, serving: Serving, *, seconds: float, rate_per
                 if kind == "prediction" and bad_event_every and counts["prediction"] % bad_event_every == bad_event_every - 1:
                     raw = _DEFECTS[counts["malformed"] % len(_DEFECTS)](event)
                     counts["malformed"] += 1
-                sends.append(await pub._send(target[kind], raw))
+                sends.append(await pub.send(target[kind], raw))
                 counts[kind] += 1
             await asyncio.gather(*sends)
             done += per_step

@@ -89,7 +89,7 @@ class Namespace:
         async def run():
             async with Publisher(self.broker.bootstrap) as pub:
                 for kind, event in events:
-                    await pub._send(self.topic["predictions" if kind == "prediction" else "labels"], event)
+                    await pub.send(self.topic["predictions" if kind == "prediction" else "labels"], event)
                 await pub.flush()
         asyncio.run(run())
 
