@@ -3,7 +3,6 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY coalmine ./coalmine
-COPY schemas ./schemas
 RUN pip install --no-cache-dir .
 ENTRYPOINT ["coalmine"]
 CMD ["worker", "--help"]

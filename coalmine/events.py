@@ -31,6 +31,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from importlib import resources
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
@@ -55,10 +56,28 @@ class InvalidEvent(ValueError):
 
 
 def schema_path(kind: str) -> Path:
-    """Path of the JSON Schema of ``kind`` (one of :data:`KINDS`) in the repository's ``schemas/``."""
+    """Path of the JSON Schema of ``kind`` (one of :data:`KINDS`), shipped inside the package
+    (``coalmine/schemas/``; the repository's top-level ``schemas/`` holds the same bytes for
+    producers in other languages, and ``tests/test_packaging.py`` keeps the two equal).
+
+    >>> schema_path("alert").relative_to(Path(__file__).resolve().parent).as_posix()
+    'schemas/alert.json'
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown event kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return Path(__file__).resolve().parent.parent / "schemas" / f"{kind}.json"
+    return Path(__file__).resolve().parent / "schemas" / f"{kind}.json"
+
+
+def load_schema(kind: str) -> dict:
+    """The JSON Schema of ``kind`` as a dict, read from the package's data with
+    :mod:`importlib.resources` (works from any install, a wheel's included).
+
+    >>> load_schema("label")["$id"]
+    'https://coalmine.dev/schemas/label.json'
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown event kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return json.loads(resources.files(__package__).joinpath("schemas", f"{kind}.json").read_bytes())
 
 
 # ---- values ------------------------------------------------------------------------------

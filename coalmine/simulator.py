@@ -46,8 +46,15 @@ DRIFT_KINDS = ("shift", "scale", "class_mix")
 @lru_cache(maxsize=1)
 def load_shuttle() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Shuttle as arrays: X (49,097 x 9 sensor readings, float), y (1 = anomaly, ~7%), and
-    the dataset's own feature names ``f1`` .. ``f9``."""
-    import river.datasets
+    the dataset's own feature names ``f1`` .. ``f9``. The data ships in ``river``, an optional
+    dependency: ``pip install 'coalmine[demo]'``."""
+    try:
+        import river.datasets
+    except ImportError as exc:
+        raise ImportError(
+            "the simulator's Shuttle data set comes with the optional dependency river: "
+            "pip install 'coalmine[demo]'"
+        ) from exc
 
     path = Path(river.datasets.__file__).parent / "shuttle.csv.gz"
     with gzip.open(path, "rt") as fh:

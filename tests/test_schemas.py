@@ -1,4 +1,5 @@
-"""schemas/*.json and coalmine.events agree: the contract producers in any language rely on.
+"""The schemas (coalmine/schemas/*.json, copied to the top-level schemas/) and coalmine.events
+agree: the contract producers in any language rely on.
 
 Both sides judge the same bytes. The schema side is what a strict consumer in another language
 does: parse standard JSON (no NaN or Infinity literals), then apply the schema with jsonschema.
@@ -20,7 +21,7 @@ from coalmine import events
 from coalmine.events import KINDS, InvalidEvent
 from examples import ALERT, COMMAND, LABEL
 
-SCHEMAS = {kind: json.loads(events.schema_path(kind).read_text()) for kind in KINDS}
+SCHEMAS = {kind: events.load_schema(kind) for kind in KINDS}
 VALIDATORS = {kind: Draft202012Validator(schema) for kind, schema in SCHEMAS.items()}
 
 
