@@ -11,6 +11,7 @@ coalmine.config.ConfigError: models[0].bucket: expected a duration such as '500m
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -95,12 +96,26 @@ def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _fraction(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+def _number(v: Any) -> bool:
+    """A finite int or float: not a bool, and not TOML's ``inf`` or ``nan``."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return _number(v) and v > 0
+
+
+def _between(low: float, high: float, bounds: str, what: str = "a number") -> tuple[Any, str]:
+    """(check, description) of a finite number in an interval; ``bounds`` is how the message
+    writes its ends ("[)" is low <= v < high), so the message is the range checked.
+
+    >>> ok, expected = _between(0, 1, "(]")
+    >>> expected, ok(0), ok(0.5), ok(1), ok(True)
+    ('a number in (0, 1]', False, True, True, False)
+    """
+    low_ok = (lambda v: low <= v) if bounds[0] == "[" else (lambda v: low < v)
+    high_ok = (lambda v: v <= high) if bounds[1] == "]" else (lambda v: v < high)
+    return (lambda v: _number(v) and low_ok(v) and high_ok(v)), f"{what} in {bounds[0]}{low:g}, {high:g}{bounds[1]}"
 
 
 _DURATION_KEYS = {"bucket": "bucket_ms", "window": "window_ms",
@@ -109,7 +124,7 @@ _NUMBER_KEYS = {
     "false_alarm_every_events": (_positive_int, "a positive integer"),
     "bins": (lambda v: _positive_int(v) and 4 <= v <= 1024, "an integer from 4 to 1024"),
     "min_window_events": (_positive_int, "a positive integer"),
-    "baseline_error_rate": (_fraction, "a number in [0, 1)"),
+    "baseline_error_rate": _between(0, 1, "[)"),  # 0: a model that made no error on the reference
     "shift_to_detect_sd": (_positive_number, "a positive number (reference standard deviations)"),
 }
 _DEFAULT_KEYS = set(_DURATION_KEYS) | set(_NUMBER_KEYS)
@@ -120,26 +135,28 @@ _MODEL_KEYS = _DEFAULT_KEYS | {"name", "reference", "reference_first_events", "f
 _ROLLOUT_KEYS: dict[str, dict[str, tuple]] = {
     # table -> key -> (check, expected, RolloutPolicy field)
     "canary": {
-        "steps": (lambda v: isinstance(v, list) and v and all(_positive_number(x) and x <= 100 for x in v)
+        "steps": (lambda v: isinstance(v, list) and bool(v) and all(_positive_number(x) and x <= 100 for x in v)
                   and v == sorted(set(v)) and v[-1] == 100,
-                  "increasing percentages ending at 100, e.g. [5, 25, 50, 100]", "steps"),
+                  "increasing percentages in (0, 100] ending at 100, e.g. [5, 25, 50, 100]", "steps"),
         "min_events": (_positive_int, "a positive integer", "min_events"),
         "min_duration": (None, "a duration", "min_duration_ms"),
-        "max_error_rate": (_fraction, "a number in [0, 1)", "max_error_rate"),
+        # 0: a step would need an error rate bound <= 0, never shown; 1: no limit at all
+        "max_error_rate": (*_between(0, 1, "()"), "max_error_rate"),
         "max_p99_latency_ms": (_positive_number, "a positive number of milliseconds", "max_p99_latency_ms"),
     },
     "shadow": {
-        "min_agreement": (_fraction, "a number in [0, 1)", "shadow_min_agreement"),
+        # 0: no agreement asked (the accuracy test still judges); 1 is refused: one disagreement would fail
+        "min_agreement": (*_between(0, 1, "[)"), "shadow_min_agreement"),
         "min_events": (_positive_int, "a positive integer", "shadow_min_events"),
         "min_duration": (None, "a duration", "shadow_min_duration_ms"),
-        "tolerance": (lambda v: _positive_number(v) or v == 0, "a number >= 0 (regression)", "shadow_tolerance"),
+        "tolerance": (lambda v: _number(v) and v >= 0, "a number >= 0 (regression)", "shadow_tolerance"),
         "timeout": (None, "a duration", "shadow_timeout_ms"),
     },
     "ab": {
-        "alpha": (_fraction, "a number in (0, 1)", "ab_alpha"),
+        "alpha": (*_between(0, 1, "()"), "ab_alpha"),
         "mde_sd": (_positive_number, "a positive number (outcome standard deviations)", "ab_mde_sd"),
-        "srm_alpha": (_fraction, "a number in (0, 1)", "srm_alpha"),
-        "canary_weight": (lambda v: _positive_number(v) and v < 100, "a percentage in (0, 100)", "ab_canary_weight"),
+        "srm_alpha": (*_between(0, 1, "()"), "srm_alpha"),
+        "canary_weight": (*_between(0, 100, "()", "a percentage"), "ab_canary_weight"),
     },
 }
 

@@ -83,3 +83,96 @@ def test_reference_from_the_first_events_of_a_replayed_file(tmp_path):
     change = s.start_ts_ms + 12_000 * 1000 // 300
     assert run.alerts and all(a["ts"] > change for a in run.alerts)
     assert run.alerts[0]["feature"] == "f1"
+
+
+INF, NAN = float("inf"), float("nan")
+# (table, key, a refused value, the range its message names): each range's ends, outside and in
+REFUSED = [
+    (None, "false_alarm_every_events", 0, "a positive integer"),
+    (None, "false_alarm_every_events", 1.5, "a positive integer"),
+    (None, "false_alarm_every_events", True, "a positive integer"),
+    (None, "bins", 3, "an integer from 4 to 1024"),
+    (None, "bins", 1025, "an integer from 4 to 1024"),
+    (None, "min_window_events", 0, "a positive integer"),
+    (None, "baseline_error_rate", -0.01, "a number in [0, 1)"),
+    (None, "baseline_error_rate", 1, "a number in [0, 1)"),
+    (None, "baseline_error_rate", NAN, "a number in [0, 1)"),
+    (None, "shift_to_detect_sd", 0, "a positive number"),
+    (None, "shift_to_detect_sd", INF, "a positive number"),
+    ("canary", "steps", [0, 100], "increasing percentages in (0, 100] ending at 100"),
+    ("canary", "steps", [50, 101], "increasing percentages in (0, 100] ending at 100"),
+    ("canary", "steps", [5, 50], "increasing percentages in (0, 100] ending at 100"),
+    ("canary", "steps", [50, 5, 100], "increasing percentages in (0, 100] ending at 100"),
+    ("canary", "steps", [5, 5, 100], "increasing percentages in (0, 100] ending at 100"),
+    ("canary", "steps", [], "increasing percentages in (0, 100] ending at 100"),
+    ("canary", "min_events", 0, "a positive integer"),
+    ("canary", "max_error_rate", 0, "a number in (0, 1)"),
+    ("canary", "max_error_rate", 1, "a number in (0, 1)"),
+    ("canary", "max_p99_latency_ms", 0, "a positive number of milliseconds"),
+    ("canary", "max_p99_latency_ms", INF, "a positive number of milliseconds"),
+    ("shadow", "min_agreement", -0.01, "a number in [0, 1)"),
+    ("shadow", "min_agreement", 1, "a number in [0, 1)"),
+    ("shadow", "min_events", 0, "a positive integer"),
+    ("shadow", "tolerance", -0.01, "a number >= 0"),
+    ("shadow", "tolerance", INF, "a number >= 0"),
+    ("ab", "alpha", 0, "a number in (0, 1)"),
+    ("ab", "alpha", 1, "a number in (0, 1)"),
+    ("ab", "alpha", True, "a number in (0, 1)"),
+    ("ab", "mde_sd", 0, "a positive number"),
+    ("ab", "srm_alpha", 0, "a number in (0, 1)"),
+    ("ab", "srm_alpha", 1.0, "a number in (0, 1)"),
+    ("ab", "canary_weight", 0, "a percentage in (0, 100)"),
+    ("ab", "canary_weight", 100, "a percentage in (0, 100)"),
+]
+# values just inside each range
+ACCEPTED = [
+    (None, "false_alarm_every_events", 1), (None, "bins", 4), (None, "bins", 1024),
+    (None, "min_window_events", 1), (None, "baseline_error_rate", 0), (None, "baseline_error_rate", 0.999),
+    (None, "shift_to_detect_sd", 1e-9),
+    ("canary", "steps", [100]), ("canary", "steps", [0.5, 99.5, 100]), ("canary", "min_events", 1),
+    ("canary", "max_error_rate", 1e-9), ("canary", "max_error_rate", 0.999), ("canary", "max_p99_latency_ms", 0.5),
+    ("shadow", "min_agreement", 0), ("shadow", "min_agreement", 0.999), ("shadow", "min_events", 1),
+    ("shadow", "tolerance", 0), ("shadow", "tolerance", 2.5),
+    ("ab", "alpha", 1e-9), ("ab", "alpha", 0.999), ("ab", "mde_sd", 1e-9),
+    ("ab", "srm_alpha", 1e-9), ("ab", "srm_alpha", 0.999), ("ab", "canary_weight", 0.1), ("ab", "canary_weight", 99.9),
+]
+
+
+def _doc(table, key, value):
+    return {"models": [{**BASE, **({key: value} if table is None else {table: {key: value}})}]}
+
+
+@pytest.mark.parametrize("table,key,value,expected", REFUSED)
+def test_each_range_refuses_its_ends_naming_the_field_and_the_range(table, key, value, expected):
+    field = key if table is None else f"{table}.{key}"
+    with pytest.raises(ConfigError) as err:
+        parse_config(_doc(table, key, value))
+    assert str(err.value).startswith(f"models[0].{field}: expected {expected}"), str(err.value)
+    if table is None:  # [defaults] takes the same keys and names them so
+        with pytest.raises(ConfigError, match=rf"^defaults\.{key}: expected "):
+            parse_config({"defaults": {key: value}, "models": [BASE]})
+
+
+@pytest.mark.parametrize("table,key,value", ACCEPTED)
+def test_values_just_inside_each_range_are_accepted(table, key, value):
+    model = parse_config(_doc(table, key, value)).models["m"]
+    if table is None:
+        assert getattr(model, key) == value
+
+
+def test_every_numeric_setting_has_its_ends_tested():
+    from coalmine.config import _NUMBER_KEYS, _ROLLOUT_KEYS
+
+    keys = {(None, k) for k in _NUMBER_KEYS} | {(t, k) for t, keys in _ROLLOUT_KEYS.items()
+                                               for k, spec in keys.items() if spec[0] is not None}
+    assert {(t, k) for t, k, *_ in REFUSED} == keys
+    assert {(t, k) for t, k, _ in ACCEPTED} == keys
+    for table, key, _, expected in REFUSED:  # the message in the table is the one tested
+        spec = _NUMBER_KEYS[key] if table is None else _ROLLOUT_KEYS[table][key]
+        assert spec[1].startswith(expected)
+
+
+def test_an_ab_alpha_of_zero_stops_start_up_instead_of_crashing_later(tmp_path):
+    (tmp_path / "m.toml").write_text('[[models]]\nname = "m"\nreference = "r.jsonl"\n[models.ab]\nalpha = 0\n')
+    with pytest.raises(ConfigError, match=r"models\[0\]\.ab\.alpha: expected a number in \(0, 1\), got 0"):
+        load_config(tmp_path / "m.toml")
