@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from coalmine.broker import EmbeddedBroker, ensure_topics, free_port
 from coalmine.client import Publisher, assign_variant, tail
+from coalmine.launch import wait_until
 
 COALMINE = Path(sys.executable).with_name("coalmine")  # the console script, as users run it
 
@@ -134,12 +134,11 @@ def test_embedded_broker_dies_with_its_owner_even_on_sigkill():
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-    deadline = time.monotonic() + 10
-    while (orphan := _alive(broker_pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if orphan:
+    try:
+        wait_until(lambda: not _alive(broker_pid), 10, "the broker to die with its owner", interval=0.1)
+    except TimeoutError:
         os.kill(broker_pid, signal.SIGKILL)
-    assert not orphan, "the broker outlived the process that started it"
+        raise AssertionError("the broker outlived the process that started it") from None
 
 
 # ------------------------------------------------------------------ topics
@@ -205,13 +204,19 @@ def test_tail_from_end_skips_what_was_there(broker):
                 await pub.publish(topic, {"model": "old", "i": i})
             stream = tail(broker.bootstrap, topic, from_end=True, until_idle=1.0)
             first = asyncio.ensure_future(stream.__anext__())
-            await asyncio.sleep(0.5)  # the tail has taken its end offsets
+            probes = 0
+            while not first.done():  # probes until one comes back: the tail has taken its end offsets
+                await pub.publish(topic, {"model": "probe", "i": probes})
+                probes += 1
+                await asyncio.wait([first], timeout=0.1)
+                assert probes < 300, "the tail read nothing for 30 s"
             for i in range(3):
                 await pub.publish(topic, {"model": "new", "i": i})
             return [await first] + [r async for r in stream]
 
     got = asyncio.run(run())
-    assert sorted((r["model"], r["i"]) for r in got) == [("new", 0), ("new", 1), ("new", 2)]
+    assert got[0]["model"] == "probe"
+    assert sorted((r["model"], r["i"]) for r in got if r["model"] != "probe") == [("new", 0), ("new", 1), ("new", 2)]
 
 
 @pytest.mark.integration

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from coalmine import simulator
 from coalmine.config import load_config
+from coalmine.launch import group_members, wait_until
 from coalmine.replay import replay_files
 
 pytestmark = pytest.mark.integration
@@ -18,12 +18,11 @@ RATE = 300  # events per second of event time: 300 per 1 s bucket
 
 
 def wait_for(worker, name: str, target: float, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.metric(name) >= target:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{name} stayed at {worker.metric(name)} < {target}")
+    """Until the worker's metric ``name`` reaches ``target``."""
+    try:
+        wait_until(lambda: worker.metric(name) >= target, timeout, f"{name} >= {target}", interval=0.5)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}: it stayed at {worker.metric(name)}") from None
 
 
 def test_drift_alerts_on_the_drifted_feature_and_replay_agrees(namespace, start_worker, shuttle_config, tmp_path):
@@ -85,19 +84,26 @@ def test_nothing_lost_or_double_counted_when_a_worker_is_killed(namespace, start
     events = list(simulator.generate(scenario))
     main_end = scenario.start_ts_ms + 15_000 * 1000 // RATE  # the last 3,000 events only close buckets
     first, second = start_worker(shuttle_config), start_worker(shuttle_config)
-    time.sleep(8)  # let the group settle with both members
+    # both members in the group, partitions split, before any event: the second gets a share
+    wait_until(lambda: group_members(namespace.broker.bootstrap, first.app_id) == 2, 60,
+               "a stable consumer group of both workers", interval=0.5)
     namespace.publish(events[:9_000])
     wait_for(second, "coalmine_events_total", 1, timeout=60)
-    deadline = time.monotonic() + 60
-    while first.metric("coalmine_events_total") + second.metric("coalmine_events_total") < 9_000:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    wait_until(lambda: first.metric("coalmine_events_total") + second.metric("coalmine_events_total") >= 9_000,
+               60, "both workers together to fold the first 9,000 events")
     second.kill()
     namespace.publish(events[9_000:])
-    counted, deadline = 0, time.monotonic() + 120
-    while counted < 15_000 and time.monotonic() < deadline:
-        time.sleep(2)
+    counted = 0
+
+    def all_counted() -> bool:
+        nonlocal counted
         counted = _counted_once(namespace.read("partials", idle=0.5), main_end)
+        return counted >= 15_000
+
+    try:
+        wait_until(all_counted, 120, "the partials to count the 15,000 events before the end", interval=1)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {counted:,} counted") from None
     assert counted == 15_000
 
 
