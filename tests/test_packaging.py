@@ -4,6 +4,7 @@ dependencies stay optional."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_schema_path_and_load_schema_read_the_packaged_schemas():
 
 
 @pytest.mark.timeout(240)
-def test_the_wheel_ships_the_schemas_and_reads_them_when_installed(tmp_path):
+def test_the_wheel_ships_the_schemas_reads_them_and_keeps_the_extras_optional(tmp_path):
     # build from a copy: no build/ or egg-info left in the work tree
     src = tmp_path / "src"
     src.mkdir()
@@ -53,8 +54,15 @@ def test_the_wheel_ships_the_schemas_and_reads_them_when_installed(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("coalmine-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith("coalmine/schemas/")}
+        (metadata,) = [zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
         zf.extractall(tmp_path / "site")
     assert shipped == {f"coalmine/schemas/{name}": data for name, data in _json_files(PUBLISHED).items()}
+    # the optional dependencies stay optional
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")]
+    hard = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r}
+    assert not hard & {"river", "pandas", "pyarrow", "pytest"}, hard
+    assert any(r.startswith("river") and 'extra == "demo"' in r for r in requires), requires
     # the unpacked wheel, imported ahead of the editable install, finds its own schemas
     code = ("from coalmine import events; p = events.schema_path('prediction'); "
             "print(p.is_file(), p.is_relative_to(r'%s'), events.load_schema('alert')['title'])" % (tmp_path / "site"))
