@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test unit lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ demo: install  ## embedded broker + worker + traffic simulator, alerts and comma
 
 test: install  ## the whole suite, unit and integration (embedded broker)
 	$(PY) -m pytest -q $(ARGS)
+
+unit: install  ## the suite without the tests that start the broker or workers (well under a minute)
+	$(PY) -m pytest -q -m "not integration" $(ARGS)
+
+lint: install  ## ruff (lint and format check) and mypy; not yet part of `make test`
+	$(VENV)/bin/ruff check coalmine tests benchmarks
+	$(VENV)/bin/ruff format --check coalmine tests benchmarks
+	$(VENV)/bin/mypy coalmine
 
 bench: install  ## throughput, latency, memory and detection benchmarks
 	$(PY) benchmarks/run_all.py $(ARGS)

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import Namespace, Worker  # noqa: E402  (the same worker harness the tests use)
-
-from coalmine import simulator  # noqa: E402
-from coalmine.broker import EmbeddedBroker  # noqa: E402
+from coalmine import simulator
+from coalmine.broker import EmbeddedBroker
+from coalmine.launch import Namespace, WorkerProcess, group_members, wait_until
 
 
 async def raw_consume(bootstrap: str, topic: str, n: int) -> float:
@@ -47,7 +44,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def histogram_quantile(worker: Worker, name: str, stage: str, q: float) -> float:
+def histogram_quantile(worker: WorkerProcess, name: str, stage: str, q: float) -> float:
     """Upper bucket bound holding the q-quantile of a Prometheus histogram."""
     rows = [line for line in worker.get("/metrics").splitlines()
             if line.startswith(f"{name}_bucket") and f'stage="{stage}"' in line]
@@ -68,20 +65,20 @@ def main() -> None:
               simulator.predictions(simulator.Scenario(n_events=n, rate_per_s=1000, seed=1))[0]]
     with EmbeddedBroker() as broker:
         ns = Namespace(broker)
-        worker = Worker(broker, work / "monitor.toml", ns.prefix, work / "worker.log").wait_ready()
-        try:
-            time.sleep(3)
+        with ns.worker(work / "monitor.toml", log=work / "worker.log") as worker:
+            worker.wait_ready()
+            # the worker has joined its group and holds the partitions: the clock starts with the work
+            wait_until(lambda: group_members(broker.bootstrap, worker.app_id) == 1, 60,
+                       "the worker's consumer group to settle", interval=0.2)
             t0 = time.perf_counter()
             ns.publish(events)
             published = time.perf_counter() - t0
-            while worker.metric("coalmine_events_total") < n:
-                time.sleep(0.05)
+            wait_until(lambda: worker.metric("coalmine_events_total") >= n, 600,
+                       f"the worker to fold {n:,} events", interval=0.05)
             elapsed = time.perf_counter() - t0
             p50 = histogram_quantile(worker, "coalmine_batch_processing_seconds", "sketch", 0.5)
             p99 = histogram_quantile(worker, "coalmine_batch_processing_seconds", "sketch", 0.99)
-            rss = peak_rss_mb(worker.proc.pid)
-        finally:
-            worker.stop()
+            rss = peak_rss_mb(worker.pid)
         ceiling = asyncio.run(raw_consume(broker.bootstrap, ns.topic["predictions"], n))
     size = sum(len(e) for _, e in events) / n
     print(f"# worker throughput, {n:,} prediction events of {size:.0f} B, 9 features, 6 partitions")
@@ -90,7 +87,8 @@ def main() -> None:
     print(f"| events/s (publish start to all folded) | {n / elapsed:,.0f} | {ceiling:,.0f} |")
     print(f"| share of ceiling | {n / elapsed / ceiling:.0%} | 100% |")
     print(f"| publishing alone took | {published:.1f} s | |")
-    print(f"| batch processing time, stage 1, p50 / p99 (histogram bucket) | <= {p50 * 1000:.0f} ms / <= {p99 * 1000:.0f} ms | |")
+    print(f"| batch processing time, stage 1, p50 / p99 (histogram bucket) "
+          f"| <= {p50 * 1000:.0f} ms / <= {p99 * 1000:.0f} ms | |")
     print(f"| worker peak memory (VmHWM) | {rss:.0f} MB | |")
 
 

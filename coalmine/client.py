@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import orjson
 
-from coalmine import topics
 from coalmine.broker import parse_broker_url
 
 #: which field keys the messages of each kind of topic, named by its last dotted part so that
@@ -81,7 +80,7 @@ class Publisher:
         self.producer = AIOKafkaProducer(bootstrap_servers=parse_broker_url(bootstrap), linger_ms=linger_ms,
                                          acks=1, max_batch_size=256 * 1024)
 
-    async def __aenter__(self) -> "Publisher":
+    async def __aenter__(self) -> Publisher:
         try:
             await self.producer.start()
         except BaseException:  # e.g. broker unreachable: release what start() opened

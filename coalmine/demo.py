@@ -10,19 +10,16 @@ everything the demo started is stopped.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 from coalmine import simulator, topics
-from coalmine.broker import EmbeddedBroker, ensure_topics, free_port
+from coalmine.broker import EmbeddedBroker, ensure_topics
 from coalmine.client import tail
+from coalmine.launch import WorkerProcess, wait_until
 
 _COLORS = {"firing": "\033[31m", "resolved": "\033[32m", "command": "\033[36m", "dead": "\033[33m"}
 
@@ -39,7 +36,8 @@ def _describe(topic: str, record: dict, t0: float) -> str:
                 f"{what}: {record['statistic']}={record['value']:.4g} "
                 f"(threshold {record['threshold']:.4g}, {record['window']['n']} events)")
         if not record["window"]["n"]:  # resolved because the variant's traffic is gone
-            text = f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} {what}: no traffic left"
+            text = (f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} "
+                    f"{what}: no traffic left")
         return _paint(record["state"], text)
     if topic == topics.COMMANDS:
         weight = f" weight={record['weight']}" if record.get("weight") is not None else ""
@@ -61,27 +59,35 @@ async def _watch(bootstrap: str, topic: str, seen: Counter, log: list, t0: float
             print(_paint("command", f"          router: {serving.apply(record)}"), flush=True)
 
 
-def _metric(web_port: int, name: str) -> float:
+def _metric(worker: WorkerProcess, name: str) -> float:
     """Sum of a metric's samples from the worker's /metrics (0 if unreachable)."""
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=2).read().decode()
+        return worker.metric(name)
     except OSError:
         return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
 
 
-def _wait_healthy(web_port: int, worker: subprocess.Popen, timeout: float = 90) -> None:
+async def _settle(worker: WorkerProcess, sent: dict[str, int], timeout: float = 30) -> None:
+    """Until the worker has taken every event sent (folded or dead-lettered) and, the traffic
+    over, its last buckets are evaluated: the count of evaluations stops moving for longer than
+    the worker's idle-partition release period (2 s), at most ``timeout`` seconds in all."""
+    def taken() -> bool:
+        return (_metric(worker, "coalmine_events_total") + _metric(worker, "coalmine_deadletters_total")
+                >= sent["prediction"] + sent["label"])
+
+    last: list[float] = []
+
+    def evaluations_still() -> bool:
+        last.append(_metric(worker, "coalmine_evaluations_total"))
+        return len(last) >= 2 and last[-1] == last[-2]
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {worker.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("the worker did not come up in time")
+    try:
+        await asyncio.to_thread(wait_until, taken, timeout, "the worker to take every event", 0.5)
+        await asyncio.to_thread(wait_until, evaluations_still, max(0.0, deadline - time.monotonic()),
+                                "the worker's evaluations to settle", 2.5)
+    except TimeoutError as exc:
+        print(f"(summary without waiting longer: {exc})", flush=True)
 
 
 def _plan(duration: float):
@@ -102,7 +108,7 @@ def _plan(duration: float):
 BAD_CANARY = simulator.Version("v3", noise=1.5, error_rate=0.10, latency_scale=1.5)
 
 
-async def _run(bootstrap: str, web_port: int, duration: float, rate: float) -> int:
+async def _run(bootstrap: str, worker: WorkerProcess, duration: float, rate: float) -> int:
     t0 = time.monotonic()
     serving = simulator.Serving(simulator.Version("v1"), shadow=simulator.Version("v2", latency_scale=1.2))
     print(f"simulator: {rate:.0f} requests/s for {duration:.0f}s; champion v1, shadow v2; a bad canary v3 "
@@ -116,56 +122,46 @@ async def _run(bootstrap: str, web_port: int, duration: float, rate: float) -> i
 
     async def progress():
         while not stop.is_set():
-            await asyncio.sleep(10)
+            await asyncio.sleep(10)  # pacing: a progress line every 10 s
             print(f"[{time.monotonic() - t0:6.1f}s] worker has folded "
-                  f"{_metric(web_port, 'coalmine_events_total'):,.0f} events; "
+                  f"{_metric(worker, 'coalmine_events_total'):,.0f} events; "
                   f"{seen[topics.ALERTS]} alert changes, {seen[topics.COMMANDS]} commands so far", flush=True)
 
     ticker = asyncio.create_task(progress())
     sent = await simulator.run_live(bootstrap, serving, seconds=duration, rate_per_s=rate,
                                     plan=_plan(duration), bad_event_every=997)
-    await asyncio.sleep(6)  # the last buckets close after the allowed lateness
+    await _settle(worker, sent)  # the last buckets close after the allowed lateness
     stop.set()
     ticker.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
     alerts = Counter(r["state"] for t, r in log if t == topics.ALERTS)
     print("\nsummary")
-    print(f"  sent: {sent}; folded by the worker: {_metric(web_port, 'coalmine_events_total'):,.0f}")
+    print(f"  sent: {sent}; folded by the worker: {_metric(worker, 'coalmine_events_total'):,.0f}")
     print(f"  alerts: {alerts['firing']} firing, {alerts['resolved']} resolved; dead letters: "
           f"{seen[topics.DEADLETTER]}")
-    print("  commands: " + (", ".join(f"{r['action']} {r['version']}" + (f" {r['weight']:g}%" if r.get('weight') else "")
-                                     for t, r in log if t == topics.COMMANDS) or "none"))
+    commands = [f"{r['action']} {r['version']}" + (f" {r['weight']:g}%" if r.get("weight") else "")
+                for t, r in log if t == topics.COMMANDS]
+    print("  commands: " + (", ".join(commands) or "none"))
     print(f"  serving now: champion {serving.champion.name}, canary "
           f"{serving.canary.name if serving.canary else 'none'}")
-    print(f"  metrics were served at http://127.0.0.1:{web_port}/metrics")
+    print(f"  metrics were served at http://127.0.0.1:{worker.web_port}/metrics")
     return 0
 
 
-def run_demo(duration: float = 60.0, rate: float = 300.0, keep: bool = False) -> int:
+def run_demo(duration: float = 60.0, rate: float = 300.0) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="coalmine-demo-"))
     reference = workdir / "reference.jsonl"
     simulator.write_reference(reference, n=5000)
     config = workdir / "monitor.toml"
     simulator.write_demo_config(config, reference, bucket="1s", window="10s", rollout=True)
-    web_port = free_port()
     with EmbeddedBroker() as broker:
         print(f"broker: embedded Kafka-compatible broker at {broker.url}", flush=True)
         asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics()))
-        log = open(workdir / "worker.log", "wb")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "coalmine", "worker", "--broker", broker.url, "--config", str(config),
-             "--web-port", str(web_port)], stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        worker = WorkerProcess(broker.url, config, namespace=topics.NAMESPACE, log=workdir / "worker.log")
         try:
-            print(f"worker: started (log {workdir / 'worker.log'}), /metrics on port {web_port}", flush=True)
-            _wait_healthy(web_port, worker)
-            return asyncio.run(_run(broker.bootstrap, web_port, duration, rate))
+            with worker:
+                print(f"worker: started (log {worker.log_path}), /metrics on port {worker.web_port}", flush=True)
+                worker.wait_ready(timeout=90)
+                return asyncio.run(_run(broker.bootstrap, worker, duration, rate))
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            log.close()
             print(f"stopped the worker and the broker; files in {workdir}")

@@ -21,8 +21,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from coalmine import topics
 from coalmine.broker import ensure_topics, free_port, parse_broker_url
@@ -51,8 +51,11 @@ def metric_total(text: str, name: str) -> float:
     >>> metric_total('# HELP x_total\\nx_total{a="1"} 2.0\\nx_total{a="2"} 3.0\\nx_created 9\\n', "x_total")
     5.0
     """
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def group_members(bootstrap: str, group_id: str) -> int:
@@ -84,8 +87,17 @@ class WorkerProcess:
     on entry and stopped on exit.
     """
 
-    def __init__(self, broker_url: str, config: str | Path, *, namespace: str = "", app_id: str | None = None,
-                 web_port: int | None = None, log: str | Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        broker_url: str,
+        config: str | Path,
+        *,
+        namespace: str = "",
+        app_id: str | None = None,
+        web_port: int | None = None,
+        log: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.broker_url, self.config, self.namespace = broker_url, Path(config), namespace
         self.app_id = app_id or f"{namespace}coalmine"
         self.web_port = web_port or free_port()
@@ -98,10 +110,25 @@ class WorkerProcess:
             return self
         with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "coalmine", "worker", "--broker", self.broker_url,
-                 "--config", str(self.config), "--web-port", str(self.web_port), "--app-id", self.app_id],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "COALMINE_NAMESPACE": self.namespace, **self.env})
+                [
+                    sys.executable,
+                    "-m",
+                    "coalmine",
+                    "worker",
+                    "--broker",
+                    self.broker_url,
+                    "--config",
+                    str(self.config),
+                    "--web-port",
+                    str(self.web_port),
+                    "--app-id",
+                    self.app_id,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "COALMINE_NAMESPACE": self.namespace, **self.env},
+            )
         return self
 
     @property
@@ -131,8 +158,10 @@ class WorkerProcess:
 
         def healthy() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with code {proc.returncode} before it was ready; "
-                                   f"the end of {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the worker exited with code {proc.returncode} before it was ready; "
+                    f"the end of {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 self.get("/health", timeout=1)
                 return True
@@ -200,8 +229,10 @@ class Namespace:
 
         async def run() -> None:
             async with Publisher(self.broker.bootstrap) as pub:
-                pending = [await pub.send(self.topic["predictions" if kind == "prediction" else "labels"], event)
-                           for kind, event in events]
+                pending = [
+                    await pub.send(self.topic["predictions" if kind == "prediction" else "labels"], event)
+                    for kind, event in events
+                ]
                 await asyncio.gather(*pending)
 
         asyncio.run(run())
