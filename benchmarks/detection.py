@@ -285,6 +285,7 @@ def _ref_ranks(sorted_ref: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def run_coalmine(path: Path, opts: dict) -> dict:
+    from coalmine.baselines import build_baselines
     from coalmine.config import load_config
     from coalmine.replay import Replay
 
@@ -292,7 +293,7 @@ def run_coalmine(path: Path, opts: dict) -> dict:
     n, names, X = int(z["n"]), [str(s) for s in z["names"]], z["X"]
     ts = _ts(n)
     t0 = time.perf_counter()
-    run = Replay(load_config(path.parent / path.stem / COALMINE_CONFIGS[opts["detector"]][1]))
+    run = Replay(build_baselines(load_config(path.parent / path.stem / COALMINE_CONFIGS[opts["detector"]][1])))
     setup = time.perf_counter() - t0
     pred, proba, y, labelled, lat = z["pred"], z["proba"], z["y"], z["labelled"], z["latency"]
     has_scores = not np.isnan(proba).all()
@@ -326,16 +327,16 @@ def run_coalmine(path: Path, opts: dict) -> dict:
     busy += time.perf_counter() - t0
     change = int(z["change"])
     change_ts = int(ts[change]) if change >= 0 else None
-    firing = sorted((a for a in run.alerts if a["state"] == "firing"), key=lambda a: a["ts"])
-    before = [a for a in firing if change_ts is None or a["ts"] < change_ts]
-    after = [a for a in firing if change_ts is not None and a["ts"] >= change_ts]
+    firing = sorted((a for a in run.alerts if a.state == "firing"), key=lambda a: a.ts)
+    before = [a for a in firing if change_ts is None or a.ts < change_ts]
+    after = [a for a in firing if change_ts is not None and a.ts >= change_ts]
     first = after[0] if after else None
     return {"events": n, "seconds": busy, "setup": setup,
             "false_alarms": len(before), "fa_events": n if change < 0 else change, "fa_exact": True,
-            "delay": None if first is None else (first["ts"] - change_ts) * RATE / 1000,
-            "what": "" if first is None else f"{first['check']}" + (f" {first['feature']}" if first.get("feature") else "")
-            + f" ({first.get('statistic')})",
-            "fa_what": ", ".join(sorted({f"{a['check']} {a.get('feature') or ''}".strip() + f" ({a.get('statistic')})"
+            "delay": None if first is None else (first.ts - change_ts) * RATE / 1000,
+            "what": "" if first is None else f"{first.check}" + (f" {first.feature}" if first.feature else "")
+            + f" ({first.statistic})",
+            "fa_what": ", ".join(sorted({f"{a.check} {a.feature or ''}".strip() + f" ({a.statistic})"
                                          for a in before}))}
 
 
@@ -616,13 +617,12 @@ def main() -> int:
     for spec, build, kw in tqdm(plan + reps, desc="building streams", file=sys.stderr):
         paths[spec.key] = build(work, spec, **kw)
     # the calibration cache is filled once per reference before the workers race for it
+    from coalmine.baselines import build_baselines
     from coalmine.config import load_config
-    from coalmine.streams.monitor import ModelMonitor
 
     for spec, _, _ in tqdm(plan + reps, desc="calibrating", file=sys.stderr):
         for _, config in COALMINE_CONFIGS.values():
-            cfg = load_config(work / spec.key / config)
-            ModelMonitor(cfg.models["bench"])
+            build_baselines(load_config(work / spec.key / config))
     jobs = [(spec, det) for spec, _, _ in plan for det in DETECTORS]
     jobs += [(spec, det) for spec, _, _ in reps for det in SILENT]
     cost = {"kswin": 3, "coalmine": 2, "coalmine_1s": 2, "ks": 1, "adwin": 1, "adwin_cal": 1, "adwin_rank": 1}

@@ -255,15 +255,15 @@ def cmd_validate(args) -> int:
     import orjson
 
     from coalmine.client import Publisher
-    from coalmine.streams.rollout import sign_command
+    from coalmine.signing import Signer
     from coalmine.validate import validate
 
     config = _config_or_exit(args.config)
     if args.model not in config.models:
         sys.exit(f"coalmine validate: --model {args.model!r} is not in {args.config}")
-    command = validate(config, args.model, args.version, Path(args.predictions), Path(args.labels))
-    key = os.environ.get("COALMINE_SIGNING_KEY")
-    command = sign_command(command, key.encode()) if key else command
+    command = validate(config, args.model, args.version, Path(args.predictions), Path(args.labels)).to_json()
+    signer = Signer.from_env()
+    command = signer(command) if signer else command
     print(orjson.dumps(command, option=orjson.OPT_INDENT_2).decode())
     if args.publish:
         async def send():

@@ -14,14 +14,13 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DRIFT_CHECKS = ("drift", "prediction_drift", "missing_rate", "performance")
-ROLLOUT_CHECKS = ("shadow", "canary", "ab")
-ALL_CHECKS = DRIFT_CHECKS + ROLLOUT_CHECKS
-DEFAULT_CHECKS = ("drift", "prediction_drift", "missing_rate", "performance")
+from coalmine.streams.rollout import RolloutPolicy
+from coalmine.streams.settings import ALL_CHECKS, DRIFT_CHECKS, ModelSettings
+
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -48,41 +47,13 @@ def parse_duration_ms(value: Any, where: str) -> int:
     return int(ms)
 
 
-#: the window tests run at most once per this much event time (see ModelConfig.window_step_ms)
-WINDOW_STEP_MS = 1000
-
-
 @dataclass(frozen=True)
-class ModelConfig:
-    """Everything one model's monitor needs; built by :func:`parse_config`."""
+class ModelConfig(ModelSettings):
+    """A model's settings and where its reference comes from: a file, or (instead) its first
+    ``reference_first_events`` prediction events in event time."""
 
-    name: str
-    reference: Path | None
-    features: tuple[str, ...] | None = None
-    checks: tuple[str, ...] = DEFAULT_CHECKS
-    bucket_ms: int = 250
-    window_ms: int = 60_000
-    allowed_lateness_ms: int = 2000
-    false_alarm_every_events: int = 10_000_000
-    bins: int = 32
-    min_window_events: int = 200
-    label_ttl_ms: int = 3_600_000
-    baseline_error_rate: float | None = None
-    shift_to_detect_sd: float = 0.3
-    settings: dict[str, Any] = field(default_factory=dict)
-    #: instead of a file: the model's first N prediction events (in event time) are the reference
+    reference: Path | None = None
     reference_first_events: int | None = None
-
-    @property
-    def window_buckets(self) -> int:
-        return self.window_ms // self.bucket_ms
-
-    @property
-    def window_step_ms(self) -> int:
-        """The window tests run when a bucket ending on a multiple of this closes: every
-        bucket, but no more often than once a second of event time (the CUSUMs run every
-        bucket: they are the fast detectors; a window test's power is its window's size)."""
-        return -(-max(self.bucket_ms, WINDOW_STEP_MS) // self.bucket_ms) * self.bucket_ms
 
 
 @dataclass(frozen=True)
@@ -228,7 +199,7 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
         or not all(isinstance(f, str) and f for f in features)
     ):
         raise ConfigError(f"{where}features: expected a non-empty list of feature names, got {features!r}")
-    checks = table.get("checks", list(DEFAULT_CHECKS))
+    checks = table.get("checks", list(DRIFT_CHECKS))
     if not isinstance(checks, list) or not all(isinstance(c, str) for c in checks):
         raise ConfigError(f"{where}checks: expected a list of check names, got {checks!r}")
     for c in checks:
@@ -243,7 +214,7 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
     return ModelConfig(
         name=name, reference=(base_dir / ref).resolve() if ref else None, reference_first_events=first,
         features=tuple(features) if features else None, checks=tuple(checks),
-        settings=rollout, **values,
+        rollout=RolloutPolicy(**rollout), **values,
     )
 
 

@@ -39,8 +39,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from coalmine.streams.settings import VARIANTS
+from coalmine.streams.sketch import values_of
+
 KINDS = ("prediction", "label", "alert", "command", "deadletter")
-VARIANTS = ("champion", "canary", "shadow")
 STATUSES = ("ok", "error")
 STATES = ("firing", "resolved")
 ACTIONS = ("rollback", "set_weight", "promote", "pause")
@@ -441,18 +443,9 @@ _COLUMNS: dict[str, tuple[dict[str, Callable], Callable | None]] = {
 class Events(list):
     """Valid events, in batch order. ``columns`` (field -> the events' values, in order) is
     kept when the column checks vouched for the whole batch: stage 1 then reads fields from
-    it instead of extracting them again (see :func:`values_of`)."""
+    it instead of extracting them again (see :func:`coalmine.streams.sketch.values_of`)."""
 
     columns: dict[str, list] | None = None
-
-
-def values_of(events: list[dict], name: str) -> list:
-    """Every event's ``name``; ``KeyError`` if one lacks it."""
-    columns = getattr(events, "columns", None)
-    values = columns.get(name) if columns is not None else None
-    if values is not None and len(values) == len(events):
-        return values
-    return list(map(itemgetter(name), events))
 
 
 def _batch_columns(kind: str, docs: list) -> dict[str, list] | None:

@@ -10,25 +10,24 @@ import sys
 from collections import Counter
 from contextlib import contextmanager
 from itertools import islice
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import orjson
 
 from coalmine import events as contract
-from coalmine.config import Config
-from coalmine.streams.monitor import Evaluator, ModelMonitor, Sketcher
-from coalmine.streams.reference import event_rows, first_events, reference_from_rows
+from coalmine.baselines import build_baselines
+from coalmine.config import Config, ModelConfig
+from coalmine.signing import Signer
+from coalmine.streams.baseline import Baseline
+from coalmine.streams.evaluator import Evaluator
+from coalmine.streams.records import Alert, Command, Evaluation
+from coalmine.streams.reference import first_events
+from coalmine.streams.sketch import values_of
+from coalmine.streams.sketcher import Sketcher
 
 CHUNK = 20_000
 _DUMP = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
-
-
-@dataclass
-class ReplayResult:
-    counts: Counter = field(default_factory=Counter)
-    alerts: list[dict] = field(default_factory=list)
 
 
 def _chunks(path: Path, kind: str, models: set[str], dead: list) -> Iterator[list[dict]]:
@@ -47,14 +46,15 @@ class Replay:
     (one per check per bucket: far more) go to ``on_evaluations`` as they come, if given, and
     are not kept, so a long replay's memory does not grow with its length."""
 
-    def __init__(self, config: Config, monitors: dict[str, ModelMonitor] | None = None,
-                 on_evaluations: Callable[[list[dict]], object] | None = None):
-        self.monitors = monitors or {name: ModelMonitor(m) for name, m in config.models.items()}
-        self.sketcher = Sketcher(self.monitors)
-        self.evaluators = {name: Evaluator(mon) for name, mon in self.monitors.items()}
+    def __init__(self, baselines: dict[str, Baseline],
+                 on_evaluations: Callable[[list[Evaluation]], object] | None = None):
+        self.baselines = baselines
+        self.sketcher = Sketcher(baselines)
+        signer = Signer.from_env()
+        self.evaluators = {name: Evaluator(b, signer=signer) for name, b in baselines.items()}
         self.on_evaluations = on_evaluations
-        self.alerts: list[dict] = []
-        self.commands: list[dict] = []
+        self.alerts: list[Alert] = []
+        self.commands: list[Command] = []
         self.dead: list[tuple[str, bytes, str]] = []
         self.counts: Counter = Counter()
 
@@ -80,31 +80,25 @@ class Replay:
             self.commands += out.commands
 
 
-def references_from_file(config: Config, predictions: Path) -> dict[str, ModelMonitor]:
-    """Monitors for every model; those configured with ``reference_first_events`` take their
-    reference from the start of the file (read until no earlier event can follow)."""
-    wanted = {m.name: m for m in config.models.values() if m.reference is None}
-    found: dict[str, list[dict]] = {name: [] for name in wanted}
-    for chunk in _chunks(predictions, "prediction", set(wanted), []) if wanted else ():
-        for e in chunk:
-            found[e["model"]].append(e)
-        horizon = max(e["ts"] for e in chunk) if chunk else 0
-        if all(len(found[n]) >= m.reference_first_events
-               and first_events(found[n], n, m.reference_first_events)[-1]["ts"] < horizon - m.allowed_lateness_ms
-               for n, m in wanted.items()):
-            break
-    monitors = {}
-    for name, m in config.models.items():
-        if name in wanted:
-            rows = event_rows(first_events(found[name], name, m.reference_first_events))
-            monitors[name] = ModelMonitor(m, reference_from_rows(rows, m.features, f"first events of {name}"))
-        else:
-            monitors[name] = ModelMonitor(m)
-    return monitors
+def first_events_in_file(predictions: Path) -> Callable[[list[ModelConfig]], dict[str, list[dict]]]:
+    """The first events of each model, read from the start of a predictions file until no
+    earlier event can follow (for :func:`coalmine.baselines.build_baselines`)."""
+    def read(wanted: list[ModelConfig]) -> dict[str, list[dict]]:
+        found: dict[str, list[dict]] = {m.name: [] for m in wanted}
+        for chunk in _chunks(predictions, "prediction", set(found), []):
+            for e in chunk:
+                found[e["model"]].append(e)
+            horizon = max(e["ts"] for e in chunk) if chunk else 0
+            if all(len(found[m.name]) >= m.reference_first_events and first_events(
+                    found[m.name], m.name, m.reference_first_events)[-1]["ts"] < horizon - m.allowed_lateness_ms
+                   for m in wanted):
+                break
+        return {m.name: first_events(found[m.name], m.name, m.reference_first_events) for m in wanted}
+    return read
 
 
 def replay_files(config: Config, predictions: Path, labels: Path | None = None, *, progress: bool | None = None,
-                 on_evaluations: Callable[[list[dict]], object] | None = None) -> Replay:
+                 on_evaluations: Callable[[list[Evaluation]], object] | None = None) -> Replay:
     """Run prediction (and label) JSONL files, in event-time order, through the pipeline
     (evaluations go to ``on_evaluations`` as they come: see :class:`Replay`)."""
     with bulk_gc():
@@ -112,14 +106,14 @@ def replay_files(config: Config, predictions: Path, labels: Path | None = None, 
 
 
 def _replay_files(config: Config, predictions: Path, labels: Path | None, progress: bool | None,
-                  on_evaluations: Callable[[list[dict]], object] | None) -> Replay:
+                  on_evaluations: Callable[[list[Evaluation]], object] | None) -> Replay:
     models = set(config.models)
-    run = Replay(config, references_from_file(config, predictions), on_evaluations)
+    run = Replay(build_baselines(config, first_events_in_file(predictions)), on_evaluations)
     pending_labels: list[dict] = []
     label_chunks = _chunks(labels, "label", models, run.dead) if labels else iter(())
     bar = _progress(predictions, progress)
     for chunk in _chunks(predictions, "prediction", models, run.dead):
-        horizon = max(contract.values_of(chunk, "ts"), default=0)
+        horizon = max(values_of(chunk, "ts"), default=0)
         while not pending_labels or pending_labels[-1]["ts"] <= horizon:
             nxt = next(label_chunks, None)
             if nxt is None:
@@ -161,6 +155,8 @@ def _progress(path: Path, enabled: bool | None):
                 mininterval=0.5, file=sys.stderr)
 
 
-def write_jsonl(records: list[dict], out: BinaryIO) -> None:
-    """One JSON object per line, keys sorted: byte-identical for identical input."""
-    out.write(b"".join(orjson.dumps(r, option=_DUMP) + b"\n" for r in records))
+def write_jsonl(records: Iterable[dict | Evaluation | Alert | Command], out: BinaryIO) -> None:
+    """One JSON object per line (records in their ``to_json()`` form), keys sorted:
+    byte-identical for identical input."""
+    out.write(b"".join(orjson.dumps(r if isinstance(r, dict) else r.to_json(), option=_DUMP) + b"\n"
+                       for r in records))

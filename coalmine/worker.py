@@ -12,8 +12,9 @@ import time
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.broker import ensure_topics, parse_broker_url
+from coalmine.baselines import build_baselines
 from coalmine.config import Config, ModelConfig
-from coalmine.streams.reference import event_rows, first_events, reference_from_rows
+from coalmine.streams.reference import first_events
 
 log = logging.getLogger("coalmine.worker")
 
@@ -62,20 +63,14 @@ def run_worker(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
     import faust
 
     from coalmine.agents.app import create_app
-    from coalmine.streams.monitor import ModelMonitor
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bootstrap = parse_broker_url(broker_url)
     asyncio.run(ensure_topics(bootstrap, topics.all_topics(partitions)))
     # references and calibration before joining the group, so a slow start never stalls a rebalance
-    monitors = {}
-    for name, m in config.models.items():
-        if m.reference is None:
-            rows = event_rows(asyncio.run(reference_from_topic(bootstrap, m)))
-            monitors[name] = ModelMonitor(m, reference_from_rows(rows, m.features, f"first events of {name}"))
-        else:
-            monitors[name] = ModelMonitor(m)
-    app = create_app(config, broker_url, web_port=web_port, web_host=web_host, app_id=app_id,
-                     partitions=partitions, monitors=monitors)
+    baselines = build_baselines(config, lambda wanted: {
+        m.name: asyncio.run(reference_from_topic(bootstrap, m)) for m in wanted})
+    app = create_app(baselines, broker_url, web_port=web_port, web_host=web_host, app_id=app_id,
+                     partitions=partitions)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -11,7 +11,7 @@ import pytest
 
 from coalmine import simulator
 from coalmine.config import ConfigError, load_config, parse_config
-from coalmine.streams.reference import load_reference
+from coalmine.reference_files import load_reference
 
 BASE = {"name": "m", "reference": "ref.jsonl"}
 
@@ -81,8 +81,8 @@ def test_reference_from_the_first_events_of_a_replayed_file(tmp_path):
     simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
     run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", progress=False)
     change = s.start_ts_ms + 12_000 * 1000 // 300
-    assert run.alerts and all(a["ts"] > change for a in run.alerts)
-    assert run.alerts[0]["feature"] == "f1"
+    assert run.alerts and all(a.ts > change for a in run.alerts)
+    assert run.alerts[0].feature == "f1"
 
 
 INF, NAN = float("inf"), float("nan")

@@ -6,10 +6,8 @@ import zlib
 import numpy as np
 import pytest
 
-from coalmine.config import ModelConfig
-from coalmine.streams import drift
-from coalmine.streams.monitor import VARIANTS, Bucket, Evaluator, ModelMonitor, Sketcher, SlidingWindow
-from coalmine.streams.reference import ReferenceData
+from coalmine.streams import (VARIANTS, Baseline, Bucket, Evaluation, Evaluator, ModelSettings, ReferenceData,
+                              Sketcher, SlidingWindow, Window, drift)
 from coalmine.streams.sketch import Layout
 
 PER_BUCKET = 200
@@ -21,9 +19,9 @@ def monitor():
     ref = ReferenceData({"f0": rng.standard_normal(5000), "f1": rng.exponential(size=5000),
                          "color": np.array(rng.choice(["red", "blue"], 5000), dtype=object),
                          "prediction": rng.integers(0, 3, 5000).astype(float)}, None)
-    cfg = ModelConfig(name="m", reference=None, bucket_ms=1000, window_ms=20_000,
-                      checks=("drift", "prediction_drift", "missing_rate"))
-    return ModelMonitor(cfg, ref)
+    settings = ModelSettings(name="m", bucket_ms=1000, window_ms=20_000,
+                             checks=("drift", "prediction_drift", "missing_rate"))
+    return Baseline(settings, ref)
 
 
 def stream(buckets, shift_from=None, shift=0.0, seed=2, missing_from=None, scale=1.0):
@@ -45,7 +43,8 @@ def stream(buckets, shift_from=None, shift=0.0, seed=2, missing_from=None, scale
     return out
 
 
-def run(monitor, events, sources=1, chunk=500):
+def run(monitor, events, sources=1, chunk=500) -> list[dict]:
+    """The alert state changes, in their wire form."""
     sketchers = [Sketcher({"m": monitor}, source=s) for s in range(sources)]
     evaluator = Evaluator(monitor, sources=sources)
     alerts = []
@@ -55,11 +54,11 @@ def run(monitor, events, sources=1, chunk=500):
             mine = [e for e in part if zlib.crc32(e["request_id"].encode()) % sources == s] if sources > 1 else part
             assert sk.add_predictions(mine) == []
             for p in sk.close():
-                alerts += evaluator.add(p)[1]
+                alerts += evaluator.add(p).alerts
     for sk in sketchers:
         for p in sk.flush():
-            alerts += evaluator.add(p)[1]
-    return alerts
+            alerts += evaluator.add(p).alerts
+    return [a.to_json() for a in alerts]
 
 
 def test_stationary_stream_is_silent(monitor):
@@ -83,12 +82,9 @@ def test_feature_and_model_wide_alerts_fire_side_by_side(monitor):
     lists and counts them (it crashed sorting None against a feature name once)."""
     evaluator = Evaluator(monitor)
     for b in range(4):
-        evaluator.alerts.observe(b, True, {"variant": "champion", "check": "drift", "feature": "f0",
-                                           "statistic": "cusum", "value": 2.0, "threshold": 1.0,
-                                           "window": {"start_ts": 0, "end_ts": b, "n": 1}})
-        evaluator.alerts.observe(b, True, {"variant": "champion", "check": "drift", "feature": None,
-                                           "statistic": "cusum_joint", "value": 2.0, "threshold": 1.0,
-                                           "window": {"start_ts": 0, "end_ts": b, "n": 1}})
+        for feature, statistic in (("f0", "cusum"), (None, "cusum_joint")):
+            evaluator.alerts.observe(b, True, Evaluation("m", b, Window(0, b, 1), "champion", "drift", feature,
+                                                         statistic, 2.0, 1.0))
     assert evaluator.alerts.firing == [("champion", "drift", None), ("champion", "drift", "f0")]
 
 
@@ -177,8 +173,7 @@ def test_regression_performance_fires_when_absolute_error_grows():
     x = rng.standard_normal(5000)
     truth = 2 * x + rng.normal(0, 0.5, 5000)
     ref = ReferenceData({"x": x, "prediction": 2 * x}, np.array(truth, dtype=object))
-    mon = ModelMonitor(ModelConfig(name="m", reference=None, window_ms=10_000,
-                                   checks=("performance",)), ref)
+    mon = Baseline(ModelSettings(name="m", window_ms=10_000, checks=("performance",)), ref)
     sk, ev = Sketcher({"m": mon}), Evaluator(mon)
     alerts = []
     for b in range(60):
@@ -193,9 +188,9 @@ def test_regression_performance_fires_when_absolute_error_grows():
         sk.add_labels(labels)
         for p in sk.close():
             alerts += ev.add(p).alerts
-    firing = [a for a in alerts if a["state"] == "firing"]
-    assert firing and firing[0]["check"] == "performance" and firing[0]["statistic"] == "mae_z"
-    assert 30_000 < firing[0]["ts"] <= 33_000
+    firing = [a for a in alerts if a.state == "firing"]
+    assert firing and firing[0].check == "performance" and firing[0].statistic == "mae_z"
+    assert 30_000 < firing[0].ts <= 33_000
 
 
 def test_file_replay_is_byte_identical(tmp_path):
@@ -261,9 +256,8 @@ def test_score_drift_fires_prediction_drift_for_the_class_scores():
 
     ref = reference_from_rows(event_rows(scored_stream(25, seed=1)))
     assert [n for n in ref.columns if n != "f0"] == ["prediction", "scores.0", "scores.1"]
-    cfg = ModelConfig(name="m", reference=None, bucket_ms=1000, window_ms=20_000,
-                      checks=("drift", "prediction_drift"))
-    scored = ModelMonitor(cfg, ref)
+    scored = Baseline(ModelSettings(name="m", bucket_ms=1000, window_ms=20_000,
+                                    checks=("drift", "prediction_drift")), ref)
     assert run(scored, scored_stream(150)) == []
     firing = [a for a in run(scored, scored_stream(120, unsure_from=60)) if a["state"] == "firing"]
     assert {(a["check"], a["feature"]) for a in firing} == {("prediction_drift", "scores.0"),
@@ -324,7 +318,8 @@ def test_replay_command_writes_alerts_and_every_evaluation(tmp_path, capsys):
     alerts = [orjson.loads(line) for line in (tmp_path / "a.jsonl").read_bytes().splitlines()]
     expected = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl",
                             progress=False).alerts
-    assert alerts and alerts == orjson.loads(orjson.dumps(expected, option=orjson.OPT_SERIALIZE_NUMPY))
+    assert alerts and alerts == orjson.loads(orjson.dumps([a.to_json() for a in expected],
+                                                          option=orjson.OPT_SERIALIZE_NUMPY))
     evaluations = [orjson.loads(line) for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
     buckets = {e["ts"] for e in evaluations}
     assert len(buckets) >= 9000 // 300  # one per second of predictions (labels run 2 s later)
@@ -341,7 +336,7 @@ def test_a_correlation_break_fires_only_the_joint_cusum():
     rng = np.random.default_rng(8)
     base = rng.standard_normal(5000)
     ref = ReferenceData({"a": base, "b": 0.95 * base + 0.31 * rng.standard_normal(5000)}, None)
-    mon = ModelMonitor(ModelConfig(name="m", reference=None, bucket_ms=1000, window_ms=20_000, checks=("drift",)), ref)
+    mon = Baseline(ModelSettings(name="m", bucket_ms=1000, window_ms=20_000, checks=("drift",)), ref)
     events = []
     for b in range(120):
         a = rng.standard_normal(PER_BUCKET)
@@ -362,7 +357,7 @@ def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor)
     (the CUSUMs are kept out of it here by a huge allowance: shift_to_detect_sd = 100)."""
     from dataclasses import replace
 
-    fine = ModelMonitor(replace(monitor.cfg, bucket_ms=250, shift_to_detect_sd=100.0), monitor.reference)
+    fine = Baseline(replace(monitor.settings, bucket_ms=250, shift_to_detect_sd=100.0), monitor.reference)
     sketcher, evaluator = Sketcher({"m": fine}), Evaluator(fine)
     evaluations, alerts = [], []
     events = stream(50, shift_from=20, shift=0.5)
@@ -372,9 +367,9 @@ def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor)
             out = evaluator.add(p)
             evaluations += out.evaluations
             alerts += out.alerts
-    ks_ts = {e["ts"] for e in evaluations if e["statistic"] == "ks"}
-    cusum_ts = {e["ts"] for e in evaluations if e["statistic"] == "cusum"}
+    ks_ts = {e.ts for e in evaluations if e.statistic == "ks"}
+    cusum_ts = {e.ts for e in evaluations if e.statistic == "cusum"}
     assert ks_ts and all(ts % 1000 == 0 for ts in ks_ts)
     assert len(cusum_ts) > 3 * len(ks_ts)
-    f0 = [a for a in alerts if a.get("feature") == "f0"]
-    assert [a["state"] for a in f0] == ["firing"] and f0[0]["statistic"] in ("ks", "wasserstein")
+    f0 = [a for a in alerts if a.feature == "f0"]
+    assert [a.state for a in f0] == ["firing"] and f0[0].statistic in ("ks", "wasserstein")

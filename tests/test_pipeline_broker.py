@@ -45,6 +45,7 @@ def test_drift_alerts_on_the_drifted_feature_and_replay_agrees(namespace, start_
     preds, labels = tmp_path / "p.jsonl", tmp_path / "l.jsonl"
     simulator.write_streams(scenario, preds, labels)
     replayed = replay_files(load_config(shuttle_config), preds, labels, progress=False).alerts
+    replayed = [a.to_json() for a in replayed]
     last_live = worker.metric("coalmine_evaluations_total")
     assert [(a["ts"], a.get("feature"), a["state"]) for a in alerts] == [(a["ts"], a.get("feature"), a["state"]) for a in replayed][:len(alerts)]
     assert [a["alert_id"] for a in alerts] == [a["alert_id"] for a in replayed][:len(alerts)]
@@ -119,7 +120,7 @@ def _counted_once(partials: list[dict], end_ts: int) -> int:
 
 
 def test_bad_canary_is_rolled_back_with_a_signed_command_and_status_shows_it(namespace, start_worker, tmp_path):
-    from coalmine.streams.rollout import verify_command
+    from coalmine.signing import verify_command
 
     simulator.write_reference(tmp_path / "reference.jsonl", n=5000)
     simulator.write_demo_config(tmp_path / "monitor.toml", tmp_path / "reference.jsonl", window="10s", rollout=True)

@@ -11,7 +11,9 @@ from scipy import stats
 
 from coalmine import simulator as sim
 from coalmine.config import load_config
+from coalmine.baselines import build_baselines
 from coalmine.replay import Replay
+from coalmine.signing import verify_command
 from coalmine.streams import rollout as R
 
 RATE = 300
@@ -35,20 +37,20 @@ def config(tmp_path_factory):
 
 def closed_loop(config, serving: sim.Serving, seconds: int, changes=None) -> Replay:
     """Run ``seconds`` of traffic; after each second, the router applies new commands."""
-    run, seen = Replay(config), 0
+    run, seen = Replay(build_baselines(config)), 0
     for sec in range(seconds):
         if changes and sec in changes:
             changes[sec](serving)
         events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=11)
         run.feed([e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"])
         for command in run.commands[seen:]:
-            serving.apply(command)
+            serving.apply(command.to_json())
         seen = len(run.commands)
     return run
 
 
 def actions(run: Replay) -> list[tuple]:
-    return [(c["action"], c["version"], c.get("weight")) for c in run.commands]
+    return [(c.action, c.version, c.weight) for c in run.commands]
 
 
 def test_good_shadow_is_judged_then_stepped_up_and_promoted(config):
@@ -57,7 +59,7 @@ def test_good_shadow_is_judged_then_stepped_up_and_promoted(config):
     assert actions(run) == [("set_weight", "v2", 10), ("set_weight", "v2", 50), ("set_weight", "v2", 100),
                             ("promote", "v2", None)]
     assert serving.champion.name == "v2" and serving.canary is None
-    assert not [a for a in run.alerts if a["check"] in ("canary_health", "srm", "shadow_agreement")]
+    assert not [a for a in run.alerts if a.check in ("canary_health", "srm", "shadow_agreement")]
 
 
 def test_failing_canary_is_rolled_back_within_bounded_events(config):
@@ -65,21 +67,21 @@ def test_failing_canary_is_rolled_back_within_bounded_events(config):
     run = closed_loop(config, serving, 30)
     assert actions(run)[0] == ("rollback", "v3", None)
     rollback = run.commands[0]
-    canary_events = (rollback["ts"] - T0) / 1000 * RATE * 0.10
+    canary_events = (rollback.ts - T0) / 1000 * RATE * 0.10
     assert canary_events <= 600, "rolled back within about 600 canary events"
-    assert rollback["alert_ids"], "the command names the alerts behind it"
+    assert rollback.alert_ids, "the command names the alerts behind it"
     assert serving.canary is None
-    states = [a["state"] for a in run.alerts if a["variant"] == "canary"]
+    states = [a.state for a in run.alerts if a.variant == "canary"]
     assert states.count("firing") == states.count("resolved"), "a rolled-back canary's alerts resolve"
-    gone = [a for a in run.alerts if a["variant"] == "canary" and a["window"]["n"] == 0]
-    assert gone and all(a["message"].endswith("resolved: no traffic left in the window") for a in gone)
+    gone = [a for a in run.alerts if a.variant == "canary" and a.window.n == 0]
+    assert gone and all(a.message.endswith("resolved: no traffic left in the window") for a in gone)
 
 
 def test_healthy_canary_is_never_rolled_back_on_a_long_stream(config, monkeypatch):
     serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v2"), canary_weight=10)
     run = closed_loop(config, serving, 400)  # 120,000 requests
     assert "rollback" not in [a for a, _, _ in actions(run)]
-    assert not [a for a in run.alerts if a["check"] == "canary_health"]
+    assert not [a for a in run.alerts if a.check == "canary_health"]
 
 
 def test_sample_ratio_mismatch_fires_when_the_router_ignores_the_weight(config):
@@ -87,18 +89,18 @@ def test_sample_ratio_mismatch_fires_when_the_router_ignores_the_weight(config):
     serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v2"), canary_weight=25)
     serving.apply = lambda command: "ignored"  # a router that never listens
     run = closed_loop(config, serving, 30)
-    srm = [a for a in run.alerts if a["check"] == "srm" and a["state"] == "firing"]
-    assert srm and srm[0]["value"] > srm[0]["threshold"]
+    srm = [a for a in run.alerts if a.check == "srm" and a.state == "firing"]
+    assert srm and srm[0].value > srm[0].threshold
 
 
 def test_commands_are_signed_and_tampering_is_detected(config, monkeypatch):
     monkeypatch.setenv("COALMINE_SIGNING_KEY", "s3cret")
     serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10)
     run = closed_loop(config, serving, 20)
-    command = run.commands[0]
-    assert R.verify_command(command, b"s3cret")
-    assert not R.verify_command({**command, "action": "promote"}, b"s3cret")
-    assert not R.verify_command(command, b"other key")
+    command = run.commands[0].to_json()
+    assert verify_command(command, b"s3cret")
+    assert not verify_command({**command, "action": "promote"}, b"s3cret")
+    assert not verify_command(command, b"other key")
 
 
 @pytest.mark.parametrize("b,c", [(10, 25), (0, 7), (40, 38), (3, 0)])
@@ -143,7 +145,7 @@ def test_a_new_canary_after_a_promotion_is_judged_on_its_own_traffic(config):
 
     run = closed_loop(config, serving, 60, changes={30: deploy_v3})
     assert actions(run)[-1] == ("rollback", "v3", None)
-    assert not [a for a in run.alerts if a["check"] == "srm"]
+    assert not [a for a in run.alerts if a.check == "srm"]
 
 
 def test_status_shows_stages_firing_checks_and_lineage(config):
@@ -153,7 +155,7 @@ def test_status_shows_stages_firing_checks_and_lineage(config):
     run = closed_loop(config, serving, 60, changes={30: lambda s: setattr(s, "canary", sim.Version(
         "v3", noise=1.5, error_rate=0.05)) or setattr(s, "canary_weight", 10)})
     recent = [e for k, e in serving.events(60 * RATE, 61 * RATE, T0, RATE, seed=11) if k == "prediction"]
-    text = render(summarize(run.commands, run.alerts, recent))
+    text = render(summarize([c.to_json() for c in run.commands], [a.to_json() for a in run.alerts], recent))
     assert "serving now   champion: v2" in text
     assert "version v2     production (promoted)" in text and "version v3     rolled back" in text
     assert "v2 replaced v1 at ts" in text and "v3 rolled back at ts" in text
@@ -178,26 +180,25 @@ def test_validation_stage_gates_a_version_on_a_labelled_holdout(config, tmp_path
 def test_a_shadow_that_stops_answering_counts_as_failing(config):
     """Half the shadow's answers never come: agreement falls, and the shadow is rolled back."""
     serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
-    evaluations: list[dict] = []
-    run = Replay(config, on_evaluations=evaluations.extend)
+    evaluations: list = []
+    run = Replay(build_baselines(config), on_evaluations=evaluations.extend)
     for sec in range(20):
         events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=13)
         events = [(k, e) for k, e in events if not (e.get("variant") == "shadow" and zlib.crc32(e["request_id"].encode()) % 2)]
         run.feed([e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"])
     assert actions(run)[:1] == [("rollback", "v2", None)]
-    missing = [e for e in evaluations if e["check"] == "shadow_agreement"][-1]["shadow_missing"]
+    missing = [e for e in evaluations if e.check == "shadow_agreement"][-1].evidence["shadow_missing"]
     assert missing > 0
 
 
 def test_shadow_pairing_survives_labels_read_ahead_of_predictions(config):
     """Live, the labels topic can be read before the predictions topic: a label that closes
     the label join early must not unpair the shadow (seen on the broker: 20% false misses)."""
-    from coalmine.streams.monitor import ModelMonitor, Sketcher
-
     from coalmine.streams.sketch import Summary
+    from coalmine.streams.sketcher import Sketcher
 
     serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
-    sketcher = Sketcher({"shuttle": ModelMonitor(config.models["shuttle"])})
+    sketcher = Sketcher(build_baselines(config))
     partials = []
     for sec in range(15):
         events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=14, label_fraction=1.0)

@@ -308,7 +308,7 @@ def test_published_alerts_and_dead_letters_follow_their_schemas(tmp_path):
     run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl", progress=False)
     assert run.alerts and run.dead
     for alert in run.alerts:
-        raw = events.encode(alert)
+        raw = events.encode(alert.to_json())
         assert schema_accepts("alert", raw), alert
         events.validate_alert(orjson.loads(raw))
     for offset, (kind, raw, reason) in enumerate(run.dead):
@@ -318,11 +318,12 @@ def test_published_alerts_and_dead_letters_follow_their_schemas(tmp_path):
 
 
 def test_rollout_commands_follow_their_schema():
-    from coalmine.streams.rollout import RolloutController, RolloutPolicy, sign_command
+    from coalmine.signing import sign_command
+    from coalmine.streams.rollout import RolloutController, RolloutPolicy
 
     ctl = RolloutController("m", RolloutPolicy(steps=(10, 50, 100), min_events=10, min_duration_ms=0))
-    commands = [ctl.on_canary(1000 * i, "v2", healthy=True, events=20) for i in range(1, 4)]
-    commands.append(RolloutController("m").on_canary(5000, "v3", healthy=False, events=20, alert_ids=["a1"]))
+    commands = [ctl.on_canary(1000 * i, "v2", healthy=True, events=20).to_json() for i in range(1, 4)]
+    commands.append(RolloutController("m").on_canary(5000, "v3", healthy=False, events=20, alert_ids=["a1"]).to_json())
     assert [c["action"] for c in commands] == ["set_weight", "set_weight", "promote", "rollback"]
     for command in commands + [sign_command(commands[-1], b"key")]:
         raw = events.encode(command)

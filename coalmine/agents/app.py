@@ -1,12 +1,12 @@
 """The Faust app: topics, two agents and a timer; the logic lives in :mod:`coalmine.streams`.
 
 * ``sketch`` (stage 1) reads predictions and labels (co-partitioned, keyed by request_id) in
-  batches, one :class:`~coalmine.streams.monitor.Sketcher` per partition, and sends closed
+  batches, one :class:`~coalmine.streams.sketcher.Sketcher` per partition, and sends closed
   bucket partials to the internal partials topic keyed by model. An event is acknowledged
   (its offset may be committed) only once the bucket it went into has been sent, so a worker
   killed mid-bucket loses nothing: the partition's new owner reads those events again.
 * ``evaluate`` (stage 2) reads partials keyed by model, one
-  :class:`~coalmine.streams.monitor.Evaluator` per model, and publishes alert state changes.
+  :class:`~coalmine.streams.evaluator.Evaluator` per model, and publishes alert state changes.
   A partial is acknowledged once its buckets are evaluated; a re-sent partial is merged once.
 """
 
@@ -26,8 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.agents import metrics
-from coalmine.config import Config
-from coalmine.streams.monitor import Evaluator, ModelMonitor, Sketcher
+from coalmine.signing import Signer
+from coalmine.streams.baseline import Baseline
+from coalmine.streams.evaluator import Evaluator
+from coalmine.streams.sketcher import Sketcher
 
 log = logging.getLogger("coalmine.worker")
 
@@ -39,11 +41,11 @@ BATCH_WITHIN_S = 0.2
 IDLE_SOURCE_S = 45.0
 
 
-def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_host: str = "127.0.0.1",
-               app_id: str = "coalmine",
-               partitions: int = topics.DEFAULT_PARTITIONS, monitors: dict[str, ModelMonitor] | None = None,
-               ) -> faust.App:
-    """A Faust app monitoring ``config``'s models; run it with ``app.main()`` or a Worker."""
+def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int = 6066,
+               web_host: str = "127.0.0.1", app_id: str = "coalmine",
+               partitions: int = topics.DEFAULT_PARTITIONS) -> faust.App:
+    """A Faust app monitoring the models of ``baselines`` (:func:`coalmine.baselines.build_baselines`);
+    run it with ``app.main()`` or a Worker."""
     # Faust keeps an app directory even with memory tables: never the working directory
     datadir = Path(os.environ.get("COALMINE_DATA_DIR") or Path(tempfile.gettempdir()) / "coalmine-faust") / app_id
     datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +57,7 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
         topic_allow_declare=False, producer_linger_ms=5,
         datadir=datadir,
     )
-    monitors = monitors or {name: ModelMonitor(m) for name, m in config.models.items()}
-    models = set(monitors)
+    models = set(baselines)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     inputs = app.topic(topics.PREDICTIONS, topics.LABELS, **raw)
     partials_topic = app.topic(topics.PARTIALS, **raw)
@@ -66,7 +67,8 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
 
     sketchers: dict[int, Sketcher] = {}
     held: dict[int, list[tuple[int, faust.EventT]]] = defaultdict(list)  # partition -> (ts, event)
-    evaluators = {name: Evaluator(mon, sources=partitions) for name, mon in monitors.items()}
+    signer = Signer.from_env()
+    evaluators = {name: Evaluator(b, sources=partitions, signer=signer) for name, b in baselines.items()}
     heard: dict[str, dict[int, float]] = defaultdict(dict)  # model -> source -> wall time
     started = time.monotonic()
 
@@ -77,7 +79,7 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
         metrics.DEADLETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
 
     async def sketch_partition(partition: int, batch: list, stream) -> None:
-        sketcher = sketchers.setdefault(partition, Sketcher(monitors, source=partition))
+        sketcher = sketchers.setdefault(partition, Sketcher(baselines, source=partition))
         by_kind: dict[str, list] = {"prediction": [], "label": []}
         for event in batch:
             kind = "label" if event.message.topic == topics.LABELS else "prediction"
@@ -134,11 +136,11 @@ def create_app(config: Config, broker_url: str, *, web_port: int = 6066, web_hos
 
     async def publish(model: str, out) -> None:
         for alert in out.alerts:
-            await alerts_topic.send(key=model.encode(), value=contract.encode(alert))
+            await alerts_topic.send(key=model.encode(), value=contract.encode(alert.to_json()))
         for command in out.commands:
-            await commands_topic.send(key=model.encode(), value=contract.encode(command))
-            metrics.COMMANDS.labels(model, command["action"]).inc()
-        metrics.EVALUATIONS.labels(model).inc(len({e["ts"] for e in out.evaluations}))
+            await commands_topic.send(key=model.encode(), value=contract.encode(command.to_json()))
+            metrics.COMMANDS.labels(model, command.action).inc()
+        metrics.EVALUATIONS.labels(model).inc(len({e.ts for e in out.evaluations}))
         metrics.record_evaluations(model, out.evaluations, out.alerts, len(evaluators[model].alerts.firing))
 
     def idle_sources(model: str) -> set[int]:

@@ -8,6 +8,8 @@ from collections import Counter
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
+from coalmine.streams.records import Alert, Evaluation
+
 EVENTS = PromCounter("coalmine_events_total", "Events folded into summaries",
                      ["model", "variant", "kind"])
 DEADLETTERS = PromCounter("coalmine_deadletters_total",
@@ -47,14 +49,14 @@ def reason_kind(reason: str) -> str:
     return re.split(r"[:.\[ ]", reason.strip(), maxsplit=1)[0][:40] or "other"
 
 
-def record_evaluations(model: str, evaluations: list[dict], alerts: list[dict], firing: int) -> None:
+def record_evaluations(model: str, evaluations: list[Evaluation], alerts: list[Alert], firing: int) -> None:
     for e in evaluations:
-        labels = (model, e["variant"], e["check"], e.get("feature") or "", e["statistic"])
-        STATISTIC.labels(*labels).set(e["value"])
-        if e["threshold"] is not None:
-            THRESHOLD.labels(*labels).set(e["threshold"])
+        labels = (model, e.variant, e.check, e.feature or "", e.statistic)
+        STATISTIC.labels(*labels).set(e.value)
+        if e.threshold is not None:
+            THRESHOLD.labels(*labels).set(e.threshold)
     for a in alerts:
-        ALERTS.labels(model, a["variant"], a["check"], a["state"]).inc()
+        ALERTS.labels(model, a.variant, a.check, a.state).inc()
     FIRING.labels(model).set(firing)
 UNJOINED = Gauge("coalmine_unjoined_labels",
                  "Labels dropped after the label TTL without ever meeting their prediction")

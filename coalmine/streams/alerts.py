@@ -1,21 +1,24 @@
 """Alert state machine: publish a check's alert only when its state changes.
 
+>>> from coalmine.streams.records import Evaluation, Window
 >>> tracker = AlertTracker("m", resolve_after=2)
->>> ev = {"variant": "champion", "check": "drift", "feature": "f0", "statistic": "ks",
-...       "value": 0.3, "threshold": 0.2, "window": {"start_ts": 0, "end_ts": 1000, "n": 500}}
->>> tracker.observe(1000, True, ev)["state"]
+>>> ev = Evaluation("m", 1000, Window(0, 1000, 500), "champion", "drift", "f0", "ks", 0.3, 0.2)
+>>> tracker.observe(1000, True, ev).state
 'firing'
 >>> tracker.observe(2000, True, ev) is None          # still firing: nothing new to say
 True
 >>> tracker.observe(3000, False, ev) is None         # one quiet evaluation is not enough
 True
->>> tracker.observe(4000, False, ev)["state"]
+>>> tracker.observe(4000, False, ev).state
 'resolved'
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
+
+from coalmine.streams.records import Alert, Evaluation, Window
 
 
 def stable_id(*parts: object) -> str:
@@ -35,17 +38,17 @@ class AlertTracker:
         self.model, self.resolve_after = model, resolve_after
         self.quiet: dict[tuple, int] = {}  # key -> consecutive quiet evaluations, while firing
         self.ids: dict[tuple, str] = {}  # key -> alert_id of the firing alert
-        self.last: dict[tuple, dict] = {}  # key -> its last evaluation, while firing
+        self.last: dict[tuple, Evaluation] = {}  # key -> its last evaluation, while firing
 
     @property
     def firing(self) -> list[tuple]:
         """Keys of the firing alerts, sorted (a model-wide alert's feature is None)."""
         return sorted(self.quiet, key=lambda key: tuple(map(str, key)))
 
-    def observe(self, ts: int, exceeded: bool, ev: dict) -> dict | None:
-        """Feed one evaluation (``ev`` as produced by the evaluator); return an alert on a
-        state change, else None."""
-        key = (ev["variant"], ev["check"], ev.get("feature"))
+    def observe(self, ts: int, exceeded: bool, ev: Evaluation) -> Alert | None:
+        """Feed one evaluation (the worst of its group); return an alert on a state change,
+        else None."""
+        key = ev.key
         if key in self.quiet:
             self.last[key] = ev
         if key not in self.quiet:
@@ -53,7 +56,7 @@ class AlertTracker:
                 return None
             self.quiet[key] = 0
             alert = self._alert(ts, "firing", ev)
-            self.ids[key], self.last[key] = alert["alert_id"], ev
+            self.ids[key], self.last[key] = alert.alert_id, ev
             return alert
         if exceeded:
             self.quiet[key] = 0
@@ -64,33 +67,23 @@ class AlertTracker:
         del self.quiet[key], self.ids[key], self.last[key]
         return self._alert(ts, "resolved", ev)
 
-    def observe_gone(self, ts: int, variants: set[str], window: dict) -> list[dict]:
+    def observe_gone(self, ts: int, variants: set[str], window: Window) -> list[Alert]:
         """Firing alerts of variants with no traffic left in the window (a rolled-back canary)
         count as quiet: they resolve instead of firing forever."""
         out = []
         for key in [k for k in self.quiet if k[0] not in variants]:
-            alert = self.observe(ts, False, {**self.last[key], "window": window})
+            alert = self.observe(ts, False, replace(self.last[key], window=window))
             if alert:
                 out.append(alert)
         return out
 
-    def _alert(self, ts: int, state: str, ev: dict) -> dict:
-        feature = ev.get("feature")
-        what = f"{ev['check']} on {feature}" if feature else ev["check"]
+    def _alert(self, ts: int, state: str, ev: Evaluation) -> Alert:
+        what = f"{ev.check} on {ev.feature}" if ev.feature else ev.check
         verb = "over" if state == "firing" else "back under"
-        alert = {
-            "alert_id": stable_id(self.model, ev["variant"], ev["check"], feature, state, ts),
-            "ts": ts, "model": self.model, "variant": ev["variant"], "check": ev["check"],
-            "state": state, "statistic": ev["statistic"], "value": ev["value"],
-            "threshold": ev["threshold"], "window": ev["window"],
-            "message": (f"{self.model}/{ev['variant']}: {what} {state}: {ev['statistic']} = "
-                        f"{ev['value']:.4g} {verb} threshold {ev['threshold']:.4g} "
-                        f"over {ev['window']['n']} events"),
-        }
-        if state == "resolved" and not ev["window"]["n"]:  # observe_gone: the last values are stale
-            alert["message"] = f"{self.model}/{ev['variant']}: {what} resolved: no traffic left in the window"
-        if feature:
-            alert["feature"] = feature
-        if ev.get("p_value") is not None:
-            alert["p_value"] = ev["p_value"]
-        return alert
+        message = (f"{self.model}/{ev.variant}: {what} {state}: {ev.statistic} = {ev.value:.4g} "
+                   f"{verb} threshold {ev.threshold:.4g} over {ev.window.n} events")
+        if state == "resolved" and not ev.window.n:  # observe_gone: the last values are stale
+            message = f"{self.model}/{ev.variant}: {what} resolved: no traffic left in the window"
+        return Alert(stable_id(self.model, ev.variant, ev.check, ev.feature, state, ts), ts, self.model,
+                     ev.variant, ev.check, state, ev.statistic, ev.value, ev.threshold, ev.window,
+                     message, ev.feature, ev.p_value)

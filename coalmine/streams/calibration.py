@@ -6,7 +6,7 @@ target expected number of events between false alarms for the whole model,
 ``false_alarm_every_events`` (E), and shares it out:
 
 * the window tests run once per window step (a second of event time, or the bucket if
-  longer: :attr:`coalmine.config.ModelConfig.window_step_ms`), i.e. every ``n / W`` events
+  longer: :attr:`coalmine.streams.settings.ModelSettings.window_step_ms`), i.e. every ``n / W`` events
   for a window of ``n`` events and ``W`` steps, so the chance of any false alarm per
   evaluation may be ``(n / W) / E`` (the rollout checks, run every bucket, count buckets);
 * that chance is split evenly (Bonferroni) over the K alarming tests of the model, so each
@@ -30,10 +30,7 @@ takes a second or two per model, and is cached on disk ($COALMINE_CACHE_DIR, def
 from __future__ import annotations
 
 import math
-import os
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -165,30 +162,3 @@ def tail_share(window_events: float, window_evaluations: float, every_events: in
     2e-06
     """
     return min(0.5, window_events / (window_evaluations * every_events * tests))
-
-
-def _cache_path(key: str) -> Path:
-    root = Path(os.environ.get("COALMINE_CACHE_DIR") or Path.home() / ".cache" / "coalmine")
-    return root / "calibration" / f"{key}.pkl"
-
-
-def load_cached(key: str) -> list | None:
-    """Thresholds calibrated before for the same reference and settings, if any."""
-    try:
-        with open(_cache_path(key), "rb") as fh:
-            return pickle.load(fh)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        return None
-
-
-def store_cached(key: str, fits: list) -> None:
-    """Best effort: a read-only home only costs the next start-up its calibration time."""
-    path = _cache_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            pickle.dump(fits, fh)
-        tmp.replace(path)
-    except OSError:
-        pass

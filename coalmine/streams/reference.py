@@ -1,23 +1,35 @@
 """Reference data: the rows a model's live traffic is compared with.
 
-A JSONL reference holds prediction events (a slice of the topic, as a user would export it),
-optionally with a ``label`` key per row; a CSV or Parquet reference holds one column per
-feature plus optional ``prediction``, ``scores.<class>`` and ``label`` columns. A model may instead take "the
-first N events" of its own traffic (``reference_first_events``): see :func:`first_events`.
+Rows come from prediction events (:func:`event_rows`), a data frame or a file
+(:mod:`coalmine.reference_files` reads JSONL, CSV and Parquet), or the first N events of the
+model's own traffic (:func:`first_events`).
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import orjson
 
 PREDICTION = "prediction"
 #: columns ``scores.<class>``: the probability a prediction event gave each class
 SCORES = "scores."
+
+
+def normalized(value):
+    """Labels and predictions compare as the same number whatever JSON type carried them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def same_answer(prediction, label) -> bool:
+    """Whether a prediction names the label's class (``1.0`` and ``1`` and ``"1"`` alike).
+
+    >>> same_answer(1.0, 1), same_answer("1", 1), same_answer(0, 1)
+    (True, True, False)
+    """
+    return str(normalized(prediction)) == str(normalized(label))
 
 
 def is_model_output(name: str) -> bool:
@@ -46,13 +58,6 @@ def _column(values: list) -> np.ndarray:
     return np.array([None if v == "" else str(v) for v in values], dtype=object)
 
 
-def _csv_value(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def event_rows(events: list[dict]) -> list[dict]:
     """Reference rows from prediction events (failed requests left out): features, the
     prediction, the class scores (``scores.<class>``), and ``label`` where the event carries
@@ -68,46 +73,6 @@ def event_rows(events: list[dict]) -> list[dict]:
             row["label"] = event["label"]
         rows.append(row)
     return rows
-
-
-def _rows_jsonl(path: Path) -> list[dict]:
-    events = []
-    for i, line in enumerate(path.read_bytes().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{i}: not JSON: {exc}") from None
-        if not isinstance(event, dict) or not isinstance(event.get("features"), dict):
-            raise ValueError(f"{path}:{i}: expected a prediction event with a 'features' object")
-        events.append(event)
-    return event_rows(events)
-
-
-def _rows_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as fh:
-        return [{k: _csv_value(v) if v != "" else None for k, v in row.items()}
-                for row in csv.DictReader(fh)]
-
-
-def _rows_parquet(path: Path) -> list[dict]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install 'coalmine[parquet]')") from None
-    return pq.read_table(path).to_pylist()
-
-
-_READERS = {".csv": _rows_csv, ".parquet": _rows_parquet}
-
-
-def load_reference(path: str | Path, features: tuple[str, ...] | None = None) -> ReferenceData:
-    """Read reference rows from JSONL (prediction events), CSV or Parquet (a column per
-    feature, optional ``prediction`` and ``label``); ``features`` picks and orders the
-    monitored features (default: all)."""
-    path = Path(path)
-    return reference_from_rows(_READERS.get(path.suffix.lower(), _rows_jsonl)(path), features, str(path))
 
 
 def reference_from_rows(rows: list[dict], features: tuple[str, ...] | None = None,

@@ -8,39 +8,13 @@ as an argument, never from a clock.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import orjson
 from scipy import special, stats
 
-#: latency histogram: log-spaced bins from 0.1 ms to 100 s, about 12% wide each
-LATENCY_EDGES_MS = np.geomspace(0.1, 100_000, 121)
-
-
-def latency_bins(latency_ms: np.ndarray) -> np.ndarray:
-    """Bin index of each latency (NaN, i.e. not reported, goes to no bin: -1)."""
-    idx = np.searchsorted(LATENCY_EDGES_MS, latency_ms, side="right")
-    return np.where(np.isnan(latency_ms), -1, idx)
-
-
-def latency_quantile(hist: np.ndarray, q: float) -> float:
-    """Upper edge of the bin holding the q-quantile: never under the true quantile, at most
-    one bin width (about 12%) over it.
-
-    >>> h = np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=int)
-    >>> h[latency_bins(np.array([5.0] * 99 + [900.0]))] += 1
-    >>> 900 <= latency_quantile(h, 0.999) < 900 * 1.13
-    True
-    """
-    total = hist.sum()
-    if total == 0:
-        return float("nan")
-    k = int(np.searchsorted(np.cumsum(hist), q * total))
-    return float(LATENCY_EDGES_MS[min(k, len(LATENCY_EDGES_MS) - 1)])
-
+from coalmine.streams.records import Command
 
 def wilson_interval(successes: int, n: int, alpha: float) -> tuple[float, float]:
     r"""Wilson score interval for a proportion at two-sided level ``alpha``:
@@ -159,27 +133,7 @@ def srm_p_value(observed: dict[str, int], weights: dict[str, float]) -> float:
     return float(special.chdtrc(len(names) - 1, ((obs - exp) ** 2 / exp).sum()))
 
 
-def canonical(command: dict) -> bytes:
-    """The bytes a signature covers: every field but ``signature``, keys sorted."""
-    return orjson.dumps({k: v for k, v in command.items() if k != "signature"}, option=orjson.OPT_SORT_KEYS)
-
-
-def sign_command(command: dict, key: bytes) -> dict:
-    """HMAC-SHA256 (hex) over the canonical JSON.
-
-    >>> cmd = sign_command({"command_id": "c1", "action": "rollback"}, b"k")
-    >>> verify_command(cmd, b"k"), verify_command({**cmd, "action": "promote"}, b"k")
-    (True, False)
-    """
-    return {**command, "signature": hmac.new(key, canonical(command), hashlib.sha256).hexdigest()}
-
-
-def verify_command(command: dict, key: bytes) -> bool:
-    expected = hmac.new(key, canonical(command), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, command.get("signature", ""))
-
-
-@dataclass
+@dataclass(frozen=True)
 class RolloutPolicy:
     """Settings of ``[models.canary]`` and ``[models.shadow]``."""
 
@@ -214,9 +168,9 @@ class RolloutController:
     ``production``, ``rolled_back``. One command per decision, with a deterministic id.
 
     >>> c = RolloutController("m", RolloutPolicy(steps=(10, 100), min_events=10, min_duration_ms=0))
-    >>> c.on_canary(1000, "v2", healthy=True, events=20)["action"]
+    >>> c.on_canary(1000, "v2", healthy=True, events=20).action
     'set_weight'
-    >>> c.on_canary(2000, "v2", healthy=True, events=20)["action"]
+    >>> c.on_canary(2000, "v2", healthy=True, events=20).action
     'promote'
     """
 
@@ -233,16 +187,12 @@ class RolloutController:
         return self.policy.steps[i] if i >= 0 else 0.0
 
     def _command(self, ts: int, version: str, action: str, reason: str, evidence: dict,
-                 alert_ids: list[str], weight: float | None = None) -> dict:
-        cmd = {"command_id": hashlib.sha256(f"{self.model}|{version}|{action}|{weight}|{ts}".encode()).hexdigest()[:32],
-               "ts": ts, "model": self.model, "version": version, "action": action, "reason": reason,
-               "alert_ids": alert_ids, "evidence": evidence}
-        if weight is not None:
-            cmd["weight"] = weight
-        return cmd
+                 alert_ids: list[str], weight: float | None = None) -> Command:
+        command_id = hashlib.sha256(f"{self.model}|{version}|{action}|{weight}|{ts}".encode()).hexdigest()[:32]
+        return Command(command_id, ts, self.model, version, action, reason, alert_ids, evidence, weight)
 
     def on_shadow(self, ts: int, version: str, verdict: str | None, evidence: dict,
-                  alert_ids: list[str] = ()) -> dict | None:
+                  alert_ids: list[str] = ()) -> Command | None:
         """``verdict``: "pass", "fail" or None (not enough evidence yet)."""
         if self.stages.get(version, "shadow") != "shadow" or verdict is None:
             return None
@@ -258,7 +208,7 @@ class RolloutController:
     def _enter_step(self, version: str, i: int, ts: int) -> None:
         self.step[version], self.step_started[version], self.step_events[version] = i, ts, 0
 
-    def on_srm(self, ts: int, version: str, evidence: dict, alert_ids: list[str] = ()) -> dict | None:
+    def on_srm(self, ts: int, version: str, evidence: dict, alert_ids: list[str] = ()) -> Command | None:
         """The observed split departs from the weight in force: the comparison is not valid,
         so hold the rollout (once) until people look; a rollback stays possible."""
         if self.stages.get(version) != "canary" or version in self.paused:
@@ -268,7 +218,7 @@ class RolloutController:
                              "from the weight in force", evidence, list(alert_ids))
 
     def on_canary(self, ts: int, version: str, healthy: bool, events: int, evidence: dict | None = None,
-                  alert_ids: list[str] = (), confident: bool = True) -> dict | None:
+                  alert_ids: list[str] = (), confident: bool = True) -> Command | None:
         """Feed one evaluation of the canary: ``events`` canary events in the new bucket;
         ``healthy`` is False when the canary is confidently bad, ``confident`` True when its
         health is established (a step is only taken then)."""

@@ -31,7 +31,7 @@ from operator import itemgetter
 import numpy as np
 
 from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output
-from coalmine.streams.rollout import LATENCY_EDGES_MS
+from coalmine.streams.latency import LATENCY_EDGES_MS
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 LATENCY_BINS = len(LATENCY_EDGES_MS) + 1
@@ -131,7 +131,7 @@ def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
 class Summary:
     """Sufficient statistics of a set of events; ``+`` merges two sets exactly (counts) or to
     floating-point rounding (sums). Besides the column histograms: serving errors, a latency
-    histogram (:data:`coalmine.streams.rollout.LATENCY_EDGES_MS`), labelled errors, outcome
+    histogram (:data:`coalmine.streams.latency.LATENCY_EDGES_MS`), labelled errors, outcome
     moments for A/B tests, and, on the shadow variant, its pairing with the champion: paired
     requests, agreements, and the discordant cells of the paired correctness table (b:
     champion right, shadow wrong; c: the reverse)."""
@@ -181,6 +181,17 @@ class Summary:
 
 _ARRAYS = {"counts": np.int64, "sums": float, "missing": np.int64, "latency": np.int64}
 _FIELDS = tuple(f.name for f in fields(Summary))
+
+
+def values_of(events: list[dict], name: str) -> list:
+    """Every event's ``name``; ``KeyError`` if one lacks it. A batch that carries its columns
+    already (``events.columns``, as :func:`coalmine.events.split_valid` returns it) hands them
+    over instead of extracting them again."""
+    columns = getattr(events, "columns", None)
+    values = columns.get(name) if columns is not None else None
+    if values is not None and len(values) == len(events):
+        return values
+    return list(map(itemgetter(name), events))
 
 
 def column_arrays(layout: Layout, rows: list[dict], predictions: list,

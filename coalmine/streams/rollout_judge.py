@@ -1,13 +1,14 @@
-"""Stage-2 rollout checks: shadow, canary and A/B evaluations on the window, and the commands
-they lead to. Called by :class:`~coalmine.streams.monitor.Evaluator` after every bucket."""
+"""Stage 2's rollout judge: shadow, canary and A/B evaluations on the window, and the commands
+they lead to. Called by :class:`~coalmine.streams.evaluator.Evaluator` after every bucket."""
 
 from __future__ import annotations
 
 import math
-import os
 
 from coalmine.streams import rollout as R
 from coalmine.streams.drift import rate_increase_surprise
+from coalmine.streams.latency import latency_quantile
+from coalmine.streams.records import Command, Evaluation, Window
 from coalmine.streams.sketch import Summary
 
 #: the canary's health checks wait for this many canary events in the window
@@ -19,10 +20,15 @@ def _surprise_threshold(q: float) -> float:
     return -math.log10(q)
 
 
-def _evaluation(variant: str, check: str, statistic: str, value: float, threshold: float | None,
-                p_value: float | None = None, **evidence) -> dict:
-    return {"variant": variant, "check": check, "feature": None, "statistic": statistic, "value": value,
-            "threshold": threshold, "p_value": p_value, **evidence}
+def variants_watched(checks: tuple[str, ...]) -> tuple[str, ...]:
+    """The variants whose windows the checks see: the champion, the canary (canary and A/B
+    checks) and the shadow.
+
+    >>> variants_watched(("drift", "ab"))
+    ('champion', 'canary')
+    """
+    return (("champion",) + (("canary",) if "canary" in checks or "ab" in checks else ())
+            + (("shadow",) if "shadow" in checks else ()))
 
 
 class RolloutJudge:
@@ -35,25 +41,33 @@ class RolloutJudge:
         self.best_ab_p: dict[str, float] = {}  # canary version -> running min always-valid p
         self.weight_changed_ts = -1
         self.canary_first_seen: dict[str, int] = {}
-        key = os.environ.get("COALMINE_SIGNING_KEY")
-        self.key = key.encode() if key else None
+        self.model = model
+        self._end, self._spans = 0, {}  # the evaluation under way: its time and windows
 
-    def evaluate(self, ring, end: int, windows: dict[str, Summary], current: dict[str, Summary],
-                 versions: dict[str, str], q: float) -> tuple[list[dict], dict]:
-        """Evaluations for the window, and the verdicts :meth:`decide` acts on."""
-        evs, verdicts = [], {}
+    def _evaluation(self, variant: str, check: str, statistic: str, value: float, threshold: float | None,
+                    p_value: float | None = None, **evidence) -> Evaluation:
+        return Evaluation(self.model, self._end, self._spans[variant], variant, check, None, statistic,
+                          value, threshold, p_value, evidence)
+
+    def evaluate(self, ring, end: int, spans: dict[str, Window], windows: dict[str, Summary],
+                 current: dict[str, Summary], versions: dict[str, str], q: float) -> tuple[list[Evaluation], dict]:
+        """Evaluations for the window (``spans``: each variant's window extent), and the
+        verdicts :meth:`decide` acts on."""
+        self._end, self._spans = end, spans
+        evs: list[Evaluation] = []
+        verdicts: dict = {}
         champ = windows.get("champion")
         if "canary" in self.checks and "canary" in windows and champ is not None:
             canary_evs = self._canary(windows["canary"], champ, q)
             evs += canary_evs
             canary = windows["canary"]
             if canary.n >= MIN_CANARY_EVENTS:
-                healthy = not any(e["value"] > e["threshold"] for e in canary_evs if e["threshold"] is not None)
+                healthy = not any(e.exceeded for e in canary_evs)
                 # a step needs health shown, not just bad health not yet proved: the serving
                 # error rate's upper 95% bound under the limit
                 confident = R.wilson_interval(canary.errors, canary.n, 0.1)[1] <= self.policy.max_error_rate
                 verdicts["canary"] = (healthy, confident, current["canary"].n if "canary" in current else 0,
-                                      {e["statistic"]: e["value"] for e in canary_evs})
+                                      {e.statistic: e.value for e in canary_evs})
         if "shadow" in self.checks and "shadow" in windows and "shadow" in versions:
             shadow_evs = self._shadow(windows["shadow"], q)
             evs += shadow_evs
@@ -61,53 +75,54 @@ class RolloutJudge:
         if "ab" in self.checks and "canary" in windows and champ is not None:
             ab_evs = self._ab(ring, end, windows["canary"], champ, versions.get("canary", ""))
             evs += ab_evs
-            verdicts["srm"] = any(e["check"] == "srm" and e["value"] > e["threshold"] for e in ab_evs)
+            verdicts["srm"] = any(e.check == "srm" and e.exceeded for e in ab_evs)
         return evs, verdicts
 
-    def _canary(self, canary: Summary, champ: Summary, q: float) -> list[dict]:
+    def _canary(self, canary: Summary, champ: Summary, q: float) -> list[Evaluation]:
         p = self.policy
         limit = _surprise_threshold(q)
         low, _ = R.wilson_interval(canary.errors, max(canary.n, 1), 2 * q)
         evs = [
-            _evaluation("canary", "canary_health", "error_rate_lower_bound", low, p.max_error_rate,
+            self._evaluation("canary", "canary_health", "error_rate_lower_bound", low, p.max_error_rate,
                         error_rate=canary.errors / max(canary.n, 1)),
-            _evaluation("canary", "canary_health", "errors_vs_champion",
+            self._evaluation("canary", "canary_health", "errors_vs_champion",
                         _rate_surprise(canary.errors, canary.n, champ.errors, champ.n), limit),
         ]
         if canary.latency.sum() >= MIN_LATENCY_SAMPLES:
-            evs.append(_evaluation("canary", "canary_health", "p99_latency_ms",
-                                   R.latency_quantile(canary.latency, 0.99), p.max_p99_latency_ms,
-                                   champion_p99_latency_ms=R.latency_quantile(champ.latency, 0.99)))
+            evs.append(self._evaluation("canary", "canary_health", "p99_latency_ms",
+                                   latency_quantile(canary.latency, 0.99), p.max_p99_latency_ms,
+                                   champion_p99_latency_ms=latency_quantile(champ.latency, 0.99)))
         if canary.labelled and champ.labelled:
-            evs.append(_evaluation("canary", "canary_health", "label_errors_vs_champion",
+            evs.append(self._evaluation("canary", "canary_health", "label_errors_vs_champion",
                                    _rate_surprise(canary.label_errors, canary.labelled,
                                                   champ.label_errors, champ.labelled), limit,
                                    error_rate=canary.label_errors / canary.labelled,
                                    champion_error_rate=champ.label_errors / champ.labelled))
         return evs
 
-    def _shadow(self, shadow: Summary, q: float) -> list[dict]:
+    def _shadow(self, shadow: Summary, q: float) -> list[Evaluation]:
         p = self.policy
         evs = []
         if shadow.paired:
             low, high = R.wilson_interval(shadow.agree, shadow.paired, 2 * q)
-            evs.append(_evaluation("shadow", "shadow_agreement", "disagreement_lower_bound", 1 - high,
+            evs.append(self._evaluation("shadow", "shadow_agreement", "disagreement_lower_bound", 1 - high,
                                    1 - p.shadow_min_agreement, agreement=shadow.agree / shadow.paired,
                                    agreement_interval=[low, high], shadow_missing=shadow.shadow_missing,
                                    latency_overhead_ms=shadow.latency_overhead_sum / shadow.paired))
         if shadow.b + shadow.c:
             pv = R.mcnemar_exact(shadow.b, shadow.c)
             worse = -math.log10(max(pv, 1e-300)) if shadow.b > shadow.c else 0.0
-            evs.append(_evaluation("shadow", "shadow_accuracy", "mcnemar_worse", worse, _surprise_threshold(q),
+            evs.append(self._evaluation("shadow", "shadow_accuracy", "mcnemar_worse", worse, _surprise_threshold(q),
                                    pv, b=shadow.b, c=shadow.c, paired_labelled=shadow.paired_labelled,
                                    verdict="worse" if worse > _surprise_threshold(q) else
                                    "better" if shadow.c > shadow.b and pv < q else "not distinguishable yet"))
         return evs
 
-    def _shadow_verdict(self, end: int, version: str, current: Summary | None, evs: list[dict]) -> str | None:
+    def _shadow_verdict(self, end: int, version: str, current: Summary | None,
+                        evs: list[Evaluation]) -> str | None:
         seen = self.shadow_seen.setdefault(version, [end, 0])
         seen[1] += current.paired if current is not None else 0
-        if any(e["value"] > e["threshold"] for e in evs):
+        if any(e.exceeded for e in evs):
             return "fail"
         p = self.policy
         # judged only once a missing answer would have shown (the shadow timeout has passed)
@@ -116,7 +131,7 @@ class RolloutJudge:
             return "pass"
         return None
 
-    def _ab(self, ring, end: int, canary: Summary, champ: Summary, version: str) -> list[dict]:
+    def _ab(self, ring, end: int, canary: Summary, champ: Summary, version: str) -> list[Evaluation]:
         p = self.policy
         evs = []
         w = R.welch(champ.outcome_n, champ.outcome_sum, champ.outcome_sumsq,
@@ -126,7 +141,7 @@ class RolloutJudge:
             pooled_sd = abs(w.diff / w.cohen_d) if w.cohen_d else 0.0
             p_av = R.msprt_p_value(w.diff, se2, (p.ab_mde_sd * pooled_sd) ** 2 or 1e-12)
             best = self.best_ab_p[version] = min(self.best_ab_p.get(version, 1.0), p_av)
-            evs.append(_evaluation("canary", "ab_test", "always_valid_p", -math.log10(max(best, 1e-300)),
+            evs.append(self._evaluation("canary", "ab_test", "always_valid_p", -math.log10(max(best, 1e-300)),
                                    -math.log10(p.ab_alpha), best, difference=w.diff, ci=list(w.ci),
                                    cohen_d=w.cohen_d, welch_t=w.t, welch_p=w.p_value,
                                    decision_valid=best < p.ab_alpha))
@@ -146,11 +161,11 @@ class RolloutJudge:
                     observed[v] += b.variants[v].n if v in b.variants else 0
         if sum(observed.values()) >= MIN_CANARY_EVENTS and 0 < weight < 100:
             pv = R.srm_p_value(observed, {"champion": 100 - weight, "canary": weight})
-            evs.append(_evaluation("canary", "srm", "srm_surprise", -math.log10(max(pv, 1e-300)),
+            evs.append(self._evaluation("canary", "srm", "srm_surprise", -math.log10(max(pv, 1e-300)),
                                    -math.log10(p.srm_alpha), pv, observed=observed, weight=weight))
         return evs
 
-    def decide(self, end: int, versions: dict[str, str], verdicts: dict, firing_ids: dict) -> list[dict]:
+    def decide(self, end: int, versions: dict[str, str], verdicts: dict, firing_ids: dict) -> list[Command]:
         """Commands from this evaluation's verdicts (each decision once)."""
         commands = []
         if "shadow" in verdicts:
@@ -167,11 +182,11 @@ class RolloutJudge:
             cmd = self.controller.on_canary(end, versions["canary"], healthy, events, evidence, ids, confident)
             commands += [cmd] if cmd else []
         for cmd in commands:
-            if cmd["action"] == "set_weight":
+            if cmd.action == "set_weight":
                 self.weight_changed_ts = end
-            if cmd["action"] == "promote":
-                cmd["evidence"] = {**cmd["evidence"], "replaces": versions.get("champion")}
-        return [R.sign_command(c, self.key) if self.key else c for c in commands]
+            if cmd.action == "promote":
+                cmd.evidence = {**cmd.evidence, "replaces": versions.get("champion")}
+        return commands
 
 
 def _rate_surprise(x: int, n: int, x_ref: int, n_ref: int) -> float:

@@ -1,0 +1,127 @@
+"""A model's reference columns as the checks see them: bins, reference counts, rank scores and
+tail fits per column (:class:`ColumnModel`), and every numeric column stacked into one block so
+that each statistic is one numpy pass over all of them (:class:`NumericBlock`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coalmine.streams import calibration, drift
+from coalmine.streams.sequential import CUSUM
+from coalmine.streams.sketch import Summary
+
+
+@dataclass
+class ColumnModel:
+    """What the checks know of one reference column."""
+
+    name: str
+    kind: str
+    bins: slice
+    ref_counts: np.ndarray
+    ref_pos: np.ndarray
+    edges: np.ndarray | None = None
+    sd: float = 1.0
+    missing_rate: float = 0.0
+    #: the rank CUSUM's per-event score is ``rank_intercepts[b] + rank_slopes[b] * x`` for a value
+    #: ``x`` in bin ``b`` (see :func:`coalmine.streams.drift.smoothed_rank_coefficients`)
+    rank_intercepts: np.ndarray | None = None
+    rank_slopes: np.ndarray | None = None
+    #: mean and standard deviation of that score over the reference's own values
+    rank_mean: float = 0.5
+    rank_sd: float = 0.0
+    fits: dict[str, calibration.TailFit] = field(default_factory=dict)
+
+
+@dataclass
+class NumericBlock:
+    """All numeric columns stacked one row each, so that one numpy pass per statistic
+    evaluates them all (per-column calls cost more in overhead than in work). Columns with
+    fewer bins (ties merge quantile edges) are padded at the top with empty bins, which
+    change no statistic: KS and PSI terms of two empty bins are 0, an empty bin adds no
+    Wasserstein mass and no CUSUM score."""
+
+    columns: list[ColumnModel]
+    bins: np.ndarray  # (columns, bins): indices into the flat summary arrays; -1 for padding
+    edges: np.ndarray  # (columns, bins - 1), the last edge repeated over the padding
+    top_bin: np.ndarray  # (columns,): each column's last real bin, the upper outer one
+    rank_intercepts: np.ndarray  # (columns, bins)
+    rank_slopes: np.ndarray  # (columns, bins)
+    #: (bin mid-rank - 1/2)^2 per bin: the spread CUSUM's per-event score (Mood's scale score)
+    spread_scores: np.ndarray  # (columns, bins)
+    ks: drift.KolmogorovSmirnov
+    wasserstein: drift.Wasserstein
+    ks_fits: calibration.TailFit  # stacked, one row per column
+    wasserstein_fits: calibration.TailFit
+
+    @classmethod
+    def stack(cls, columns: list[ColumnModel]) -> "NumericBlock":
+        width = max(c.bins.stop - c.bins.start for c in columns)
+
+        def rows(arrays, size=width, **pad):
+            return np.stack([np.pad(a, (0, size - len(a)), **pad) for a in arrays])
+
+        ref = rows([c.ref_counts for c in columns])
+        p = ref / np.maximum(ref.sum(axis=1, keepdims=True), 1)
+        return cls(columns, rows([np.arange(c.bins.start, c.bins.stop) for c in columns], constant_values=-1),
+                   rows([c.edges for c in columns], width - 1, mode="edge"),
+                   np.array([c.bins.stop - c.bins.start - 1 for c in columns]),
+                   rows([c.rank_intercepts for c in columns]), rows([c.rank_slopes for c in columns]),
+                   (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
+                   drift.KolmogorovSmirnov(ref),
+                   drift.Wasserstein(rows([c.ref_pos for c in columns], mode="edge"), ref,
+                                     np.array([c.sd for c in columns])),
+                   calibration.TailFit.stack([c.fits["ks"] for c in columns]),
+                   calibration.TailFit.stack([c.fits["wasserstein"] for c in columns]))
+
+    def _gather(self, flat: np.ndarray) -> np.ndarray:
+        """(columns, bins) from a summary's flat array; padding reads the appended 0."""
+        return np.append(flat, 0)[self.bins]
+
+    def statistics(self, window: "Summary", q: float) -> dict[str, tuple]:
+        """Column name -> (events with a value, KS, its p-value, its threshold, Wasserstein-1 /
+        reference SD, its threshold, PSI) on ``window``, thresholds at tail probability ``q``."""
+        counts = self._gather(window.counts)
+        n = counts.sum(axis=1)
+        ks = self.ks.update(counts)
+        positions = drift.bin_positions(counts, self._gather(window.sums), self.edges)
+        positions[np.arange(len(self.columns)), self.top_bin] = self.edges[:, -1]  # winsorized, as unpadded
+        w = self.wasserstein.update(positions, counts)
+        psi = drift.psi_statistic(self.ks.ref_counts, counts)
+        # the fits are of sqrt(n_eff) x statistic: back to the statistic's own scale
+        scale = np.sqrt(np.maximum(drift.effective_n(self.ks.ref_counts.sum(axis=1), n), 1e-12))
+        rows = zip(n.tolist(), ks.statistic.tolist(), ks.p_value.tolist(),
+                   (self.ks_fits.threshold(n, q) / scale).tolist(), w.normalized.tolist(),
+                   (self.wasserstein_fits.threshold(n, q) / scale).tolist(), psi.tolist())
+        return dict(zip((c.name for c in self.columns), rows))
+
+    def new_cusums(self, k: float) -> tuple[CUSUM, CUSUM]:
+        """A location and a spread CUSUM over the block's columns (:meth:`update_cusums`): on
+        the events' smoothed reference ranks and on their squared distance from the median
+        rank. Ranks bound each event's weight, so heavy tails do not page anyone; a location
+        shift of d standard deviations moves the mean rank by about d rank standard deviations
+        on normal data, and by more on features with many ties, where a small shift moves
+        values past whole steps of the reference CDF."""
+        p = self.ks.ref_counts / np.maximum(self.ks.ref_counts.sum(axis=1, keepdims=True), 1)
+        spread_mean = (p * self.spread_scores).sum(axis=1)
+        spread_sd = np.sqrt((p * (self.spread_scores - spread_mean[:, None]) ** 2).sum(axis=1))
+        return (CUSUM([c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, math.inf),
+                CUSUM(spread_mean, spread_sd, k, math.inf))
+
+    def update_cusums(self, cusums: tuple[CUSUM, CUSUM], bucket: "Summary",
+                      threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Feed a bucket to the rank CUSUMs: the location CUSUM takes each event's smoothed
+        reference rank (linear in the value within a bin, so the bin counts and sums give the
+        exact sum), the spread CUSUM its bin's squared distance from the median rank."""
+        counts = self._gather(bucket.counts)
+        n = counts.sum(axis=1)
+        location, spread = cusums
+        location.threshold = spread.threshold = threshold
+        ranks = (counts * self.rank_intercepts + self._gather(bucket.sums) * self.rank_slopes).sum(axis=1)
+        location.update(n, ranks)
+        spread.update(n, (counts * self.spread_scores).sum(axis=1))
+        return n, ranks
+

@@ -1,0 +1,150 @@
+"""Stage 2's drift judge: ``drift``, ``prediction_drift``, ``missing_rate`` and ``performance`` on
+each variant's window, against a model's :class:`~coalmine.streams.baseline.Baseline`.
+
+Window tests (KS, Wasserstein, chi-square, missing-value and error-rate surprises) run once per
+window step; the rank CUSUMs (location and spread per numeric column, one joint over all
+features) take in every bucket. Every alarming statistic counts against the model's false-alarm
+budget: :func:`alarming_tests` is the count the thresholds are split over, and
+:data:`ALARMING` names each column kind's statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import special
+
+from coalmine.streams import drift
+from coalmine.streams.columns import ColumnModel
+from coalmine.streams.records import Evaluation, Window
+from coalmine.streams.reference import PREDICTION, is_model_output
+from coalmine.streams.sequential import CUSUM, JointCUSUM
+from coalmine.streams.sketch import CATEGORICAL, NUMERIC, Summary
+
+if TYPE_CHECKING:
+    from coalmine.streams.baseline import Baseline
+
+#: the alarming statistics of one column, by kind (PSI and Jensen-Shannon are reported only)
+ALARMING = {NUMERIC: ("ks", "wasserstein", "cusum", "cusum_spread"), CATEGORICAL: ("chi2",)}
+
+
+def alarming_tests(kinds: list[str], features: int, checks: tuple[str, ...], joint: bool) -> int:
+    """Alarming tests per variant and evaluation: each column's :data:`ALARMING` statistics, a
+    missing-rate test per feature, the performance test and the joint CUSUM, as configured.
+
+    >>> alarming_tests([NUMERIC, NUMERIC, CATEGORICAL], 3, ("drift", "missing_rate"), True)
+    13
+    """
+    return (sum(len(ALARMING[k]) for k in kinds) + features * ("missing_rate" in checks)
+            + ("performance" in checks) + joint)
+
+
+class DriftJudge:
+    """The drift checks of one model, with each variant's rank CUSUMs."""
+
+    def __init__(self, baseline: Baseline):
+        self.baseline = baseline
+        self.cusums: dict[str, tuple[CUSUM, CUSUM] | None] = {}
+        self.joint_cusums: dict[str, JointCUSUM | None] = {}
+
+    def forget(self, variant: str) -> None:
+        """``variant`` is served by a new version: its CUSUMs start afresh."""
+        self.cusums.pop(variant, None)
+        self.joint_cusums.pop(variant, None)
+
+    def evaluate(self, ts: int, span: Window, variant: str, window: Summary, current: Summary | None,
+                 bucket_events: float, window_tests: bool = True) -> list[Evaluation]:
+        """Evaluations of ``variant``'s window; the rank CUSUMs take in ``current``, the bucket
+        just closed, their thresholds following the window's ``bucket_events`` (they are
+        checked once a bucket); the window tests run only when ``window_tests``."""
+        base, settings = self.baseline, self.baseline.settings
+        checks, least = settings.checks, settings.min_window_events
+        make = partial(Evaluation, settings.name, ts, span, variant)
+        out: list[Evaluation] = []
+        block = base.numeric_block
+        if variant not in self.cusums:
+            self.cusums[variant] = block.new_cusums(settings.shift_to_detect_sd / 2) if block else None
+            self.joint_cusums[variant] = base.new_joint_cusum()
+        q = base.window_test_tail(max(window.n, 1))
+        least = least if window_tests else math.inf  # no window test this bucket
+        cusum_h = base.cusum_h(bucket_events)
+        numeric: dict = {}
+        sequential: dict = {}
+        bucket_ranks: dict = {}
+        if block is not None and (cusums := self.cusums[variant]) is not None:
+            names = [c.name for c in block.columns]
+            if current is not None and current.n:
+                bucket_ranks = dict(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
+            sequential = dict(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
+            if window_tests and ("drift" in checks or "prediction_drift" in checks):
+                numeric = block.statistics(window, q)
+        for j, col in enumerate(base.columns):
+            check = "prediction_drift" if is_model_output(col.name) else "drift"
+            feature = None if col.name == PREDICTION else col.name
+            if check not in checks:
+                continue
+            of_column = partial(make, check, feature)
+            if col.kind == NUMERIC:
+                n, *statistics = numeric.get(col.name, (0,))
+                if n >= least:
+                    out += _numeric_drift(of_column, *statistics)
+                location, spread = sequential[col.name]
+                out.append(of_column("cusum", location, cusum_h))
+                out.append(of_column("cusum_spread", spread, cusum_h))
+            elif (n := int(window.counts[col.bins].sum())) >= least:
+                out += _categorical_drift(of_column, col, window.counts[col.bins], n, q)
+            if "missing_rate" in checks and check == "drift" and window.n >= least:
+                out.append(self._missing(make, col, feature, int(window.missing[j]), window.n, q))
+        if (joint := self.joint_cusums[variant]) is not None:
+            joint.threshold = base.joint_h(bucket_events)
+            if bucket_ranks:
+                joint.update(*zip(*(bucket_ranks[c.name] for c in base.joint_columns)))
+            out.append(make("drift", None, "cusum_joint", joint.statistic, joint.threshold))
+        if "performance" in checks and base.ref_abs_errors is not None and window.labelled >= least:
+            out.append(self._regression_performance(make, window, q))
+        elif "performance" in checks and base.ref_error_rate is not None and window.labelled >= least:
+            out.append(self._performance(make, window, q))
+        return out
+
+    def _missing(self, make, col: ColumnModel, feature: str | None, missing: int, n: int,
+                 q: float) -> Evaluation:
+        m = self.baseline.reference.n
+        surprise = drift.rate_increase_surprise(missing, n, round(col.missing_rate * m), m)
+        return make("missing_rate", feature, "surprise", surprise, -math.log10(q), 10**-surprise,
+                    {"missing_rate": missing / n, "reference_missing_rate": col.missing_rate})
+
+    def _regression_performance(self, make, window: Summary, q: float) -> Evaluation:
+        """Mean absolute error of the window against the reference's: one-sided Welch z."""
+        ref, n = self.baseline.ref_abs_errors, window.labelled
+        assert ref is not None
+        mae = window.abs_error_sum / n
+        var = max(window.abs_error_sumsq / n - mae * mae, 0.0) * n / max(n - 1, 1)
+        se = math.sqrt(var / n + ref.var(ddof=1) / len(ref)) or 1e-12
+        z = (mae - float(ref.mean())) / se
+        return make("performance", None, "mae_z", z, float(-special.ndtri(q)), float(special.ndtr(-z)),
+                    {"mae": mae, "reference_mae": float(ref.mean())})
+
+    def _performance(self, make, window: Summary, q: float) -> Evaluation:
+        base = self.baseline
+        assert base.ref_error_rate is not None
+        m = base.reference.n
+        surprise = drift.rate_increase_surprise(window.label_errors, window.labelled,
+                                                round(base.ref_error_rate * m), m)
+        return make("performance", None, "surprise", surprise, -math.log10(q), 10**-surprise,
+                    {"error_rate": window.label_errors / window.labelled,
+                     "reference_error_rate": base.ref_error_rate})
+
+
+def _numeric_drift(make, ks: float, ks_p: float, ks_threshold: float, wasserstein: float,
+                   wasserstein_threshold: float, psi: float) -> list[Evaluation]:
+    return [make("ks", ks, ks_threshold, ks_p), make("wasserstein", wasserstein, wasserstein_threshold),
+            make("psi", psi, None)]
+
+
+def _categorical_drift(make, col: ColumnModel, counts: np.ndarray, n: int, q: float) -> list[Evaluation]:
+    chi = drift.ChiSquare(col.ref_counts).update(counts)
+    return [make("chi2", chi.statistic, col.fits["chi2"].threshold(n, q), chi.p_value),
+            make("jensen_shannon", float(drift.js_statistic(col.ref_counts, counts)), None)]

@@ -1,0 +1,171 @@
+"""Stage 2, one per model: partials from every source partition in, evaluations, alert state
+changes and rollout commands out.
+
+An :class:`Evaluator` merges partials, and once every source has closed a bucket, slides the
+window (:class:`~coalmine.streams.window.SlidingWindow`) and asks its judges: the drift judge
+(:mod:`coalmine.streams.drift_checks`) and the rollout judge
+(:mod:`coalmine.streams.rollout_judge`). Alert states follow the worst statistic of each
+(variant, check, feature) (:class:`~coalmine.streams.alerts.AlertTracker`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from coalmine.streams.alerts import AlertTracker
+from coalmine.streams.baseline import Baseline
+from coalmine.streams.drift_checks import DriftJudge
+from coalmine.streams.records import Alert, Command, Evaluation, Window
+from coalmine.streams.rollout_judge import RolloutJudge
+from coalmine.streams.settings import DRIFT_CHECKS
+from coalmine.streams.sketch import Summary
+from coalmine.streams.window import Bucket, SlidingWindow, accumulate
+
+
+class Evaluator:
+    """Stage 2 for one model: partials from ``sources`` partitions in, evaluations and alerts
+    out, once every source has closed a bucket."""
+
+    def __init__(self, baseline: Baseline, sources: int = 1, signer: Callable[[dict], dict] | None = None):
+        self.baseline, self.settings = baseline, baseline.settings
+        self.sources = sources
+        self.signer = signer
+        self.closed: dict[int, int] = {}
+        self.pending: dict[int, dict[str, Summary]] = {}
+        self.applied: set[tuple[int, int]] = set()
+        self.next_bucket: int | None = None
+        settings = baseline.settings
+        self.window = SlidingWindow(settings.window_buckets, settings.bucket_ms)
+        self.alerts = AlertTracker(settings.name)
+        self.drift = DriftJudge(baseline)
+        self.judge = RolloutJudge(settings.name, settings.checks, baseline.policy, settings.bucket_ms)
+        self.versions: dict[str, str] = {}  # variant -> version serving it, as of the evaluated bucket
+        # pending bucket -> variant -> the version each source saw first in it
+        self.bucket_versions: dict[int, dict[str, set[str]]] = {}
+        # (variant, check, feature) -> the window tests' evaluations at their last run
+        self.held: dict[tuple, list[Evaluation]] = {}
+
+    def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> "Emitted":
+        """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
+        closed."""
+        src = partial["source"]
+        for start, variants in partial["buckets"].items():
+            start = int(start)
+            if (src, start) in self.applied:
+                continue  # a re-sent partial (at-least-once delivery): already merged
+            if self.next_bucket is not None and start < self.next_bucket:
+                continue  # already evaluated without it (its source was idle)
+            self.applied.add((src, start))
+            merged = self.pending.setdefault(start, {})
+            for variant, d in variants.items():
+                version = d.pop("version", None)
+                if version is not None:
+                    self.bucket_versions.setdefault(start, {}).setdefault(variant, set()).add(version)
+                accumulate(merged, variant, Summary.from_dict(d))
+        self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
+        return self.poll(idle_sources)
+
+    def poll(self, idle: set[int] = frozenset()) -> "Emitted":
+        """Evaluate the buckets that every source not in ``idle`` has closed."""
+        out = Emitted([], [], [])
+        live = [t for s, t in self.closed.items() if s not in idle]
+        if len(self.closed) + len(idle - set(self.closed)) < self.sources or not live:
+            return out
+        through = min(live)
+        if self.next_bucket is None:
+            if not self.pending:
+                return out
+            self.next_bucket = min(self.pending)
+        step = self.settings.bucket_ms
+        while self.next_bucket + step <= through:
+            if not self.pending:
+                self.next_bucket = through // step * step  # nothing anywhere: jump the gap
+                break
+            if min(self.pending) - self.next_bucket > self.settings.window_ms:
+                self.window.clear()  # a gap longer than the window: start afresh
+                self.next_bucket = min(self.pending)
+                continue
+            out.extend(self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {}))))
+            self.next_bucket += step
+        self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
+        self.bucket_versions = {b: v for b, v in self.bucket_versions.items() if b >= self.next_bucket}
+        return out
+
+    def _forget_replaced_versions(self, start: int) -> None:
+        """A variant now served by another version starts a fresh window (and CUSUM). The
+        bucket in which the router switched belongs to the old version while any source saw
+        it there first: the old version's traffic must not vouch for the new one."""
+        for variant, seen in self.bucket_versions.pop(start, {}).items():
+            current = self.versions.get(variant)
+            if current in seen:
+                continue
+            if current is not None:
+                self.window.forget(variant)
+                self.drift.forget(variant)
+                self.held = {k: v for k, v in self.held.items() if k[0] != variant}
+            self.versions[variant] = min(seen)
+
+    def evaluate(self, bucket: Bucket) -> "Emitted":
+        """Slide the window by one bucket and run every check on each variant."""
+        self._forget_replaced_versions(bucket.start)
+        windows = self.window.append(bucket)
+        ring = self.window.buckets
+        end = bucket.start + self.settings.bucket_ms
+        out = Emitted([], [], [])
+        spans = {variant: Window(ring[0].start, end, window.n) for variant, window in windows.items()}
+        window_tests = end % self.settings.window_step_ms == 0
+        for variant, window in windows.items():
+            out.evaluations.extend(self.drift.evaluate(end, spans[variant], variant, window,
+                                                       bucket.variants.get(variant), window.n / len(ring),
+                                                       window_tests))
+        q = self.baseline.tail(max(sum(w.n for w in windows.values()), 1))
+        rollout_evs, verdicts = self.judge.evaluate(ring, end, spans, windows, bucket.variants, self.versions, q)
+        out.evaluations.extend(rollout_evs)
+        groups = _group(out.evaluations)
+        if window_tests:
+            self.held = {key: [e for e in group if _is_window_test(e)] for key, group in groups.items()}
+        else:  # a window test's verdict stands until it runs again
+            for key, held in self.held.items():
+                if key[0] in windows:
+                    groups.setdefault(key, []).extend(held)
+        for group in groups.values():
+            exceeded = any(e.exceeded for e in group)
+            worst = max(group, key=lambda e: e.value / max(e.threshold, 1e-12))
+            alert = self.alerts.observe(end, exceeded, worst)
+            if alert:
+                out.alerts.append(alert)
+        out.alerts.extend(self.alerts.observe_gone(end, set(windows), Window(ring[0].start, end, 0)))
+        commands = self.judge.decide(end, self.versions, verdicts, self.alerts.ids)
+        if self.signer is not None:
+            for command in commands:
+                command.signature = self.signer(command.to_json())["signature"]
+        out.commands.extend(commands)
+        return out
+
+
+class Emitted(NamedTuple):
+    """What stage 2 publishes: evaluations (for metrics and replay files), alert state
+    changes, rollout commands."""
+
+    evaluations: list[Evaluation]
+    alerts: list[Alert]
+    commands: list[Command]
+
+    def extend(self, other: "Emitted") -> None:
+        for mine, theirs in zip(self, other):
+            mine.extend(theirs)
+
+
+def _group(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
+    """Evaluations grouped by (variant, check, feature): one alert per group, on any of its
+    statistics."""
+    groups: dict[tuple, list[Evaluation]] = {}
+    for e in evs:
+        if e.threshold is not None:  # PSI and JS are reported, not alarmed on
+            groups.setdefault(e.key, []).append(e)
+    return groups
+
+
+def _is_window_test(e: Evaluation) -> bool:
+    """A statistic of the window (not a CUSUM, not a rollout check, which run every bucket)."""
+    return e.check in DRIFT_CHECKS and not e.statistic.startswith("cusum")

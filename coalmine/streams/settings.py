@@ -1,0 +1,51 @@
+"""Plain settings of one model's monitor, with coalmine's defaults.
+
+:mod:`coalmine.config` builds them from a TOML file (and checks every value); a notebook
+builds them from keyword arguments. Nothing here reads files or the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from coalmine.streams.rollout import RolloutPolicy
+
+#: the variants a model serves: the live one, the one being rolled out, the mirrored one
+VARIANTS = ("champion", "canary", "shadow")
+#: checks on the window's distributions and labelled errors (the window tests and CUSUMs)
+DRIFT_CHECKS = ("drift", "prediction_drift", "missing_rate", "performance")
+ROLLOUT_CHECKS = ("shadow", "canary", "ab")
+ALL_CHECKS = DRIFT_CHECKS + ROLLOUT_CHECKS
+
+#: the window tests run at most once per this much event time (see ModelSettings.window_step_ms)
+WINDOW_STEP_MS = 1000
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything one model's statistics depend on but its reference."""
+
+    name: str
+    features: tuple[str, ...] | None = None
+    checks: tuple[str, ...] = DRIFT_CHECKS
+    bucket_ms: int = 250
+    window_ms: int = 60_000
+    allowed_lateness_ms: int = 2000
+    false_alarm_every_events: int = 10_000_000
+    bins: int = 32
+    min_window_events: int = 200
+    label_ttl_ms: int = 3_600_000
+    baseline_error_rate: float | None = None
+    shift_to_detect_sd: float = 0.3
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+
+    @property
+    def window_buckets(self) -> int:
+        return self.window_ms // self.bucket_ms
+
+    @property
+    def window_step_ms(self) -> int:
+        """The window tests run when a bucket ending on a multiple of this closes: every
+        bucket, but no more often than once a second of event time (the CUSUMs run every
+        bucket: they are the fast detectors; a window test's power is its window's size)."""
+        return -(-max(self.bucket_ms, WINDOW_STEP_MS) // self.bucket_ms) * self.bucket_ms

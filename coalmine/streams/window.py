@@ -1,0 +1,65 @@
+"""Stage 2's sliding window: a ring of event-time buckets and, per variant, their merged
+summary, kept up to date by adding the bucket that comes in and subtracting the one that
+drops out."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from coalmine.streams.sketch import Summary
+
+
+def accumulate(table: dict, key, summary: Summary) -> None:
+    """Merge ``summary`` into ``table[key]``."""
+    table[key] = table[key] + summary if key in table else summary
+
+
+@dataclass
+class Bucket:
+    start: int
+    variants: dict[str, Summary]
+
+
+class SlidingWindow:
+    """The last ``size`` buckets and, per variant, the sum of their summaries, kept by adding
+    the bucket that comes in and subtracting the one that drops out: two merges a slide, not
+    a window's worth. Counts stay exact. Float sums are re-added from the buckets whenever a
+    bucket starts a multiple of the window length in event time, so rounding cannot build up,
+    and live runs, replays and restarted workers re-add at the same buckets."""
+
+    def __init__(self, size: int, bucket_ms: int):
+        self.buckets: deque[Bucket] = deque(maxlen=size)
+        self.bucket_ms = bucket_ms
+        self.sums: dict[str, Summary] = {}
+
+    def append(self, bucket: Bucket) -> dict[str, Summary]:
+        """Slide by ``bucket``; return the window of every variant present, by variant name."""
+        out = self.buckets[0] if len(self.buckets) == self.buckets.maxlen else None
+        self.buckets.append(bucket)
+        if bucket.start // self.bucket_ms % self.buckets.maxlen == 0:
+            self._add_up()
+        else:
+            for variant, s in bucket.variants.items():
+                accumulate(self.sums, variant, s)
+            for variant, s in (out.variants.items() if out is not None else ()):
+                self.sums[variant] = self.sums[variant] - s
+                if not any(variant in b.variants for b in self.buckets):
+                    del self.sums[variant]
+        return {v: self.sums[v] for v in sorted(self.sums)}
+
+    def forget(self, variant: str) -> None:
+        """Drop ``variant`` from every bucket: it starts a fresh window."""
+        for b in self.buckets:
+            b.variants.pop(variant, None)
+        self.sums.pop(variant, None)
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.sums.clear()
+
+    def _add_up(self) -> None:
+        self.sums = {}
+        for b in self.buckets:
+            for variant, s in b.variants.items():
+                accumulate(self.sums, variant, s)
