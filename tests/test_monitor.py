@@ -373,3 +373,17 @@ def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor)
     assert len(cusum_ts) > 3 * len(ks_ts)
     f0 = [a for a in alerts if a.feature == "f0"]
     assert [a.state for a in f0] == ["firing"] and f0[0].statistic in ("ks", "wasserstein")
+
+
+def test_the_budget_is_split_over_exactly_the_alarming_statistics_evaluated(monitor):
+    """The false-alarm budget's K (tests per evaluation) is the number of statistics with a
+    threshold that a full evaluation (window tests included) actually produces: a statistic
+    added to the judge without being counted would spend budget nobody gave it."""
+    sketcher, evaluator = Sketcher({"m": monitor}), Evaluator(monitor)
+    evaluations = []
+    for p in sketcher.add_predictions(stream(25)) or sketcher.flush():
+        evaluations += evaluator.add(p).evaluations
+    last = max(e.ts for e in evaluations if e.statistic == "ks")
+    alarming = [e for e in evaluations if e.ts == last and e.threshold is not None]
+    assert {e.check for e in alarming} == {"drift", "prediction_drift", "missing_rate"}
+    assert len(alarming) == monitor.tests  # one variant watched: the champion
