@@ -9,6 +9,7 @@ import gc
 import sys
 from collections import Counter
 from contextlib import contextmanager
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -24,24 +25,25 @@ from coalmine.streams.evaluator import Evaluator
 from coalmine.streams.records import Alert, Command, Evaluation
 from coalmine.streams.reference import first_events
 from coalmine.streams.sketch import values_of
-from coalmine.streams.sketcher import Sketcher
+from coalmine.ingest import PartitionIngest
 
 CHUNK = 20_000
 _DUMP = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
-def _chunks(path: Path, kind: str, models: set[str], dead: list) -> Iterator[list[dict]]:
-    """Parsed, valid events in chunks; invalid lines go to ``dead`` with their reason."""
+def _chunks(path: Path, kind: str, decode: Callable, dead: list) -> Iterator[list[dict]]:
+    """Decoded, valid events in chunks; invalid lines go to ``dead`` with their reason."""
     with open(path, "rb") as fh:
         while raw := list(islice(fh, CHUNK)):
             lines = [line for line in raw if not line.isspace()]
-            valid, invalid = contract.split_valid(kind, lines, models)
+            valid, invalid = decode(kind, lines)
             dead += [(kind, lines[i].rstrip(b"\r\n"), reason) for i, reason in invalid]
             yield valid
 
 
 class Replay:
-    """Feeds events in event-time chunks to one :class:`Sketcher` (one source) and one
+    """Feeds events in event-time chunks to stage 1 (one source: a
+    :class:`~coalmine.ingest.PartitionIngest`, as a worker's partition) and one
     :class:`Evaluator` per model, collecting the alerts and commands they emit. Evaluations
     (one per check per bucket: far more) go to ``on_evaluations`` as they come, if given, and
     are not kept, so a long replay's memory does not grow with its length."""
@@ -49,7 +51,7 @@ class Replay:
     def __init__(self, baselines: dict[str, Baseline],
                  on_evaluations: Callable[[list[Evaluation]], object] | None = None):
         self.baselines = baselines
-        self.sketcher = Sketcher(baselines)
+        self.ingest = PartitionIngest(baselines)
         signer = Signer.from_env()
         self.evaluators = {name: Evaluator(b, signer=signer) for name, b in baselines.items()}
         self.on_evaluations = on_evaluations
@@ -59,17 +61,17 @@ class Replay:
         self.counts: Counter = Counter()
 
     def feed(self, predictions: list[dict], labels: list[dict]) -> None:
-        for i, reason in self.sketcher.add_predictions(predictions):
-            self.dead.append(("prediction", orjson.dumps(predictions[i]), reason))
-        for i, reason in self.sketcher.add_labels(labels):
-            self.dead.append(("label", orjson.dumps(labels[i]), reason))
+        """Fold valid (decoded) events, then evaluate the buckets they closed."""
+        for kind, events in (("prediction", predictions), ("label", labels)):
+            for i, reason in self.ingest.fold(kind, events).rejected:
+                self.dead.append((kind, orjson.dumps(events[i]), reason))
         self.counts["predictions"] += len(predictions)
         self.counts["labels"] += len(labels)
-        self._drain(self.sketcher.close())
+        self._drain(self.ingest.close())
 
     def finish(self) -> None:
         """End of input: every open bucket is complete."""
-        self._drain(self.sketcher.flush())
+        self._drain(self.ingest.flush())
 
     def _drain(self, partials: list[dict]) -> None:
         for p in partials:
@@ -85,7 +87,8 @@ def first_events_in_file(predictions: Path) -> Callable[[list[ModelConfig]], dic
     earlier event can follow (for :func:`coalmine.baselines.build_baselines`)."""
     def read(wanted: list[ModelConfig]) -> dict[str, list[dict]]:
         found: dict[str, list[dict]] = {m.name: [] for m in wanted}
-        for chunk in _chunks(predictions, "prediction", set(found), []):
+        decode = partial(contract.split_valid, known_models=set(found))
+        for chunk in _chunks(predictions, "prediction", decode, []):
             for e in chunk:
                 found[e["model"]].append(e)
             horizon = max(e["ts"] for e in chunk) if chunk else 0
@@ -107,12 +110,11 @@ def replay_files(config: Config, predictions: Path, labels: Path | None = None, 
 
 def _replay_files(config: Config, predictions: Path, labels: Path | None, progress: bool | None,
                   on_evaluations: Callable[[list[Evaluation]], object] | None) -> Replay:
-    models = set(config.models)
     run = Replay(build_baselines(config, first_events_in_file(predictions)), on_evaluations)
     pending_labels: list[dict] = []
-    label_chunks = _chunks(labels, "label", models, run.dead) if labels else iter(())
+    label_chunks = _chunks(labels, "label", run.ingest.decode, run.dead) if labels else iter(())
     bar = _progress(predictions, progress)
-    for chunk in _chunks(predictions, "prediction", models, run.dead):
+    for chunk in _chunks(predictions, "prediction", run.ingest.decode, run.dead):
         horizon = max(values_of(chunk, "ts"), default=0)
         while not pending_labels or pending_labels[-1]["ts"] <= horizon:
             nxt = next(label_chunks, None)

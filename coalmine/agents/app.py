@@ -26,10 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.agents import metrics
+from coalmine.ingest import PartitionIngest
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
-from coalmine.streams.sketcher import Sketcher
 
 log = logging.getLogger("coalmine.worker")
 
@@ -65,7 +65,7 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
     commands_topic = app.topic(topics.COMMANDS, **raw)
     dead_topic = app.topic(topics.DEADLETTER, **raw)
 
-    sketchers: dict[int, Sketcher] = {}
+    ingests: dict[int, PartitionIngest] = {}
     held: dict[int, list[tuple[int, faust.EventT]]] = defaultdict(list)  # partition -> (ts, event)
     signer = Signer.from_env()
     evaluators = {name: Evaluator(b, sources=partitions, signer=signer) for name, b in baselines.items()}
@@ -79,7 +79,7 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
         metrics.DEADLETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
 
     async def sketch_partition(partition: int, batch: list, stream) -> None:
-        sketcher = sketchers.setdefault(partition, Sketcher(baselines, source=partition))
+        ingest = ingests.setdefault(partition, PartitionIngest(baselines, source=partition))
         by_kind: dict[str, list] = {"prediction": [], "label": []}
         for event in batch:
             kind = "label" if event.message.topic == topics.LABELS else "prediction"
@@ -87,11 +87,11 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
         for kind, evs in by_kind.items():
             if not evs:
                 continue
-            valid, invalid = contract.split_valid(kind, [e.message.value for e in evs], models)
+            valid, invalid = ingest.decode(kind, [e.message.value for e in evs])
             bad = dict(invalid)
             good_events = [e for i, e in enumerate(evs) if i not in bad]
-            add = sketcher.add_labels if kind == "label" else sketcher.add_predictions
-            for i, reason in add(valid):
+            folded = ingest.fold(kind, valid)
+            for i, reason in folded.rejected:
                 if reason.startswith("late event"):
                     metrics.LATE.labels(valid[i]["model"]).inc()
                 await dead_letter(good_events[i].message, reason)
@@ -101,11 +101,11 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
                 await dead_letter(evs[i].message, reason)
                 await stream.ack(evs[i])
             held[partition] += [(v["ts"], e) for v, e in zip(valid, good_events) if e is not None]
-            metrics.count_events(kind, valid)
-        for partial in sketcher.close():
+            metrics.count_events(kind, folded.counts)
+        for partial in ingest.close():
             await partials_topic.send(key=partial["model"].encode(), value=contract.encode(partial))
         # events in closed buckets are safe: acknowledge them so their offsets commit
-        safe = min(sketcher.closed_through.values(), default=-1)
+        safe = min(ingest.sketcher.closed_through.values(), default=-1)
         keep = []
         for ts, event in held[partition]:
             if ts < safe:
@@ -113,8 +113,9 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
             else:
                 keep.append((ts, event))
         held[partition] = keep
-        metrics.EXPIRED.set(sum(s.expired_unlabelled for s in sketchers.values()))
-        metrics.UNJOINED.set(sum(s.expired_unjoined_labels for s in sketchers.values()))
+        sketchers = [i.sketcher for i in ingests.values()]
+        metrics.EXPIRED.set(sum(s.expired_unlabelled for s in sketchers))
+        metrics.UNJOINED.set(sum(s.expired_unjoined_labels for s in sketchers))
 
     @app.agent(inputs)
     async def sketch(stream):
@@ -191,13 +192,13 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
 
     @app.page("/health")
     async def health(web, request):
-        return web.json({"models": sorted(models), "partitions_sketched": sorted(sketchers),
+        return web.json({"models": sorted(models), "partitions_sketched": sorted(ingests),
                          "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()}})
 
     def forget(assigned_or_revoked):
         for tp in assigned_or_revoked:
             if tp.topic == topics.PREDICTIONS:
-                sketchers.pop(tp.partition, None)
+                ingests.pop(tp.partition, None)
                 held.pop(tp.partition, None)
 
     @app.on_partitions_revoked.connect

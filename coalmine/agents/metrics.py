@@ -33,8 +33,9 @@ EXPIRED = Gauge("coalmine_expired_unlabelled_predictions",
                 "Predictions dropped from the label join after the label TTL, never labelled")
 
 
-def count_events(kind: str, events: list[dict]) -> None:
-    for (model, variant), n in Counter((e["model"], e.get("variant", "")) for e in events).items():
+def count_events(kind: str, counts: Counter) -> None:
+    """``counts``: events folded per (model, variant)."""
+    for (model, variant), n in counts.items():
         EVENTS.labels(model, variant, kind).inc(n)
 
 
