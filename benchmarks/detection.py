@@ -57,7 +57,21 @@ RIVER_CHUNK = 1000  # values converted (and ranked) at a time for the river dete
 # (sd 30-240, range up to ~42,000). ADWIN's cut assumes values in [0, 1], so its alarms depend on a
 # feature's scale (f2 alone at delta 1e-3: 602 alarms raw, 301 divided by 100, 0 divided by 10^4);
 # on the raw features, as fed here, only delta 1e-200 of the grid is silent.
-ADWIN_DELTA_GRID = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-20, 1e-50, 1e-100, 1e-150, 1e-175, 1e-200)
+ADWIN_DELTA_GRID = (
+    1e-3,
+    1e-4,
+    1e-5,
+    1e-6,
+    1e-7,
+    1e-8,
+    1e-10,
+    1e-20,
+    1e-50,
+    1e-100,
+    1e-150,
+    1e-175,
+    1e-200,
+)
 ADWIN_CALIBRATED_DELTA = 1e-200
 # ADWIN on reference ranks: each value x of a feature is replaced by its mid-rank in the reference
 # sample of that feature (the 5,000 values the other detectors compare with), u = F_ref(x) in [0, 1],
@@ -69,8 +83,25 @@ ADWIN_CALIBRATED_DELTA = 1e-200
 #   N(0,1)   79    4     0     0
 # At 1e-2 the alarms are spread over features (Shuttle f3, f6; N(0,1) x1, x4, x6, x8), at 1e-1 over all
 # of them: on ranks no feature is special, unlike the raw heavy-tailed f2, f4, f6 above.
-ADWIN_RANK_DELTA_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-15, 1e-20, 1e-30,
-                         1e-50, 1e-100, 1e-150, 1e-200)
+ADWIN_RANK_DELTA_GRID = (
+    1e-1,
+    1e-2,
+    1e-3,
+    1e-4,
+    1e-5,
+    1e-6,
+    1e-7,
+    1e-8,
+    1e-9,
+    1e-10,
+    1e-15,
+    1e-20,
+    1e-30,
+    1e-50,
+    1e-100,
+    1e-150,
+    1e-200,
+)
 ADWIN_RANK_DELTA = 1e-3
 # coalmine detectors: the default config (bucket 250 ms) and the same with bucket 1 s (coalmine's CUSUMs
 # run once per bucket: with 250 ms buckets a change at 333.33 s of event time can alert at 333.5 s, 50
@@ -99,9 +130,19 @@ def _ts(n: int) -> np.ndarray:
     return (START_TS + np.arange(n) * (1000.0 / RATE)).astype(np.int64)
 
 
-def _save(work: Path, spec: Spec, X: np.ndarray, names: list[str], pred: np.ndarray,
-          proba: np.ndarray | None, y: np.ndarray | None, ref_rows: list[dict],
-          latency: np.ndarray | None = None, ref_file: Path | None = None, rep: int = 0) -> Path:
+def _save(
+    work: Path,
+    spec: Spec,
+    X: np.ndarray,
+    names: list[str],
+    pred: np.ndarray,
+    proba: np.ndarray | None,
+    y: np.ndarray | None,
+    ref_rows: list[dict],
+    latency: np.ndarray | None = None,
+    ref_file: Path | None = None,
+    rep: int = 0,
+) -> Path:
     """Arrays -> <key>.npz; reference rows (or an existing reference file) + one monitor config per
     coalmine detector (COALMINE_CONFIGS: the default bucket and 1 s, window 10 s) -> <key>/. ``rep`` seeds
     which events carry a label and the latencies (rep 0: the draws of the single-seed table)."""
@@ -115,40 +156,79 @@ def _save(work: Path, spec: Spec, X: np.ndarray, names: list[str], pred: np.ndar
     else:
         write_jsonl(ref, ref_rows)
     for bucket, config in COALMINE_CONFIGS.values():
-        write_demo_config(d / config, ref, bucket=bucket, window="10s", model="bench",
-                          false_alarm_every_events=None)  # coalmine's default
+        write_demo_config(
+            d / config,
+            ref,
+            bucket=bucket,
+            window="10s",
+            model="bench",
+            false_alarm_every_events=None,
+        )  # coalmine's default
     rng = np.random.default_rng(7 + REP_STRIDE * rep)
     if latency is None:
         latency = np.round(rng.gamma(4.0, 2.0, spec.n), 2)
     labelled = (rng.random(spec.n) < LABEL_FRACTION) if y is not None else np.zeros(spec.n, bool)
     path = work / f"{spec.key}.npz"
-    np.savez(path, X=X.astype(float), names=np.array(names), pred=pred.astype(int),
-             proba=np.full(spec.n, np.nan) if proba is None else proba,
-             y=np.full(spec.n, -1) if y is None else y.astype(int), labelled=labelled,
-             latency=latency, change=-1 if spec.change is None else spec.change, n=spec.n)
+    np.savez(
+        path,
+        X=X.astype(float),
+        names=np.array(names),
+        pred=pred.astype(int),
+        proba=np.full(spec.n, np.nan) if proba is None else proba,
+        y=np.full(spec.n, -1) if y is None else y.astype(int),
+        labelled=labelled,
+        latency=latency,
+        change=-1 if spec.change is None else spec.change,
+        n=spec.n,
+    )
     return path
 
 
-def _ref_rows(X: np.ndarray, names: list[str], pred: np.ndarray, y: np.ndarray | None) -> list[dict]:
+def _ref_rows(
+    X: np.ndarray, names: list[str], pred: np.ndarray, y: np.ndarray | None
+) -> list[dict]:
     rows = []
     for i, row in enumerate(X.tolist()):
-        e = {"event_id": f"ref-{i}", "model": "bench", "version": "v1", "variant": "champion", "ts": i,
-             "features": dict(zip(names, row)), "prediction": int(pred[i]), "status": "ok"}
+        e = {
+            "event_id": f"ref-{i}",
+            "model": "bench",
+            "version": "v1",
+            "variant": "champion",
+            "ts": i,
+            "features": dict(zip(names, row)),
+            "prediction": int(pred[i]),
+            "status": "ok",
+        }
         if y is not None:
             e["label"] = int(y[i])
         rows.append(e)
     return rows
 
 
-def build_shuttle(work: Path, spec: Spec, kind: str = "shift", size: float = 0.5, seed: int = 0,
-                  rep: int = 0) -> Path:
+def build_shuttle(
+    work: Path, spec: Spec, kind: str = "shift", size: float = 0.5, seed: int = 0, rep: int = 0
+) -> Path:
     """Exactly the feature values of ``simulator.predictions(Scenario(...))`` (same draws), kept as arrays
     so a 10^6-event stream never sits in memory as dicts. Realization ``rep`` draws its rows with seed
     ``seed + REP_STRIDE * rep``."""
-    from coalmine.simulator import Scenario, TRAIN_ROWS, _drifted, load_shuttle, trained_model, write_reference
+    from coalmine.simulator import (
+        TRAIN_ROWS,
+        Scenario,
+        _drifted,
+        load_shuttle,
+        trained_model,
+        write_reference,
+    )
 
-    s = Scenario(n_events=spec.n, rate_per_s=RATE, drift_at=spec.change, drift_kind=kind,
-                 drift_size=size, drift_feature="f1", seed=seed + REP_STRIDE * rep)
+    s = Scenario(
+        n_events=spec.n,
+        rate_per_s=RATE,
+        drift_at=spec.change,
+        drift_kind=kind,
+        drift_size=size,
+        drift_feature="f1",
+        seed=seed + REP_STRIDE * rep,
+    )
     X_all, y_all, names = load_shuttle()
     rng = np.random.default_rng(s.seed)
     idx = rng.integers(TRAIN_ROWS, len(X_all), s.n_events)
@@ -158,11 +238,24 @@ def build_shuttle(work: Path, spec: Spec, kind: str = "shift", size: float = 0.5
     ref = work / "shuttle-reference.jsonl"
     if not ref.exists():
         write_reference(ref, n=REF_N)
-    return _save(work, spec, X, names, (proba >= 0.5).astype(int), np.round(proba, 4), y_all[idx], [],
-                 latency=latency, ref_file=ref, rep=rep)
+    return _save(
+        work,
+        spec,
+        X,
+        names,
+        (proba >= 0.5).astype(int),
+        np.round(proba, 4),
+        y_all[idx],
+        [],
+        latency=latency,
+        ref_file=ref,
+        rep=rep,
+    )
 
 
-def build_class_mix(work: Path, spec: Spec, factor: float = 3.0, seed: int = 0, rep: int = 0) -> Path:
+def build_class_mix(
+    work: Path, spec: Spec, factor: float = 3.0, seed: int = 0, rep: int = 0
+) -> Path:
     """Held-out Shuttle rows; from the change on, anomalies (label 1) drawn at ``factor`` x their rate.
     Realization ``rep`` draws with seed ``seed + REP_STRIDE * rep``."""
     from coalmine.simulator import TRAIN_ROWS, load_shuttle, trained_model, write_reference
@@ -182,8 +275,18 @@ def build_class_mix(work: Path, spec: Spec, factor: float = 3.0, seed: int = 0, 
     ref = work / "shuttle-reference.jsonl"
     if not ref.exists():
         write_reference(ref, n=REF_N)
-    return _save(work, spec, X, names, (proba >= 0.5).astype(int), np.round(proba, 4), yh[idx], [],
-                 ref_file=ref, rep=rep)
+    return _save(
+        work,
+        spec,
+        X,
+        names,
+        (proba >= 0.5).astype(int),
+        np.round(proba, 4),
+        yh[idx],
+        [],
+        ref_file=ref,
+        rep=rep,
+    )
 
 
 def build_normal(work: Path, spec: Spec, d: int = 10, seed: int = 0) -> Path:
@@ -192,7 +295,7 @@ def build_normal(work: Path, spec: Spec, d: int = 10, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     X = np.empty((spec.n, d))
     for s in range(0, spec.n, 100_000):
-        X[s:s + 100_000] = rng.standard_normal((min(100_000, spec.n - s), d)).round(5)
+        X[s : s + 100_000] = rng.standard_normal((min(100_000, spec.n - s), d)).round(5)
     R = np.random.default_rng(seed + 1000).standard_normal((REF_N, d)).round(5)
     pred = lambda A: (A[:, 0] + A[:, 1] > 0).astype(int)  # noqa: E731
     return _save(work, spec, X, names, pred(X), None, None, _ref_rows(R, names, pred(R), None))
@@ -222,8 +325,12 @@ def build_sea(work: Path, spec: Spec, rep: int = 0) -> Path:
     from river.datasets import synth
 
     s = REP_STRIDE * rep
-    X, y = _abrupt(synth.SEA(variant=0, noise=0.1, seed=1 + s), synth.SEA(variant=3, noise=0.1, seed=2 + s),
-                   spec.n, spec.change)
+    X, y = _abrupt(
+        synth.SEA(variant=0, noise=0.1, seed=1 + s),
+        synth.SEA(variant=3, noise=0.1, seed=2 + s),
+        spec.n,
+        spec.change,
+    )
     R, ry = _river_rows(synth.SEA(variant=0, noise=0.1, seed=99), REF_N)
     names = [f"x{j}" for j in range(X.shape[1])]
     pred = lambda A: (A[:, 0] + A[:, 1] > 8).astype(int)  # noqa: E731
@@ -238,8 +345,11 @@ def build_rbf(work: Path, spec: Spec, rep: int = 0) -> Path:
     (seed_model 1, seed_sample 99) is the same for every realization."""
     from river.datasets import synth
 
-    mk = lambda sm, ss: synth.RandomRBF(seed_model=sm, seed_sample=ss, n_classes=2, n_features=10,  # noqa: E731
-                                        n_centroids=50)
+    def mk(sm, ss):
+        return synth.RandomRBF(
+            seed_model=sm, seed_sample=ss, n_classes=2, n_features=10, n_centroids=50
+        )
+
     s = REP_STRIDE * rep
     X, y = _abrupt(mk(1, 1 + s), mk(2, 2 + s), spec.n, spec.change)
     R, ry = _river_rows(mk(1, 99), REF_N)
@@ -255,9 +365,21 @@ def streams(quick: bool) -> list[tuple[Spec, callable, dict]]:
     return [
         (Spec("stationary-shuttle", "1. stationary Shuttle", big, None), build_shuttle, {}),
         (Spec("stationary-normal", "2. stationary N(0,1) x 10", big, None), build_normal, {}),
-        (Spec("shift-0.2", "3. Shuttle f1 shift 0.2 SD", n, c), build_shuttle, {"kind": "shift", "size": 0.2, "seed": 3}),
-        (Spec("shift-0.5", "4. Shuttle f1 shift 0.5 SD", n, c), build_shuttle, {"kind": "shift", "size": 0.5, "seed": 4}),
-        (Spec("scale-1.5", "5. Shuttle f1 scale x1.5", n, c), build_shuttle, {"kind": "scale", "size": 1.5, "seed": 5}),
+        (
+            Spec("shift-0.2", "3. Shuttle f1 shift 0.2 SD", n, c),
+            build_shuttle,
+            {"kind": "shift", "size": 0.2, "seed": 3},
+        ),
+        (
+            Spec("shift-0.5", "4. Shuttle f1 shift 0.5 SD", n, c),
+            build_shuttle,
+            {"kind": "shift", "size": 0.5, "seed": 4},
+        ),
+        (
+            Spec("scale-1.5", "5. Shuttle f1 scale x1.5", n, c),
+            build_shuttle,
+            {"kind": "scale", "size": 1.5, "seed": 5},
+        ),
         (Spec("class-mix", "6. Shuttle anomalies x3", n, c), build_class_mix, {"seed": 6}),
         (Spec("sea", "7a. SEA concept drift (labels only)", n, c), build_sea, {}),
         (Spec("rbf", "7b. RandomRBF centroids redrawn", n, c), build_rbf, {}),
@@ -274,14 +396,19 @@ def _load(path: Path) -> dict:
 
 
 def _reference_values(path: Path, names: list[str]) -> np.ndarray:
-    rows = [orjson.loads(line) for line in (path.parent / path.stem / "reference.jsonl").read_bytes().splitlines()]
+    rows = [
+        orjson.loads(line)
+        for line in (path.parent / path.stem / "reference.jsonl").read_bytes().splitlines()
+    ]
     return np.array([[r["features"][f] for f in names] for r in rows], dtype=float)
 
 
 def _ref_ranks(sorted_ref: np.ndarray, x: np.ndarray) -> np.ndarray:
     """u = F_ref(x): the mid-rank of each x among the sorted reference values, over their count
     (ties count half), so 0 <= u <= 1."""
-    return (np.searchsorted(sorted_ref, x, "left") + np.searchsorted(sorted_ref, x, "right")) / (2 * len(sorted_ref))
+    return (np.searchsorted(sorted_ref, x, "left") + np.searchsorted(sorted_ref, x, "right")) / (
+        2 * len(sorted_ref)
+    )
 
 
 def run_coalmine(path: Path, opts: dict) -> dict:
@@ -293,7 +420,11 @@ def run_coalmine(path: Path, opts: dict) -> dict:
     n, names, X = int(z["n"]), [str(s) for s in z["names"]], z["X"]
     ts = _ts(n)
     t0 = time.perf_counter()
-    run = Replay(build_baselines(load_config(path.parent / path.stem / COALMINE_CONFIGS[opts["detector"]][1])))
+    run = Replay(
+        build_baselines(
+            load_config(path.parent / path.stem / COALMINE_CONFIGS[opts["detector"]][1])
+        )
+    )
     setup = time.perf_counter() - t0
     pred, proba, y, labelled, lat = z["pred"], z["proba"], z["y"], z["labelled"], z["latency"]
     has_scores = not np.isnan(proba).all()
@@ -301,20 +432,42 @@ def run_coalmine(path: Path, opts: dict) -> dict:
     busy = 0.0
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
-        rows, tsl, pl, prl, latl = X[s:e].tolist(), ts[s:e].tolist(), pred[s:e].tolist(), proba[s:e].tolist(), \
-            lat[s:e].tolist()
+        rows, tsl, pl, prl, latl = (
+            X[s:e].tolist(),
+            ts[s:e].tolist(),
+            pred[s:e].tolist(),
+            proba[s:e].tolist(),
+            lat[s:e].tolist(),
+        )
         preds = []
         for k in range(e - s):
             i = s + k
-            ev = {"event_id": f"p-{i}", "request_id": f"req-{i}", "model": "bench", "version": "v1",
-                  "variant": "champion", "ts": tsl[k], "features": dict(zip(names, rows[k])),
-                  "prediction": pl[k], "latency_ms": latl[k], "status": "ok", "unit_id": f"user-{i % 5000}"}
+            ev = {
+                "event_id": f"p-{i}",
+                "request_id": f"req-{i}",
+                "model": "bench",
+                "version": "v1",
+                "variant": "champion",
+                "ts": tsl[k],
+                "features": dict(zip(names, rows[k])),
+                "prediction": pl[k],
+                "latency_ms": latl[k],
+                "status": "ok",
+                "unit_id": f"user-{i % 5000}",
+            }
             if has_scores:
                 ev["scores"] = {"0": round(1 - prl[k], 4), "1": prl[k]}
             preds.append(ev)
         for i in np.flatnonzero(labelled[s:e]).tolist():
-            pending.append({"event_id": f"l-{s + i}", "request_id": f"req-{s + i}", "model": "bench",
-                            "ts": tsl[i] + LABEL_DELAY_MS, "label": int(y[s + i])})
+            pending.append(
+                {
+                    "event_id": f"l-{s + i}",
+                    "request_id": f"req-{s + i}",
+                    "model": "bench",
+                    "ts": tsl[i] + LABEL_DELAY_MS,
+                    "label": int(y[s + i]),
+                }
+            )
         horizon = tsl[-1]
         due = [lb for lb in pending if lb["ts"] <= horizon]
         pending = [lb for lb in pending if lb["ts"] > horizon]
@@ -331,13 +484,23 @@ def run_coalmine(path: Path, opts: dict) -> dict:
     before = [a for a in firing if change_ts is None or a.ts < change_ts]
     after = [a for a in firing if change_ts is not None and a.ts >= change_ts]
     first = after[0] if after else None
-    return {"events": n, "seconds": busy, "setup": setup,
-            "false_alarms": len(before), "fa_events": n if change < 0 else change, "fa_exact": True,
-            "delay": None if first is None else (first.ts - change_ts) * RATE / 1000,
-            "what": "" if first is None else f"{first.check}" + (f" {first.feature}" if first.feature else "")
-            + f" ({first.statistic})",
-            "fa_what": ", ".join(sorted({f"{a.check} {a.feature or ''}".strip() + f" ({a.statistic})"
-                                         for a in before}))}
+    return {
+        "events": n,
+        "seconds": busy,
+        "setup": setup,
+        "false_alarms": len(before),
+        "fa_events": n if change < 0 else change,
+        "fa_exact": True,
+        "delay": None if first is None else (first.ts - change_ts) * RATE / 1000,
+        "what": ""
+        if first is None
+        else f"{first.check}"
+        + (f" {first.feature}" if first.feature else "")
+        + f" ({first.statistic})",
+        "fa_what": ", ".join(
+            sorted({f"{a.check} {a.feature or ''}".strip() + f" ({a.statistic})" for a in before})
+        ),
+    }
 
 
 def _first_after(alarms: list[list[int]], change: int) -> tuple[int | None, int | None]:
@@ -369,7 +532,12 @@ def run_river(path: Path, opts: dict) -> dict:
     # ranked ADWIN: each value is fed as its mid-rank among the sorted reference values of its feature
     ref = np.sort(_reference_values(path, names), axis=0) if kind == "adwin_rank" else None
     # the calibrated ADWINs run every event of the stationary streams: their silence there is the point
-    limit = {"kswin": opts["kswin_events"], "adwin": opts["river_events"], "adwin_cal": n, "adwin_rank": n}[kind]
+    limit = {
+        "kswin": opts["kswin_events"],
+        "adwin": opts["river_events"],
+        "adwin_cal": n,
+        "adwin_rank": n,
+    }[kind]
     if change < 0:
         lo, hi, stop_at = 0, min(n, limit), None
     elif kind == "kswin":  # too slow for 10^5 pre-change events x 9 features: a slice either side
@@ -381,7 +549,9 @@ def run_river(path: Path, opts: dict) -> dict:
     t0 = time.perf_counter()
     for j in range(X.shape[1]):
         det, hits, stopped = make(), [], False
-        for c0 in range(lo, hi, RIVER_CHUNK):  # in chunks: values (and ranks) only as far as they are fed
+        for c0 in range(
+            lo, hi, RIVER_CHUNK
+        ):  # in chunks: values (and ranks) only as far as they are fed
             c1 = min(hi, c0 + RIVER_CHUNK)
             col = X[c0:c1, j] if ref is None else _ref_ranks(ref[:, j], X[c0:c1, j])
             for k, v in enumerate(col.tolist()):
@@ -401,10 +571,16 @@ def run_river(path: Path, opts: dict) -> dict:
     pre_hi = hi if change < 0 else change
     fa = len({i for idx in alarms for i in idx if i < pre_hi})
     first, j = _first_after(alarms, change) if change >= 0 else (None, None)
-    return {"events": updates / X.shape[1], "seconds": seconds, "false_alarms": fa,
-            "fa_events": pre_hi - lo, "fa_exact": lo == 0 and (change < 0 or True),
-            "delay": None if first is None else first - change, "what": "" if j is None else names[j],
-            "window": (lo, hi)}
+    return {
+        "events": updates / X.shape[1],
+        "seconds": seconds,
+        "false_alarms": fa,
+        "fa_events": pre_hi - lo,
+        "fa_exact": lo == 0 and (change < 0 or True),
+        "delay": None if first is None else first - change,
+        "what": "" if j is None else names[j],
+        "window": (lo, hi),
+    }
 
 
 def run_ks(path: Path, opts: dict) -> dict:
@@ -418,7 +594,7 @@ def run_ks(path: Path, opts: dict) -> dict:
     t0 = time.perf_counter()
     fa, first, what = 0, None, ""
     for end in range(KS_WINDOW, n + 1, KS_EVERY):
-        p = ks_2samp(X[end - KS_WINDOW:end], ref, axis=0).pvalue
+        p = ks_2samp(X[end - KS_WINDOW : end], ref, axis=0).pvalue
         if (p < KS_ALPHA).any():
             if change < 0 or end - 1 < change:
                 fa += 1
@@ -426,18 +602,35 @@ def run_ks(path: Path, opts: dict) -> dict:
                 first, what = end - 1, names[int(np.argmin(p))]
                 break
     seconds = time.perf_counter() - t0
-    return {"events": (first + 1) if first is not None else n, "seconds": seconds, "false_alarms": fa,
-            "fa_events": n if change < 0 else change, "fa_exact": True,
-            "delay": None if first is None else first - change, "what": what}
+    return {
+        "events": (first + 1) if first is not None else n,
+        "seconds": seconds,
+        "false_alarms": fa,
+        "fa_events": n if change < 0 else change,
+        "fa_exact": True,
+        "delay": None if first is None else first - change,
+        "what": what,
+    }
 
 
-DETECTORS = {"coalmine": run_coalmine, "coalmine_1s": run_coalmine, "adwin": run_river, "adwin_cal": run_river,
-             "adwin_rank": run_river, "kswin": run_river, "ks": run_ks}
-LABELS = {"coalmine": "coalmine (calibrated, 10 s window)",
-          "coalmine_1s": "coalmine, bucket 1 s (calibrated, 10 s window)", "adwin": "river ADWIN / feature",
-          "adwin_cal": f"river ADWIN / feature, calibrated (delta={ADWIN_CALIBRATED_DELTA:g})",
-          "adwin_rank": f"river ADWIN / feature on reference ranks, calibrated (delta={ADWIN_RANK_DELTA:g})",
-          "kswin": "river KSWIN / feature", "ks": "repeated KS, p < 0.05"}
+DETECTORS = {
+    "coalmine": run_coalmine,
+    "coalmine_1s": run_coalmine,
+    "adwin": run_river,
+    "adwin_cal": run_river,
+    "adwin_rank": run_river,
+    "kswin": run_river,
+    "ks": run_ks,
+}
+LABELS = {
+    "coalmine": "coalmine (calibrated, 10 s window)",
+    "coalmine_1s": "coalmine, bucket 1 s (calibrated, 10 s window)",
+    "adwin": "river ADWIN / feature",
+    "adwin_cal": f"river ADWIN / feature, calibrated (delta={ADWIN_CALIBRATED_DELTA:g})",
+    "adwin_rank": f"river ADWIN / feature on reference ranks, calibrated (delta={ADWIN_RANK_DELTA:g})",
+    "kswin": "river KSWIN / feature",
+    "ks": "repeated KS, p < 0.05",
+}
 
 
 def calibrate_adwin(quick: bool, which: str = "both") -> int:
@@ -463,8 +656,11 @@ def calibrate_adwin(quick: bool, which: str = "both") -> int:
                 X = np.column_stack([_ref_ranks(ref[:, j], X[:, j]) for j in range(X.shape[1])])
             columns[spec.key] = [X[:, j].tolist() for j in range(X.shape[1])]
         print(f"\nADWIN on {'raw values' if variant == 'raw' else 'reference mid-ranks'}:")
-        print("| delta | " + " | ".join(f"{spec.title}: alarms (events with one)" for spec, _, _ in plan)
-              + " | features with alarms | seconds |")
+        print(
+            "| delta | "
+            + " | ".join(f"{spec.title}: alarms (events with one)" for spec, _, _ in plan)
+            + " | features with alarms | seconds |"
+        )
         print("|---|" + "---:|" * len(plan) + "---|---:|")
         silent = []
         for delta in grid:
@@ -482,8 +678,12 @@ def calibrate_adwin(quick: bool, which: str = "both") -> int:
                         feats.append(f"{spec.key}:{j}x{n_j}")
                 cells.append(f"{len(hits):,} in {len(col):,}")
                 quiet &= not hits
-            print(f"| {delta:g} | " + " | ".join(cells) + f" | {' '.join(feats)} | {time.perf_counter() - t0:.1f} |",
-                  flush=True)
+            print(
+                f"| {delta:g} | "
+                + " | ".join(cells)
+                + f" | {' '.join(feats)} | {time.perf_counter() - t0:.1f} |",
+                flush=True,
+            )
             if quiet:
                 silent.append(delta)
         print(f"largest silent delta ({variant}): {max(silent) if silent else None}")
@@ -503,8 +703,10 @@ def _fmt_rate(r: dict) -> str:
 
 
 def table(specs: list[Spec], results: dict, quick: bool) -> list[str]:
-    out = ["| stream | detector | events run | false alarms | delay (events) | first alarm on | events/s |",
-           "|---|---|---:|---:|---:|---|---:|"]
+    out = [
+        "| stream | detector | events run | false alarms | delay (events) | first alarm on | events/s |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
     for spec in specs:
         for det in DETECTORS:
             r = results.get((spec.key, det))
@@ -513,8 +715,11 @@ def table(specs: list[Spec], results: dict, quick: bool) -> list[str]:
                 continue
             if spec.change is None:
                 per = r["false_alarms"] * 1e6 / max(r["fa_events"], 1)
-                fa = f"{per:,.0f} per 10^6" + ("" if r["fa_events"] >= spec.n else
-                                                f" ({r['false_alarms']} in {r['fa_events']:,})")
+                fa = f"{per:,.0f} per 10^6" + (
+                    ""
+                    if r["fa_events"] >= spec.n
+                    else f" ({r['false_alarms']} in {r['fa_events']:,})"
+                )
                 delay = "n/a"
             else:
                 if r["fa_events"] < spec.change:
@@ -523,14 +728,18 @@ def table(specs: list[Spec], results: dict, quick: bool) -> list[str]:
                 else:
                     fa = f"{r['false_alarms']}"
                 delay = "missed" if r["delay"] is None else f"{r['delay']:,.0f}"
-                rate = r["false_alarms"] / max(r["fa_events"], 1)  # alarms per event before the change
+                rate = r["false_alarms"] / max(
+                    r["fa_events"], 1
+                )  # alarms per event before the change
                 if r["delay"] is not None and 1 - math.exp(-rate * (r["delay"] + 1)) > 0.5:
                     delay += " (chance)"
             what = r.get("what", "")
             if det in COALMINE_CONFIGS and r.get("fa_what"):
                 what = (what + "; " if what else "") + f"false: {r['fa_what']}"
             events = f"{r['events']:,.0f}"
-            out.append(f"| {spec.title} | {LABELS[det]} | {events} | {fa} | {delay} | {what} | {_fmt_rate(r)} |")
+            out.append(
+                f"| {spec.title} | {LABELS[det]} | {events} | {fa} | {delay} | {what} | {_fmt_rate(r)} |"
+            )
     return out
 
 
@@ -542,24 +751,33 @@ def seeds_table(specs: list[Spec], results: dict, k: int) -> list[str]:
     """Per drifting stream and silent detector, over realizations 0 .. k-1: median delay (a miss counts
     as later than any detection, so the median is "missed" when it falls on a miss), detections, and
     false alarms before the change summed over the realizations."""
-    out = ["| stream | detector | median delay (events) | detected / seeds | false alarms before the change "
-           "(sum over seeds) | delay per seed (events) |",
-           "|---|---|---:|---:|---:|---|"]
+    out = [
+        "| stream | detector | median delay (events) | detected / seeds | false alarms before the change "
+        "(sum over seeds) | delay per seed (events) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for spec in specs:
         for det in SILENT:
             rs = [results.get((rep_key(spec.key, r), det)) for r in range(k)]
             if any(r is None for r in rs):
-                out.append(f"| {spec.title} | {LABELS[det]} | failed ({sum(r is None for r in rs)} of {k}) | | | |")
+                out.append(
+                    f"| {spec.title} | {LABELS[det]} | failed ({sum(r is None for r in rs)} of {k}) | | | |"
+                )
                 continue
             delays = [math.inf if r["delay"] is None else float(r["delay"]) for r in rs]
             med = float(np.median(delays))
             fa = sum(r["false_alarms"] for r in rs)
-            where = [f"r{i}: " + (r.get("fa_what") or f"{r['false_alarms']}")
-                     for i, r in enumerate(rs) if r["false_alarms"]]
+            where = [
+                f"r{i}: " + (r.get("fa_what") or f"{r['false_alarms']}")
+                for i, r in enumerate(rs)
+                if r["false_alarms"]
+            ]
             fa_cell = f"{fa} ({'; '.join(where)})" if where else f"{fa}"
-            out.append(f"| {spec.title} | {LABELS[det]} | {_fmt_delay(med)} | "
-                       f"{sum(not math.isinf(d) for d in delays)} / {k} | {fa_cell} | "
-                       f"{', '.join(_fmt_delay(d) for d in delays)} |")
+            out.append(
+                f"| {spec.title} | {LABELS[det]} | {_fmt_delay(med)} | "
+                f"{sum(not math.isinf(d) for d in delays)} / {k} | {fa_cell} | "
+                f"{', '.join(_fmt_delay(d) for d in delays)} |"
+            )
     return out
 
 
@@ -569,13 +787,19 @@ def silent_totals(specs: list[Spec], results: dict, k: int) -> str:
     parts = []
     for det in SILENT:
         rs = [results.get((spec.key, det)) for spec in specs if spec.change is None]
-        rs += [results.get((rep_key(spec.key, r), det)) for spec in specs if spec.change is not None
-               for r in range(k)]
+        rs += [
+            results.get((rep_key(spec.key, r), det))
+            for spec in specs
+            if spec.change is not None
+            for r in range(k)
+        ]
         if any(r is None for r in rs):
             parts.append(f"{LABELS[det]}: incomplete (a run failed)")
             continue
-        parts.append(f"{LABELS[det]} {sum(r['false_alarms'] for r in rs)} in "
-                     f"{sum(r['fa_events'] for r in rs):,} events")
+        parts.append(
+            f"{LABELS[det]} {sum(r['false_alarms'] for r in rs)} in "
+            f"{sum(r['fa_events'] for r in rs):,} events"
+        )
     return "; ".join(parts)
 
 
@@ -585,16 +809,27 @@ def rep_key(key: str, rep: int) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="smaller streams: a ~1 minute smoke run")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    ap.add_argument("--seeds", type=int, default=None,
-                    help="realizations of each drifting stream for the multi-seed delay table "
-                         "(default 5; 2 with --quick)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="realizations of each drifting stream for the multi-seed delay table "
+        "(default 5; 2 with --quick)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "detection.md")
-    ap.add_argument("--calibrate-adwin", nargs="?", const="both", choices=("raw", "rank", "both"),
-                    help="only count ADWIN's alarms on the stationary streams for each delta of the grid, "
-                         "on raw values, reference ranks or both (default both)")
+    ap.add_argument(
+        "--calibrate-adwin",
+        nargs="?",
+        const="both",
+        choices=("raw", "rank", "both"),
+        help="only count ADWIN's alarms on the stationary streams for each delta of the grid, "
+        "on raw values, reference ranks or both (default both)",
+    )
     args = ap.parse_args()
     if args.calibrate_adwin:
         return calibrate_adwin(args.quick, args.calibrate_adwin)
@@ -604,15 +839,21 @@ def main() -> int:
     if n_seeds < 1:
         ap.error("--seeds must be at least 1")
 
-    opts = ({"river_events": 50_000, "kswin_events": 2_000, "kswin_post": 2_000} if args.quick else
-            {"river_events": 200_000, "kswin_events": 10_000, "kswin_post": 10_000})
+    opts = (
+        {"river_events": 50_000, "kswin_events": 2_000, "kswin_post": 2_000}
+        if args.quick
+        else {"river_events": 200_000, "kswin_events": 10_000, "kswin_post": 10_000}
+    )
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="coalmine-detection-"))
     plan = streams(args.quick)
     drifting = [(spec, build, kw) for spec, build, kw in plan if spec.change is not None]
     # realizations 1 .. n_seeds-1 of each drifting stream (realization 0 is the stream in `plan`)
-    reps = [(Spec(rep_key(spec.key, r), spec.title, spec.n, spec.change), build, {**kw, "rep": r})
-            for r in range(1, n_seeds) for spec, build, kw in drifting]
+    reps = [
+        (Spec(rep_key(spec.key, r), spec.title, spec.n, spec.change), build, {**kw, "rep": r})
+        for r in range(1, n_seeds)
+        for spec, build, kw in drifting
+    ]
     paths: dict[str, Path] = {}
     for spec, build, kw in tqdm(plan + reps, desc="building streams", file=sys.stderr):
         paths[spec.key] = build(work, spec, **kw)
@@ -625,11 +866,21 @@ def main() -> int:
             build_baselines(load_config(work / spec.key / config))
     jobs = [(spec, det) for spec, _, _ in plan for det in DETECTORS]
     jobs += [(spec, det) for spec, _, _ in reps for det in SILENT]
-    cost = {"kswin": 3, "coalmine": 2, "coalmine_1s": 2, "ks": 1, "adwin": 1, "adwin_cal": 1, "adwin_rank": 1}
+    cost = {
+        "kswin": 3,
+        "coalmine": 2,
+        "coalmine_1s": 2,
+        "ks": 1,
+        "adwin": 1,
+        "adwin_cal": 1,
+        "adwin_rank": 1,
+    }
     jobs.sort(key=lambda j: (-cost[j[1]], -j[0].n))
     results: dict = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futs = {pool.submit(job, str(paths[spec.key]), det, opts): (spec.key, det) for spec, det in jobs}
+        futs = {
+            pool.submit(job, str(paths[spec.key]), det, opts): (spec.key, det) for spec, det in jobs
+        }
         for fut in tqdm(as_completed(futs), total=len(futs), desc="detector runs", file=sys.stderr):
             key = futs[fut]
             try:
@@ -637,8 +888,11 @@ def main() -> int:
             except Exception as exc:  # keep the other rows
                 print(f"{key}: {exc!r}", file=sys.stderr)
     wall = time.perf_counter() - t_start
-    cmd = "python benchmarks/detection.py" + (" --quick" if args.quick else "") + \
-        (f" --seeds {n_seeds}" if args.seeds is not None else "")
+    cmd = (
+        "python benchmarks/detection.py"
+        + (" --quick" if args.quick else "")
+        + (f" --seeds {n_seeds}" if args.seeds is not None else "")
+    )
     # earliest possible coalmine alert after the change: the end of the bucket holding the change
     change_ms = int(_ts(plan[2][0].n)[plan[2][0].change] - START_TS)
     earliest = {"change_s": change_ms / 1000}
@@ -654,7 +908,7 @@ def main() -> int:
         f"Events come {RATE:.0f}/s in event time; coalmine runs the default config (bucket 250 ms, window tests "
         "once a second, window 10 s = 3,000 events, default false_alarm_every_events = 10^7, checks drift, "
         "prediction_drift, missing_rate, performance) with its own calibrated thresholds, and again with "
-        "only the bucket changed to 1 s (\"coalmine, bucket 1 s\"). Detection = first firing alert at or after the "
+        'only the bucket changed to 1 s ("coalmine, bucket 1 s"). Detection = first firing alert at or after the '
         "change; delay = (alert ts - change ts) x rate. river detectors run one instance per numeric "
         "feature (any feature's alarm counts), fed the raw values except for the ADWIN on reference "
         "ranks, which is fed each value's mid-rank in that feature's 5,000 reference values; the "
@@ -670,7 +924,7 @@ def main() -> int:
         "~250 us per update per feature), scaled to 10^6. False alarms count distinct events (or "
         "tests) with an alarm on any feature; coalmine counts firing alerts. The two calibrated ADWINs "
         "run every event of both.",
-        "- coalmine, bucket 1 s: the same monitor config as the coalmine row with `bucket = \"1s\"` "
+        '- coalmine, bucket 1 s: the same monitor config as the coalmine row with `bucket = "1s"` '
         "instead of the default 250 ms (window still 10 s, now 10 buckets; same reference, so the same "
         f"simulated null tails). coalmine's CUSUMs run once per bucket: with 250 ms buckets the change (at "
         f"{earliest['change_s']:.2f} s of event time on the drift streams) can alert at "
@@ -692,18 +946,18 @@ def main() -> int:
         "10^6 events of both stationary streams (`python benchmarks/detection.py --calibrate-adwin "
         "rank`; at 1e-2 stationary Shuttle has 2 alarms and N(0,1) 4, at 1e-1 73 and 79). The two "
         "calibrated ADWINs are the ADWIN peers that meet coalmine's false-alarm target; the "
-        "default-delta row is kept for reference. \"missed\" for ADWIN: no alarm in the "
+        'default-delta row is kept for reference. "missed" for ADWIN: no alarm in the '
         f"{plan[2][0].n - plan[2][0].change:,} events after the change.",
         f"- Drift streams: change at event {plan[2][0].change:,} of {plan[2][0].n:,}; false alarms are the "
         f"count before the change. KSWIN runs only {opts['kswin_events']:,} events before the change and "
-        f"up to {opts['kswin_post']:,} after it; its \"~\" count is scaled to the whole pre-change stretch, "
-        f"and \"missed\" for KSWIN means not within {opts['kswin_post']:,} events.",
+        f'up to {opts["kswin_post"]:,} after it; its "~" count is scaled to the whole pre-change stretch, '
+        f'and "missed" for KSWIN means not within {opts["kswin_post"]:,} events.',
         "- events run: events the detector processed (river detectors and the KS test stop at their "
         "first alarm after the change). events/s: that count over the detector's own wall time "
         "(coalmine: `Replay.feed` + `finish`, excluding building the event dicts and the one-off "
         "calibration at start-up; ADWIN on ranks: including the rank look-up, np.searchsorted per "
         "1,000 values, excluding loading and sorting the reference).",
-        "- \"(chance)\": at the detector's own pre-change false-alarm rate, an alarm within that many "
+        '- "(chance)": at the detector\'s own pre-change false-alarm rate, an alarm within that many '
         "events was more likely than not anyway, so the delay is no evidence that it saw the change.",
         "- 7a/7b use river.datasets.synth generators switched abruptly at the change "
         "(ConceptDriftStream(position, width=1) overflows math.exp in river 0.26, so the switch is "
@@ -731,7 +985,7 @@ def main() -> int:
         f"- Median delay: the median over the {n_seeds} realizations' delays, a miss counting as later than "
         "any detection (numpy.median with a miss as infinity"
         + ("; with an even count, the mean of the middle two" if n_seeds % 2 == 0 else "")
-        + "), so it reads \"missed\" when the median falls on a miss. detected / seeds: realizations with "
+        + '), so it reads "missed" when the median falls on a miss. detected / seeds: realizations with '
         f"an alarm at or after the change, within the {plan[2][0].n - plan[2][0].change:,} events after "
         "it. False alarms: events with an alarm on any feature (coalmine: firing "
         f"alerts) before the change, summed over the {n_seeds} pre-change stretches of "
@@ -741,7 +995,9 @@ def main() -> int:
         "table above (the same runs).",
         "- False alarms in all, over both stationary streams (every event) and the pre-change stretches "
         f"of all {n_seeds} realizations of the {len(drifting)} drifting streams (coalmine's default budget: "
-        "one per 10^7 events, the whole model): " + silent_totals([s for s, _, _ in plan], results, n_seeds) + ".",
+        "one per 10^7 events, the whole model): "
+        + silent_totals([s for s, _, _ in plan], results, n_seeds)
+        + ".",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

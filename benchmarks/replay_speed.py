@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from coalmine.baselines import build_baselines
 from coalmine.config import load_config
 from coalmine.replay import bulk_gc, replay_files
-from coalmine.baselines import build_baselines
 
 FEATURES = 10
 EVENTS_PER_S = 1000
@@ -31,11 +31,26 @@ def write_stream(path: Path, n: int, seed: int) -> None:
     with open(path, "wb") as fh:
         for start in range(0, n, 50_000):
             rows = rng.standard_normal((min(50_000, n - start), FEATURES)).round(5).tolist()
-            fh.write(b"".join(orjson.dumps({
-                "event_id": f"e{start + i}", "request_id": f"r{start + i}", "model": "bench", "version": "v1",
-                "variant": "champion", "ts": 1_700_000_000_000 + start + i, "features": dict(zip(names, row)),
-                "prediction": int(row[0] > 0), "status": "ok", "latency_ms": 3.0}) + b"\n"
-                for i, row in enumerate(rows)))
+            fh.write(
+                b"".join(
+                    orjson.dumps(
+                        {
+                            "event_id": f"e{start + i}",
+                            "request_id": f"r{start + i}",
+                            "model": "bench",
+                            "version": "v1",
+                            "variant": "champion",
+                            "ts": 1_700_000_000_000 + start + i,
+                            "features": dict(zip(names, row)),
+                            "prediction": int(row[0] > 0),
+                            "status": "ok",
+                            "latency_ms": 3.0,
+                        }
+                    )
+                    + b"\n"
+                    for i, row in enumerate(rows)
+                )
+            )
 
 
 def orjson_rate(path: Path) -> float:
@@ -55,18 +70,27 @@ def _orjson_rate(path: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=1_000_000)
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts (default 3)")
-    ap.add_argument("--bucket", help="event-time bucket, e.g. 1s (default: coalmine's default bucket)")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of each; the best counts (default 3)"
+    )
+    ap.add_argument(
+        "--bucket", help="event-time bucket, e.g. 1s (default: coalmine's default bucket)"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="coalmine-replay-bench-"))
     write_stream(work / "reference.jsonl", 5000, seed=1)
     write_stream(work / "stream.jsonl", args.events, seed=2)
     (work / "monitor.toml").write_text(
-        '[defaults]\n' + (f'bucket = "{args.bucket}"\n' if args.bucket else "") + 'window = "60s"\n\n'
+        "[defaults]\n"
+        + (f'bucket = "{args.bucket}"\n' if args.bucket else "")
+        + 'window = "60s"\n\n'
         '[[models]]\nname = "bench"\n'
-        'reference = "reference.jsonl"\nchecks = ["drift", "prediction_drift", "missing_rate"]\n')
+        'reference = "reference.jsonl"\nchecks = ["drift", "prediction_drift", "missing_rate"]\n'
+    )
     config = load_config(work / "monitor.toml")
     os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")  # a cold start: calibration measured
     t0 = time.perf_counter()
@@ -79,11 +103,15 @@ def main() -> None:
         run = replay_files(config, work / "stream.jsonl", progress=False)
         replay = max(replay, run.counts["predictions"] / (time.perf_counter() - t0))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"# file replay, {args.events:,} events ({EVENTS_PER_S:,}/s of event time), {FEATURES} numeric features, "
-          f"bucket {config.models['bench'].bucket_ms} ms, one core, best of {args.repeat}")
+    print(
+        f"# file replay, {args.events:,} events ({EVENTS_PER_S:,}/s of event time), {FEATURES} numeric features, "
+        f"bucket {config.models['bench'].bucket_ms} ms, one core, best of {args.repeat}"
+    )
     print("| measure | value | target |")
     print("|---|---|---|")
-    print(f"| coalmine replay (parse + validate + sketch + evaluate), events/s | {replay:,.0f} | >= 100,000 |")
+    print(
+        f"| coalmine replay (parse + validate + sketch + evaluate), events/s | {replay:,.0f} | >= 100,000 |"
+    )
     print(f"| orjson alone parsing the same file, events/s | {parse:,.0f} | |")
     print(f"| replay / orjson | {replay / parse:.2f} | >= 0.33 |")
     print(f"| calibration at a cold start (cached for the next), s | {calibration:.1f} | seconds |")

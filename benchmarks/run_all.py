@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-QUICK = {"throughput.py": ["--events", "50000"], "replay_speed.py": ["--events", "200000"],
-         "detection.py": ["--quick", "--out", "/dev/null"]}
+QUICK = {
+    "throughput.py": ["--events", "50000"],
+    "replay_speed.py": ["--events", "200000"],
+    "detection.py": ["--quick", "--out", "/dev/null"],
+}
 
 
 def main() -> int:
@@ -23,7 +26,9 @@ def main() -> int:
             continue
         args = QUICK[script] if quick else []
         print(f"\n$ python benchmarks/{script} {' '.join(args)}", flush=True)
-        out = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, str(HERE / script), *args], capture_output=True, text=True
+        )
         sys.stderr.write(out.stderr[-2000:] if out.returncode else "")
         print(out.stdout, flush=True)
         if out.returncode:

@@ -5,7 +5,7 @@ are (a file, a topic)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from coalmine.cache import FileCalibrationCache
 from coalmine.config import Config, ModelConfig
@@ -17,8 +17,9 @@ from coalmine.streams.reference import event_rows, reference_from_rows
 FirstEvents = Callable[[list[ModelConfig]], dict[str, list[dict]]]
 
 
-def build_baselines(config: Config, first_events: FirstEvents | None = None,
-                    cache: CalibrationCache | None = None) -> dict[str, Baseline]:
+def build_baselines(
+    config: Config, first_events: FirstEvents | None = None, cache: CalibrationCache | None = None
+) -> dict[str, Baseline]:
     """A :class:`Baseline` per model of ``config``; calibrated thresholds are kept in
     ``cache`` (default: the file cache under ``$COALMINE_CACHE_DIR``)."""
     cache = cache if cache is not None else FileCalibrationCache()
@@ -31,6 +32,8 @@ def build_baselines(config: Config, first_events: FirstEvents | None = None,
         if m.reference is not None:
             reference = load_reference(m.reference, m.features)
         else:
-            reference = reference_from_rows(event_rows(found[name]), m.features, f"first events of {name}")
+            reference = reference_from_rows(
+                event_rows(found[name]), m.features, f"first events of {name}"
+            )
         baselines[name] = Baseline(m, reference, cache=cache)
     return baselines

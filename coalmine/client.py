@@ -17,7 +17,12 @@ from coalmine.broker import parse_broker_url
 
 #: which field keys the messages of each kind of topic, named by its last dotted part so that
 #: namespaced topics are keyed alike (predictions and labels by request: they co-partition)
-_KEY_FIELD = {"predictions": "request_id", "labels": "request_id", "alerts": "model", "commands": "model"}
+_KEY_FIELD = {
+    "predictions": "request_id",
+    "labels": "request_id",
+    "alerts": "model",
+    "commands": "model",
+}
 
 
 def assign_variant(unit_id: str, weights: dict[str, float], salt: str = "") -> str:
@@ -77,8 +82,12 @@ class Publisher:
     def __init__(self, bootstrap: str, linger_ms: int = 5):
         from aiokafka import AIOKafkaProducer
 
-        self.producer = AIOKafkaProducer(bootstrap_servers=parse_broker_url(bootstrap), linger_ms=linger_ms,
-                                         acks=1, max_batch_size=256 * 1024)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=parse_broker_url(bootstrap),
+            linger_ms=linger_ms,
+            acks=1,
+            max_batch_size=256 * 1024,
+        )
 
     async def __aenter__(self) -> Publisher:
         try:
@@ -105,7 +114,9 @@ class Publisher:
         k = key.encode() if key is not None else _key(topic, event)
         return await self.producer.send(topic, value, key=k)
 
-    async def publish_many(self, topic: str, events: Iterable[dict | bytes], chunk: int = 10_000) -> int:
+    async def publish_many(
+        self, topic: str, events: Iterable[dict | bytes], chunk: int = 10_000
+    ) -> int:
         """Send many events, waiting for acknowledgements a chunk at a time; returns the count."""
         pending, sent = [], 0
         for event in events:
@@ -126,11 +137,19 @@ def _decode(value: bytes | None) -> dict:
         record = orjson.loads(value or b"")
     except orjson.JSONDecodeError:
         record = None
-    return record if isinstance(record, dict) else {"_raw": (value or b"").decode("utf-8", "replace")}
+    return (
+        record if isinstance(record, dict) else {"_raw": (value or b"").decode("utf-8", "replace")}
+    )
 
 
-async def tail(bootstrap: str, topic: str, *, from_end: bool = False, until_idle: float | None = None,
-               stop: asyncio.Event | None = None) -> AsyncIterator[dict]:
+async def tail(
+    bootstrap: str,
+    topic: str,
+    *,
+    from_end: bool = False,
+    until_idle: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> AsyncIterator[dict]:
     """Yield the JSON records of a topic, every partition, from the beginning (or the end).
 
     With ``from_end``, what was published before the first ``__anext__`` is skipped. Stops
@@ -142,15 +161,20 @@ async def tail(bootstrap: str, topic: str, *, from_end: bool = False, until_idle
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=parse_broker_url(bootstrap), enable_auto_commit=False,
-                                auto_offset_reset="latest" if from_end else "earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=parse_broker_url(bootstrap),
+        enable_auto_commit=False,
+        auto_offset_reset="latest" if from_end else "earliest",
+    )
     try:
         await consumer.start()
         await asyncio.sleep(0)  # aiokafka: stop() straight after start() raises CancelledError
         partitions = consumer.partitions_for_topic(topic)  # from the all-topics metadata of start()
         if not partitions:
-            raise LookupError(f"topic {topic} does not exist on {bootstrap} "
-                              "(`coalmine topics create` creates coalmine's topics)")
+            raise LookupError(
+                f"topic {topic} does not exist on {bootstrap} "
+                "(`coalmine topics create` creates coalmine's topics)"
+            )
         assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(assignment)
         await (consumer.seek_to_end() if from_end else consumer.seek_to_beginning())

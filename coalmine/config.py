@@ -21,7 +21,6 @@ from typing import Any
 from coalmine.streams.rollout import RolloutPolicy
 from coalmine.streams.settings import ALL_CHECKS, DRIFT_CHECKS, ModelSettings
 
-
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 
@@ -43,7 +42,9 @@ def parse_duration_ms(value: Any, where: str) -> int:
         )
     ms = float(m.group(1)) * _UNITS_MS[m.group(2)]
     if ms <= 0 or ms != int(ms):
-        raise ConfigError(f"{where}: must be a positive whole number of milliseconds, got {value!r}")
+        raise ConfigError(
+            f"{where}: must be a positive whole number of milliseconds, got {value!r}"
+        )
     return int(ms)
 
 
@@ -86,11 +87,17 @@ def _between(low: float, high: float, bounds: str, what: str = "a number") -> tu
     """
     low_ok = (lambda v: low <= v) if bounds[0] == "[" else (lambda v: low < v)
     high_ok = (lambda v: v <= high) if bounds[1] == "]" else (lambda v: v < high)
-    return (lambda v: _number(v) and low_ok(v) and high_ok(v)), f"{what} in {bounds[0]}{low:g}, {high:g}{bounds[1]}"
+    return (
+        lambda v: _number(v) and low_ok(v) and high_ok(v)
+    ), f"{what} in {bounds[0]}{low:g}, {high:g}{bounds[1]}"
 
 
-_DURATION_KEYS = {"bucket": "bucket_ms", "window": "window_ms",
-                  "allowed_lateness": "allowed_lateness_ms", "label_ttl": "label_ttl_ms"}
+_DURATION_KEYS = {
+    "bucket": "bucket_ms",
+    "window": "window_ms",
+    "allowed_lateness": "allowed_lateness_ms",
+    "label_ttl": "label_ttl_ms",
+}
 _NUMBER_KEYS = {
     "false_alarm_every_events": (_positive_int, "a positive integer"),
     "bins": (lambda v: _positive_int(v) and 4 <= v <= 1024, "an integer from 4 to 1024"),
@@ -99,33 +106,61 @@ _NUMBER_KEYS = {
     "shift_to_detect_sd": (_positive_number, "a positive number (reference standard deviations)"),
 }
 _DEFAULT_KEYS = set(_DURATION_KEYS) | set(_NUMBER_KEYS)
-_MODEL_KEYS = _DEFAULT_KEYS | {"name", "reference", "reference_first_events", "features", "checks",
-                               "shadow", "canary", "ab"}
+_MODEL_KEYS = _DEFAULT_KEYS | {
+    "name",
+    "reference",
+    "reference_first_events",
+    "features",
+    "checks",
+    "shadow",
+    "canary",
+    "ab",
+}
 
 
 _ROLLOUT_KEYS: dict[str, dict[str, tuple]] = {
     # table -> key -> (check, expected, RolloutPolicy field)
     "canary": {
-        "steps": (lambda v: isinstance(v, list) and bool(v) and all(_positive_number(x) and x <= 100 for x in v)
-                  and v == sorted(set(v)) and v[-1] == 100,
-                  "increasing percentages in (0, 100] ending at 100, e.g. [5, 25, 50, 100]", "steps"),
+        "steps": (
+            lambda v: (
+                isinstance(v, list)
+                and bool(v)
+                and all(_positive_number(x) and x <= 100 for x in v)
+                and v == sorted(set(v))
+                and v[-1] == 100
+            ),
+            "increasing percentages in (0, 100] ending at 100, e.g. [5, 25, 50, 100]",
+            "steps",
+        ),
         "min_events": (_positive_int, "a positive integer", "min_events"),
         "min_duration": (None, "a duration", "min_duration_ms"),
         # 0: a step would need an error rate bound <= 0, never shown; 1: no limit at all
         "max_error_rate": (*_between(0, 1, "()"), "max_error_rate"),
-        "max_p99_latency_ms": (_positive_number, "a positive number of milliseconds", "max_p99_latency_ms"),
+        "max_p99_latency_ms": (
+            _positive_number,
+            "a positive number of milliseconds",
+            "max_p99_latency_ms",
+        ),
     },
     "shadow": {
         # 0: no agreement asked (the accuracy test still judges); 1 is refused: one disagreement would fail
         "min_agreement": (*_between(0, 1, "[)"), "shadow_min_agreement"),
         "min_events": (_positive_int, "a positive integer", "shadow_min_events"),
         "min_duration": (None, "a duration", "shadow_min_duration_ms"),
-        "tolerance": (lambda v: _number(v) and v >= 0, "a number >= 0 (regression)", "shadow_tolerance"),
+        "tolerance": (
+            lambda v: _number(v) and v >= 0,
+            "a number >= 0 (regression)",
+            "shadow_tolerance",
+        ),
         "timeout": (None, "a duration", "shadow_timeout_ms"),
     },
     "ab": {
         "alpha": (*_between(0, 1, "()"), "ab_alpha"),
-        "mde_sd": (_positive_number, "a positive number (outcome standard deviations)", "ab_mde_sd"),
+        "mde_sd": (
+            _positive_number,
+            "a positive number (outcome standard deviations)",
+            "ab_mde_sd",
+        ),
         "srm_alpha": (*_between(0, 1, "()"), "srm_alpha"),
         "canary_weight": (*_between(0, 100, "()", "a percentage"), "ab_canary_weight"),
     },
@@ -185,36 +220,54 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
         raise ConfigError(f"{where}name: expected a non-empty string, got {name!r}")
     ref, first = table.get("reference"), table.get("reference_first_events")
     if (ref is None) == (first is None):
-        raise ConfigError(f"{where}reference: give exactly one of reference (a file) and "
-                          f"reference_first_events (the first N events of the model's traffic)")
+        raise ConfigError(
+            f"{where}reference: give exactly one of reference (a file) and "
+            f"reference_first_events (the first N events of the model's traffic)"
+        )
     if ref is not None and (not isinstance(ref, str) or not ref):
         raise ConfigError(
             f"{where}reference: expected a path to a JSONL, CSV or Parquet file of reference rows, got {ref!r}"
         )
     if first is not None and not (_positive_int(first) and first >= 100):
-        raise ConfigError(f"{where}reference_first_events: expected an integer >= 100, got {first!r}")
+        raise ConfigError(
+            f"{where}reference_first_events: expected an integer >= 100, got {first!r}"
+        )
     features = table.get("features")
     if features is not None and (
-        not isinstance(features, list) or not features
+        not isinstance(features, list)
+        or not features
         or not all(isinstance(f, str) and f for f in features)
     ):
-        raise ConfigError(f"{where}features: expected a non-empty list of feature names, got {features!r}")
+        raise ConfigError(
+            f"{where}features: expected a non-empty list of feature names, got {features!r}"
+        )
     checks = table.get("checks", list(DRIFT_CHECKS))
     if not isinstance(checks, list) or not all(isinstance(c, str) for c in checks):
         raise ConfigError(f"{where}checks: expected a list of check names, got {checks!r}")
     for c in checks:
         if c not in ALL_CHECKS:
-            raise ConfigError(f"{where}checks: unknown check {c!r} (expected any of {', '.join(ALL_CHECKS)})")
+            raise ConfigError(
+                f"{where}checks: unknown check {c!r} (expected any of {', '.join(ALL_CHECKS)})"
+            )
     values = {**defaults, **_settings(table, where)}
-    bucket, window = values.get("bucket_ms", ModelConfig.bucket_ms), values.get("window_ms", ModelConfig.window_ms)
+    bucket, window = (
+        values.get("bucket_ms", ModelConfig.bucket_ms),
+        values.get("window_ms", ModelConfig.window_ms),
+    )
     if window % bucket:
-        raise ConfigError(f"{where}window: must be a whole number of buckets "
-                          f"({window} ms is not a multiple of {bucket} ms)")
+        raise ConfigError(
+            f"{where}window: must be a whole number of buckets "
+            f"({window} ms is not a multiple of {bucket} ms)"
+        )
     rollout = _rollout_settings(table, where)
     return ModelConfig(
-        name=name, reference=(base_dir / ref).resolve() if ref else None, reference_first_events=first,
-        features=tuple(features) if features else None, checks=tuple(checks),
-        rollout=RolloutPolicy(**rollout), **values,
+        name=name,
+        reference=(base_dir / ref).resolve() if ref else None,
+        reference_first_events=first,
+        features=tuple(features) if features else None,
+        checks=tuple(checks),
+        rollout=RolloutPolicy(**rollout),
+        **values,
     )
 
 

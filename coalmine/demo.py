@@ -32,22 +32,38 @@ def _describe(topic: str, record: dict, t0: float) -> str:
     clock = f"[{time.monotonic() - t0:6.1f}s]"
     if topic == topics.ALERTS:
         what = f"{record['check']}" + (f" on {record['feature']}" if record.get("feature") else "")
-        text = (f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} "
-                f"{what}: {record['statistic']}={record['value']:.4g} "
-                f"(threshold {record['threshold']:.4g}, {record['window']['n']} events)")
+        text = (
+            f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} "
+            f"{what}: {record['statistic']}={record['value']:.4g} "
+            f"(threshold {record['threshold']:.4g}, {record['window']['n']} events)"
+        )
         if not record["window"]["n"]:  # resolved because the variant's traffic is gone
-            text = (f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} "
-                    f"{what}: no traffic left")
+            text = (
+                f"{clock} ALERT {record['state'].upper():8} {record['model']}/{record['variant']} "
+                f"{what}: no traffic left"
+            )
         return _paint(record["state"], text)
     if topic == topics.COMMANDS:
         weight = f" weight={record['weight']}" if record.get("weight") is not None else ""
-        return _paint("command", f"{clock} COMMAND {record['action'].upper()} {record['model']} "
-                                 f"{record.get('version', '')}{weight}: {record.get('reason', '')}")
-    return _paint("dead", f"{clock} DEAD-LETTER from {record.get('source_topic')}: {record.get('reason')}")
+        return _paint(
+            "command",
+            f"{clock} COMMAND {record['action'].upper()} {record['model']} "
+            f"{record.get('version', '')}{weight}: {record.get('reason', '')}",
+        )
+    return _paint(
+        "dead", f"{clock} DEAD-LETTER from {record.get('source_topic')}: {record.get('reason')}"
+    )
 
 
-async def _watch(bootstrap: str, topic: str, seen: Counter, log: list, t0: float, stop: asyncio.Event,
-                 serving: simulator.Serving):
+async def _watch(
+    bootstrap: str,
+    topic: str,
+    seen: Counter,
+    log: list,
+    t0: float,
+    stop: asyncio.Event,
+    serving: simulator.Serving,
+):
     async for record in tail(bootstrap, topic, from_end=False, until_idle=None, stop=stop):
         seen[topic] += 1
         log.append((topic, record))
@@ -71,9 +87,12 @@ async def _settle(worker: WorkerProcess, sent: dict[str, int], timeout: float = 
     """Until the worker has taken every event sent (folded or dead-lettered) and, the traffic
     over, its last buckets are evaluated: the count of evaluations stops moving for longer than
     the worker's idle-partition release period (2 s), at most ``timeout`` seconds in all."""
+
     def taken() -> bool:
-        return (_metric(worker, "coalmine_events_total") + _metric(worker, "coalmine_deadletters_total")
-                >= sent["prediction"] + sent["label"])
+        return (
+            _metric(worker, "coalmine_events_total") + _metric(worker, "coalmine_deadletters_total")
+            >= sent["prediction"] + sent["label"]
+        )
 
     last: list[float] = []
 
@@ -84,8 +103,13 @@ async def _settle(worker: WorkerProcess, sent: dict[str, int], timeout: float = 
     deadline = time.monotonic() + timeout
     try:
         await asyncio.to_thread(wait_until, taken, timeout, "the worker to take every event", 0.5)
-        await asyncio.to_thread(wait_until, evaluations_still, max(0.0, deadline - time.monotonic()),
-                                "the worker's evaluations to settle", 2.5)
+        await asyncio.to_thread(
+            wait_until,
+            evaluations_still,
+            max(0.0, deadline - time.monotonic()),
+            "the worker's evaluations to settle",
+            2.5,
+        )
     except TimeoutError as exc:
         print(f"(summary without waiting longer: {exc})", flush=True)
 
@@ -94,14 +118,19 @@ def _plan(duration: float):
     """The story: a shadow judged and promoted through the canary steps; a bad canary once
     that is done (at 40% of the run at the earliest, 50% at the latest), rolled back; a drift
     in f1 from 60% to 75% of the run."""
+
     def plan(t: float, serving: simulator.Serving):
         v2_done = serving.champion.name == "v2" or t >= 0.5 * duration
         if t >= 0.4 * duration and v2_done and "v3" not in serving.candidates:
             serving.candidates["v3"] = serving.canary = BAD_CANARY
             serving.canary_weight = 10.0
-            print(f"[{t:6.1f}s] simulator: deploying canary v3 (a degraded model, 10% failed requests) "
-                  "at 10%", flush=True)
+            print(
+                f"[{t:6.1f}s] simulator: deploying canary v3 (a degraded model, 10% failed requests) "
+                "at 10%",
+                flush=True,
+            )
         return ("f1", 1.0) if 0.6 * duration <= t < 0.75 * duration else None
+
     return plan
 
 
@@ -110,26 +139,42 @@ BAD_CANARY = simulator.Version("v3", noise=1.5, error_rate=0.10, latency_scale=1
 
 async def _run(bootstrap: str, worker: WorkerProcess, duration: float, rate: float) -> int:
     t0 = time.monotonic()
-    serving = simulator.Serving(simulator.Version("v1"), shadow=simulator.Version("v2", latency_scale=1.2))
-    print(f"simulator: {rate:.0f} requests/s for {duration:.0f}s; champion v1, shadow v2; a bad canary v3 "
-          f"at {0.4 * duration:.0f}s; drift in f1 (+1 sd) from {0.6 * duration:.0f}s to {0.75 * duration:.0f}s; "
-          f"labels 2s late; 1 in 997 predictions malformed", flush=True)
+    serving = simulator.Serving(
+        simulator.Version("v1"), shadow=simulator.Version("v2", latency_scale=1.2)
+    )
+    print(
+        f"simulator: {rate:.0f} requests/s for {duration:.0f}s; champion v1, shadow v2; a bad canary v3 "
+        f"at {0.4 * duration:.0f}s; drift in f1 (+1 sd) from {0.6 * duration:.0f}s to {0.75 * duration:.0f}s; "
+        f"labels 2s late; 1 in 997 predictions malformed",
+        flush=True,
+    )
     seen: Counter = Counter()
     log: list = []
     stop = asyncio.Event()
-    watchers = [asyncio.create_task(_watch(bootstrap, t, seen, log, t0, stop, serving))
-                for t in (topics.ALERTS, topics.COMMANDS, topics.DEADLETTER)]
+    watchers = [
+        asyncio.create_task(_watch(bootstrap, t, seen, log, t0, stop, serving))
+        for t in (topics.ALERTS, topics.COMMANDS, topics.DEADLETTER)
+    ]
 
     async def progress():
         while not stop.is_set():
             await asyncio.sleep(10)  # pacing: a progress line every 10 s
-            print(f"[{time.monotonic() - t0:6.1f}s] worker has folded "
-                  f"{_metric(worker, 'coalmine_events_total'):,.0f} events; "
-                  f"{seen[topics.ALERTS]} alert changes, {seen[topics.COMMANDS]} commands so far", flush=True)
+            print(
+                f"[{time.monotonic() - t0:6.1f}s] worker has folded "
+                f"{_metric(worker, 'coalmine_events_total'):,.0f} events; "
+                f"{seen[topics.ALERTS]} alert changes, {seen[topics.COMMANDS]} commands so far",
+                flush=True,
+            )
 
     ticker = asyncio.create_task(progress())
-    sent = await simulator.run_live(bootstrap, serving, seconds=duration, rate_per_s=rate,
-                                    plan=_plan(duration), bad_event_every=997)
+    sent = await simulator.run_live(
+        bootstrap,
+        serving,
+        seconds=duration,
+        rate_per_s=rate,
+        plan=_plan(duration),
+        bad_event_every=997,
+    )
     await _settle(worker, sent)  # the last buckets close after the allowed lateness
     stop.set()
     ticker.cancel()
@@ -137,13 +182,20 @@ async def _run(bootstrap: str, worker: WorkerProcess, duration: float, rate: flo
     alerts = Counter(r["state"] for t, r in log if t == topics.ALERTS)
     print("\nsummary")
     print(f"  sent: {sent}; folded by the worker: {_metric(worker, 'coalmine_events_total'):,.0f}")
-    print(f"  alerts: {alerts['firing']} firing, {alerts['resolved']} resolved; dead letters: "
-          f"{seen[topics.DEADLETTER]}")
-    commands = [f"{r['action']} {r['version']}" + (f" {r['weight']:g}%" if r.get("weight") else "")
-                for t, r in log if t == topics.COMMANDS]
+    print(
+        f"  alerts: {alerts['firing']} firing, {alerts['resolved']} resolved; dead letters: "
+        f"{seen[topics.DEADLETTER]}"
+    )
+    commands = [
+        f"{r['action']} {r['version']}" + (f" {r['weight']:g}%" if r.get("weight") else "")
+        for t, r in log
+        if t == topics.COMMANDS
+    ]
     print("  commands: " + (", ".join(commands) or "none"))
-    print(f"  serving now: champion {serving.champion.name}, canary "
-          f"{serving.canary.name if serving.canary else 'none'}")
+    print(
+        f"  serving now: champion {serving.champion.name}, canary "
+        f"{serving.canary.name if serving.canary else 'none'}"
+    )
     print(f"  metrics were served at http://127.0.0.1:{worker.web_port}/metrics")
     return 0
 
@@ -157,10 +209,15 @@ def run_demo(duration: float = 60.0, rate: float = 300.0) -> int:
     with EmbeddedBroker() as broker:
         print(f"broker: embedded Kafka-compatible broker at {broker.url}", flush=True)
         asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics()))
-        worker = WorkerProcess(broker.url, config, namespace=topics.NAMESPACE, log=workdir / "worker.log")
+        worker = WorkerProcess(
+            broker.url, config, namespace=topics.NAMESPACE, log=workdir / "worker.log"
+        )
         try:
             with worker:
-                print(f"worker: started (log {worker.log_path}), /metrics on port {worker.web_port}", flush=True)
+                print(
+                    f"worker: started (log {worker.log_path}), /metrics on port {worker.web_port}",
+                    flush=True,
+                )
                 worker.wait_ready(timeout=90)
                 return asyncio.run(_run(broker.bootstrap, worker, duration, rate))
         finally:

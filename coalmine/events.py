@@ -84,6 +84,7 @@ def load_schema(kind: str) -> dict:
 
 # ---- values ------------------------------------------------------------------------------
 
+
 class _Defect(Exception):
     """A value's defect; the object holding the value adds the field name. ``path`` names a
     part inside the value (``.f2`` for a feature)."""
@@ -157,6 +158,7 @@ def _bounded(low: float, high: float) -> Callable:
     def check(v) -> None:
         if not _is_number(v) or not low <= v <= high:
             raise _wrong(f"a number from {low:g} to {high:g}", v)
+
     return check
 
 
@@ -182,6 +184,7 @@ def _one_of(*allowed: str) -> Callable:
     def check(v) -> None:
         if type(v) is not str or v not in members:
             raise _Defect(f"expected one of {', '.join(allowed)}, got {_show(v)}")
+
     return check
 
 
@@ -189,11 +192,13 @@ def _or_null(check: Callable) -> Callable:
     def or_null(v) -> None:
         if v is not None:
             check(v)
+
     return or_null
 
 
 def _mapping_of(check: Callable, what: str) -> Callable:
     """An object whose every value passes ``check``; a defect names the entry."""
+
     def mapping(v) -> None:
         if type(v) is not dict:
             raise _wrong(f"an object of {what}", v)
@@ -202,8 +207,8 @@ def _mapping_of(check: Callable, what: str) -> Callable:
                 check(x)
             except _Defect as defect:
                 raise _Defect(str(defect), f".{name}{defect.path}") from None
-    return mapping
 
+    return mapping
 
 
 def _feature(v) -> None:
@@ -243,34 +248,46 @@ def _matching(pattern: str, what: str) -> Callable:
     def check(v) -> None:
         if type(v) is not str or not match(v):
             raise _wrong(what, v)
+
     return check
 
 
 # ---- objects -----------------------------------------------------------------------------
 
+
 class _Shape:
     """The fields of one JSON object: name -> check, which are required, and a rule that
     relates fields (JSON Schema's if/then)."""
 
-    def __init__(self, fields: dict[str, Callable], optional: tuple[str, ...] = (),
-                 rule: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        fields: dict[str, Callable],
+        optional: tuple[str, ...] = (),
+        rule: Callable[[dict], None] | None = None,
+    ):
         self.fields, self.rule = fields, rule
         self.required = tuple(k for k in fields if k not in optional)
         self.required_set = frozenset(self.required)
 
     def check(self, d, where: str = "") -> dict:
         if type(d) is not dict:
-            raise InvalidEvent(f"{where.rstrip('.') or 'event'}: expected a JSON object, got {_show(d)}")
+            raise InvalidEvent(
+                f"{where.rstrip('.') or 'event'}: expected a JSON object, got {_show(d)}"
+            )
         fields = self.fields
         try:
             for key, value in d.items():
                 fields[key](value)
         except KeyError:  # from fields[key]: the checks themselves never index a dict
-            raise InvalidEvent(f"unknown field: {where}{key} (allowed: {', '.join(fields)})") from None
+            raise InvalidEvent(
+                f"unknown field: {where}{key} (allowed: {', '.join(fields)})"
+            ) from None
         except _Defect as defect:
             raise InvalidEvent(f"{where}{key}{defect.path}: {defect}") from None
         if len(d) != len(fields) and not d.keys() >= self.required_set:
-            raise InvalidEvent(f"missing field: {where}{next(k for k in self.required if k not in d)}")
+            raise InvalidEvent(
+                f"missing field: {where}{next(k for k in self.required if k not in d)}"
+            )
         if self.rule is not None:
             self.rule(d)
         return d
@@ -290,34 +307,82 @@ _WINDOW = _Shape({"start_ts": _millis, "end_ts": _millis, "n": _count})
 
 _SHAPES = {
     "prediction": _Shape(
-        {"event_id": _id, "request_id": _id, "model": _id, "version": _id,
-         "variant": _one_of(*VARIANTS), "ts": _millis,
-         "features": _mapping_of(_feature, "name -> number, string or null"),
-         "prediction": _or_null(_scalar), "status": _one_of(*STATUSES),
-         "scores": _mapping_of(_number, "class -> probability"), "latency_ms": _non_negative,
-         "error": _text, "unit_id": _id},
-        optional=("scores", "latency_ms", "error", "unit_id"), rule=_prediction_rule),
+        {
+            "event_id": _id,
+            "request_id": _id,
+            "model": _id,
+            "version": _id,
+            "variant": _one_of(*VARIANTS),
+            "ts": _millis,
+            "features": _mapping_of(_feature, "name -> number, string or null"),
+            "prediction": _or_null(_scalar),
+            "status": _one_of(*STATUSES),
+            "scores": _mapping_of(_number, "class -> probability"),
+            "latency_ms": _non_negative,
+            "error": _text,
+            "unit_id": _id,
+        },
+        optional=("scores", "latency_ms", "error", "unit_id"),
+        rule=_prediction_rule,
+    ),
     "label": _Shape(
-        {"event_id": _id, "request_id": _id, "model": _id, "ts": _millis, "label": _scalar,
-         "outcome": _number},
-        optional=("outcome",)),
+        {
+            "event_id": _id,
+            "request_id": _id,
+            "model": _id,
+            "ts": _millis,
+            "label": _scalar,
+            "outcome": _number,
+        },
+        optional=("outcome",),
+    ),
     "alert": _Shape(
-        {"alert_id": _id, "ts": _millis, "model": _id, "variant": _one_of(*VARIANTS), "check": _id,
-         "feature": _id, "state": _one_of(*STATES), "statistic": _id, "value": _number,
-         "threshold": _number, "p_value": _bounded(0, 1),
-         "window": lambda v: _WINDOW.check(v, "window."), "message": _text},
-        optional=("feature", "p_value")),
+        {
+            "alert_id": _id,
+            "ts": _millis,
+            "model": _id,
+            "variant": _one_of(*VARIANTS),
+            "check": _id,
+            "feature": _id,
+            "state": _one_of(*STATES),
+            "statistic": _id,
+            "value": _number,
+            "threshold": _number,
+            "p_value": _bounded(0, 1),
+            "window": lambda v: _WINDOW.check(v, "window."),
+            "message": _text,
+        },
+        optional=("feature", "p_value"),
+    ),
     "command": _Shape(
-        {"command_id": _id, "ts": _millis, "model": _id, "version": _id,
-         "action": _one_of(*ACTIONS), "weight": _bounded(0, 100), "reason": _text,
-         "alert_ids": _list_of_ids, "evidence": _object, "stage": _one_of(*STAGES),
-         "signature": _matching("[0-9a-f]{64}", "64 lowercase hex digits (HMAC-SHA256)")},
-        optional=("weight", "evidence", "stage", "signature"), rule=_command_rule),
+        {
+            "command_id": _id,
+            "ts": _millis,
+            "model": _id,
+            "version": _id,
+            "action": _one_of(*ACTIONS),
+            "weight": _bounded(0, 100),
+            "reason": _text,
+            "alert_ids": _list_of_ids,
+            "evidence": _object,
+            "stage": _one_of(*STAGES),
+            "signature": _matching("[0-9a-f]{64}", "64 lowercase hex digits (HMAC-SHA256)"),
+        },
+        optional=("weight", "evidence", "stage", "signature"),
+        rule=_command_rule,
+    ),
     "deadletter": _Shape(
-        {"deadletter_id": _matching("[0-9a-f]{64}", "64 lowercase hex digits (SHA-256)"),
-         "ts": _millis, "source_topic": _id, "partition": _or_null(_count), "offset": _or_null(_count),
-         "reason": _id, "original_b64": _matching("[A-Za-z0-9+/]*={0,2}", "base64 text"),
-         "original_text": _or_null(_text)}),
+        {
+            "deadletter_id": _matching("[0-9a-f]{64}", "64 lowercase hex digits (SHA-256)"),
+            "ts": _millis,
+            "source_topic": _id,
+            "partition": _or_null(_count),
+            "offset": _or_null(_count),
+            "reason": _id,
+            "original_b64": _matching("[A-Za-z0-9+/]*={0,2}", "base64 text"),
+            "original_text": _or_null(_text),
+        }
+    ),
 }
 
 
@@ -342,11 +407,14 @@ def validate_command(d) -> dict:
 
 # ---- bytes -------------------------------------------------------------------------------
 
+
 def _not_json(raw, error: Exception, kind: str) -> InvalidEvent:
     """The reason for bytes orjson refused. JSON with NaN or Infinity (what Python's json
     module writes by default) gets the name of the field that holds it."""
     if not isinstance(raw, (bytes, bytearray, memoryview, str)):
-        return InvalidEvent(f"not JSON: expected bytes, got {'no value' if raw is None else type(raw).__name__}")
+        return InvalidEvent(
+            f"not JSON: expected bytes, got {'no value' if raw is None else type(raw).__name__}"
+        )
     try:
         d = json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)
         validate(kind, d)
@@ -410,12 +478,15 @@ def _members_column(*allowed: str) -> Callable:
             return members.issuperset(values)  # a number is no member; a list or an object raises
         except TypeError:
             return False
+
     return check
 
 
 def _mappings_column(value_types: frozenset) -> Callable:
-    return lambda values: (_types(values) <= _DICT
-                           and _types(chain.from_iterable(map(dict.values, values))) <= value_types)
+    return lambda values: (
+        _types(values) <= _DICT
+        and _types(chain.from_iterable(map(dict.values, values))) <= value_types
+    )
 
 
 def _predictions_column(values) -> bool:
@@ -424,19 +495,42 @@ def _predictions_column(values) -> bool:
 
 def _prediction_rows_rule(columns: dict) -> bool:
     preds = columns["prediction"]
-    return None not in preds or all(s == "error" for p, s in zip(preds, columns["status"]) if p is None)
+    return None not in preds or all(
+        s == "error" for p, s in zip(preds, columns["status"]) if p is None
+    )
 
 
 #: kind -> (field -> check of the column of its values, rule over the columns)
 _COLUMNS: dict[str, tuple[dict[str, Callable], Callable | None]] = {
-    "prediction": ({"event_id": _ids_column, "request_id": _ids_column, "model": _ids_column,
-                    "version": _ids_column, "variant": _members_column(*VARIANTS), "ts": _millis_column,
-                    "features": _mappings_column(_FEATURE_VALUES), "prediction": _predictions_column,
-                    "status": _members_column(*STATUSES), "scores": _mappings_column(_NUMBERS),
-                    "latency_ms": _non_negative_column, "error": _texts_column, "unit_id": _ids_column},
-                   _prediction_rows_rule),
-    "label": ({"event_id": _ids_column, "request_id": _ids_column, "model": _ids_column, "ts": _millis_column,
-               "label": lambda values: _types(values) <= _SCALARS, "outcome": _numbers_column}, None),
+    "prediction": (
+        {
+            "event_id": _ids_column,
+            "request_id": _ids_column,
+            "model": _ids_column,
+            "version": _ids_column,
+            "variant": _members_column(*VARIANTS),
+            "ts": _millis_column,
+            "features": _mappings_column(_FEATURE_VALUES),
+            "prediction": _predictions_column,
+            "status": _members_column(*STATUSES),
+            "scores": _mappings_column(_NUMBERS),
+            "latency_ms": _non_negative_column,
+            "error": _texts_column,
+            "unit_id": _ids_column,
+        },
+        _prediction_rows_rule,
+    ),
+    "label": (
+        {
+            "event_id": _ids_column,
+            "request_id": _ids_column,
+            "model": _ids_column,
+            "ts": _millis_column,
+            "label": lambda values: _types(values) <= _SCALARS,
+            "outcome": _numbers_column,
+        },
+        None,
+    ),
 }
 
 
@@ -464,7 +558,9 @@ def _batch_columns(kind: str, docs: list) -> dict[str, list] | None:
         return None
     for name in present - shape.required_set:
         columns[name] = [d[name] for d in docs if name in d]
-    valid = all(checks[name](values) for name, values in columns.items()) and (rule is None or rule(columns))
+    valid = all(checks[name](values) for name, values in columns.items()) and (
+        rule is None or rule(columns)
+    )
     return columns if valid else None
 
 
@@ -476,7 +572,12 @@ def _suspects(kind: str, docs: list, start: int = 0) -> list[int]:
         return list(range(start, start + len(docs)))
     mid = len(docs) // 2
     halves = ((docs[:mid], start), (docs[mid:], start + mid))
-    return [p for half, at in halves if _batch_columns(kind, half) is None for p in _suspects(kind, half, at)]
+    return [
+        p
+        for half, at in halves
+        if _batch_columns(kind, half) is None
+        for p in _suspects(kind, half, at)
+    ]
 
 
 def _loads(kind: str, raws: list) -> tuple[list, list[int], list[tuple[int, str]]]:
@@ -496,8 +597,9 @@ def _loads(kind: str, raws: list) -> tuple[list, list[int], list[tuple[int, str]
     return docs, where, broken
 
 
-def split_valid(kind: str, raws: list[bytes], known_models: set[str] | None = None
-                ) -> tuple[list[dict], list[tuple[int, str]]]:
+def split_valid(
+    kind: str, raws: list[bytes], known_models: set[str] | None = None
+) -> tuple[list[dict], list[tuple[int, str]]]:
     """Parse a batch: (valid events in batch order, [(index in batch, reason)] for the rest, in
     batch order). With ``known_models``, an event of any other model is invalid:
     ``unknown model 'x'``."""
@@ -513,12 +615,18 @@ def split_valid(kind: str, raws: list[bytes], known_models: set[str] | None = No
     valid = Events(docs)
     valid.columns = columns if len(docs) == len(raws) else None
     if known_models is not None and not known_models.issuperset(values_of(valid, "model")):
-        unknown = {p: f"unknown model {d['model']!r}" for p, d in enumerate(docs) if d["model"] not in known_models}
+        unknown = {
+            p: f"unknown model {d['model']!r}"
+            for p, d in enumerate(docs)
+            if d["model"] not in known_models
+        }
         valid = Events(_set_aside(docs, where, unknown, invalid)[0])
     return valid, sorted(invalid)
 
 
-def _set_aside(docs: list, where: list[int], reasons: dict[int, str], invalid: list) -> tuple[list, list[int]]:
+def _set_aside(
+    docs: list, where: list[int], reasons: dict[int, str], invalid: list
+) -> tuple[list, list[int]]:
     """Move the documents at the positions in ``reasons`` to ``invalid``; return the others."""
     if not reasons:
         return docs, where
@@ -543,17 +651,27 @@ def parse_label(raw: bytes) -> dict:
     return parse("label", raw)
 
 
-def deadletter_id(raw: bytes | None, source_topic: str, partition: int | None, offset: int | None) -> str:
+def deadletter_id(
+    raw: bytes | None, source_topic: str, partition: int | None, offset: int | None
+) -> str:
     """SHA-256 (hex) of ``topic/partition/offset`` (partition empty when null) when the offset
     is known, else of the bytes: a redelivered message gets the same id, so consumers can drop
     duplicates."""
     if offset is None:
         return hashlib.sha256(raw or b"").hexdigest()
-    return hashlib.sha256(f"{source_topic}/{'' if partition is None else partition}/{offset}".encode()).hexdigest()
+    return hashlib.sha256(
+        f"{source_topic}/{'' if partition is None else partition}/{offset}".encode()
+    ).hexdigest()
 
 
-def deadletter_record(raw: bytes | None, reason: str, source_topic: str, partition: int | None,
-                      offset: int | None, now_ms: int) -> dict:
+def deadletter_record(
+    raw: bytes | None,
+    reason: str,
+    source_topic: str,
+    partition: int | None,
+    offset: int | None,
+    now_ms: int,
+) -> dict:
     """What goes to the dead-letter topic (``schemas/deadletter.json``): the reason and the
     original bytes, untouched (a Kafka message without a value counts as empty bytes)."""
     raw = bytes(raw or b"")
@@ -561,9 +679,16 @@ def deadletter_record(raw: bytes | None, reason: str, source_topic: str, partiti
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    return {"deadletter_id": deadletter_id(raw, source_topic, partition, offset), "ts": now_ms,
-            "source_topic": source_topic, "partition": partition, "offset": offset, "reason": reason,
-            "original_b64": base64.b64encode(raw).decode("ascii"), "original_text": text}
+    return {
+        "deadletter_id": deadletter_id(raw, source_topic, partition, offset),
+        "ts": now_ms,
+        "source_topic": source_topic,
+        "partition": partition,
+        "offset": offset,
+        "reason": reason,
+        "original_b64": base64.b64encode(raw).decode("ascii"),
+        "original_text": text,
+    }
 
 
 def encode(obj) -> bytes:

@@ -50,8 +50,13 @@ class PartitionIngest:
         others (not JSON, against the schema, of an unknown model)."""
         return contract.split_valid(kind, raws, self.models)
 
-    def fold(self, kind: str, valid: list[dict], offsets: list[int] | None = None,
-             last_offset: int | None = None) -> Folded:
+    def fold(
+        self,
+        kind: str,
+        valid: list[dict],
+        offsets: list[int] | None = None,
+        last_offset: int | None = None,
+    ) -> Folded:
         """Fold valid events of one partition, in its order; ``offsets`` are theirs,
         ``last_offset`` the batch's last (valid or not)."""
         add = self.sketcher.add_labels if kind == "label" else self.sketcher.add_predictions
@@ -63,8 +68,9 @@ class PartitionIngest:
             kept = [valid[i] for i in keep]
             offsets = [offsets[i] for i in keep] if offsets is not None else None
         if offsets is not None:
-            self._held[kind].append((np.array(values_of(kept, "ts"), dtype=np.int64),
-                                     np.array(offsets, dtype=np.int64)))
+            self._held[kind].append(
+                (np.array(values_of(kept, "ts"), dtype=np.int64), np.array(offsets, dtype=np.int64))
+            )
         if last_offset is not None:
             self._next[kind] = last_offset + 1
         variants = values_of(kept, "variant") if kind == "prediction" else [""] * len(kept)

@@ -28,7 +28,9 @@ from coalmine import topics
 from coalmine.broker import ensure_topics, free_port, parse_broker_url
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+def wait_until(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2
+) -> object:
     """Poll ``condition()`` until it returns something true (which is returned), at most
     ``timeout`` seconds; then a ``TimeoutError`` naming ``what`` was awaited.
 
@@ -101,7 +103,9 @@ class WorkerProcess:
         self.broker_url, self.config, self.namespace = broker_url, Path(config), namespace
         self.app_id = app_id or f"{namespace}coalmine"
         self.web_port = web_port or free_port()
-        self.log_path = Path(log) if log else Path(tempfile.mkdtemp(prefix="coalmine-worker-")) / "worker.log"
+        self.log_path = (
+            Path(log) if log else Path(tempfile.mkdtemp(prefix="coalmine-worker-")) / "worker.log"
+        )
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
@@ -127,7 +131,12 @@ class WorkerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "COALMINE_NAMESPACE": self.namespace, **self.env},
+                env={
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "COALMINE_NAMESPACE": self.namespace,
+                    **self.env,
+                },
             )
         return self
 
@@ -148,7 +157,9 @@ class WorkerProcess:
 
     def get(self, path: str, timeout: float = 2) -> str:
         """The body of ``GET path`` on the worker's web port (``OSError`` if it does not answer)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=timeout) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.web_port}{path}", timeout=timeout
+        ) as response:
             return response.read().decode()
 
     def wait_ready(self, timeout: float = 90) -> WorkerProcess:
@@ -169,7 +180,9 @@ class WorkerProcess:
                 return False
 
         try:
-            wait_until(healthy, timeout, f"the worker's /health on port {self.web_port}", interval=0.3)
+            wait_until(
+                healthy, timeout, f"the worker's /health on port {self.web_port}", interval=0.3
+            )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; the end of {self.log_path}:\n{self.log_tail()}") from None
         return self
@@ -212,7 +225,9 @@ class Namespace:
     :class:`~coalmine.broker.EmbeddedBroker`.
     """
 
-    def __init__(self, broker, prefix: str | None = None, partitions: int = topics.DEFAULT_PARTITIONS):
+    def __init__(
+        self, broker, prefix: str | None = None, partitions: int = topics.DEFAULT_PARTITIONS
+    ):
         self.broker = broker
         self.prefix = prefix or f"t{uuid.uuid4().hex[:10]}."
         self.topic = {short: self.prefix + name for short, name in topics.SHORT_NAMES.items()}
@@ -230,7 +245,9 @@ class Namespace:
         async def run() -> None:
             async with Publisher(self.broker.bootstrap) as pub:
                 pending = [
-                    await pub.send(self.topic["predictions" if kind == "prediction" else "labels"], event)
+                    await pub.send(
+                        self.topic["predictions" if kind == "prediction" else "labels"], event
+                    )
                     for kind, event in events
                 ]
                 await asyncio.gather(*pending)
@@ -243,6 +260,8 @@ class Namespace:
         from coalmine.client import tail
 
         async def run() -> list[dict]:
-            return [r async for r in tail(self.broker.bootstrap, self.topic[short], until_idle=idle)]
+            return [
+                r async for r in tail(self.broker.bootstrap, self.topic[short], until_idle=idle)
+            ]
 
         return asyncio.run(run())

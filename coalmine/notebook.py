@@ -34,12 +34,50 @@ VERSION = "notebook"
 #: the default clock when rows carry no timestamp: row ``i`` happens at ``i * 1000 / 100`` ms
 ROWS_PER_SECOND = 100.0
 
-ALERT_COLUMNS = ["ts", "alert_id", "model", "variant", "check", "feature", "state", "statistic", "value",
-                 "threshold", "p_value", "window_start_ts", "window_end_ts", "window_n", "message"]
-EVALUATION_COLUMNS = ["ts", "model", "variant", "check", "feature", "statistic", "value", "threshold",
-                      "p_value", "window_start_ts", "window_end_ts", "window_n"]
-REPORT_COLUMNS = ["variant", "check", "feature", "evaluations", "fired", "first_fired_ts", "firing_now",
-                  "worst_statistic", "worst_value", "worst_threshold", "worst_ratio"]
+ALERT_COLUMNS = [
+    "ts",
+    "alert_id",
+    "model",
+    "variant",
+    "check",
+    "feature",
+    "state",
+    "statistic",
+    "value",
+    "threshold",
+    "p_value",
+    "window_start_ts",
+    "window_end_ts",
+    "window_n",
+    "message",
+]
+EVALUATION_COLUMNS = [
+    "ts",
+    "model",
+    "variant",
+    "check",
+    "feature",
+    "statistic",
+    "value",
+    "threshold",
+    "p_value",
+    "window_start_ts",
+    "window_end_ts",
+    "window_n",
+]
+REPORT_COLUMNS = [
+    "variant",
+    "check",
+    "feature",
+    "evaluations",
+    "fired",
+    "first_fired_ts",
+    "firing_now",
+    "worst_statistic",
+    "worst_value",
+    "worst_threshold",
+    "worst_ratio",
+]
 
 _UNSET: Any = object()
 _WHERE = re.compile(r"^models\[0\]\.")
@@ -50,7 +88,9 @@ def require_pandas():
     try:
         import pandas
     except ImportError as exc:
-        raise ImportError("coalmine.Monitor needs pandas: pip install 'coalmine[notebook]'") from exc
+        raise ImportError(
+            "coalmine.Monitor needs pandas: pip install 'coalmine[notebook]'"
+        ) from exc
     return pandas
 
 
@@ -194,27 +234,57 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
     [{'check': 'drift', 'feature': 'x0', 'firing_now': True}, {'check': 'drift', 'feature': None, 'firing_now': True}]
     """
 
-    def __init__(self, reference, *, model: str = "model", timestamp: str | None = None,
-                 rows_per_second: float = ROWS_PER_SECOND, features: list[str] | None = None,
-                 checks: list[str] | None = None, bucket: str | None = None, window: str | None = None,
-                 allowed_lateness: str | None = None, label_ttl: str | None = None,
-                 false_alarm_every_events: int | None = None, bins: int | None = None,
-                 min_window_events: int | None = None, baseline_error_rate: float | None = None,
-                 shift_to_detect_sd: float | None = None, cache: CalibrationCache | None = _UNSET):
+    def __init__(
+        self,
+        reference,
+        *,
+        model: str = "model",
+        timestamp: str | None = None,
+        rows_per_second: float = ROWS_PER_SECOND,
+        features: list[str] | None = None,
+        checks: list[str] | None = None,
+        bucket: str | None = None,
+        window: str | None = None,
+        allowed_lateness: str | None = None,
+        label_ttl: str | None = None,
+        false_alarm_every_events: int | None = None,
+        bins: int | None = None,
+        min_window_events: int | None = None,
+        baseline_error_rate: float | None = None,
+        shift_to_detect_sd: float | None = None,
+        cache: CalibrationCache | None = _UNSET,
+    ):
         pd = require_pandas()
-        if not (isinstance(rows_per_second, (int, float)) and not isinstance(rows_per_second, bool)
-                and math.isfinite(rows_per_second) and rows_per_second > 0):
-            raise ConfigError(f"rows_per_second: expected a positive number, got {rows_per_second!r}")
+        if not (
+            isinstance(rows_per_second, (int, float))
+            and not isinstance(rows_per_second, bool)
+            and math.isfinite(rows_per_second)
+            and rows_per_second > 0
+        ):
+            raise ConfigError(
+                f"rows_per_second: expected a positive number, got {rows_per_second!r}"
+            )
         if timestamp is not None and (not isinstance(timestamp, str) or not timestamp):
             raise ConfigError(f"timestamp: expected a column name, got {timestamp!r}")
         self.timestamp, self.rows_per_second = timestamp, rows_per_second
         path = reference if isinstance(reference, (str, Path)) else None
-        table: dict[str, Any] = {"name": model, "reference": str(path) if path is not None else "<rows>"}
-        given = {"features": features, "checks": checks, "bucket": bucket, "window": window,
-                 "allowed_lateness": allowed_lateness, "label_ttl": label_ttl,
-                 "false_alarm_every_events": false_alarm_every_events, "bins": bins,
-                 "min_window_events": min_window_events, "baseline_error_rate": baseline_error_rate,
-                 "shift_to_detect_sd": shift_to_detect_sd}
+        table: dict[str, Any] = {
+            "name": model,
+            "reference": str(path) if path is not None else "<rows>",
+        }
+        given = {
+            "features": features,
+            "checks": checks,
+            "bucket": bucket,
+            "window": window,
+            "allowed_lateness": allowed_lateness,
+            "label_ttl": label_ttl,
+            "false_alarm_every_events": false_alarm_every_events,
+            "bins": bins,
+            "min_window_events": min_window_events,
+            "baseline_error_rate": baseline_error_rate,
+            "shift_to_detect_sd": shift_to_detect_sd,
+        }
         for key, value in given.items():
             if value is not None:
                 table[key] = list(value) if isinstance(value, tuple) else value
@@ -222,7 +292,9 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
             config = parse_config({"models": [table]}, base_dir=Path.cwd())
         except ConfigError as exc:
             message = _WHERE.sub("", str(exc))
-            raise ConfigError("model" + message[4:] if message.startswith("name:") else message) from None
+            raise ConfigError(
+                "model" + message[4:] if message.startswith("name:") else message
+            ) from None
         settings = config.models[model]
 
         if path is not None:
@@ -232,15 +304,20 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
         elif isinstance(reference, list) and all(isinstance(r, dict) for r in reference):
             rows = [dict(r) for r in reference]
         else:
-            raise TypeError(f"reference: expected a DataFrame, a list of row dicts or a path, "
-                            f"got {type(reference).__name__}")
+            raise TypeError(
+                f"reference: expected a DataFrame, a list of row dicts or a path, "
+                f"got {type(reference).__name__}"
+            )
         if timestamp is not None:
             for row in rows:
                 row.pop(timestamp, None)
         source = str(path) if path is not None else "reference"
         self.settings = settings
-        self.baseline = Baseline(settings, reference_from_rows(rows, settings.features, source),
-                                 cache=FileCalibrationCache() if cache is _UNSET else cache)
+        self.baseline = Baseline(
+            settings,
+            reference_from_rows(rows, settings.features, source),
+            cache=FileCalibrationCache() if cache is _UNSET else cache,
+        )
         self._features = self.baseline.feature_names
         self._replay = Replay({model: self.baseline}, on_evaluations=self._collect)
         self._rows = 0  # rows fed so far: the row clock
@@ -275,13 +352,19 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
         if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
             ms = col.to_numpy(dtype=np.float64)
             if not np.all(ms == np.floor(ms)):
-                raise ValueError(f"timestamp column {self.timestamp!r}: expected whole milliseconds")
+                raise ValueError(
+                    f"timestamp column {self.timestamp!r}: expected whole milliseconds"
+                )
             ms = ms.astype(np.int64)
         else:
             times = pd.to_datetime(col, utc=True)
-            ms = ((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")).to_numpy(dtype=np.int64)
+            ms = ((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")).to_numpy(
+                dtype=np.int64
+            )
         if (ms < 0).any():
-            raise ValueError(f"timestamp column {self.timestamp!r}: times before 1970 are not supported")
+            raise ValueError(
+                f"timestamp column {self.timestamp!r}: times before 1970 are not supported"
+            )
         return ms
 
     def _events(self, batch) -> tuple[list[dict], list[dict]]:
@@ -293,16 +376,32 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
         n = len(batch)
         ids = [str(i) for i in range(self._rows, self._rows + n)]
         columns = {f: _values(batch[f]) for f in self._features}
-        features = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+        features = [
+            dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
+        ]
         predictions = _values(batch[PREDICTION]) if PREDICTION in batch else [None] * n
-        score_cols = {str(c)[len(SCORES):]: _values(batch[c]) for c in batch.columns if str(c).startswith(SCORES)}
-        scores = [{c: v for c, v in zip(score_cols, row, strict=True) if v is not None}
-                  for row in zip(*score_cols.values(), strict=True)]
+        score_cols = {
+            str(c)[len(SCORES) :]: _values(batch[c])
+            for c in batch.columns
+            if str(c).startswith(SCORES)
+        }
+        scores = [
+            {c: v for c, v in zip(score_cols, row, strict=True) if v is not None}
+            for row in zip(*score_cols.values(), strict=True)
+        ]
         preds = []
         for j in range(n):
-            event = {"event_id": ids[j], "request_id": ids[j], "model": self.model, "version": VERSION,
-                     "variant": "champion", "ts": ts[j], "features": features[j],
-                     "prediction": predictions[j], "status": "ok"}
+            event = {
+                "event_id": ids[j],
+                "request_id": ids[j],
+                "model": self.model,
+                "version": VERSION,
+                "variant": "champion",
+                "ts": ts[j],
+                "features": features[j],
+                "prediction": predictions[j],
+                "status": "ok",
+            }
             if score_cols and scores[j]:
                 event["scores"] = scores[j]
             preds.append(event)
@@ -310,8 +409,15 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
         if "label" in batch:
             for j, label in enumerate(_values(batch["label"])):
                 if label is not None:
-                    labels.append({"event_id": f"label-{ids[j]}", "request_id": ids[j], "model": self.model,
-                                   "ts": ts[j], "label": label})
+                    labels.append(
+                        {
+                            "event_id": f"label-{ids[j]}",
+                            "request_id": ids[j],
+                            "model": self.model,
+                            "ts": ts[j],
+                            "label": label,
+                        }
+                    )
         self._rows += n
         return preds, labels
 
@@ -340,8 +446,10 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
         self._replay.feed(predictions, labels)
         if len(self.dead) > dead_before:
             reasons = sorted({reason for _, _, reason in self.dead[dead_before:]})
-            warnings.warn(f"{len(self.dead) - dead_before} rows refused (see Monitor.dead), e.g. {reasons[0]}",
-                          stacklevel=2)
+            warnings.warn(
+                f"{len(self.dead) - dead_before} rows refused (see Monitor.dead), e.g. {reasons[0]}",
+                stacklevel=2,
+            )
         return self._results()
 
     def flush(self) -> Results:
@@ -363,20 +471,33 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
             if ev.threshold is not None and ev.threshold > 0:
                 ratio = ev.value / ev.threshold
                 if not ratio <= s["worst_ratio"]:  # NaN at first
-                    s.update(worst_statistic=ev.statistic, worst_value=ev.value, worst_threshold=ev.threshold,
-                             worst_ratio=ratio)
+                    s.update(
+                        worst_statistic=ev.statistic,
+                        worst_value=ev.value,
+                        worst_threshold=ev.threshold,
+                        worst_ratio=ratio,
+                    )
 
     def _entry(self, key: tuple) -> dict[str, Any]:
         s = self._summary.get(key)
         if s is None:
             s = self._summary[key] = {
-                "variant": key[0], "check": key[1], "feature": key[2], "evaluations": 0, "fired": 0,
-                "first_fired_ts": None, "firing_now": False, "worst_statistic": None,
-                "worst_value": math.nan, "worst_threshold": math.nan, "worst_ratio": math.nan}
+                "variant": key[0],
+                "check": key[1],
+                "feature": key[2],
+                "evaluations": 0,
+                "fired": 0,
+                "first_fired_ts": None,
+                "firing_now": False,
+                "worst_statistic": None,
+                "worst_value": math.nan,
+                "worst_threshold": math.nan,
+                "worst_ratio": math.nan,
+            }
         return s
 
     def _results(self) -> Results:
-        alerts: list[Alert] = self._replay.alerts[self._alerts_seen:]
+        alerts: list[Alert] = self._replay.alerts[self._alerts_seen :]
         self._alerts_seen = len(self._replay.alerts)
         for a in alerts:
             s = self._entry((a.variant, a.check, a.feature))
@@ -387,8 +508,10 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
                     s["first_fired_ts"] = a.ts
         evaluations, self._new = self._new, []
         self._evaluations += evaluations
-        return Results(_frame([e.to_json() for e in evaluations], EVALUATION_COLUMNS),
-                       _frame([a.to_json() for a in alerts], ALERT_COLUMNS))
+        return Results(
+            _frame([e.to_json() for e in evaluations], EVALUATION_COLUMNS),
+            _frame([a.to_json() for a in alerts], ALERT_COLUMNS),
+        )
 
     @property
     def evaluations(self) -> pd.DataFrame:
@@ -398,7 +521,9 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
     @property
     def alerts(self) -> pd.DataFrame:
         """Every alert state change so far, as :meth:`update` returned them."""
-        return _frame([a.to_json() for a in self._replay.alerts[:self._alerts_seen]], ALERT_COLUMNS)
+        return _frame(
+            [a.to_json() for a in self._replay.alerts[: self._alerts_seen]], ALERT_COLUMNS
+        )
 
     def report(self) -> pd.DataFrame:
         """One row per (variant, check, feature) evaluated so far.
@@ -414,9 +539,19 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
             come first, then those that fired, then by ``worst_ratio``, highest first.
         """
         pd = require_pandas()
+
         def order(s: dict) -> tuple:
-            ratio = s["worst_ratio"] if s["worst_ratio"] == s["worst_ratio"] else -math.inf  # NaN last
-            return not s["firing_now"], -s["fired"], -ratio, s["variant"], s["check"], str(s["feature"])
+            ratio = (
+                s["worst_ratio"] if s["worst_ratio"] == s["worst_ratio"] else -math.inf
+            )  # NaN last
+            return (
+                not s["firing_now"],
+                -s["fired"],
+                -ratio,
+                s["variant"],
+                s["check"],
+                str(s["feature"]),
+            )
 
         rows = sorted(self._summary.values(), key=order)
         frame = pd.DataFrame(rows, columns=REPORT_COLUMNS)
@@ -426,8 +561,10 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
 
     def __repr__(self) -> str:
         s = self.settings
-        return (f"Monitor(model={s.name!r}, features={list(self._features)!r}, bucket={s.bucket_ms}ms, "
-                f"window={s.window_ms}ms, rows={self._rows})")
+        return (
+            f"Monitor(model={s.name!r}, features={list(self._features)!r}, bucket={s.bucket_ms}ms, "
+            f"window={s.window_ms}ms, rows={self._rows})"
+        )
 
 
 __all__ = ["Monitor", "Results", "require_pandas"]

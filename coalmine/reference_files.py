@@ -36,15 +36,19 @@ def _rows_jsonl(path: Path) -> list[dict]:
 
 def _rows_csv(path: Path) -> list[dict]:
     with path.open(newline="") as fh:
-        return [{k: _csv_value(v) if v != "" else None for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+        return [
+            {k: _csv_value(v) if v != "" else None for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]
 
 
 def _rows_parquet(path: Path) -> list[dict]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install 'coalmine[parquet]')") from None
+        raise ValueError(
+            f"{path}: reading Parquet needs pyarrow (pip install 'coalmine[parquet]')"
+        ) from None
     return pq.read_table(path).to_pylist()
 
 

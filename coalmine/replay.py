@@ -8,24 +8,25 @@ from __future__ import annotations
 import gc
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import orjson
 
 from coalmine import events as contract
 from coalmine.baselines import build_baselines
 from coalmine.config import Config, ModelConfig
+from coalmine.ingest import PartitionIngest
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
 from coalmine.streams.records import Alert, Command, Evaluation
 from coalmine.streams.reference import first_events
 from coalmine.streams.sketch import values_of
-from coalmine.ingest import PartitionIngest
 
 CHUNK = 20_000
 _DUMP = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
@@ -48,8 +49,11 @@ class Replay:
     (one per check per bucket: far more) go to ``on_evaluations`` as they come, if given, and
     are not kept, so a long replay's memory does not grow with its length."""
 
-    def __init__(self, baselines: dict[str, Baseline],
-                 on_evaluations: Callable[[list[Evaluation]], object] | None = None):
+    def __init__(
+        self,
+        baselines: dict[str, Baseline],
+        on_evaluations: Callable[[list[Evaluation]], object] | None = None,
+    ):
         self.baselines = baselines
         self.ingest = PartitionIngest(baselines)
         signer = Signer.from_env()
@@ -85,6 +89,7 @@ class Replay:
 def first_events_in_file(predictions: Path) -> Callable[[list[ModelConfig]], dict[str, list[dict]]]:
     """The first events of each model, read from the start of a predictions file until no
     earlier event can follow (for :func:`coalmine.baselines.build_baselines`)."""
+
     def read(wanted: list[ModelConfig]) -> dict[str, list[dict]]:
         found: dict[str, list[dict]] = {m.name: [] for m in wanted}
         decode = partial(contract.split_valid, known_models=set(found))
@@ -92,24 +97,41 @@ def first_events_in_file(predictions: Path) -> Callable[[list[ModelConfig]], dic
             for e in chunk:
                 found[e["model"]].append(e)
             horizon = max(e["ts"] for e in chunk) if chunk else 0
-            if all(len(found[m.name]) >= m.reference_first_events and first_events(
-                    found[m.name], m.name, m.reference_first_events)[-1]["ts"] < horizon - m.allowed_lateness_ms
-                   for m in wanted):
+            if all(
+                len(found[m.name]) >= m.reference_first_events
+                and first_events(found[m.name], m.name, m.reference_first_events)[-1]["ts"]
+                < horizon - m.allowed_lateness_ms
+                for m in wanted
+            ):
                 break
-        return {m.name: first_events(found[m.name], m.name, m.reference_first_events) for m in wanted}
+        return {
+            m.name: first_events(found[m.name], m.name, m.reference_first_events) for m in wanted
+        }
+
     return read
 
 
-def replay_files(config: Config, predictions: Path, labels: Path | None = None, *, progress: bool | None = None,
-                 on_evaluations: Callable[[list[Evaluation]], object] | None = None) -> Replay:
+def replay_files(
+    config: Config,
+    predictions: Path,
+    labels: Path | None = None,
+    *,
+    progress: bool | None = None,
+    on_evaluations: Callable[[list[Evaluation]], object] | None = None,
+) -> Replay:
     """Run prediction (and label) JSONL files, in event-time order, through the pipeline
     (evaluations go to ``on_evaluations`` as they come: see :class:`Replay`)."""
     with bulk_gc():
         return _replay_files(config, predictions, labels, progress, on_evaluations)
 
 
-def _replay_files(config: Config, predictions: Path, labels: Path | None, progress: bool | None,
-                  on_evaluations: Callable[[list[Evaluation]], object] | None) -> Replay:
+def _replay_files(
+    config: Config,
+    predictions: Path,
+    labels: Path | None,
+    progress: bool | None,
+    on_evaluations: Callable[[list[Evaluation]], object] | None,
+) -> Replay:
     run = Replay(build_baselines(config, first_events_in_file(predictions)), on_evaluations)
     pending_labels: list[dict] = []
     label_chunks = _chunks(labels, "label", run.ingest.decode, run.dead) if labels else iter(())
@@ -153,12 +175,22 @@ def _progress(path: Path, enabled: bool | None):
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(total=None, unit=" events", desc=f"replay {path.name}", disable=not show,
-                mininterval=0.5, file=sys.stderr)
+    return tqdm(
+        total=None,
+        unit=" events",
+        desc=f"replay {path.name}",
+        disable=not show,
+        mininterval=0.5,
+        file=sys.stderr,
+    )
 
 
 def write_jsonl(records: Iterable[dict | Evaluation | Alert | Command], out: BinaryIO) -> None:
     """One JSON object per line (records in their ``to_json()`` form), keys sorted:
     byte-identical for identical input."""
-    out.write(b"".join(orjson.dumps(r if isinstance(r, dict) else r.to_json(), option=_DUMP) + b"\n"
-                       for r in records))
+    out.write(
+        b"".join(
+            orjson.dumps(r if isinstance(r, dict) else r.to_json(), option=_DUMP) + b"\n"
+            for r in records
+        )
+    )

@@ -16,7 +16,9 @@ import orjson
 
 def canonical(command: dict) -> bytes:
     """The bytes a signature covers: every field but ``signature``, keys sorted."""
-    return orjson.dumps({k: v for k, v in command.items() if k != "signature"}, option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps(
+        {k: v for k, v in command.items() if k != "signature"}, option=orjson.OPT_SORT_KEYS
+    )
 
 
 def sign_command(command: dict, key: bytes) -> dict:
@@ -42,7 +44,7 @@ class Signer:
         self.key = key
 
     @classmethod
-    def from_env(cls) -> "Signer | None":
+    def from_env(cls) -> Signer | None:
         """A signer with ``$COALMINE_SIGNING_KEY``, or None when it is not set."""
         key = os.environ.get("COALMINE_SIGNING_KEY")
         return cls(key.encode()) if key else None

@@ -24,12 +24,12 @@ import gzip
 import heapq
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -78,7 +78,14 @@ class Champion:
     1.0
     """
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, quadratic: bool = True, steps: int = 400, lr: float = 0.5):
+    def __init__(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        quadratic: bool = True,
+        steps: int = 400,
+        lr: float = 0.5,
+    ):
         self.X_train, self.y_train = X, y
         self.mean, self.sd = X.mean(axis=0), X.std(axis=0) + 1e-9
         self.quadratic, self.noise = quadratic, 0.0
@@ -91,9 +98,13 @@ class Champion:
 
     def _design(self, X: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         Z = (X - self.mean) / self.sd
-        D = np.hstack([np.ones((len(Z), 1)), Z, Z**2] if self.quadratic else [np.ones((len(Z), 1)), Z])
+        D = np.hstack(
+            [np.ones((len(Z), 1)), Z, Z**2] if self.quadratic else [np.ones((len(Z), 1)), Z]
+        )
         if self.noise:
-            D[:, 1:] += (rng if rng is not None else np.random.default_rng(0)).normal(0, self.noise, D[:, 1:].shape)
+            D[:, 1:] += (rng if rng is not None else np.random.default_rng(0)).normal(
+                0, self.noise, D[:, 1:].shape
+            )
         return D
 
     def predict_proba(self, X: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -104,13 +115,13 @@ class Champion:
         """Class per row: 1 (anomaly) when its probability is at least one half."""
         return (self.predict_proba(X, rng) >= 0.5).astype(int)
 
-    def with_noise(self, noise: float) -> "Champion":
+    def with_noise(self, noise: float) -> Champion:
         """This model reading its inputs through Gaussian noise (``noise`` standard deviations)."""
         degraded = copy.copy(self)
         degraded.noise = noise
         return degraded
 
-    def make_variant(self, kind: str) -> "Champion":
+    def make_variant(self, kind: str) -> Champion:
         """A model for rollout demos: ``"bad_canary"`` is this one with noisy inputs (1.5 sd:
         about 92 % accurate, no better than always answering 0); ``"shadow"`` is a different
         model of similar accuracy (linear terms only, the same training rows; agrees with this
@@ -168,7 +179,9 @@ class Scenario:
 def _drifted(X: np.ndarray, s: Scenario, names: list[str]) -> np.ndarray:
     """``X`` (the scenario's rows in order) with the feature drift applied."""
     if s.drift_kind not in DRIFT_KINDS:
-        raise ValueError(f"drift_kind: expected one of {', '.join(DRIFT_KINDS)}, got {s.drift_kind!r}")
+        raise ValueError(
+            f"drift_kind: expected one of {', '.join(DRIFT_KINDS)}, got {s.drift_kind!r}"
+        )
     if s.drift_at is None or s.drift_kind == "class_mix":
         return X
     X = X.copy()
@@ -190,7 +203,7 @@ def _class_mixed(rows: np.ndarray, s: Scenario) -> np.ndarray:
     y = load_shuttle()[1][TRAIN_ROWS:]
     pos, neg = np.flatnonzero(y == 1) + TRAIN_ROWS, np.flatnonzero(y != 1) + TRAIN_ROWS
     rng = np.random.default_rng([s.seed, 1])
-    span = np.arange(len(rows))[s.drift_at:s.drift_until]
+    span = np.arange(len(rows))[s.drift_at : s.drift_until]
     anomalous = rng.random(len(span)) < min(1.0, s.drift_size * y.mean())
     rows = rows.copy()
     rows[span[anomalous]] = rng.choice(pos, int(anomalous.sum()))
@@ -226,27 +239,67 @@ def _answers(version: Version, X: np.ndarray, rng: np.random.Generator) -> tuple
     return proba, latency, rng.random(len(X)) < version.error_rate
 
 
-def _prediction_events(model: str, version: str, variant: str, names: list[str], ids: list[str],
-                       units: list[str], X: np.ndarray, ts: np.ndarray, proba: np.ndarray,
-                       latency: np.ndarray, failed: np.ndarray) -> list[dict]:
+def _prediction_events(
+    model: str,
+    version: str,
+    variant: str,
+    names: list[str],
+    ids: list[str],
+    units: list[str],
+    X: np.ndarray,
+    ts: np.ndarray,
+    proba: np.ndarray,
+    latency: np.ndarray,
+    failed: np.ndarray,
+) -> list[dict]:
     """The events, one per row; numpy arrays become Python lists first (no numpy per event)."""
     score = np.round(proba, 4)
     events = [
-        {"event_id": f"{rid}-{variant}", "request_id": rid, "model": model, "version": version,
-         "variant": variant, "ts": t, "features": dict(zip(names, row)), "prediction": c,
-         "scores": {"0": s0, "1": s1}, "latency_ms": ms, "status": "ok", "unit_id": u}
+        {
+            "event_id": f"{rid}-{variant}",
+            "request_id": rid,
+            "model": model,
+            "version": version,
+            "variant": variant,
+            "ts": t,
+            "features": dict(zip(names, row)),
+            "prediction": c,
+            "scores": {"0": s0, "1": s1},
+            "latency_ms": ms,
+            "status": "ok",
+            "unit_id": u,
+        }
         for rid, u, t, row, c, s0, s1, ms in zip(
-            ids, units, ts.tolist(), X.tolist(), (proba >= 0.5).astype(int).tolist(),
-            np.round(1 - score, 4).tolist(), score.tolist(), latency.tolist())]
+            ids,
+            units,
+            ts.tolist(),
+            X.tolist(),
+            (proba >= 0.5).astype(int).tolist(),
+            np.round(1 - score, 4).tolist(),
+            score.tolist(),
+            latency.tolist(),
+        )
+    ]
     for i in np.flatnonzero(failed).tolist():
         events[i].update(status="error", prediction=None, error="model server timeout")
     return events
 
 
-def serve(version: Version, variant: str, X: np.ndarray, ts: np.ndarray, ids: list[str], units: list[str],
-          names: list[str], model: str, rng: np.random.Generator) -> list[dict]:
+def serve(
+    version: Version,
+    variant: str,
+    X: np.ndarray,
+    ts: np.ndarray,
+    ids: list[str],
+    units: list[str],
+    names: list[str],
+    model: str,
+    rng: np.random.Generator,
+) -> list[dict]:
     """Prediction events of ``version`` answering the requests ``ids`` (rows of ``X``)."""
-    return _prediction_events(model, version.name, variant, names, ids, units, X, ts, *_answers(version, X, rng))
+    return _prediction_events(
+        model, version.name, variant, names, ids, units, X, ts, *_answers(version, X, rng)
+    )
 
 
 def _request_ids(seed: int, indices: Iterable[int]) -> list[str]:
@@ -259,8 +312,14 @@ def _unit_ids(indices: Iterable[int]) -> list[str]:
 
 
 def _label(request_id: str, model: str, ts: int, label: int, **extra) -> dict:
-    return {"event_id": f"label-{request_id}", "request_id": request_id, "model": model, "ts": ts,
-            "label": label, **extra}
+    return {
+        "event_id": f"label-{request_id}",
+        "request_id": request_id,
+        "model": model,
+        "ts": ts,
+        "label": label,
+        **extra,
+    }
 
 
 @dataclass
@@ -295,9 +354,19 @@ def _spans(n: int) -> Iterator[tuple[int, int]]:
 
 def _prediction_chunks(s: Scenario, d: _Draws) -> Iterator[list[dict]]:
     for a, b in _spans(s.n_events):
-        yield _prediction_events(s.model, s.version, "champion", d.names, _request_ids(s.seed, range(a, b)),
-                                 _unit_ids(range(a, b)), d.X[a:b], d.ts[a:b], d.proba[a:b], d.latency[a:b],
-                                 d.failed[a:b])
+        yield _prediction_events(
+            s.model,
+            s.version,
+            "champion",
+            d.names,
+            _request_ids(s.seed, range(a, b)),
+            _unit_ids(range(a, b)),
+            d.X[a:b],
+            d.ts[a:b],
+            d.proba[a:b],
+            d.latency[a:b],
+            d.failed[a:b],
+        )
 
 
 def predictions(s: Scenario) -> tuple[list[dict], np.ndarray]:
@@ -323,7 +392,10 @@ def _label_stream(s: Scenario, d: _Draws) -> Iterator[tuple[int, str, dict]]:
         picked = np.flatnonzero(d.labelled[a:b]) + a
         ids = _request_ids(s.seed, picked.tolist())
         ts = (d.ts[picked] + s.label_delay_ms).tolist()
-        yield from ((t, "label", _label(rid, s.model, t, y)) for rid, t, y in zip(ids, ts, d.y[picked].tolist()))
+        yield from (
+            (t, "label", _label(rid, s.model, t, y))
+            for rid, t, y in zip(ids, ts, d.y[picked].tolist())
+        )
 
 
 def generate(s: Scenario) -> Iterator[tuple[str, dict | bytes]]:
@@ -331,7 +403,9 @@ def generate(s: Scenario) -> Iterator[tuple[str, dict | bytes]]:
     its millisecond; malformed events come as bytes. Lazy: the events are built a chunk at a
     time (10^6 of them in about 5 s), never all in memory."""
     d = _draw(s)
-    merged = heapq.merge(_prediction_stream(s, d), _label_stream(s, d), key=itemgetter(0))  # stable: predictions first
+    merged = heapq.merge(
+        _prediction_stream(s, d), _label_stream(s, d), key=itemgetter(0)
+    )  # stable: predictions first
     return ((kind, event) for _, kind, event in merged)
 
 
@@ -369,9 +443,18 @@ class Serving:
                 return f"shadow {version} dropped"
         return "ignored"
 
-    def events(self, start: int, stop: int, start_ts_ms: int, rate_per_s: float, seed: int,
-               model: str = "shuttle", drift: tuple[str, float] | None = None,
-               label_delay_ms: int = 2000, label_fraction: float = 0.5) -> list[tuple[str, dict]]:
+    def events(
+        self,
+        start: int,
+        stop: int,
+        start_ts_ms: int,
+        rate_per_s: float,
+        seed: int,
+        model: str = "shuttle",
+        drift: tuple[str, float] | None = None,
+        label_delay_ms: int = 2000,
+        label_fraction: float = 0.5,
+    ) -> list[tuple[str, dict]]:
         """Requests ``start`` to ``stop``: routed by a deterministic hash of their unit (canary
         at ``canary_weight`` percent), mirrored to the shadow, labelled later with an outcome
         (1 when the served answer was right). In event-time order."""
@@ -383,20 +466,36 @@ class Serving:
         rows = rng.integers(TRAIN_ROWS, len(X_all), n)
         X, y = X_all[rows].copy(), y_all[rows]
         if drift:
-            X[:, names.index(drift[0])] += drift[1] * X_all[TRAIN_ROWS:, names.index(drift[0])].std()
+            X[:, names.index(drift[0])] += (
+                drift[1] * X_all[TRAIN_ROWS:, names.index(drift[0])].std()
+            )
         ts = (start_ts_ms + np.arange(start, stop) * (1000.0 / rate_per_s)).astype(np.int64)
         ids, units = _request_ids(seed, range(start, stop)), _unit_ids(range(start, stop))
         weights = {"champion": 100 - self.canary_weight, "canary": self.canary_weight}
-        to_canary = np.array([self.canary is not None and assign_variant(u, weights) == "canary" for u in units])
+        to_canary = np.array(
+            [self.canary is not None and assign_variant(u, weights) == "canary" for u in units]
+        )
         out: list[tuple[str, dict]] = []
         served: dict[str, dict] = {}
-        for variant, version, mask in (("champion", self.champion, ~to_canary), ("canary", self.canary, to_canary),
-                                       ("shadow", self.shadow, ~to_canary)):
+        for variant, version, mask in (
+            ("champion", self.champion, ~to_canary),
+            ("canary", self.canary, to_canary),
+            ("shadow", self.shadow, ~to_canary),
+        ):
             if version is None or not mask.any():
                 continue
             pick = np.flatnonzero(mask)
-            events = serve(version, variant, X[pick], ts[pick], [ids[i] for i in pick], [units[i] for i in pick],
-                           names, model, rng)
+            events = serve(
+                version,
+                variant,
+                X[pick],
+                ts[pick],
+                [ids[i] for i in pick],
+                [units[i] for i in pick],
+                names,
+                model,
+                rng,
+            )
             out += [("prediction", e) for e in events]
             if variant != "shadow":
                 served.update({e["request_id"]: e for e in events})
@@ -404,8 +503,18 @@ class Serving:
         for i in np.flatnonzero(labelled).tolist():
             e = served[ids[i]]
             if e["status"] == "ok":
-                out.append(("label", _label(ids[i], model, int(ts[i]) + label_delay_ms, int(y[i]),
-                                            outcome=float(e["prediction"] == y[i]))))
+                out.append(
+                    (
+                        "label",
+                        _label(
+                            ids[i],
+                            model,
+                            int(ts[i]) + label_delay_ms,
+                            int(y[i]),
+                            outcome=float(e["prediction"] == y[i]),
+                        ),
+                    )
+                )
         out.sort(key=lambda ke: (ke[1]["ts"], ke[0] == "label"))
         return out
 
@@ -436,37 +545,57 @@ def write_reference(path: Path, n: int = 5000, seed: int = 12345) -> int:
 
 ROLLOUT_SETTINGS = (
     'checks = ["drift", "prediction_drift", "missing_rate", "performance", "shadow", "canary", "ab"]\n\n'
-    "[models.shadow]\nmin_events = 1000\nmin_duration = \"3s\"\n\n"
-    "[models.canary]\nsteps = [10, 50, 100]\nmin_events = 100\nmin_duration = \"3s\"\n"
+    '[models.shadow]\nmin_events = 1000\nmin_duration = "3s"\n\n'
+    '[models.canary]\nsteps = [10, 50, 100]\nmin_events = 100\nmin_duration = "3s"\n'
 )
 
 
-def write_demo_config(path: Path, reference_path: Path, bucket: str | None = "1s", window: str = "20s",
-                      model: str = "shuttle", rollout: bool = False,
-                      false_alarm_every_events: int | None = 1_000_000) -> None:
+def write_demo_config(
+    path: Path,
+    reference_path: Path,
+    bucket: str | None = "1s",
+    window: str = "20s",
+    model: str = "shuttle",
+    rollout: bool = False,
+    false_alarm_every_events: int | None = 1_000_000,
+) -> None:
     """A monitor config for the simulator's model, naming the reference relative to the config
     file; ``rollout`` adds shadow, canary and A/B checks with short steps, for a demo that
     lasts a minute (and a false-alarm budget of 10^6 events, a demo's worth many times over,
     so that its canary decisions take seconds; None leaves coalmine's default)."""
-    checks = ROLLOUT_SETTINGS if rollout else 'checks = ["drift", "prediction_drift", "missing_rate", "performance"]\n'
+    checks = (
+        ROLLOUT_SETTINGS
+        if rollout
+        else 'checks = ["drift", "prediction_drift", "missing_rate", "performance"]\n'
+    )
     reference = os.path.relpath(Path(reference_path).resolve(), Path(path).resolve().parent)
     Path(path).write_text(
         "[defaults]\n"
         + (f'bucket = "{bucket}"\n' if bucket else "")  # None: coalmine's default
         + f'window = "{window}"\n'
         'allowed_lateness = "2s"\n'
-        + (f"false_alarm_every_events = {false_alarm_every_events}\n" if false_alarm_every_events else "")
+        + (
+            f"false_alarm_every_events = {false_alarm_every_events}\n"
+            if false_alarm_every_events
+            else ""
+        )
         + "\n"
         "[[models]]\n"
         f'name = "{model}"\n'
-        f"reference = {orjson.dumps(reference).decode()}\n"
-        + checks
+        f"reference = {orjson.dumps(reference).decode()}\n" + checks
     )
 
 
-async def publish(bootstrap: str, events: Iterable[tuple[str, dict | bytes]], *, realtime: bool,
-                  speed: float = 1.0, progress: Callable[[int], object] | None = None,
-                  chunk: int = 5000, targets: dict[str, str] | None = None) -> dict[str, int]:
+async def publish(
+    bootstrap: str,
+    events: Iterable[tuple[str, dict | bytes]],
+    *,
+    realtime: bool,
+    speed: float = 1.0,
+    progress: Callable[[int], object] | None = None,
+    chunk: int = 5000,
+    targets: dict[str, str] | None = None,
+) -> dict[str, int]:
     """Send predictions and labels to their topics (``targets``, kind -> topic; by default
     coalmine's), keyed by request_id, returning the count of each kind. When ``realtime``, event time advances at ``speed`` x the wall clock from the
     first event (whose ``ts`` should then be near now); otherwise as fast as the broker takes
@@ -501,9 +630,18 @@ async def publish(bootstrap: str, events: Iterable[tuple[str, dict | bytes]], *,
     return counts
 
 
-async def run_live(bootstrap: str, serving: Serving, *, seconds: float, rate_per_s: float, seed: int = 7,
-                   plan=None, bad_event_every: int = 0, step_s: float = 0.2,
-                   targets: dict[str, str] | None = None) -> dict[str, int]:
+async def run_live(
+    bootstrap: str,
+    serving: Serving,
+    *,
+    seconds: float,
+    rate_per_s: float,
+    seed: int = 7,
+    plan=None,
+    bad_event_every: int = 0,
+    step_s: float = 0.2,
+    targets: dict[str, str] | None = None,
+) -> dict[str, int]:
     """Serve traffic in real time for ``seconds``: every ``step_s`` the router (``serving``,
     which the caller updates from coalmine's commands) answers the next requests. ``plan(t,
     serving)`` may change versions or return a drift (feature, size) for second t."""
@@ -521,7 +659,11 @@ async def run_live(bootstrap: str, serving: Serving, *, seconds: float, rate_per
             sends = []
             for kind, event in events:
                 raw = event
-                if kind == "prediction" and bad_event_every and counts["prediction"] % bad_event_every == bad_event_every - 1:
+                if (
+                    kind == "prediction"
+                    and bad_event_every
+                    and counts["prediction"] % bad_event_every == bad_event_every - 1
+                ):
                     raw = _DEFECTS[counts["malformed"] % len(_DEFECTS)](event)
                     counts["malformed"] += 1
                 sends.append(await pub.send(target[kind], raw))

@@ -31,11 +31,17 @@ class ModelStatus:
 def _stage(command: dict) -> str:
     if command["action"] == "promote" and command.get("stage", "production") != "production":
         return f"{command['stage']} (validated)"
-    return {"set_weight": f"canary at {command.get('weight', 0):g}%", "promote": "production (promoted)",
-            "rollback": "rolled back", "pause": "paused"}.get(command["action"], command["action"])
+    return {
+        "set_weight": f"canary at {command.get('weight', 0):g}%",
+        "promote": "production (promoted)",
+        "rollback": "rolled back",
+        "pause": "paused",
+    }.get(command["action"], command["action"])
 
 
-def summarize(commands: list[dict], alerts: list[dict], recent: list[dict]) -> dict[str, ModelStatus]:
+def summarize(
+    commands: list[dict], alerts: list[dict], recent: list[dict]
+) -> dict[str, ModelStatus]:
     """Fold the three topics into a status per model (pure, for tests)."""
     out: dict[str, ModelStatus] = defaultdict(ModelStatus)
     for p in sorted(recent, key=lambda e: e.get("ts", 0)):
@@ -48,18 +54,24 @@ def summarize(commands: list[dict], alerts: list[dict], recent: list[dict]) -> d
             st.stages[c["version"]] = _stage(c)
         if c["action"] == "promote" and c.get("stage", "production") == "production":
             previous = c.get("evidence", {}).get("replaces") or "the previous champion"
-            st.lineage.append(f"{c['version']} replaced {previous} at ts {c['ts']} "
-                              f"(command {c['command_id'][:12]}: {c['reason']})")
+            st.lineage.append(
+                f"{c['version']} replaced {previous} at ts {c['ts']} "
+                f"(command {c['command_id'][:12]}: {c['reason']})"
+            )
         elif c["action"] == "rollback":
-            st.lineage.append(f"{c['version']} rolled back at ts {c['ts']} (command {c['command_id'][:12]}: "
-                              f"{c['reason']}; evidence {orjson.dumps(c.get('evidence', {})).decode()[:200]})")
+            st.lineage.append(
+                f"{c['version']} rolled back at ts {c['ts']} (command {c['command_id'][:12]}: "
+                f"{c['reason']}; evidence {orjson.dumps(c.get('evidence', {})).decode()[:200]})"
+            )
     state: dict[tuple, dict] = {}
     for a in sorted(alerts, key=lambda a: a["ts"]):
         state[(a["model"], a["variant"], a["check"], a.get("feature"))] = a
     for (model, variant, check, feature), a in sorted(state.items(), key=lambda kv: str(kv[0])):
         if a["state"] == "firing":
-            out[model].firing.append(f"{variant} {check}{' on ' + feature if feature else ''}: "
-                                     f"{a['statistic']}={a['value']:.4g} > {a['threshold']:.4g} since ts {a['ts']}")
+            out[model].firing.append(
+                f"{variant} {check}{' on ' + feature if feature else ''}: "
+                f"{a['statistic']}={a['value']:.4g} > {a['threshold']:.4g} since ts {a['ts']}"
+            )
     return dict(out)
 
 
@@ -70,7 +82,10 @@ async def _recent(bootstrap: str) -> list[dict]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        parts = [TopicPartition(topics.PREDICTIONS, p) for p in sorted(consumer.partitions_for_topic(topics.PREDICTIONS) or ())]
+        parts = [
+            TopicPartition(topics.PREDICTIONS, p)
+            for p in sorted(consumer.partitions_for_topic(topics.PREDICTIONS) or ())
+        ]
         if not parts:
             return []
         consumer.assign(parts)
@@ -95,7 +110,9 @@ async def collect(bootstrap: str) -> dict[str, ModelStatus]:
     async def read(topic):
         return [r async for r in tail(bootstrap, topic, until_idle=1.0) if "_raw" not in r]
 
-    commands, alerts, recent = await asyncio.gather(read(topics.COMMANDS), read(topics.ALERTS), _recent(bootstrap))
+    commands, alerts, recent = await asyncio.gather(
+        read(topics.COMMANDS), read(topics.ALERTS), _recent(bootstrap)
+    )
     return summarize(commands, alerts, recent)
 
 
@@ -105,7 +122,10 @@ def render(status: dict[str, ModelStatus]) -> str:
     lines = []
     for model, st in sorted(status.items()):
         lines.append(f"model {model}")
-        serving = ", ".join(f"{v}: {ver}" for v, ver in sorted(st.serving.items())) or "no recent predictions"
+        serving = (
+            ", ".join(f"{v}: {ver}" for v, ver in sorted(st.serving.items()))
+            or "no recent predictions"
+        )
         lines.append(f"  serving now   {serving}")
         for version, stage in st.stages.items():
             lines.append(f"  version {version:<6} {stage}")

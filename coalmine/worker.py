@@ -11,15 +11,17 @@ import time
 
 from coalmine import events as contract
 from coalmine import topics
-from coalmine.broker import ensure_topics, parse_broker_url
 from coalmine.baselines import build_baselines
+from coalmine.broker import ensure_topics, parse_broker_url
 from coalmine.config import Config, ModelConfig
 from coalmine.streams.reference import first_events
 
 log = logging.getLogger("coalmine.worker")
 
 
-async def reference_from_topic(bootstrap: str, model: ModelConfig, wait_s: float = 3600) -> list[dict]:
+async def reference_from_topic(
+    bootstrap: str, model: ModelConfig, wait_s: float = 3600
+) -> list[dict]:
     """The model's first ``reference_first_events`` predictions in event time, read from the
     start of the predictions topic: every worker picks the same ones. Waits (logging) while
     the topic holds fewer, and reads each partition until no earlier event can follow."""
@@ -30,7 +32,10 @@ async def reference_from_topic(bootstrap: str, model: ModelConfig, wait_s: float
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        parts = [TopicPartition(topics.PREDICTIONS, p) for p in sorted(consumer.partitions_for_topic(topics.PREDICTIONS) or ())]
+        parts = [
+            TopicPartition(topics.PREDICTIONS, p)
+            for p in sorted(consumer.partitions_for_topic(topics.PREDICTIONS) or ())
+        ]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         found: list[dict] = []
@@ -38,7 +43,9 @@ async def reference_from_topic(bootstrap: str, model: ModelConfig, wait_s: float
         deadline, said = time.monotonic() + wait_s, 0.0
         while time.monotonic() < deadline:
             for tp, messages in (await consumer.getmany(timeout_ms=1000)).items():
-                valid, _ = contract.split_valid("prediction", [m.value for m in messages], {model.name})
+                valid, _ = contract.split_valid(
+                    "prediction", [m.value for m in messages], {model.name}
+                )
                 found += valid
                 last_ts[tp] = max([last_ts[tp]] + [e["ts"] for e in valid])
             if len(found) >= n:
@@ -49,28 +56,52 @@ async def reference_from_topic(bootstrap: str, model: ModelConfig, wait_s: float
                     return first_events(found, model.name, n)
             elif time.monotonic() - said > 10:
                 said = time.monotonic()
-                log.warning("model %s: waiting for %d reference events on %s (%d so far)",
-                            model.name, n, topics.PREDICTIONS, len(found))
-        raise TimeoutError(f"model {model.name}: fewer than {n} events on {topics.PREDICTIONS} after {wait_s:.0f}s")
+                log.warning(
+                    "model %s: waiting for %d reference events on %s (%d so far)",
+                    model.name,
+                    n,
+                    topics.PREDICTIONS,
+                    len(found),
+                )
+        raise TimeoutError(
+            f"model {model.name}: fewer than {n} events on {topics.PREDICTIONS} after {wait_s:.0f}s"
+        )
     finally:
         await consumer.stop()
 
 
-def run_worker(config: Config, broker_url: str, *, web_port: int = 6066, web_host: str = "127.0.0.1",
-               app_id: str = "coalmine",
-               partitions: int = topics.DEFAULT_PARTITIONS, loglevel: str = "warning") -> None:
+def run_worker(
+    config: Config,
+    broker_url: str,
+    *,
+    web_port: int = 6066,
+    web_host: str = "127.0.0.1",
+    app_id: str = "coalmine",
+    partitions: int = topics.DEFAULT_PARTITIONS,
+    loglevel: str = "warning",
+) -> None:
     """Blocks until the worker is stopped (SIGINT/SIGTERM)."""
     import faust
 
     from coalmine.agents.app import create_app
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     bootstrap = parse_broker_url(broker_url)
     asyncio.run(ensure_topics(bootstrap, topics.all_topics(partitions)))
     # references and calibration before joining the group, so a slow start never stalls a rebalance
-    baselines = build_baselines(config, lambda wanted: {
-        m.name: asyncio.run(reference_from_topic(bootstrap, m)) for m in wanted})
-    app = create_app(baselines, broker_url, web_port=web_port, web_host=web_host, app_id=app_id,
-                     partitions=partitions)
+    baselines = build_baselines(
+        config,
+        lambda wanted: {m.name: asyncio.run(reference_from_topic(bootstrap, m)) for m in wanted},
+    )
+    app = create_app(
+        baselines,
+        broker_url,
+        web_port=web_port,
+        web_host=web_host,
+        app_id=app_id,
+        partitions=partitions,
+    )
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -59,5 +58,7 @@ def shuttle_config(tmp_path_factory):
     """A monitor config for the simulator's model, 1 s buckets, 10 s windows."""
     d = tmp_path_factory.mktemp("config")
     simulator.write_reference(d / "reference.jsonl", n=5000)
-    simulator.write_demo_config(d / "monitor.toml", d / "reference.jsonl", bucket="1s", window="10s")
+    simulator.write_demo_config(
+        d / "monitor.toml", d / "reference.jsonl", bucket="1s", window="10s"
+    )
     return d / "monitor.toml"

@@ -53,8 +53,17 @@ async def partition_counts(bootstrap: str) -> dict[str, int]:
 
 
 def prediction(i: int) -> dict:
-    return {"event_id": f"e{i}", "request_id": f"r{i}", "model": "m", "version": "v1", "variant": "champion",
-            "ts": 1_700_000_000_000 + i, "features": {"f0": i / 7}, "prediction": i % 2, "status": "ok"}
+    return {
+        "event_id": f"e{i}",
+        "request_id": f"r{i}",
+        "model": "m",
+        "version": "v1",
+        "variant": "champion",
+        "ts": 1_700_000_000_000 + i,
+        "features": {"f0": i / 7},
+        "prediction": i % 2,
+        "status": "ok",
+    }
 
 
 # ------------------------------------------------------------------ variant assignment (no broker)
@@ -72,12 +81,23 @@ def test_assign_variant_proportions_follow_the_weights():
 def test_assign_variant_is_stable_across_calls_and_processes():
     ids = [f"user-{i}" for i in range(8)]
     here = [assign_variant(u, {"a": 1, "b": 1}, salt="exp-1") for u in ids]
-    assert here == [assign_variant(u, {"a": 0.5, "b": 0.5}, salt="exp-1") for u in ids]  # normalised
+    assert here == [
+        assign_variant(u, {"a": 0.5, "b": 0.5}, salt="exp-1") for u in ids
+    ]  # normalised
     # pinned: producers in other processes (or languages, from the docstring) must agree
     assert here == ["b", "a", "b", "b", "b", "b", "b", "a"]
-    other = subprocess.run([sys.executable, "-c", "from coalmine.client import assign_variant as a; "
-                            f"print([a(u, {{'a': 1, 'b': 1}}, salt='exp-1') for u in {ids}])"],
-                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "7"})
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from coalmine.client import assign_variant as a; "
+            f"print([a(u, {{'a': 1, 'b': 1}}, salt='exp-1') for u in {ids}])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "7"},
+    )
     assert eval(other.stdout) == here
 
 
@@ -86,7 +106,9 @@ def test_assign_variant_ramp_keeps_earlier_canary_units_and_salt_reshuffles():
     at5 = {u for u in ids if assign_variant(u, {"champion": 95, "canary": 5}) == "canary"}
     at25 = {u for u in ids if assign_variant(u, {"champion": 75, "canary": 25}) == "canary"}
     assert at5 < at25
-    salted = {u for u in ids if assign_variant(u, {"champion": 95, "canary": 5}, salt="exp-2") == "canary"}
+    salted = {
+        u for u in ids if assign_variant(u, {"champion": 95, "canary": 5}, salt="exp-2") == "canary"
+    }
     assert len(salted & at5) < 0.2 * len(at5)  # independent: about 5 % overlap expected
 
 
@@ -125,9 +147,15 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
 def test_embedded_broker_dies_with_its_owner_even_on_sigkill():
     owner = subprocess.Popen(
-        [sys.executable, "-c", "import time; from coalmine.broker import EmbeddedBroker; "
-                               "b = EmbeddedBroker().start(); print(b.process.pid, flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import time; from coalmine.broker import EmbeddedBroker; "
+            "b = EmbeddedBroker().start(); print(b.process.pid, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         broker_pid = int(owner.stdout.readline())
         assert _alive(broker_pid)
@@ -135,7 +163,9 @@ def test_embedded_broker_dies_with_its_owner_even_on_sigkill():
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     try:
-        wait_until(lambda: not _alive(broker_pid), 10, "the broker to die with its owner", interval=0.1)
+        wait_until(
+            lambda: not _alive(broker_pid), 10, "the broker to die with its owner", interval=0.1
+        )
     except TimeoutError:
         os.kill(broker_pid, signal.SIGKILL)
         raise AssertionError("the broker outlived the process that started it") from None
@@ -171,8 +201,16 @@ def test_published_events_all_come_back_keyed_for_co_partitioning(broker):
             assert await pub.publish_many(preds, events[:-1]) == n - 1
             await pub.publish(preds, orjson.dumps(events[-1]))  # bytes are keyed too
             for e in events[:50]:
-                await pub.publish(labels, {"event_id": f"l{e['request_id']}", "request_id": e["request_id"],
-                                           "model": "m", "ts": e["ts"], "label": 1})
+                await pub.publish(
+                    labels,
+                    {
+                        "event_id": f"l{e['request_id']}",
+                        "request_id": e["request_id"],
+                        "model": "m",
+                        "ts": e["ts"],
+                        "label": 1,
+                    },
+                )
             await pub.publish(labels, {"request_id": "r0"}, key="explicit")
 
     asyncio.run(publish())
@@ -187,8 +225,9 @@ def test_published_events_all_come_back_keyed_for_co_partitioning(broker):
     assert len({m.partition for m in records}) == 6
     partition_of = {m.key: m.partition for m in records}
     label_records = asyncio.run(read_all(broker.bootstrap, labels))
-    assert sorted(m.key for m in label_records) == sorted([b"explicit"] + [e["request_id"].encode()
-                                                                           for e in events[:50]])
+    assert sorted(m.key for m in label_records) == sorted(
+        [b"explicit"] + [e["request_id"].encode() for e in events[:50]]
+    )
     # a label lands where its prediction is: the join stays local to a partition
     assert all(m.partition == partition_of[m.key] for m in label_records if m.key != b"explicit")
 
@@ -205,7 +244,9 @@ def test_tail_from_end_skips_what_was_there(broker):
             stream = tail(broker.bootstrap, topic, from_end=True, until_idle=1.0)
             first = asyncio.ensure_future(stream.__anext__())
             probes = 0
-            while not first.done():  # probes until one comes back: the tail has taken its end offsets
+            while (
+                not first.done()
+            ):  # probes until one comes back: the tail has taken its end offsets
                 await pub.publish(topic, {"model": "probe", "i": probes})
                 probes += 1
                 await asyncio.wait([first], timeout=0.1)
@@ -216,7 +257,11 @@ def test_tail_from_end_skips_what_was_there(broker):
 
     got = asyncio.run(run())
     assert got[0]["model"] == "probe"
-    assert sorted((r["model"], r["i"]) for r in got if r["model"] != "probe") == [("new", 0), ("new", 1), ("new", 2)]
+    assert sorted((r["model"], r["i"]) for r in got if r["model"] != "probe") == [
+        ("new", 0),
+        ("new", 1),
+        ("new", 2),
+    ]
 
 
 @pytest.mark.integration
@@ -236,15 +281,27 @@ def test_cli_publish_then_tail_counts_every_line_including_non_json(broker, tmp_
     topic = unique("predictions")
     asyncio.run(ensure_topics(broker.bootstrap, {topic: 6}))
     path = tmp_path / "events.jsonl"
-    path.write_bytes(b"\n".join(orjson.dumps(prediction(i)) for i in range(40)) + b"\nnot json {\n\n")
+    path.write_bytes(
+        b"\n".join(orjson.dumps(prediction(i)) for i in range(40)) + b"\nnot json {\n\n"
+    )
     stdin_events = b"\n".join(orjson.dumps(prediction(i)) for i in range(40, 50)) + b"\n"
 
-    sent = subprocess.run([COALMINE, "publish", "--broker", broker.url, "--topic", topic, str(path), "-"],
-                          input=stdin_events, capture_output=True, check=True, timeout=60)
+    sent = subprocess.run(
+        [COALMINE, "publish", "--broker", broker.url, "--topic", topic, str(path), "-"],
+        input=stdin_events,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
     assert b"published 51 events" in sent.stdout
 
-    out = subprocess.run([COALMINE, "tail", topic, "--until-idle", "1"], capture_output=True, check=True,
-                         timeout=60, env={**os.environ, "COALMINE_BROKER": broker.url})
+    out = subprocess.run(
+        [COALMINE, "tail", topic, "--until-idle", "1"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "COALMINE_BROKER": broker.url},
+    )
     lines = [orjson.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) == 51
     assert [r for r in lines if "_raw" in r] == [{"_raw": "not json {"}]
@@ -252,7 +309,11 @@ def test_cli_publish_then_tail_counts_every_line_including_non_json(broker, tmp_
 
 
 def test_cli_reports_bad_input_without_a_traceback():
-    missing = subprocess.run([COALMINE, "tail", "alerts", "--broker", "localhost"],
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [COALMINE, "tail", "alerts", "--broker", "localhost"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode != 0
     assert "expected kafka://HOST:PORT" in missing.stderr and "Traceback" not in missing.stderr

@@ -16,20 +16,44 @@ from coalmine.reference_files import load_reference
 BASE = {"name": "m", "reference": "ref.jsonl"}
 
 
-@pytest.mark.parametrize("doc,message", [
-    ({"models": [{**BASE, "bucket": "5 parsecs"}]}, "models[0].bucket: expected a duration"),
-    ({"models": [{**BASE, "windw": "10s"}]}, "models[0].windw: unknown key"),
-    ({"defaults": {"window": "10s", "bucket": "3s"}, "models": [BASE]}, "models[0].window: must be a whole number of buckets"),
-    ({"models": [{**BASE, "checks": ["drift", "vibes"]}]}, "models[0].checks: unknown check 'vibes'"),
-    ({"models": [{"name": "m"}]}, "models[0].reference: give exactly one of reference"),
-    ({"models": [{**BASE, "reference_first_events": 500}]}, "models[0].reference: give exactly one of"),
-    ({"models": [{"name": "m", "reference_first_events": 5}]}, "models[0].reference_first_events: expected an integer >= 100"),
-    ({"models": [{**BASE, "canary": {"steps": [5, 50]}}]}, "models[0].canary.steps: expected increasing percentages"),
-    ({"models": [{**BASE, "shadow": {"min_agreement": 2}}]}, "models[0].shadow.min_agreement: expected a number in [0, 1)"),
-    ({"models": [BASE, BASE]}, "models[1].name: duplicate model name 'm'"),
-    ({"defaults": {"false_alarm_every_events": -1}, "models": [BASE]}, "defaults.false_alarm_every_events: expected a positive integer"),
-    ({"models": []}, "models: expected at least one [[models]] table"),
-])
+@pytest.mark.parametrize(
+    "doc,message",
+    [
+        ({"models": [{**BASE, "bucket": "5 parsecs"}]}, "models[0].bucket: expected a duration"),
+        ({"models": [{**BASE, "windw": "10s"}]}, "models[0].windw: unknown key"),
+        (
+            {"defaults": {"window": "10s", "bucket": "3s"}, "models": [BASE]},
+            "models[0].window: must be a whole number of buckets",
+        ),
+        (
+            {"models": [{**BASE, "checks": ["drift", "vibes"]}]},
+            "models[0].checks: unknown check 'vibes'",
+        ),
+        ({"models": [{"name": "m"}]}, "models[0].reference: give exactly one of reference"),
+        (
+            {"models": [{**BASE, "reference_first_events": 500}]},
+            "models[0].reference: give exactly one of",
+        ),
+        (
+            {"models": [{"name": "m", "reference_first_events": 5}]},
+            "models[0].reference_first_events: expected an integer >= 100",
+        ),
+        (
+            {"models": [{**BASE, "canary": {"steps": [5, 50]}}]},
+            "models[0].canary.steps: expected increasing percentages",
+        ),
+        (
+            {"models": [{**BASE, "shadow": {"min_agreement": 2}}]},
+            "models[0].shadow.min_agreement: expected a number in [0, 1)",
+        ),
+        ({"models": [BASE, BASE]}, "models[1].name: duplicate model name 'm'"),
+        (
+            {"defaults": {"false_alarm_every_events": -1}, "models": [BASE]},
+            "defaults.false_alarm_every_events: expected a positive integer",
+        ),
+        ({"models": []}, "models: expected at least one [[models]] table"),
+    ],
+)
 def test_bad_config_names_the_field(doc, message):
     with pytest.raises(ConfigError) as err:
         parse_config(doc)
@@ -44,8 +68,12 @@ def test_missing_reference_file_is_named(tmp_path):
 
 def test_worker_refuses_a_bad_config_with_the_field_in_the_message(tmp_path):
     (tmp_path / "m.toml").write_text('[[models]]\nname = "m"\nreference = "r.jsonl"\nbucket = 5\n')
-    out = subprocess.run([sys.executable, "-m", "coalmine", "worker", "--config", str(tmp_path / "m.toml")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "coalmine", "worker", "--config", str(tmp_path / "m.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0
     assert "models[0].bucket: expected a duration" in out.stderr and "Traceback" not in out.stderr
 
@@ -56,12 +84,19 @@ def test_reference_from_jsonl_csv_and_parquet_agree(tmp_path):
     import pyarrow.parquet as pq
 
     simulator.write_reference(tmp_path / "ref.jsonl", n=500)
-    rows = [{**e["features"], "prediction": e["prediction"], "label": e["label"],
-             **{f"scores.{c}": p for c, p in e["scores"].items()}}
-            for e in map(orjson.loads, (tmp_path / "ref.jsonl").read_bytes().splitlines())]
+    rows = [
+        {
+            **e["features"],
+            "prediction": e["prediction"],
+            "label": e["label"],
+            **{f"scores.{c}": p for c, p in e["scores"].items()},
+        }
+        for e in map(orjson.loads, (tmp_path / "ref.jsonl").read_bytes().splitlines())
+    ]
     names = list(rows[0])
-    (tmp_path / "ref.csv").write_text(",".join(names) + "\n" + "\n".join(
-        ",".join(str(r[k]) for k in names) for r in rows) + "\n")
+    (tmp_path / "ref.csv").write_text(
+        ",".join(names) + "\n" + "\n".join(",".join(str(r[k]) for k in names) for r in rows) + "\n"
+    )
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ref.parquet")
     refs = [load_reference(tmp_path / f"ref.{ext}") for ext in ("jsonl", "csv", "parquet")]
     assert [n for n in refs[0].columns if n.startswith("scores.")] == ["scores.0", "scores.1"]
@@ -75,9 +110,13 @@ def test_reference_from_jsonl_csv_and_parquet_agree(tmp_path):
 def test_reference_from_the_first_events_of_a_replayed_file(tmp_path):
     from coalmine.replay import replay_files
 
-    (tmp_path / "m.toml").write_text('[defaults]\nwindow = "10s"\n[[models]]\nname = "shuttle"\n'
-                                     'reference_first_events = 3000\nchecks = ["drift"]\n')
-    s = simulator.Scenario(n_events=18_000, rate_per_s=300, drift_at=12_000, drift_size=1.0, seed=21)
+    (tmp_path / "m.toml").write_text(
+        '[defaults]\nwindow = "10s"\n[[models]]\nname = "shuttle"\n'
+        'reference_first_events = 3000\nchecks = ["drift"]\n'
+    )
+    s = simulator.Scenario(
+        n_events=18_000, rate_per_s=300, drift_at=12_000, drift_size=1.0, seed=21
+    )
     simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
     run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", progress=False)
     change = s.start_ts_ms + 12_000 * 1000 // 300
@@ -126,15 +165,31 @@ REFUSED = [
 ]
 # values just inside each range
 ACCEPTED = [
-    (None, "false_alarm_every_events", 1), (None, "bins", 4), (None, "bins", 1024),
-    (None, "min_window_events", 1), (None, "baseline_error_rate", 0), (None, "baseline_error_rate", 0.999),
+    (None, "false_alarm_every_events", 1),
+    (None, "bins", 4),
+    (None, "bins", 1024),
+    (None, "min_window_events", 1),
+    (None, "baseline_error_rate", 0),
+    (None, "baseline_error_rate", 0.999),
     (None, "shift_to_detect_sd", 1e-9),
-    ("canary", "steps", [100]), ("canary", "steps", [0.5, 99.5, 100]), ("canary", "min_events", 1),
-    ("canary", "max_error_rate", 1e-9), ("canary", "max_error_rate", 0.999), ("canary", "max_p99_latency_ms", 0.5),
-    ("shadow", "min_agreement", 0), ("shadow", "min_agreement", 0.999), ("shadow", "min_events", 1),
-    ("shadow", "tolerance", 0), ("shadow", "tolerance", 2.5),
-    ("ab", "alpha", 1e-9), ("ab", "alpha", 0.999), ("ab", "mde_sd", 1e-9),
-    ("ab", "srm_alpha", 1e-9), ("ab", "srm_alpha", 0.999), ("ab", "canary_weight", 0.1), ("ab", "canary_weight", 99.9),
+    ("canary", "steps", [100]),
+    ("canary", "steps", [0.5, 99.5, 100]),
+    ("canary", "min_events", 1),
+    ("canary", "max_error_rate", 1e-9),
+    ("canary", "max_error_rate", 0.999),
+    ("canary", "max_p99_latency_ms", 0.5),
+    ("shadow", "min_agreement", 0),
+    ("shadow", "min_agreement", 0.999),
+    ("shadow", "min_events", 1),
+    ("shadow", "tolerance", 0),
+    ("shadow", "tolerance", 2.5),
+    ("ab", "alpha", 1e-9),
+    ("ab", "alpha", 0.999),
+    ("ab", "mde_sd", 1e-9),
+    ("ab", "srm_alpha", 1e-9),
+    ("ab", "srm_alpha", 0.999),
+    ("ab", "canary_weight", 0.1),
+    ("ab", "canary_weight", 99.9),
 ]
 
 
@@ -163,8 +218,12 @@ def test_values_just_inside_each_range_are_accepted(table, key, value):
 def test_every_numeric_setting_has_its_ends_tested():
     from coalmine.config import _NUMBER_KEYS, _ROLLOUT_KEYS
 
-    keys = {(None, k) for k in _NUMBER_KEYS} | {(t, k) for t, keys in _ROLLOUT_KEYS.items()
-                                               for k, spec in keys.items() if spec[0] is not None}
+    keys = {(None, k) for k in _NUMBER_KEYS} | {
+        (t, k)
+        for t, keys in _ROLLOUT_KEYS.items()
+        for k, spec in keys.items()
+        if spec[0] is not None
+    }
     assert {(t, k) for t, k, *_ in REFUSED} == keys
     assert {(t, k) for t, k, _ in ACCEPTED} == keys
     for table, key, _, expected in REFUSED:  # the message in the table is the one tested
@@ -173,6 +232,10 @@ def test_every_numeric_setting_has_its_ends_tested():
 
 
 def test_an_ab_alpha_of_zero_stops_start_up_instead_of_crashing_later(tmp_path):
-    (tmp_path / "m.toml").write_text('[[models]]\nname = "m"\nreference = "r.jsonl"\n[models.ab]\nalpha = 0\n')
-    with pytest.raises(ConfigError, match=r"models\[0\]\.ab\.alpha: expected a number in \(0, 1\), got 0"):
+    (tmp_path / "m.toml").write_text(
+        '[[models]]\nname = "m"\nreference = "r.jsonl"\n[models.ab]\nalpha = 0\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"models\[0\]\.ab\.alpha: expected a number in \(0, 1\), got 0"
+    ):
         load_config(tmp_path / "m.toml")

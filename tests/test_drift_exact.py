@@ -42,8 +42,12 @@ def _winsorized(layout, values):
 
 def _binned_wasserstein(layout, r, w):
     e = layout.edges["x"]
-    return drift.wasserstein_statistic(drift.bin_positions(r.counts, r.sums, e), r.counts,
-                                       drift.bin_positions(w.counts, w.sums, e), w.counts)
+    return drift.wasserstein_statistic(
+        drift.bin_positions(r.counts, r.sums, e),
+        r.counts,
+        drift.bin_positions(w.counts, w.sums, e),
+        w.counts,
+    )
 
 
 def _cases():
@@ -101,6 +105,7 @@ def test_psi_and_js_match_direct_formulas():
     p, q = ref / ref.sum(), win / win.sum()
     assert float(drift.psi_statistic(ref, win)) == pytest.approx(((q - p) * np.log(q / p)).sum())
     from scipy.spatial.distance import jensenshannon
+
     assert float(drift.js_statistic(ref, win)) == pytest.approx(jensenshannon(p, q, base=2) ** 2)
 
 

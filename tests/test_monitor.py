@@ -6,8 +6,19 @@ import zlib
 import numpy as np
 import pytest
 
-from coalmine.streams import (VARIANTS, Baseline, Bucket, Evaluation, Evaluator, ModelSettings, ReferenceData,
-                              Sketcher, SlidingWindow, Window, drift)
+from coalmine.streams import (
+    VARIANTS,
+    Baseline,
+    Bucket,
+    Evaluation,
+    Evaluator,
+    ModelSettings,
+    ReferenceData,
+    Sketcher,
+    SlidingWindow,
+    Window,
+    drift,
+)
 from coalmine.streams.sketch import Layout
 
 PER_BUCKET = 200
@@ -16,11 +27,21 @@ PER_BUCKET = 200
 @pytest.fixture(scope="module")
 def monitor():
     rng = np.random.default_rng(1)
-    ref = ReferenceData({"f0": rng.standard_normal(5000), "f1": rng.exponential(size=5000),
-                         "color": np.array(rng.choice(["red", "blue"], 5000), dtype=object),
-                         "prediction": rng.integers(0, 3, 5000).astype(float)}, None)
-    settings = ModelSettings(name="m", bucket_ms=1000, window_ms=20_000,
-                             checks=("drift", "prediction_drift", "missing_rate"))
+    ref = ReferenceData(
+        {
+            "f0": rng.standard_normal(5000),
+            "f1": rng.exponential(size=5000),
+            "color": np.array(rng.choice(["red", "blue"], 5000), dtype=object),
+            "prediction": rng.integers(0, 3, 5000).astype(float),
+        },
+        None,
+    )
+    settings = ModelSettings(
+        name="m",
+        bucket_ms=1000,
+        window_ms=20_000,
+        checks=("drift", "prediction_drift", "missing_rate"),
+    )
     return Baseline(settings, ref)
 
 
@@ -29,17 +50,31 @@ def stream(buckets, shift_from=None, shift=0.0, seed=2, missing_from=None, scale
     out = []
     for b in range(buckets):
         drifted = shift_from is not None and b >= shift_from
-        f0 = rng.standard_normal(PER_BUCKET) * (scale if drifted else 1.0) + (shift if drifted else 0)
+        f0 = rng.standard_normal(PER_BUCKET) * (scale if drifted else 1.0) + (
+            shift if drifted else 0
+        )
         f1 = rng.exponential(size=PER_BUCKET)
         color = rng.choice(["red", "blue"], PER_BUCKET)
         pred = rng.integers(0, 3, PER_BUCKET)
         for j in range(PER_BUCKET):
             gone = missing_from is not None and b >= missing_from and j % 5 == 0
-            out.append({"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m",
-                        "version": "1", "variant": "champion", "ts": b * 1000 + j * 4,
-                        "features": {"f0": float(f0[j]), "f1": None if gone else float(f1[j]),
-                                     "color": str(color[j])},
-                        "prediction": int(pred[j]), "status": "ok"})
+            out.append(
+                {
+                    "event_id": f"{b}-{j}",
+                    "request_id": f"{b}-{j}",
+                    "model": "m",
+                    "version": "1",
+                    "variant": "champion",
+                    "ts": b * 1000 + j * 4,
+                    "features": {
+                        "f0": float(f0[j]),
+                        "f1": None if gone else float(f1[j]),
+                        "color": str(color[j]),
+                    },
+                    "prediction": int(pred[j]),
+                    "status": "ok",
+                }
+            )
     return out
 
 
@@ -49,9 +84,13 @@ def run(monitor, events, sources=1, chunk=500) -> list[dict]:
     evaluator = Evaluator(monitor, sources=sources)
     alerts = []
     for start in range(0, len(events), chunk):
-        part = events[start:start + chunk]
+        part = events[start : start + chunk]
         for s, sk in enumerate(sketchers):
-            mine = [e for e in part if zlib.crc32(e["request_id"].encode()) % sources == s] if sources > 1 else part
+            mine = (
+                [e for e in part if zlib.crc32(e["request_id"].encode()) % sources == s]
+                if sources > 1
+                else part
+            )
             assert sk.add_predictions(mine) == []
             for p in sk.close():
                 alerts += evaluator.add(p).alerts
@@ -83,8 +122,13 @@ def test_feature_and_model_wide_alerts_fire_side_by_side(monitor):
     evaluator = Evaluator(monitor)
     for b in range(4):
         for feature, statistic in (("f0", "cusum"), (None, "cusum_joint")):
-            evaluator.alerts.observe(b, True, Evaluation("m", b, Window(0, b, 1), "champion", "drift", feature,
-                                                         statistic, 2.0, 1.0))
+            evaluator.alerts.observe(
+                b,
+                True,
+                Evaluation(
+                    "m", b, Window(0, b, 1), "champion", "drift", feature, statistic, 2.0, 1.0
+                ),
+            )
     assert evaluator.alerts.firing == [("champion", "drift", None), ("champion", "drift", "f0")]
 
 
@@ -93,7 +137,9 @@ def test_a_scale_change_fires_the_spread_cusum_within_a_few_buckets(monitor):
     spread CUSUM (squared distance of the rank from the median) does."""
     alerts = run(monitor, stream(120, shift_from=60, scale=1.5))
     firing = [a for a in alerts if a["state"] == "firing"]
-    assert firing and all(a.get("feature") == "f0" for a in firing if a["statistic"] != "cusum_joint")
+    assert firing and all(
+        a.get("feature") == "f0" for a in firing if a["statistic"] != "cusum_joint"
+    )
     assert firing[0]["statistic"] == "cusum_spread"
     assert 60_000 < firing[0]["ts"] <= 64_000
 
@@ -102,13 +148,22 @@ def test_the_location_cusum_sums_smoothed_ranks_exactly_from_bins(monitor):
     """A bucket's sum of smoothed reference ranks, taken from its bin counts and sums, equals
     the sum of each event's own score (ties included)."""
     rng = np.random.default_rng(5)
-    values = np.concatenate([rng.standard_normal(300), np.round(rng.standard_normal(200), 1),
-                             [-50.0, 50.0]])  # ties, and both open outer bins
+    values = np.concatenate(
+        [rng.standard_normal(300), np.round(rng.standard_normal(200), 1), [-50.0, 50.0]]
+    )  # ties, and both open outer bins
     col = next(c for c in monitor.columns if c.name == "f0")
     block = monitor.numeric_block
-    bucket = monitor.layout.fold({**{n: np.full(len(values), np.nan) for n in monitor.layout.names
-                                      if monitor.layout.kinds[n] == "numeric"}, "f0": values,
-                                  "color": np.full(len(values), None, dtype=object)})
+    bucket = monitor.layout.fold(
+        {
+            **{
+                n: np.full(len(values), np.nan)
+                for n in monitor.layout.names
+                if monitor.layout.kinds[n] == "numeric"
+            },
+            "f0": values,
+            "color": np.full(len(values), None, dtype=object),
+        }
+    )
     location, _ = block.new_cusums(k=0.0)
     block.update_cusums((location, _), bucket, threshold=1e9)
     row = block.columns.index(col)
@@ -149,7 +204,9 @@ def test_resent_partial_is_merged_once(monitor):
         once.add(p)
         twice.add(p)
         twice.add(p)
-    assert [b.variants["champion"].n for b in once.window.buckets] == [b.variants["champion"].n for b in twice.window.buckets]
+    assert [b.variants["champion"].n for b in once.window.buckets] == [
+        b.variants["champion"].n for b in twice.window.buckets
+    ]
 
 
 def test_unknown_model_is_rejected(monitor):
@@ -158,7 +215,9 @@ def test_unknown_model_is_rejected(monitor):
     assert sk.add_predictions([ev]) == [(0, "unknown model 'other'")]
 
 
-@pytest.mark.parametrize("x,n,x_ref,n_ref", [(12, 1000, 12, 5000), (3, 200, 0, 5000), (40, 900, 30, 900)])
+@pytest.mark.parametrize(
+    "x,n,x_ref,n_ref", [(12, 1000, 12, 5000), (3, 200, 0, 5000), (40, 900, 30, 900)]
+)
 def test_rate_increase_matches_scipy_binomtest(x, n, x_ref, n_ref):
     from scipy.stats import binomtest
 
@@ -179,11 +238,30 @@ def test_regression_performance_fires_when_absolute_error_grows():
     for b in range(60):
         xs = rng.standard_normal(200)
         noise = 0.5 if b < 30 else 1.0  # the model gets worse at bucket 30
-        preds = [{"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "version": "1",
-                  "variant": "champion", "ts": b * 1000 + j * 5, "features": {"x": float(xs[j])},
-                  "prediction": float(2 * xs[j]), "status": "ok"} for j in range(200)]
-        labels = [{"event_id": f"l{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "ts": b * 1000 + j * 5,
-                   "label": float(2 * xs[j] + rng.normal(0, noise))} for j in range(200)]
+        preds = [
+            {
+                "event_id": f"{b}-{j}",
+                "request_id": f"{b}-{j}",
+                "model": "m",
+                "version": "1",
+                "variant": "champion",
+                "ts": b * 1000 + j * 5,
+                "features": {"x": float(xs[j])},
+                "prediction": float(2 * xs[j]),
+                "status": "ok",
+            }
+            for j in range(200)
+        ]
+        labels = [
+            {
+                "event_id": f"l{b}-{j}",
+                "request_id": f"{b}-{j}",
+                "model": "m",
+                "ts": b * 1000 + j * 5,
+                "label": float(2 * xs[j] + rng.normal(0, noise)),
+            }
+            for j in range(200)
+        ]
         sk.add_predictions(preds)
         sk.add_labels(labels)
         for p in sk.close():
@@ -200,16 +278,25 @@ def test_file_replay_is_byte_identical(tmp_path):
 
     simulator.write_reference(tmp_path / "ref.jsonl", n=3000)
     simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
-    s = simulator.Scenario(n_events=15_000, rate_per_s=300, drift_at=7000, drift_size=0.8, bad_event_every=300)
+    s = simulator.Scenario(
+        n_events=15_000, rate_per_s=300, drift_at=7000, drift_size=0.8, bad_event_every=300
+    )
     simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
     outputs = []
     for i in range(2):
         with open(tmp_path / f"e{i}.jsonl", "wb") as evaluations:
-            run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl",
-                               progress=False, on_evaluations=lambda batch: write_jsonl(batch, evaluations))
+            run = replay_files(
+                load_config(tmp_path / "m.toml"),
+                tmp_path / "p.jsonl",
+                tmp_path / "l.jsonl",
+                progress=False,
+                on_evaluations=lambda batch: write_jsonl(batch, evaluations),
+            )
             write_jsonl(run.alerts, evaluations)
         outputs.append((tmp_path / f"e{i}.jsonl").read_bytes())
-    assert run.alerts and outputs[0].count(b"\n") > 10 * len(run.alerts) and outputs[0] == outputs[1]
+    assert (
+        run.alerts and outputs[0].count(b"\n") > 10 * len(run.alerts) and outputs[0] == outputs[1]
+    )
 
 
 def test_sliding_window_equals_the_sum_of_its_buckets():
@@ -221,8 +308,11 @@ def test_sliding_window_equals_the_sum_of_its_buckets():
     for i in range(60):
         if i == 23:
             window.forget("canary")
-        variants = {v: layout.fold({"x": rng.standard_normal(int(rng.integers(1, 50))) * 100})
-                    for v in VARIANTS if rng.random() < (0.9 if v == "champion" else 0.3)}
+        variants = {
+            v: layout.fold({"x": rng.standard_normal(int(rng.integers(1, 50))) * 100})
+            for v in VARIANTS
+            if rng.random() < (0.9 if v == "champion" else 0.3)
+        }
         got = window.append(Bucket(i * 1000, variants))
         expected: dict = {}
         for b in window.buckets:
@@ -230,7 +320,10 @@ def test_sliding_window_equals_the_sum_of_its_buckets():
                 expected[v] = expected[v] + summary if v in expected else summary
         assert list(got) == sorted(expected)
         for v, summary in got.items():
-            assert summary.n == expected[v].n and summary.counts.tolist() == expected[v].counts.tolist()
+            assert (
+                summary.n == expected[v].n
+                and summary.counts.tolist() == expected[v].counts.tolist()
+            )
             np.testing.assert_allclose(summary.sums, expected[v].sums, rtol=1e-12, atol=1e-9)
 
 
@@ -242,10 +335,21 @@ def scored_stream(buckets, unsure_from=None, seed=4):
     for b in range(buckets):
         p1 = 0.5 + rng.beta(8 if unsure_from is None or b < unsure_from else 4, 2, PER_BUCKET) / 2
         f0 = rng.standard_normal(PER_BUCKET)
-        out += [{"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "version": "1",
-                 "variant": "champion", "ts": b * 1000 + j * 4, "features": {"f0": float(f0[j])},
-                 "prediction": 1, "scores": {"0": float(1 - p1[j]), "1": float(p1[j])}, "status": "ok"}
-                for j in range(PER_BUCKET)]
+        out += [
+            {
+                "event_id": f"{b}-{j}",
+                "request_id": f"{b}-{j}",
+                "model": "m",
+                "version": "1",
+                "variant": "champion",
+                "ts": b * 1000 + j * 4,
+                "features": {"f0": float(f0[j])},
+                "prediction": 1,
+                "scores": {"0": float(1 - p1[j]), "1": float(p1[j])},
+                "status": "ok",
+            }
+            for j in range(PER_BUCKET)
+        ]
     return out
 
 
@@ -256,12 +360,18 @@ def test_score_drift_fires_prediction_drift_for_the_class_scores():
 
     ref = reference_from_rows(event_rows(scored_stream(25, seed=1)))
     assert [n for n in ref.columns if n != "f0"] == ["prediction", "scores.0", "scores.1"]
-    scored = Baseline(ModelSettings(name="m", bucket_ms=1000, window_ms=20_000,
-                                    checks=("drift", "prediction_drift")), ref)
+    scored = Baseline(
+        ModelSettings(
+            name="m", bucket_ms=1000, window_ms=20_000, checks=("drift", "prediction_drift")
+        ),
+        ref,
+    )
     assert run(scored, scored_stream(150)) == []
     firing = [a for a in run(scored, scored_stream(120, unsure_from=60)) if a["state"] == "firing"]
-    assert {(a["check"], a["feature"]) for a in firing} == {("prediction_drift", "scores.0"),
-                                                            ("prediction_drift", "scores.1")}
+    assert {(a["check"], a["feature"]) for a in firing} == {
+        ("prediction_drift", "scores.0"),
+        ("prediction_drift", "scores.1"),
+    }
     assert all(60_000 < a["ts"] <= 65_000 for a in firing)
 
 
@@ -280,14 +390,19 @@ def test_a_version_hand_over_mid_bucket_is_not_credited_to_the_new_version(monit
         evaluator = Evaluator(monitor, sources=sources)
         seen, evaluate = {}, evaluator.evaluate
 
-        def watch(bucket):
+        def watch(bucket, evaluate=evaluate, evaluator=evaluator, seen=seen):
             out = evaluate(bucket)
-            seen[bucket.start] = (evaluator.versions.get("canary"), evaluator.window.sums["canary"].n)
+            seen[bucket.start] = (
+                evaluator.versions.get("canary"),
+                evaluator.window.sums["canary"].n,
+            )
             return out
 
         evaluator.evaluate = watch
         for s, sk in enumerate(sketchers):
-            sk.add_predictions([e for e in events if zlib.crc32(e["request_id"].encode()) % sources == s])
+            sk.add_predictions(
+                [e for e in events if zlib.crc32(e["request_id"].encode()) % sources == s]
+            )
         for sk in sketchers:
             for p in sk.flush():
                 evaluator.add(p)
@@ -311,20 +426,43 @@ def test_replay_command_writes_alerts_and_every_evaluation(tmp_path, capsys):
     simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
     s = simulator.Scenario(n_events=9000, rate_per_s=300, drift_at=4500, drift_size=0.8)
     simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
-    code = main(["replay", "--predictions", str(tmp_path / "p.jsonl"), "--labels", str(tmp_path / "l.jsonl"),
-                 "--config", str(tmp_path / "m.toml"), "--alerts", str(tmp_path / "a.jsonl"),
-                 "--evaluations", str(tmp_path / "e.jsonl"), "--quiet"])
+    code = main(
+        [
+            "replay",
+            "--predictions",
+            str(tmp_path / "p.jsonl"),
+            "--labels",
+            str(tmp_path / "l.jsonl"),
+            "--config",
+            str(tmp_path / "m.toml"),
+            "--alerts",
+            str(tmp_path / "a.jsonl"),
+            "--evaluations",
+            str(tmp_path / "e.jsonl"),
+            "--quiet",
+        ]
+    )
     assert code == 0 and "alert changes" in capsys.readouterr().err
     alerts = [orjson.loads(line) for line in (tmp_path / "a.jsonl").read_bytes().splitlines()]
-    expected = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl",
-                            progress=False).alerts
-    assert alerts and alerts == orjson.loads(orjson.dumps([a.to_json() for a in expected],
-                                                          option=orjson.OPT_SERIALIZE_NUMPY))
+    expected = replay_files(
+        load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl", progress=False
+    ).alerts
+    assert alerts and alerts == orjson.loads(
+        orjson.dumps([a.to_json() for a in expected], option=orjson.OPT_SERIALIZE_NUMPY)
+    )
     evaluations = [orjson.loads(line) for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
     buckets = {e["ts"] for e in evaluations}
     assert len(buckets) >= 9000 // 300  # one per second of predictions (labels run 2 s later)
     for e in evaluations:
-        assert {"model", "variant", "check", "feature", "statistic", "value", "threshold"} <= e.keys()
+        assert {
+            "model",
+            "variant",
+            "check",
+            "feature",
+            "statistic",
+            "value",
+            "threshold",
+        } <= e.keys()
         assert {"start_ts", "end_ts", "n"} <= e["window"].keys()
     cusum = [e for e in evaluations if e["feature"] == "f1" and e["statistic"] == "cusum"]
     assert len(cusum) == len(buckets) and cusum[-1]["value"] > cusum[-1]["threshold"]
@@ -336,16 +474,28 @@ def test_a_correlation_break_fires_only_the_joint_cusum():
     rng = np.random.default_rng(8)
     base = rng.standard_normal(5000)
     ref = ReferenceData({"a": base, "b": 0.95 * base + 0.31 * rng.standard_normal(5000)}, None)
-    mon = Baseline(ModelSettings(name="m", bucket_ms=1000, window_ms=20_000, checks=("drift",)), ref)
+    mon = Baseline(
+        ModelSettings(name="m", bucket_ms=1000, window_ms=20_000, checks=("drift",)), ref
+    )
     events = []
     for b in range(120):
         a = rng.standard_normal(PER_BUCKET)
         together = 0.95 * a + 0.31 * rng.standard_normal(PER_BUCKET)
         apart = rng.standard_normal(PER_BUCKET)  # same N(0, 1) marginal, no tie to a
         for j in range(PER_BUCKET):
-            events.append({"event_id": f"{b}-{j}", "request_id": f"{b}-{j}", "model": "m", "version": "1",
-                           "variant": "champion", "ts": b * 1000 + j * 4, "status": "ok", "prediction": 0,
-                           "features": {"a": float(a[j]), "b": float((apart if b >= 60 else together)[j])}})
+            events.append(
+                {
+                    "event_id": f"{b}-{j}",
+                    "request_id": f"{b}-{j}",
+                    "model": "m",
+                    "version": "1",
+                    "variant": "champion",
+                    "ts": b * 1000 + j * 4,
+                    "status": "ok",
+                    "prediction": 0,
+                    "features": {"a": float(a[j]), "b": float((apart if b >= 60 else together)[j])},
+                }
+            )
     firing = [a for a in run(mon, events) if a["state"] == "firing"]
     assert firing and {a["statistic"] for a in firing} == {"cusum_joint"}
     assert 60_000 < firing[0]["ts"] <= 63_000
@@ -357,12 +507,14 @@ def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor)
     (the CUSUMs are kept out of it here by a huge allowance: shift_to_detect_sd = 100)."""
     from dataclasses import replace
 
-    fine = Baseline(replace(monitor.settings, bucket_ms=250, shift_to_detect_sd=100.0), monitor.reference)
+    fine = Baseline(
+        replace(monitor.settings, bucket_ms=250, shift_to_detect_sd=100.0), monitor.reference
+    )
     sketcher, evaluator = Sketcher({"m": fine}), Evaluator(fine)
     evaluations, alerts = [], []
     events = stream(50, shift_from=20, shift=0.5)
     for start in range(0, len(events), 500):
-        assert sketcher.add_predictions(events[start:start + 500]) == []
+        assert sketcher.add_predictions(events[start : start + 500]) == []
         for p in sketcher.close():
             out = evaluator.add(p)
             evaluations += out.evaluations

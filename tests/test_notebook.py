@@ -30,8 +30,17 @@ def rows(n, seed, shift=0.0, flip=0.1):
     prediction = (p1 > 0.5).astype(int)
     label = np.where(rng.random(n) < flip, 1 - prediction, prediction).astype(float)
     label[::4] = np.nan
-    return pd.DataFrame({"x0": x0, "x1": rng.exponential(1.0, n), "color": rng.choice(["red", "green", "blue"], n),
-                         "prediction": prediction, "scores.0": 1 - p1, "scores.1": p1, "label": label})
+    return pd.DataFrame(
+        {
+            "x0": x0,
+            "x1": rng.exponential(1.0, n),
+            "color": rng.choice(["red", "green", "blue"], n),
+            "prediction": prediction,
+            "scores.0": 1 - p1,
+            "scores.1": p1,
+            "label": label,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +51,14 @@ def reference():
 @pytest.fixture(scope="module")
 def drifted():
     """40 s stationary, then 30 s with x0 shifted by one SD and the error rate tripled."""
-    return pd.concat([rows(4000, seed=2), rows(3000, seed=3, shift=1.0, flip=0.3)], ignore_index=True)
+    return pd.concat(
+        [rows(4000, seed=2), rows(3000, seed=3, shift=1.0, flip=0.3)], ignore_index=True
+    )
 
 
 def run(monitor, frame, batch=1000):
     """Feed ``frame`` in batches, then flush; every alert, as one data frame."""
-    outs = [monitor.update(frame.iloc[i:i + batch]).alerts for i in range(0, len(frame), batch)]
+    outs = [monitor.update(frame.iloc[i : i + batch]).alerts for i in range(0, len(frame), batch)]
     outs.append(monitor.flush().alerts)
     return pd.concat(outs, ignore_index=True)
 
@@ -58,10 +69,18 @@ def records(frame):
 
 
 def event(i, row, ts, model="model"):
-    return {"event_id": str(i), "request_id": str(i), "model": model, "version": "notebook", "variant": "champion",
-            "ts": ts, "features": {"x0": row["x0"], "x1": row["x1"], "color": row["color"]},
-            "prediction": int(row["prediction"]), "scores": {"0": row["scores.0"], "1": row["scores.1"]},
-            "status": "ok"}
+    return {
+        "event_id": str(i),
+        "request_id": str(i),
+        "model": model,
+        "version": "notebook",
+        "variant": "champion",
+        "ts": ts,
+        "features": {"x0": row["x0"], "x1": row["x1"], "color": row["color"]},
+        "prediction": int(row["prediction"]),
+        "scores": {"0": row["scores.0"], "1": row["scores.1"]},
+        "status": "ok",
+    }
 
 
 def write_jsonl(path, records):
@@ -79,15 +98,37 @@ def test_same_alerts_as_replay_of_the_same_rows(tmp_path, reference, drifted):
             e["label"] = int(row["label"])
         ref_events.append(e)
     write_jsonl(tmp_path / "reference.jsonl", ref_events)
-    write_jsonl(tmp_path / "predictions.jsonl", [event(i, row, i * 1000 // RATE) for i, row in records(drifted)])
-    write_jsonl(tmp_path / "labels.jsonl", [
-        {"event_id": f"label-{i}", "request_id": str(i), "model": "model", "ts": i * 1000 // RATE,
-         "label": int(row["label"])} for i, row in records(drifted) if row["label"] == row["label"]])
-    toml = "".join(f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n" for k, v in SETTINGS.items())
-    (tmp_path / "monitor.toml").write_text(f'[[models]]\nname = "model"\nreference = "reference.jsonl"\n{toml}')
+    write_jsonl(
+        tmp_path / "predictions.jsonl",
+        [event(i, row, i * 1000 // RATE) for i, row in records(drifted)],
+    )
+    write_jsonl(
+        tmp_path / "labels.jsonl",
+        [
+            {
+                "event_id": f"label-{i}",
+                "request_id": str(i),
+                "model": "model",
+                "ts": i * 1000 // RATE,
+                "label": int(row["label"]),
+            }
+            for i, row in records(drifted)
+            if row["label"] == row["label"]
+        ],
+    )
+    toml = "".join(
+        f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n" for k, v in SETTINGS.items()
+    )
+    (tmp_path / "monitor.toml").write_text(
+        f'[[models]]\nname = "model"\nreference = "reference.jsonl"\n{toml}'
+    )
 
-    replayed = replay_files(load_config(tmp_path / "monitor.toml"), tmp_path / "predictions.jsonl",
-                            tmp_path / "labels.jsonl", progress=False)
+    replayed = replay_files(
+        load_config(tmp_path / "monitor.toml"),
+        tmp_path / "predictions.jsonl",
+        tmp_path / "labels.jsonl",
+        progress=False,
+    )
     assert not replayed.dead
     expected = [(a.alert_id, a.state) for a in replayed.alerts]
     assert {a.check for a in replayed.alerts} >= {"drift", "prediction_drift", "performance"}
@@ -130,16 +171,19 @@ def test_shift_fires_on_the_drifted_feature(reference):
     assert len(monitor.alerts) == len(alerts)
 
 
-@pytest.mark.parametrize("setting, field", [
-    ({"bucket": "5 parsecs"}, "bucket"),
-    ({"bucket": "1s", "window": "1500ms"}, "window"),  # not a whole number of buckets
-    ({"bins": 2}, "bins"),
-    ({"false_alarm_every_events": 0}, "false_alarm_every_events"),
-    ({"checks": ["drift", "vibes"]}, "checks"),
-    ({"features": []}, "features"),
-    ({"model": ""}, "model"),
-    ({"rows_per_second": 0}, "rows_per_second"),
-])
+@pytest.mark.parametrize(
+    "setting, field",
+    [
+        ({"bucket": "5 parsecs"}, "bucket"),
+        ({"bucket": "1s", "window": "1500ms"}, "window"),  # not a whole number of buckets
+        ({"bins": 2}, "bins"),
+        ({"false_alarm_every_events": 0}, "false_alarm_every_events"),
+        ({"checks": ["drift", "vibes"]}, "checks"),
+        ({"features": []}, "features"),
+        ({"model": ""}, "model"),
+        ({"rows_per_second": 0}, "rows_per_second"),
+    ],
+)
 def test_bad_setting_raises_config_error_naming_the_field(reference, setting, field):
     with pytest.raises(ConfigError, match=rf"^{field}: "):
         Monitor(reference, **setting)
@@ -150,14 +194,21 @@ def test_timestamp_column_is_the_clock(reference, drifted):
     the same alerts as the row clock, moved by the start time."""
     start = pd.Timestamp("2024-03-01 12:00:00")
     stamped = drifted.assign(when=start + pd.to_timedelta(np.arange(len(drifted)) * 10, unit="ms"))
-    shuffled = pd.concat([stamped.iloc[i:i + 100].sample(frac=1, random_state=i) for i in range(0, len(stamped), 100)])
+    shuffled = pd.concat(
+        [
+            stamped.iloc[i : i + 100].sample(frac=1, random_state=i)
+            for i in range(0, len(stamped), 100)
+        ]
+    )
     by_time = run(Monitor(reference.assign(when=start), timestamp="when", **SETTINGS), shuffled)
     by_rows = run(Monitor(reference, rows_per_second=RATE, **SETTINGS), drifted)
     assert not by_rows.empty
     offset = start.value // 1_000_000
     assert list(by_time.ts - offset) == list(by_rows.ts)
     assert list(by_time.window_end_ts - offset) == list(by_rows.window_end_ts)
-    assert list(by_time.feature) == list(by_rows.feature) and list(by_time.state) == list(by_rows.state)
+    assert list(by_time.feature) == list(by_rows.feature) and list(by_time.state) == list(
+        by_rows.state
+    )
 
     # integer milliseconds work too; a row older than the closed buckets is refused, with a warning
     monitor = Monitor(reference, timestamp="t", **SETTINGS)
@@ -173,9 +224,13 @@ def test_import_coalmine_leaves_pandas_out():
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    python("import sys, coalmine; coalmine.__version__; import coalmine.worker\n"
-           "assert 'pandas' not in sys.modules, 'pandas imported'\n"
-           "from coalmine import Monitor; assert 'pandas' in sys.modules")
-    out = python("import sys; sys.modules['pandas'] = None  # as if not installed\n"
-                 "try:\n    from coalmine import Monitor\nexcept ImportError as e:\n    print(e)")
+    python(
+        "import sys, coalmine; coalmine.__version__; import coalmine.worker\n"
+        "assert 'pandas' not in sys.modules, 'pandas imported'\n"
+        "from coalmine import Monitor; assert 'pandas' in sys.modules"
+    )
+    out = python(
+        "import sys; sys.modules['pandas'] = None  # as if not installed\n"
+        "try:\n    from coalmine import Monitor\nexcept ImportError as e:\n    print(e)"
+    )
     assert "pip install 'coalmine[notebook]'" in out

@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from coalmine import simulator as sim
-from coalmine.config import load_config
 from coalmine.baselines import build_baselines
+from coalmine.config import load_config
 from coalmine.replay import Replay
 from coalmine.signing import verify_command
 from coalmine.streams import rollout as R
@@ -31,7 +31,8 @@ def config(tmp_path_factory):
         '[[models]]\nname = "shuttle"\nreference = "ref.jsonl"\n'
         'checks = ["drift", "prediction_drift", "performance", "shadow", "canary", "ab"]\n'
         '[models.canary]\nsteps = [10, 50, 100]\nmin_events = 100\nmin_duration = "3s"\n'
-        '[models.shadow]\nmin_events = 1000\nmin_duration = "3s"\n')
+        '[models.shadow]\nmin_events = 1000\nmin_duration = "3s"\n'
+    )
     return load_config(d / "m.toml")
 
 
@@ -42,7 +43,9 @@ def closed_loop(config, serving: sim.Serving, seconds: int, changes=None) -> Rep
         if changes and sec in changes:
             changes[sec](serving)
         events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=11)
-        run.feed([e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"])
+        run.feed(
+            [e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"]
+        )
         for command in run.commands[seen:]:
             serving.apply(command.to_json())
         seen = len(run.commands)
@@ -56,14 +59,20 @@ def actions(run: Replay) -> list[tuple]:
 def test_good_shadow_is_judged_then_stepped_up_and_promoted(config):
     serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
     run = closed_loop(config, serving, 40)
-    assert actions(run) == [("set_weight", "v2", 10), ("set_weight", "v2", 50), ("set_weight", "v2", 100),
-                            ("promote", "v2", None)]
+    assert actions(run) == [
+        ("set_weight", "v2", 10),
+        ("set_weight", "v2", 50),
+        ("set_weight", "v2", 100),
+        ("promote", "v2", None),
+    ]
     assert serving.champion.name == "v2" and serving.canary is None
     assert not [a for a in run.alerts if a.check in ("canary_health", "srm", "shadow_agreement")]
 
 
 def test_failing_canary_is_rolled_back_within_bounded_events(config):
-    serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10)
+    serving = sim.Serving(
+        sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10
+    )
     run = closed_loop(config, serving, 30)
     assert actions(run)[0] == ("rollback", "v3", None)
     rollback = run.commands[0]
@@ -72,7 +81,9 @@ def test_failing_canary_is_rolled_back_within_bounded_events(config):
     assert rollback.alert_ids, "the command names the alerts behind it"
     assert serving.canary is None
     states = [a.state for a in run.alerts if a.variant == "canary"]
-    assert states.count("firing") == states.count("resolved"), "a rolled-back canary's alerts resolve"
+    assert states.count("firing") == states.count("resolved"), (
+        "a rolled-back canary's alerts resolve"
+    )
     gone = [a for a in run.alerts if a.variant == "canary" and a.window.n == 0]
     assert gone and all(a.message.endswith("resolved: no traffic left in the window") for a in gone)
 
@@ -95,7 +106,9 @@ def test_sample_ratio_mismatch_fires_when_the_router_ignores_the_weight(config):
 
 def test_commands_are_signed_and_tampering_is_detected(config, monkeypatch):
     monkeypatch.setenv("COALMINE_SIGNING_KEY", "s3cret")
-    serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10)
+    serving = sim.Serving(
+        sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10
+    )
     run = closed_loop(config, serving, 20)
     command = run.commands[0].to_json()
     assert verify_command(command, b"s3cret")
@@ -130,7 +143,7 @@ def test_always_valid_p_value_survives_peeking_where_a_repeated_t_test_does_not(
     naive = (2 * stats.norm.sf(np.abs(diff) / np.sqrt(se2)) < alpha).any(axis=1).mean()
     msprt = np.array([[R.msprt_p_value(d, v, 0.01) for d, v in zip(row, se2)] for row in diff])
     always_valid = (msprt < alpha).any(axis=1).mean()
-    assert naive > 2 * alpha          # peeking inflates the naive test's false positives
+    assert naive > 2 * alpha  # peeking inflates the naive test's false positives
     assert always_valid <= alpha + 0.01  # not the always-valid one (Monte Carlo slack)
 
 
@@ -152,26 +165,56 @@ def test_status_shows_stages_firing_checks_and_lineage(config):
     from coalmine.status import render, summarize
 
     serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
-    run = closed_loop(config, serving, 60, changes={30: lambda s: setattr(s, "canary", sim.Version(
-        "v3", noise=1.5, error_rate=0.05)) or setattr(s, "canary_weight", 10)})
-    recent = [e for k, e in serving.events(60 * RATE, 61 * RATE, T0, RATE, seed=11) if k == "prediction"]
-    text = render(summarize([c.to_json() for c in run.commands], [a.to_json() for a in run.alerts], recent))
+    run = closed_loop(
+        config,
+        serving,
+        60,
+        changes={
+            30: lambda s: (
+                setattr(s, "canary", sim.Version("v3", noise=1.5, error_rate=0.05))
+                or setattr(s, "canary_weight", 10)
+            )
+        },
+    )
+    recent = [
+        e for k, e in serving.events(60 * RATE, 61 * RATE, T0, RATE, seed=11) if k == "prediction"
+    ]
+    text = render(
+        summarize([c.to_json() for c in run.commands], [a.to_json() for a in run.alerts], recent)
+    )
     assert "serving now   champion: v2" in text
     assert "version v2     production (promoted)" in text and "version v3     rolled back" in text
     assert "v2 replaced v1 at ts" in text and "v3 rolled back at ts" in text
 
 
 @pytest.mark.parametrize("noise,exit_code,action", [(0.0, 0, "promote"), (1.5, 1, "rollback")])
-def test_validation_stage_gates_a_version_on_a_labelled_holdout(config, tmp_path, capsys, noise, exit_code, action):
+def test_validation_stage_gates_a_version_on_a_labelled_holdout(
+    config, tmp_path, capsys, noise, exit_code, action
+):
     import orjson
 
     from coalmine.cli import main
 
-    events = sim.Serving(sim.Version("v9", noise=noise)).events(0, 20 * RATE, T0, RATE, seed=12, label_fraction=1.0)
+    events = sim.Serving(sim.Version("v9", noise=noise)).events(
+        0, 20 * RATE, T0, RATE, seed=12, label_fraction=1.0
+    )
     sim.write_jsonl(tmp_path / "p.jsonl", (e for k, e in events if k == "prediction"))
     sim.write_jsonl(tmp_path / "l.jsonl", (e for k, e in events if k == "label"))
-    code = main(["validate", "--config", str(config.source), "--model", "shuttle", "--version", "v9",
-                 "--predictions", str(tmp_path / "p.jsonl"), "--labels", str(tmp_path / "l.jsonl")])
+    code = main(
+        [
+            "validate",
+            "--config",
+            str(config.source),
+            "--model",
+            "shuttle",
+            "--version",
+            "v9",
+            "--predictions",
+            str(tmp_path / "p.jsonl"),
+            "--labels",
+            str(tmp_path / "l.jsonl"),
+        ]
+    )
     command = orjson.loads(capsys.readouterr().out)
     assert (code, command["action"], command["version"]) == (exit_code, action, "v9")
     assert command.get("stage") == ("shadow" if action == "promote" else None)
@@ -184,10 +227,18 @@ def test_a_shadow_that_stops_answering_counts_as_failing(config):
     run = Replay(build_baselines(config), on_evaluations=evaluations.extend)
     for sec in range(20):
         events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=13)
-        events = [(k, e) for k, e in events if not (e.get("variant") == "shadow" and zlib.crc32(e["request_id"].encode()) % 2)]
-        run.feed([e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"])
+        events = [
+            (k, e)
+            for k, e in events
+            if not (e.get("variant") == "shadow" and zlib.crc32(e["request_id"].encode()) % 2)
+        ]
+        run.feed(
+            [e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"]
+        )
     assert actions(run)[:1] == [("rollback", "v2", None)]
-    missing = [e for e in evaluations if e.check == "shadow_agreement"][-1].evidence["shadow_missing"]
+    missing = [e for e in evaluations if e.check == "shadow_agreement"][-1].evidence[
+        "shadow_missing"
+    ]
     assert missing > 0
 
 
@@ -206,7 +257,11 @@ def test_shadow_pairing_survives_labels_read_ahead_of_predictions(config):
         sketcher.add_labels(labels)  # ahead of the predictions they label
         sketcher.add_predictions([e for k, e in events if k == "prediction"])
         partials += sketcher.close()
-    shadow = [Summary.from_dict({k: v for k, v in b["shadow"].items() if k != "version"})
-              for p in partials + sketcher.flush() for b in p["buckets"].values() if "shadow" in b]
+    shadow = [
+        Summary.from_dict({k: v for k, v in b["shadow"].items() if k != "version"})
+        for p in partials + sketcher.flush()
+        for b in p["buckets"].values()
+        if "shadow" in b
+    ]
     totals = sum(shadow[1:], shadow[0])
     assert totals.paired == totals.agree > 4000 and totals.shadow_missing == 0

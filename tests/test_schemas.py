@@ -13,13 +13,13 @@ import math
 
 import orjson
 import pytest
+from examples import ALERT, COMMAND, LABEL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from coalmine import events
 from coalmine.events import KINDS, InvalidEvent
-from examples import ALERT, COMMAND, LABEL
 
 SCHEMAS = {kind: events.load_schema(kind) for kind in KINDS}
 VALIDATORS = {kind: Draft202012Validator(schema) for kind, schema in SCHEMAS.items()}
@@ -57,30 +57,72 @@ def wire(event) -> bytes:
     return json.dumps(event).encode()
 
 
-PREDICTION = {"event_id": "e1", "request_id": "r1", "model": "m", "version": "v1", "variant": "champion",
-              "ts": 1700000000000, "features": {"a": 1.5, "b": "red", "c": None, "d": 2}, "prediction": 1,
-              "status": "ok"}
-DEADLETTER = {"deadletter_id": "0" * 64, "ts": 1700000010000, "source_topic": "coalmine.predictions",
-              "partition": 3, "offset": 42, "reason": "missing field: ts", "original_b64": "e30=",
-              "original_text": "{}"}
-BASE = {"prediction": PREDICTION, "label": LABEL, "alert": ALERT, "command": COMMAND, "deadletter": DEADLETTER}
+PREDICTION = {
+    "event_id": "e1",
+    "request_id": "r1",
+    "model": "m",
+    "version": "v1",
+    "variant": "champion",
+    "ts": 1700000000000,
+    "features": {"a": 1.5, "b": "red", "c": None, "d": 2},
+    "prediction": 1,
+    "status": "ok",
+}
+DEADLETTER = {
+    "deadletter_id": "0" * 64,
+    "ts": 1700000010000,
+    "source_topic": "coalmine.predictions",
+    "partition": 3,
+    "offset": 42,
+    "reason": "missing field: ts",
+    "original_b64": "e30=",
+    "original_text": "{}",
+}
+BASE = {
+    "prediction": PREDICTION,
+    "label": LABEL,
+    "alert": ALERT,
+    "command": COMMAND,
+    "deadletter": DEADLETTER,
+}
 
 VALID = {
-    "prediction": [{}, {"scores": {"0": 0.2, "1": 0.8}, "latency_ms": 3.5, "unit_id": "u1"},
-                   {"status": "error", "prediction": None, "error": "timeout"},
-                   {"status": "error", "prediction": "cat", "error": ""},
-                   {"prediction": "cat", "features": {}}, {"prediction": -2.5, "latency_ms": 0},
-                   {"ts": 1700000000000.0}, {"variant": "shadow"}, {"variant": "canary"}],
+    "prediction": [
+        {},
+        {"scores": {"0": 0.2, "1": 0.8}, "latency_ms": 3.5, "unit_id": "u1"},
+        {"status": "error", "prediction": None, "error": "timeout"},
+        {"status": "error", "prediction": "cat", "error": ""},
+        {"prediction": "cat", "features": {}},
+        {"prediction": -2.5, "latency_ms": 0},
+        {"ts": 1700000000000.0},
+        {"variant": "shadow"},
+        {"variant": "canary"},
+    ],
     "label": [{}, {"outcome": 12.5}, {"label": "cat"}, {"label": 0.25, "outcome": -3}, {"ts": 0}],
-    "alert": [{}, {"feature": "f1", "p_value": 0.0}, {"p_value": 1}, {"state": "resolved", "value": -1},
-              {"variant": "champion", "check": "srm", "message": ""},
-              {"window": {"start_ts": 0, "end_ts": 0, "n": 0}}],
-    "command": [{}, {"action": "set_weight", "weight": 25}, {"action": "set_weight", "weight": 0.5},
-                {"action": "promote", "alert_ids": []}, {"action": "pause", "evidence": {"p99": 12.0}},
-                {"action": "promote", "stage": "shadow"},
-                {"signature": "ab" * 32}, {"weight": 100}],
-    "deadletter": [{}, {"partition": None, "offset": None}, {"original_text": None, "original_b64": ""},
-                   {"deadletter_id": "9f" * 32, "partition": 0, "offset": 0}],
+    "alert": [
+        {},
+        {"feature": "f1", "p_value": 0.0},
+        {"p_value": 1},
+        {"state": "resolved", "value": -1},
+        {"variant": "champion", "check": "srm", "message": ""},
+        {"window": {"start_ts": 0, "end_ts": 0, "n": 0}},
+    ],
+    "command": [
+        {},
+        {"action": "set_weight", "weight": 25},
+        {"action": "set_weight", "weight": 0.5},
+        {"action": "promote", "alert_ids": []},
+        {"action": "pause", "evidence": {"p99": 12.0}},
+        {"action": "promote", "stage": "shadow"},
+        {"signature": "ab" * 32},
+        {"weight": 100},
+    ],
+    "deadletter": [
+        {},
+        {"partition": None, "offset": None},
+        {"original_text": None, "original_b64": ""},
+        {"deadletter_id": "9f" * 32, "partition": 0, "offset": 0},
+    ],
 }
 
 
@@ -176,8 +218,10 @@ def _defects(kind: str):
     yield "bool ts", {**base, "ts": True}
     yield "string ts", {**base, "ts": "1700000000000"}
     yield "NaN ts", {**base, "ts": float("nan")}
-    yield "numeric model" if "model" in base else "numeric source_topic", \
-        {**base, "model" if "model" in base else "source_topic": 7}
+    yield (
+        "numeric model" if "model" in base else "numeric source_topic",
+        {**base, "model" if "model" in base else "source_topic": 7},
+    )
     first_id = next(iter(base))
     yield f"empty {first_id}", {**base, first_id: ""}
     yield from SPECIFIC_DEFECTS[kind]
@@ -226,14 +270,62 @@ def test_numbers_orjson_reads_as_floats_stay_valid():
 
 NAN, INF = float("nan"), float("inf")
 #: values at the edges of the contract: types confused, bounds, enums, patterns, nested objects
-EDGES = [None, True, False, 0, -1, 1, 5.0, 0.5, 1.5, -0.0, 100, 100.5, 101, 2**70, NAN, INF, -INF,
-         "", "x", "e30=", "ab" * 32, "AB" * 32, "not base64!", *events.VARIANTS, *events.STATUSES,
-         *events.STATES, *events.ACTIONS, *events.STAGES, [], [""], ["a"], [1], {}, {"a": 1}, {"a": "x"},
-         {"a": None}, {"a": True}, {"a": NAN}, {"a": [1]}, {"start_ts": 0, "end_ts": 1, "n": 1}]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4))
-json_values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)), max_leaves=6)
+EDGES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    5.0,
+    0.5,
+    1.5,
+    -0.0,
+    100,
+    100.5,
+    101,
+    2**70,
+    NAN,
+    INF,
+    -INF,
+    "",
+    "x",
+    "e30=",
+    "ab" * 32,
+    "AB" * 32,
+    "not base64!",
+    *events.VARIANTS,
+    *events.STATUSES,
+    *events.STATES,
+    *events.ACTIONS,
+    *events.STAGES,
+    [],
+    [""],
+    ["a"],
+    [1],
+    {},
+    {"a": 1},
+    {"a": "x"},
+    {"a": None},
+    {"a": True},
+    {"a": NAN},
+    {"a": [1]},
+    {"start_ts": 0, "end_ts": 1, "n": 1},
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 values = st.one_of(st.sampled_from(EDGES).map(copy.deepcopy), json_values)
 
 
@@ -285,7 +377,9 @@ def test_schema_and_python_agree_on_random_events(kind, data):
 def test_each_event_of_a_mixed_batch_is_judged_as_alone(kind, data):
     """split_valid vouches for clean batches column by column and halves failed ones: in a
     batch of valid and broken events, each is judged as the schema judges it alone."""
-    known = [{**BASE[kind], **extra} for extra in VALID[kind]] + [event for _, event in _defects(kind)]
+    known = [{**BASE[kind], **extra} for extra in VALID[kind]] + [
+        event for _, event in _defects(kind)
+    ]
     one = st.one_of(mutated(kind), st.sampled_from(known))
     raws = [wire(e) for e in data.draw(st.lists(one, min_size=1, max_size=80))]
     expected = [schema_accepts(kind, raw) for raw in raws]
@@ -296,6 +390,7 @@ def test_each_event_of_a_mixed_batch_is_judged_as_alone(kind, data):
 
 # ---- what coalmine itself publishes follows the contract ----------------------------------------
 
+
 def test_published_alerts_and_dead_letters_follow_their_schemas(tmp_path):
     from coalmine import simulator
     from coalmine.config import load_config
@@ -303,16 +398,22 @@ def test_published_alerts_and_dead_letters_follow_their_schemas(tmp_path):
 
     simulator.write_reference(tmp_path / "ref.jsonl", n=3000)
     simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
-    s = simulator.Scenario(n_events=12_000, rate_per_s=300, drift_at=6000, drift_size=1.0, bad_event_every=500)
+    s = simulator.Scenario(
+        n_events=12_000, rate_per_s=300, drift_at=6000, drift_size=1.0, bad_event_every=500
+    )
     simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
-    run = replay_files(load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl", progress=False)
+    run = replay_files(
+        load_config(tmp_path / "m.toml"), tmp_path / "p.jsonl", tmp_path / "l.jsonl", progress=False
+    )
     assert run.alerts and run.dead
     for alert in run.alerts:
         raw = events.encode(alert.to_json())
         assert schema_accepts("alert", raw), alert
         events.validate_alert(orjson.loads(raw))
-    for offset, (kind, raw, reason) in enumerate(run.dead):
-        record = events.encode(events.deadletter_record(raw, reason, "coalmine.predictions", 3, offset, 1))
+    for offset, (_, raw, reason) in enumerate(run.dead):
+        record = events.encode(
+            events.deadletter_record(raw, reason, "coalmine.predictions", 3, offset, 1)
+        )
         assert schema_accepts("deadletter", record)
         events.parse("deadletter", record)
 
@@ -321,9 +422,17 @@ def test_rollout_commands_follow_their_schema():
     from coalmine.signing import sign_command
     from coalmine.streams.rollout import RolloutController, RolloutPolicy
 
-    ctl = RolloutController("m", RolloutPolicy(steps=(10, 50, 100), min_events=10, min_duration_ms=0))
-    commands = [ctl.on_canary(1000 * i, "v2", healthy=True, events=20).to_json() for i in range(1, 4)]
-    commands.append(RolloutController("m").on_canary(5000, "v3", healthy=False, events=20, alert_ids=["a1"]).to_json())
+    ctl = RolloutController(
+        "m", RolloutPolicy(steps=(10, 50, 100), min_events=10, min_duration_ms=0)
+    )
+    commands = [
+        ctl.on_canary(1000 * i, "v2", healthy=True, events=20).to_json() for i in range(1, 4)
+    ]
+    commands.append(
+        RolloutController("m")
+        .on_canary(5000, "v3", healthy=False, events=20, alert_ids=["a1"])
+        .to_json()
+    )
     assert [c["action"] for c in commands] == ["set_weight", "set_weight", "promote", "rollback"]
     for command in commands + [sign_command(commands[-1], b"key")]:
         raw = events.encode(command)

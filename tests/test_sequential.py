@@ -10,12 +10,23 @@ import pytest
 from coalmine.streams.sequential import CusumThresholds, cusum_threshold, joint_cusum_threshold
 
 
-def simulated_run_length(h: float, k: float, bucket_events: int, reference_events: int | None,
-                         chains: int = 4000, buckets: int = 1500, seed: int = 0) -> float:
+def simulated_run_length(
+    h: float,
+    k: float,
+    bucket_events: int,
+    reference_events: int | None,
+    chains: int = 4000,
+    buckets: int = 1500,
+    seed: int = 0,
+) -> float:
     """Events per false alarm of a two-sided CUSUM on standardized bucket sums, each chain with
     its own reference error (the reference mean off by N(0, 1/m) standard deviations)."""
     rng = np.random.default_rng(seed)
-    eps = rng.standard_normal(chains) / math.sqrt(reference_events) if reference_events else np.zeros(chains)
+    eps = (
+        rng.standard_normal(chains) / math.sqrt(reference_events)
+        if reference_events
+        else np.zeros(chains)
+    )
     upper, lower, alarms = np.zeros(chains), np.zeros(chains), 0
     for _ in range(buckets):
         z = rng.standard_normal(chains) * math.sqrt(bucket_events) + eps * bucket_events
@@ -27,11 +38,15 @@ def simulated_run_length(h: float, k: float, bucket_events: int, reference_event
     return chains * buckets * bucket_events / max(alarms, 1)
 
 
-@pytest.mark.parametrize("bucket_events, reference_events", [(10, None), (75, None), (75, 1000), (10, 1000)])
+@pytest.mark.parametrize(
+    "bucket_events, reference_events", [(10, None), (75, None), (75, 1000), (10, 1000)]
+)
 def test_threshold_gives_the_asked_run_length(bucket_events, reference_events):
     target, k = 20_000, 0.15
     h = cusum_threshold(target, k, bucket_events, reference_events)
-    assert 0.65 * target < simulated_run_length(h, k, bucket_events, reference_events) < 1.6 * target
+    assert (
+        0.65 * target < simulated_run_length(h, k, bucket_events, reference_events) < 1.6 * target
+    )
 
 
 def test_a_per_event_threshold_checked_per_bucket_would_be_far_too_conservative():
@@ -58,7 +73,9 @@ def test_joint_threshold_holds_the_run_length_without_wasting_it(columns, bucket
     h = joint_cusum_threshold(target, columns, shift, bucket_events, m)
     rng = np.random.default_rng(1)
     chains, buckets = 4000, 1500
-    bias = rng.standard_normal((chains, columns)) * math.sqrt(bucket_events / m)  # z's mean, per chain
+    bias = rng.standard_normal((chains, columns)) * math.sqrt(
+        bucket_events / m
+    )  # z's mean, per chain
     s, alarms = np.zeros(chains), 0
     for _ in range(buckets):
         z = rng.standard_normal((chains, columns)) + bias

@@ -14,7 +14,10 @@ from coalmine import events as contract
 from coalmine import simulator as sim
 from coalmine.config import load_config
 
-HELD_OUT_X, HELD_OUT_Y = sim.load_shuttle()[0][sim.TRAIN_ROWS:], sim.load_shuttle()[1][sim.TRAIN_ROWS:]
+HELD_OUT_X, HELD_OUT_Y = (
+    sim.load_shuttle()[0][sim.TRAIN_ROWS :],
+    sim.load_shuttle()[1][sim.TRAIN_ROWS :],
+)
 
 
 def stream(**kw) -> list[tuple[str, dict | bytes]]:
@@ -30,6 +33,7 @@ def feature(events, name: str) -> np.ndarray:
 
 
 # ---- data and models -----------------------------------------------------------------------------
+
 
 def test_shuttle_loads_as_numeric_arrays_with_its_own_feature_names():
     X, y, names = sim.load_shuttle()
@@ -48,8 +52,10 @@ def test_champion_is_accurate_on_held_out_rows_and_finds_the_anomalies():
 
 def test_variants_a_clearly_worse_canary_and_a_different_shadow_of_similar_accuracy():
     champion = sim.trained_model()
-    accuracy = {kind: (champion.make_variant(kind).predict(HELD_OUT_X) == HELD_OUT_Y).mean()
-                for kind in ("bad_canary", "shadow")}
+    accuracy = {
+        kind: (champion.make_variant(kind).predict(HELD_OUT_X) == HELD_OUT_Y).mean()
+        for kind in ("bad_canary", "shadow")
+    }
     assert accuracy["bad_canary"] < 0.95 < 0.99 < accuracy["shadow"]
     shadow_pred = champion.make_variant("shadow").predict(HELD_OUT_X)
     assert 0.99 < (shadow_pred == champion.predict(HELD_OUT_X)).mean() < 1
@@ -58,6 +64,7 @@ def test_variants_a_clearly_worse_canary_and_a_different_shadow_of_similar_accur
 
 
 # ---- the stream ------------------------------------------------------------------------------
+
 
 def test_same_seed_same_bytes_other_seed_other_bytes():
     kw = dict(n_events=3000, drift_at=1000, error_rate=0.05, bad_event_every=50)
@@ -73,12 +80,21 @@ def test_chunked_building_changes_nothing(monkeypatch):
 
 
 def test_events_come_in_event_time_order_a_label_after_its_prediction():
-    events = stream(n_events=5000, rate_per_s=1000, label_delay_ms=1500, bad_event_every=100, seed=1)
+    events = stream(
+        n_events=5000, rate_per_s=1000, label_delay_ms=1500, bad_event_every=100, seed=1
+    )
     ts = [e["ts"] for _, e in events if isinstance(e, dict)]
     assert ts == sorted(ts)
-    predicted_at = {e["request_id"]: (i, e["ts"]) for i, (k, e) in enumerate(events)
-                    if k == "prediction" and isinstance(e, dict)}
-    labels = [(i, e) for i, (k, e) in enumerate(events) if k == "label" and e["request_id"] in predicted_at]
+    predicted_at = {
+        e["request_id"]: (i, e["ts"])
+        for i, (k, e) in enumerate(events)
+        if k == "prediction" and isinstance(e, dict)
+    }
+    labels = [
+        (i, e)
+        for i, (k, e) in enumerate(events)
+        if k == "label" and e["request_id"] in predicted_at
+    ]
     assert labels
     for i, label in labels:
         position, ts = predicted_at[label["request_id"]]
@@ -96,20 +112,28 @@ def test_label_fraction_of_the_served_predictions_get_a_label(fraction):
     served = {e["request_id"] for k, e in events if k == "prediction" and e["status"] == "ok"}
     failed = {e["request_id"] for k, e in events if k == "prediction" and e["status"] == "error"}
     labelled = [e["request_id"] for k, e in events if k == "label"]
-    assert len(labelled) == len(set(labelled)) and set(labelled) <= served and not set(labelled) & failed
+    assert (
+        len(labelled) == len(set(labelled))
+        and set(labelled) <= served
+        and not set(labelled) & failed
+    )
     assert abs(len(labelled) / len(served) - fraction) < 0.015
     assert abs(len(failed) / 20_000 - 0.1) < 0.01
 
 
 def test_labels_are_the_true_classes_of_the_rows_served():
     preds, truth = sim.predictions(sim.Scenario(n_events=5000, seed=8))
-    labels = {e["request_id"]: e["label"] for k, e in stream(n_events=5000, seed=8, label_fraction=1.0)
-              if k == "label"}
+    labels = {
+        e["request_id"]: e["label"]
+        for k, e in stream(n_events=5000, seed=8, label_fraction=1.0)
+        if k == "label"
+    }
     assert [labels[e["request_id"]] for e in preds] == truth.tolist()
     assert (np.array([e["prediction"] for e in preds]) == truth).mean() > 0.98
 
 
 # ---- drift ---------------------------------------------------------------------------------------
+
 
 def test_shift_moves_the_feature_mean_by_its_size_in_reference_sds_from_drift_at_on():
     n, at, size = 40_000, 20_000, 0.5
@@ -118,30 +142,48 @@ def test_shift_moves_the_feature_mean_by_its_size_in_reference_sds_from_drift_at
     assert abs(f1[:at].mean() - mean) / sd < 0.03  # no drift before
     assert abs((f1[at:].mean() - mean) / sd - size) < 0.03
     untouched = sim.Scenario(n_events=n, seed=6)
-    assert np.array_equal(feature(stream(**vars(untouched)), "f5"),
-                          feature(stream(**{**vars(untouched), "drift_at": at, "drift_feature": "f1"}), "f5"))
+    assert np.array_equal(
+        feature(stream(**vars(untouched)), "f5"),
+        feature(stream(**{**vars(untouched), "drift_at": at, "drift_feature": "f1"}), "f5"),
+    )
 
 
 def test_scale_stretches_the_feature_about_its_mean_and_drift_until_ends_it():
-    f9 = feature(stream(n_events=30_000, drift_at=10_000, drift_until=20_000, drift_feature="f9",
-                        drift_kind="scale", drift_size=2.0, seed=7), "f9")
+    f9 = feature(
+        stream(
+            n_events=30_000,
+            drift_at=10_000,
+            drift_until=20_000,
+            drift_feature="f9",
+            drift_kind="scale",
+            drift_size=2.0,
+            seed=7,
+        ),
+        "f9",
+    )
     sd = HELD_OUT_X[:, 8].std()
     assert abs(f9[:10_000].std() / sd - 1) < 0.05 and abs(f9[20_000:].std() / sd - 1) < 0.05
     assert abs(f9[10_000:20_000].std() / sd - 2) < 0.1
 
 
 def test_class_mix_multiplies_the_share_of_anomalies_and_prediction_drift_follows():
-    preds, truth = sim.predictions(sim.Scenario(n_events=40_000, drift_at=20_000, drift_kind="class_mix",
-                                                drift_size=3.0, seed=9))
+    preds, truth = sim.predictions(
+        sim.Scenario(
+            n_events=40_000, drift_at=20_000, drift_kind="class_mix", drift_size=3.0, seed=9
+        )
+    )
     base = HELD_OUT_Y.mean()
-    assert abs(truth[:20_000].mean() - base) < 0.01 and abs(truth[20_000:].mean() - 3 * base) < 0.015
+    assert (
+        abs(truth[:20_000].mean() - base) < 0.01 and abs(truth[20_000:].mean() - 3 * base) < 0.015
+    )
     predicted = np.array([e["prediction"] for e in preds])
     assert predicted[20_000:].mean() > 2.5 * predicted[:20_000].mean()
 
 
 def test_drift_is_applied_before_the_model_predicts():
-    preds, _ = sim.predictions(sim.Scenario(n_events=20_000, drift_at=10_000, drift_feature="f1",
-                                            drift_size=3.0, seed=10))
+    preds, _ = sim.predictions(
+        sim.Scenario(n_events=20_000, drift_at=10_000, drift_feature="f1", drift_size=3.0, seed=10)
+    )
     X = np.array([[e["features"][f] for f in sim.load_shuttle()[2]] for e in preds])
     assert [e["prediction"] for e in preds] == sim.trained_model().predict(X).tolist()
     predicted = np.array([e["prediction"] for e in preds])
@@ -155,6 +197,7 @@ def test_an_unknown_drift_kind_is_refused_up_front():
 
 # ---- the contract --------------------------------------------------------------------------------
 
+
 def test_every_valid_event_passes_the_contract_checks():
     events = stream(n_events=6000, drift_at=3000, error_rate=0.05, bad_event_every=40, seed=11)
     kinds = {"prediction": contract.parse_prediction, "label": contract.parse_label}
@@ -163,10 +206,15 @@ def test_every_valid_event_passes_the_contract_checks():
         assert kinds[kind](orjson.dumps(e)) == e
     predictions = [e for k, e in valid if k == "prediction"]
     assert len({e["event_id"] for e in predictions}) == len(predictions)
-    assert {e["variant"] for e in predictions} == {"champion"} and {e["status"] for e in predictions} == {"ok", "error"}
+    assert {e["variant"] for e in predictions} == {"champion"} and {
+        e["status"] for e in predictions
+    } == {"ok", "error"}
     assert all(type(v) is float for e in predictions for v in e["features"].values())
-    assert all(e["prediction"] in (0, 1) and abs(sum(e["scores"].values()) - 1) < 1e-3
-               for e in predictions if e["status"] == "ok")
+    assert all(
+        e["prediction"] in (0, 1) and abs(sum(e["scores"].values()) - 1) < 1e-3
+        for e in predictions
+        if e["status"] == "ok"
+    )
 
 
 def test_malformed_events_come_at_the_configured_rate_with_a_mix_of_defects():
@@ -180,11 +228,16 @@ def test_malformed_events_come_at_the_configured_rate_with_a_mix_of_defects():
         with pytest.raises(contract.InvalidEvent) as err:
             contract.parse_prediction(raw)
         reasons.append(err.value.reason.split(":")[0])
-    assert {r: reasons.count(r) for r in set(reasons)} == {"not JSON": 20, "missing field": 20, "variant": 20,
-                                                         "features.f2": 20}
+    assert {r: reasons.count(r) for r in set(reasons)} == {
+        "not JSON": 20,
+        "missing field": 20,
+        "variant": 20,
+        "features.f2": 20,
+    }
 
 
 # ---- files ---------------------------------------------------------------------------------------
+
 
 def test_reference_is_an_undrifted_labelled_sample_of_the_held_out_rows(tmp_path):
     assert sim.write_reference(tmp_path / "ref.jsonl", n=4000, seed=1) == 4000
@@ -205,28 +258,47 @@ def test_demo_config_loads_and_finds_its_reference_from_anywhere(tmp_path, monke
     (tmp_path / "refs").mkdir()
     sim.write_reference(tmp_path / "refs" / "reference.jsonl", n=500)
     monkeypatch.chdir(tmp_path)
-    sim.write_demo_config(tmp_path / "monitor.toml", "refs/reference.jsonl", bucket="2s", window="30s")
+    sim.write_demo_config(
+        tmp_path / "monitor.toml", "refs/reference.jsonl", bucket="2s", window="30s"
+    )
     text = (tmp_path / "monitor.toml").read_text()
     assert 'reference = "refs/reference.jsonl"' in text and 'bucket = "2s"' in text
     monkeypatch.chdir("/")
     config = load_config(tmp_path / "monitor.toml")
     [model] = config.models.values()
-    assert model.name == "shuttle" and model.reference.resolve() == (tmp_path / "refs" / "reference.jsonl")
+    assert model.name == "shuttle" and model.reference.resolve() == (
+        tmp_path / "refs" / "reference.jsonl"
+    )
     assert {"drift", "prediction_drift", "performance"} <= set(model.checks)
 
 
 # ---- publishing ----------------------------------------------------------------------------------
 
+
 @pytest.mark.integration
 def test_publish_paces_event_time_to_the_wall_clock(namespace):
     # 3 s of event time at speed 4: about 0.75 s of wall clock
-    events = stream(n_events=600, rate_per_s=200, label_delay_ms=500, bad_event_every=100,
-                    start_ts_ms=int(time.time() * 1000), seed=13)
+    events = stream(
+        n_events=600,
+        rate_per_s=200,
+        label_delay_ms=500,
+        bad_event_every=100,
+        start_ts_ms=int(time.time() * 1000),
+        seed=13,
+    )
     acknowledged = []
     started = time.monotonic()
     targets = {"prediction": namespace.topic["predictions"], "label": namespace.topic["labels"]}
-    counts = asyncio.run(sim.publish(namespace.broker.bootstrap, events, realtime=True, speed=4.0,
-                                     progress=acknowledged.append, targets=targets))
+    counts = asyncio.run(
+        sim.publish(
+            namespace.broker.bootstrap,
+            events,
+            realtime=True,
+            speed=4.0,
+            progress=acknowledged.append,
+            targets=targets,
+        )
+    )
     elapsed = time.monotonic() - started
     n_labels = sum(k == "label" for k, _ in events)
     assert counts == {"prediction": 600, "label": n_labels} and sum(acknowledged) == 600 + n_labels

@@ -41,20 +41,37 @@ BATCH_WITHIN_S = 0.2
 IDLE_SOURCE_S = 45.0
 
 
-def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int = 6066,
-               web_host: str = "127.0.0.1", app_id: str = "coalmine",
-               partitions: int = topics.DEFAULT_PARTITIONS) -> faust.App:
+def create_app(
+    baselines: dict[str, Baseline],
+    broker_url: str,
+    *,
+    web_port: int = 6066,
+    web_host: str = "127.0.0.1",
+    app_id: str = "coalmine",
+    partitions: int = topics.DEFAULT_PARTITIONS,
+) -> faust.App:
     """A Faust app monitoring the models of ``baselines`` (:func:`coalmine.baselines.build_baselines`);
     run it with ``app.main()`` or a Worker."""
     # Faust keeps an app directory even with memory tables: never the working directory
-    datadir = Path(os.environ.get("COALMINE_DATA_DIR") or Path(tempfile.gettempdir()) / "coalmine-faust") / app_id
+    datadir = (
+        Path(os.environ.get("COALMINE_DATA_DIR") or Path(tempfile.gettempdir()) / "coalmine-faust")
+        / app_id
+    )
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        app_id, broker=broker_url, store="memory://", topic_partitions=partitions,
-        web_port=web_port, web_host=web_host, web_enabled=True,
-        stream_wait_empty=False, consumer_auto_offset_reset="earliest",
-        broker_session_timeout=10.0, broker_heartbeat_interval=2.0,
-        topic_allow_declare=False, producer_linger_ms=5,
+        app_id,
+        broker=broker_url,
+        store="memory://",
+        topic_partitions=partitions,
+        web_port=web_port,
+        web_host=web_host,
+        web_enabled=True,
+        stream_wait_empty=False,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        topic_allow_declare=False,
+        producer_linger_ms=5,
         datadir=datadir,
     )
     models = set(baselines)
@@ -68,13 +85,21 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
     ingests: dict[int, PartitionIngest] = {}
     held: dict[int, list[tuple[int, faust.EventT]]] = defaultdict(list)  # partition -> (ts, event)
     signer = Signer.from_env()
-    evaluators = {name: Evaluator(b, sources=partitions, signer=signer) for name, b in baselines.items()}
+    evaluators = {
+        name: Evaluator(b, sources=partitions, signer=signer) for name, b in baselines.items()
+    }
     heard: dict[str, dict[int, float]] = defaultdict(dict)  # model -> source -> wall time
     started = time.monotonic()
 
     async def dead_letter(message, reason: str) -> None:
-        record = contract.deadletter_record(message.value, reason, message.topic, message.partition,
-                                            message.offset, int(time.time() * 1000))
+        record = contract.deadletter_record(
+            message.value,
+            reason,
+            message.topic,
+            message.partition,
+            message.offset,
+            int(time.time() * 1000),
+        )
         await dead_topic.send(key=message.key, value=contract.encode(record))
         metrics.DEADLETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
 
@@ -142,7 +167,9 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
             await commands_topic.send(key=model.encode(), value=contract.encode(command.to_json()))
             metrics.COMMANDS.labels(model, command.action).inc()
         metrics.EVALUATIONS.labels(model).inc(len({e.ts for e in out.evaluations}))
-        metrics.record_evaluations(model, out.evaluations, out.alerts, len(evaluators[model].alerts.firing))
+        metrics.record_evaluations(
+            model, out.evaluations, out.alerts, len(evaluators[model].alerts.firing)
+        )
 
     def idle_sources(model: str) -> set[int]:
         now = time.monotonic()
@@ -192,8 +219,13 @@ def create_app(baselines: dict[str, Baseline], broker_url: str, *, web_port: int
 
     @app.page("/health")
     async def health(web, request):
-        return web.json({"models": sorted(models), "partitions_sketched": sorted(ingests),
-                         "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()}})
+        return web.json(
+            {
+                "models": sorted(models),
+                "partitions_sketched": sorted(ingests),
+                "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()},
+            }
+        )
 
     def forget(assigned_or_revoked):
         for tp in assigned_or_revoked:

@@ -10,27 +10,51 @@ from prometheus_client import Gauge, Histogram
 
 from coalmine.streams.records import Alert, Evaluation
 
-EVENTS = PromCounter("coalmine_events_total", "Events folded into summaries",
-                     ["model", "variant", "kind"])
-DEADLETTERS = PromCounter("coalmine_deadletters_total",
-                          "Events sent to the dead-letter topic, by kind of reason", ["topic", "reason"])
-LATE = PromCounter("coalmine_late_events_total",
-                   "Events later than the allowed lateness (they go to the dead-letter topic)", ["model"])
-ALERTS = PromCounter("coalmine_alerts_total", "Alert state changes published",
-                     ["model", "variant", "check", "state"])
+EVENTS = PromCounter(
+    "coalmine_events_total", "Events folded into summaries", ["model", "variant", "kind"]
+)
+DEADLETTERS = PromCounter(
+    "coalmine_deadletters_total",
+    "Events sent to the dead-letter topic, by kind of reason",
+    ["topic", "reason"],
+)
+LATE = PromCounter(
+    "coalmine_late_events_total",
+    "Events later than the allowed lateness (they go to the dead-letter topic)",
+    ["model"],
+)
+ALERTS = PromCounter(
+    "coalmine_alerts_total", "Alert state changes published", ["model", "variant", "check", "state"]
+)
 COMMANDS = PromCounter("coalmine_commands_total", "Rollout commands published", ["model", "action"])
 FIRING = Gauge("coalmine_alerts_firing", "Alerts currently firing", ["model"])
 EVALUATIONS = PromCounter("coalmine_evaluations_total", "Buckets evaluated", ["model"])
-STATISTIC = Gauge("coalmine_check_statistic", "Last value of a check's statistic",
-                  ["model", "variant", "check", "feature", "statistic"])
-THRESHOLD = Gauge("coalmine_check_threshold", "Calibrated threshold of the last evaluation",
-                  ["model", "variant", "check", "feature", "statistic"])
-PROCESSING = Histogram("coalmine_batch_processing_seconds", "Wall time to process one batch",
-                       ["stage"], buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3))
-BATCH_EVENTS = Histogram("coalmine_batch_events", "Events per processed batch", ["stage"],
-                         buckets=(1, 10, 100, 300, 1000, 3000, 10000))
-EXPIRED = Gauge("coalmine_expired_unlabelled_predictions",
-                "Predictions dropped from the label join after the label TTL, never labelled")
+STATISTIC = Gauge(
+    "coalmine_check_statistic",
+    "Last value of a check's statistic",
+    ["model", "variant", "check", "feature", "statistic"],
+)
+THRESHOLD = Gauge(
+    "coalmine_check_threshold",
+    "Calibrated threshold of the last evaluation",
+    ["model", "variant", "check", "feature", "statistic"],
+)
+PROCESSING = Histogram(
+    "coalmine_batch_processing_seconds",
+    "Wall time to process one batch",
+    ["stage"],
+    buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3),
+)
+BATCH_EVENTS = Histogram(
+    "coalmine_batch_events",
+    "Events per processed batch",
+    ["stage"],
+    buckets=(1, 10, 100, 300, 1000, 3000, 10000),
+)
+EXPIRED = Gauge(
+    "coalmine_expired_unlabelled_predictions",
+    "Predictions dropped from the label join after the label TTL, never labelled",
+)
 
 
 def count_events(kind: str, counts: Counter) -> None:
@@ -50,7 +74,9 @@ def reason_kind(reason: str) -> str:
     return re.split(r"[:.\[ ]", reason.strip(), maxsplit=1)[0][:40] or "other"
 
 
-def record_evaluations(model: str, evaluations: list[Evaluation], alerts: list[Alert], firing: int) -> None:
+def record_evaluations(
+    model: str, evaluations: list[Evaluation], alerts: list[Alert], firing: int
+) -> None:
     for e in evaluations:
         labels = (model, e.variant, e.check, e.feature or "", e.statistic)
         STATISTIC.labels(*labels).set(e.value)
@@ -59,5 +85,9 @@ def record_evaluations(model: str, evaluations: list[Evaluation], alerts: list[A
     for a in alerts:
         ALERTS.labels(model, a.variant, a.check, a.state).inc()
     FIRING.labels(model).set(firing)
-UNJOINED = Gauge("coalmine_unjoined_labels",
-                 "Labels dropped after the label TTL without ever meeting their prediction")
+
+
+UNJOINED = Gauge(
+    "coalmine_unjoined_labels",
+    "Labels dropped after the label TTL without ever meeting their prediction",
+)

@@ -30,15 +30,45 @@ from coalmine.streams.reference import ReferenceData, event_rows, first_events, 
 from coalmine.streams.rollout import RolloutController, RolloutPolicy
 from coalmine.streams.rollout_judge import RolloutJudge
 from coalmine.streams.sequential import CUSUM, JointCUSUM
-from coalmine.streams.settings import ALL_CHECKS, DRIFT_CHECKS, ROLLOUT_CHECKS, VARIANTS, ModelSettings
+from coalmine.streams.settings import (
+    ALL_CHECKS,
+    DRIFT_CHECKS,
+    ROLLOUT_CHECKS,
+    VARIANTS,
+    ModelSettings,
+)
 from coalmine.streams.sketch import Layout, Summary
 from coalmine.streams.sketcher import Sketcher
 from coalmine.streams.window import Bucket, SlidingWindow
 
 __all__ = [
-    "ALL_CHECKS", "DRIFT_CHECKS", "ROLLOUT_CHECKS", "VARIANTS",
-    "Alert", "AlertTracker", "Baseline", "Bucket", "CUSUM", "CalibrationCache", "Command",
-    "DriftJudge", "Emitted", "Evaluation", "Evaluator", "JointCUSUM", "Layout", "ModelSettings",
-    "ReferenceData", "RolloutController", "RolloutJudge", "RolloutPolicy", "Sketcher",
-    "SlidingWindow", "Summary", "Window", "event_rows", "first_events", "reference_from_rows",
+    "ALL_CHECKS",
+    "DRIFT_CHECKS",
+    "ROLLOUT_CHECKS",
+    "VARIANTS",
+    "Alert",
+    "AlertTracker",
+    "Baseline",
+    "Bucket",
+    "CUSUM",
+    "CalibrationCache",
+    "Command",
+    "DriftJudge",
+    "Emitted",
+    "Evaluation",
+    "Evaluator",
+    "JointCUSUM",
+    "Layout",
+    "ModelSettings",
+    "ReferenceData",
+    "RolloutController",
+    "RolloutJudge",
+    "RolloutPolicy",
+    "Sketcher",
+    "SlidingWindow",
+    "Summary",
+    "Window",
+    "event_rows",
+    "first_events",
+    "reference_from_rows",
 ]

@@ -80,10 +80,24 @@ class AlertTracker:
     def _alert(self, ts: int, state: str, ev: Evaluation) -> Alert:
         what = f"{ev.check} on {ev.feature}" if ev.feature else ev.check
         verb = "over" if state == "firing" else "back under"
-        message = (f"{self.model}/{ev.variant}: {what} {state}: {ev.statistic} = {ev.value:.4g} "
-                   f"{verb} threshold {ev.threshold:.4g} over {ev.window.n} events")
+        message = (
+            f"{self.model}/{ev.variant}: {what} {state}: {ev.statistic} = {ev.value:.4g} "
+            f"{verb} threshold {ev.threshold:.4g} over {ev.window.n} events"
+        )
         if state == "resolved" and not ev.window.n:  # observe_gone: the last values are stale
             message = f"{self.model}/{ev.variant}: {what} resolved: no traffic left in the window"
-        return Alert(stable_id(self.model, ev.variant, ev.check, ev.feature, state, ts), ts, self.model,
-                     ev.variant, ev.check, state, ev.statistic, ev.value, ev.threshold, ev.window,
-                     message, ev.feature, ev.p_value)
+        return Alert(
+            stable_id(self.model, ev.variant, ev.check, ev.feature, state, ts),
+            ts,
+            self.model,
+            ev.variant,
+            ev.check,
+            state,
+            ev.statistic,
+            ev.value,
+            ev.threshold,
+            ev.window,
+            message,
+            ev.feature,
+            ev.p_value,
+        )

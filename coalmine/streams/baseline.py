@@ -12,9 +12,20 @@ import numpy as np
 from coalmine.streams import calibration, drift
 from coalmine.streams.columns import ColumnModel, NumericBlock
 from coalmine.streams.drift_checks import alarming_tests
-from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output, same_answer
+from coalmine.streams.reference import (
+    PREDICTION,
+    SCORES,
+    ReferenceData,
+    is_model_output,
+    same_answer,
+)
 from coalmine.streams.rollout_judge import variants_watched
-from coalmine.streams.sequential import CusumThresholds, JointCUSUM, ThresholdTable, joint_cusum_threshold
+from coalmine.streams.sequential import (
+    CusumThresholds,
+    JointCUSUM,
+    ThresholdTable,
+    joint_cusum_threshold,
+)
 from coalmine.streams.settings import ModelSettings
 from coalmine.streams.sketch import NUMERIC, Layout
 
@@ -34,22 +45,31 @@ class Baseline:
     ``load(key) -> list | None`` and ``store(key, fits)``; the fits depend only on the key.
     """
 
-    def __init__(self, settings: ModelSettings, reference: ReferenceData, seed: int = 0,
-                 cache: CalibrationCache | None = None):
+    def __init__(
+        self,
+        settings: ModelSettings,
+        reference: ReferenceData,
+        seed: int = 0,
+        cache: CalibrationCache | None = None,
+    ):
         self.settings = cfg = settings
         ref = reference
         self.ref_error_rate = self._reference_error_rate(ref)
         self.ref_abs_errors = self._reference_abs_errors(ref)
         if "prediction_drift" not in cfg.checks:
-            ref = ReferenceData({k: v for k, v in ref.columns.items() if not is_model_output(k)}, ref.labels)
+            ref = ReferenceData(
+                {k: v for k, v in ref.columns.items() if not is_model_output(k)}, ref.labels
+            )
         self.reference = ref
         self.layout = Layout.from_reference(ref, cfg.bins)
         self.ref_summary = self.layout.fold(ref.columns)
         rng = np.random.default_rng(seed)
         key = self._calibration_key(seed)
         cached = cache.load(key) if cache is not None else None
-        self.columns = [self._column(name, rng, cached[i] if cached else None)
-                        for i, name in enumerate(self.layout.names)]
+        self.columns = [
+            self._column(name, rng, cached[i] if cached else None)
+            for i, name in enumerate(self.layout.names)
+        ]
         if cache is not None and cached is None:
             cache.store(key, [c.fits for c in self.columns])
         self.joint_columns, self.joint_corr, joint_rows = self._joint_reference()
@@ -60,36 +80,66 @@ class Baseline:
         self.policy = cfg.rollout
         self.scored = any(n.startswith(SCORES) for n in self.layout.names)
         self.joins_needed = any(c in cfg.checks for c in ("performance", "shadow", "ab", "canary"))
-        present = [int(np.count_nonzero(~np.isnan(ref.columns[c.name]))) for c in self.columns if c.kind == NUMERIC]
+        present = [
+            int(np.count_nonzero(~np.isnan(ref.columns[c.name])))
+            for c in self.columns
+            if c.kind == NUMERIC
+        ]
         # budgeted for twice the reference mean's sampling variance (half the rows), as the joint
         # CUSUM's noncentrality is: on average over references, with a margin for an unlucky one
-        self.cusum_h = CusumThresholds(cfg.false_alarm_every_events * self.tests, cfg.shift_to_detect_sd / 2,
-                                       reference_events=min(present, default=0) / 2 or None)
-        self.joint_h = ThresholdTable(lambda n: joint_cusum_threshold(
-            cfg.false_alarm_every_events * self.tests, len(self.joint_columns), cfg.shift_to_detect_sd, n,
-            joint_rows)) if self.joint_columns else None
+        self.cusum_h = CusumThresholds(
+            cfg.false_alarm_every_events * self.tests,
+            cfg.shift_to_detect_sd / 2,
+            reference_events=min(present, default=0) / 2 or None,
+        )
+        self.joint_h = (
+            ThresholdTable(
+                lambda n: joint_cusum_threshold(
+                    cfg.false_alarm_every_events * self.tests,
+                    len(self.joint_columns),
+                    cfg.shift_to_detect_sd,
+                    n,
+                    joint_rows,
+                )
+            )
+            if self.joint_columns
+            else None
+        )
 
     def _joint_reference(self) -> tuple[list[ColumnModel], np.ndarray | None, int]:
         """The feature columns the joint CUSUM watches (numeric, not constant; at least two)
         and the correlation of their smoothed reference ranks over the reference rows that
         have them all (at least 100), with that row count."""
-        cols = [c for c in self.columns if c.kind == NUMERIC and not is_model_output(c.name) and c.rank_sd > 0]
+        cols = [
+            c
+            for c in self.columns
+            if c.kind == NUMERIC and not is_model_output(c.name) and c.rank_sd > 0
+        ]
         if len(cols) < 2 or "drift" not in self.settings.checks:
             return [], None, 0
         values = np.stack([self.reference.columns[c.name] for c in cols], axis=1)
         rows = values[~np.isnan(values).any(axis=1)]
         if len(rows) < 100:
             return [], None, 0
-        scores = np.stack([drift.smoothed_ranks(rows[:, j], c.edges, c.rank_intercepts, c.rank_slopes)
-                           for j, c in enumerate(cols)], axis=1)
+        scores = np.stack(
+            [
+                drift.smoothed_ranks(rows[:, j], c.edges, c.rank_intercepts, c.rank_slopes)
+                for j, c in enumerate(cols)
+            ],
+            axis=1,
+        )
         return cols, np.corrcoef(scores, rowvar=False), len(rows)
 
     def new_joint_cusum(self) -> JointCUSUM | None:
         """The joint CUSUM over :attr:`joint_columns` (None when there are fewer than two)."""
         if not self.joint_columns:
             return None
-        return JointCUSUM([c.rank_mean for c in self.joint_columns], [c.rank_sd for c in self.joint_columns],
-                          self.joint_corr, self.settings.shift_to_detect_sd)
+        return JointCUSUM(
+            [c.rank_mean for c in self.joint_columns],
+            [c.rank_sd for c in self.joint_columns],
+            self.joint_corr,
+            self.settings.shift_to_detect_sd,
+        )
 
     @property
     def feature_names(self) -> list[str]:
@@ -97,7 +147,9 @@ class Baseline:
 
     def _calibration_key(self, seed: int) -> str:
         """Everything the simulated thresholds depend on: same key, same thresholds."""
-        h = hashlib.sha256(f"{calibration.VERSION}|{seed}|{self.layout.names}|{self.layout.vocab}".encode())
+        h = hashlib.sha256(
+            f"{calibration.VERSION}|{seed}|{self.layout.names}|{self.layout.vocab}".encode()
+        )
         for arr in (self.ref_summary.counts, self.ref_summary.sums, *self.layout.edges.values()):
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:32]
@@ -107,8 +159,14 @@ class Baseline:
         counts, sums = self.ref_summary.counts[sl], self.ref_summary.sums[sl]
         values = self.reference.columns[name]
         edges = self.layout.edges.get(name)
-        col = ColumnModel(name, self.layout.kinds[name], sl, counts, drift.bin_positions(counts, sums, edges),
-                          edges)
+        col = ColumnModel(
+            name,
+            self.layout.kinds[name],
+            sl,
+            counts,
+            drift.bin_positions(counts, sums, edges),
+            edges,
+        )
         j = self.layout.names.index(name)
         col.missing_rate = self.ref_summary.missing[j] / max(self.reference.n, 1)
         if col.kind == NUMERIC:
@@ -116,7 +174,9 @@ class Baseline:
             col.sd = float(np.clip(present, edges[0], edges[-1]).std()) if len(present) > 1 else 0.0
             bin_sd = self._bin_sd(name, present)
             bin_sd[[0, -1]] = 0.0  # the outer bins sit at fixed edges
-            col.fits = fits or calibration.calibrate_numeric(counts, col.ref_pos, bin_sd, col.sd, rng)
+            col.fits = fits or calibration.calibrate_numeric(
+                counts, col.ref_pos, bin_sd, col.sd, rng
+            )
             col.rank_intercepts, col.rank_slopes = drift.smoothed_rank_coefficients(counts, edges)
             ref_scores = drift.smoothed_ranks(present, edges, col.rank_intercepts, col.rank_slopes)
             col.rank_mean, col.rank_sd = float(ref_scores.mean()), float(ref_scores.std())
@@ -130,15 +190,24 @@ class Baseline:
         idx = np.searchsorted(self.layout.edges[name], values, side="right")
         n = np.maximum(np.bincount(idx, minlength=width), 1)
         mean = np.bincount(idx, weights=values, minlength=width) / n
-        return np.sqrt(np.maximum(np.bincount(idx, weights=values**2, minlength=width) / n - mean**2, 0))
+        return np.sqrt(
+            np.maximum(np.bincount(idx, weights=values**2, minlength=width) / n - mean**2, 0)
+        )
 
     def _reference_abs_errors(self, ref: ReferenceData) -> np.ndarray | None:
         """|prediction - label| on the reference, for a regression model (numeric predictions
         with more than 20 distinct values); None otherwise."""
         pred = ref.columns.get(PREDICTION)
-        if ref.labels is None or pred is None or pred.dtype == object or len(np.unique(pred[~np.isnan(pred)])) <= 20:
+        if (
+            ref.labels is None
+            or pred is None
+            or pred.dtype == object
+            or len(np.unique(pred[~np.isnan(pred)])) <= 20
+        ):
             return None
-        labels = np.array([v if isinstance(v, (int, float)) else np.nan for v in ref.labels], dtype=float)
+        labels = np.array(
+            [v if isinstance(v, (int, float)) else np.nan for v in ref.labels], dtype=float
+        )
         err = np.abs(pred - labels)
         return err[~np.isnan(err)] if (~np.isnan(err)).any() else None
 
@@ -150,21 +219,35 @@ class Baseline:
         has = np.array([v is not None for v in ref.labels])
         if not has.any():
             return None
-        wrong = [not same_answer(p, l) for p, l in zip(ref.columns[PREDICTION][has], ref.labels[has])]
+        wrong = [
+            not same_answer(p, y) for p, y in zip(ref.columns[PREDICTION][has], ref.labels[has])
+        ]
         return float(np.mean(wrong))
 
     def _count_tests(self) -> int:
         """K: alarming tests per evaluation, over every variant the checks may see."""
-        per_variant = alarming_tests([c.kind for c in self.columns], len(self.feature_names),
-                                     self.settings.checks, bool(self.joint_columns))
+        per_variant = alarming_tests(
+            [c.kind for c in self.columns],
+            len(self.feature_names),
+            self.settings.checks,
+            bool(self.joint_columns),
+        )
         return per_variant * len(variants_watched(self.settings.checks))
 
     def tail(self, window_n: int) -> float:
         """Tail probability of a check run after every bucket (the rollout checks)."""
-        return calibration.tail_share(window_n, self.settings.window_buckets,
-                                      self.settings.false_alarm_every_events, self.tests)
+        return calibration.tail_share(
+            window_n,
+            self.settings.window_buckets,
+            self.settings.false_alarm_every_events,
+            self.tests,
+        )
 
     def window_test_tail(self, window_n: int) -> float:
         """Tail probability of a window test, run once per :attr:`ModelSettings.window_step_ms`."""
-        return calibration.tail_share(window_n, self.settings.window_ms / self.settings.window_step_ms,
-                                      self.settings.false_alarm_every_events, self.tests)
+        return calibration.tail_share(
+            window_n,
+            self.settings.window_ms / self.settings.window_step_ms,
+            self.settings.false_alarm_every_events,
+            self.tests,
+        )

@@ -57,9 +57,11 @@ class TailFit:
     power: float | np.ndarray
 
     @classmethod
-    def stack(cls, fits: list["TailFit"]) -> "TailFit":
-        return cls(*(np.stack([getattr(f, name) for f in fits]) for name in ("a", "b", "floor")),
-                   np.array([f.power for f in fits], dtype=float))
+    def stack(cls, fits: list[TailFit]) -> TailFit:
+        return cls(
+            *(np.stack([getattr(f, name) for f in fits]) for name in ("a", "b", "floor")),
+            np.array([f.power for f in fits], dtype=float),
+        )
 
     def threshold(self, n, q: float):
         """Level that the standardized statistic exceeds with probability ``q`` in a window
@@ -113,27 +115,36 @@ def fit_grid(samples: list[np.ndarray], powers: tuple[float, ...]) -> TailFit:
     return TailFit(a, b, floor, power)
 
 
-def simulate_windows(ref_counts: np.ndarray, n: int, sims: int, rng: np.random.Generator) -> np.ndarray:
+def simulate_windows(
+    ref_counts: np.ndarray, n: int, sims: int, rng: np.random.Generator
+) -> np.ndarray:
     """Window histograms under no drift: p ~ Dirichlet(reference counts + 1/2), window ~
     Multinomial(n, p). Only bins the reference occupies are drawn."""
     p = rng.dirichlet(ref_counts + 0.5, size=sims)
     return rng.multinomial(n, p)
 
 
-def simulated_wasserstein(pos: np.ndarray, bin_sd: np.ndarray, ref: np.ndarray, win: np.ndarray,
-                          rng: np.random.Generator) -> np.ndarray:
+def simulated_wasserstein(
+    pos: np.ndarray, bin_sd: np.ndarray, ref: np.ndarray, win: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Wasserstein-1 of simulated windows against the reference. The live statistic puts each
     inner bin's mass at the window's own mean in that bin; that mean differs from the
     reference's by two sampling errors, the window's and the reference's own (as the
     Dirichlet draw does for the bin masses), both simulated as normal: the bin's spread over
     sqrt(count). The outer bins sit at fixed edges (``bin_sd`` 0 there)."""
     means = pos + rng.standard_normal(win.shape) * bin_sd * np.sqrt(
-        1 / np.maximum(win, 1) + 1 / np.maximum(ref, 1))
+        1 / np.maximum(win, 1) + 1 / np.maximum(ref, 1)
+    )
     return drift.wasserstein_statistic(pos, ref, means, win)
 
 
-def calibrate_numeric(ref_counts: np.ndarray, positions: np.ndarray, bin_sd: np.ndarray, sd: float,
-                      rng: np.random.Generator) -> dict[str, TailFit]:
+def calibrate_numeric(
+    ref_counts: np.ndarray,
+    positions: np.ndarray,
+    bin_sd: np.ndarray,
+    sd: float,
+    rng: np.random.Generator,
+) -> dict[str, TailFit]:
     """Tail fits of the standardized KS and normalized Wasserstein statistics of a column
     (``positions`` and ``bin_sd`` per bin; ``sd`` of the winsorized reference)."""
     occupied = ref_counts > 0
@@ -144,18 +155,25 @@ def calibrate_numeric(ref_counts: np.ndarray, positions: np.ndarray, bin_sd: np.
         win = simulate_windows(ref, int(n), SIMULATIONS, rng)
         scale = np.sqrt(drift.effective_n(m, n))
         ks.append(scale * drift.ks_statistic(ref, win))
-        ws.append(scale * simulated_wasserstein(pos, spread, ref, win, rng) / (sd if sd > 0 else 1.0))
+        ws.append(
+            scale * simulated_wasserstein(pos, spread, ref, win, rng) / (sd if sd > 0 else 1.0)
+        )
     return {"ks": fit_grid(ks, (2,)), "wasserstein": fit_grid(ws, (1, 2))}
 
 
 def calibrate_categorical(ref_counts: np.ndarray, rng: np.random.Generator) -> dict[str, TailFit]:
     """Tail fit of the chi-square homogeneity statistic of a column."""
     ref = ref_counts[ref_counts > 0]
-    samples = [drift.chi2_statistic(ref, simulate_windows(ref, int(n), SIMULATIONS, rng))[0] for n in GRID_N]
+    samples = [
+        drift.chi2_statistic(ref, simulate_windows(ref, int(n), SIMULATIONS, rng))[0]
+        for n in GRID_N
+    ]
     return {"chi2": fit_grid(samples, (1,))}
 
 
-def tail_share(window_events: float, window_evaluations: float, every_events: int, tests: int) -> float:
+def tail_share(
+    window_events: float, window_evaluations: float, every_events: int, tests: int
+) -> float:
     """Tail probability allowed to one window test at one evaluation (module docstring).
 
     >>> tail_share(6000, 60, 1_000_000, 50)

@@ -58,7 +58,7 @@ class NumericBlock:
     wasserstein_fits: calibration.TailFit
 
     @classmethod
-    def stack(cls, columns: list[ColumnModel]) -> "NumericBlock":
+    def stack(cls, columns: list[ColumnModel]) -> NumericBlock:
         width = max(c.bins.stop - c.bins.start for c in columns)
 
         def rows(arrays, size=width, **pad):
@@ -66,36 +66,51 @@ class NumericBlock:
 
         ref = rows([c.ref_counts for c in columns])
         p = ref / np.maximum(ref.sum(axis=1, keepdims=True), 1)
-        return cls(columns, rows([np.arange(c.bins.start, c.bins.stop) for c in columns], constant_values=-1),
-                   rows([c.edges for c in columns], width - 1, mode="edge"),
-                   np.array([c.bins.stop - c.bins.start - 1 for c in columns]),
-                   rows([c.rank_intercepts for c in columns]), rows([c.rank_slopes for c in columns]),
-                   (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
-                   drift.KolmogorovSmirnov(ref),
-                   drift.Wasserstein(rows([c.ref_pos for c in columns], mode="edge"), ref,
-                                     np.array([c.sd for c in columns])),
-                   calibration.TailFit.stack([c.fits["ks"] for c in columns]),
-                   calibration.TailFit.stack([c.fits["wasserstein"] for c in columns]))
+        return cls(
+            columns,
+            rows([np.arange(c.bins.start, c.bins.stop) for c in columns], constant_values=-1),
+            rows([c.edges for c in columns], width - 1, mode="edge"),
+            np.array([c.bins.stop - c.bins.start - 1 for c in columns]),
+            rows([c.rank_intercepts for c in columns]),
+            rows([c.rank_slopes for c in columns]),
+            (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
+            drift.KolmogorovSmirnov(ref),
+            drift.Wasserstein(
+                rows([c.ref_pos for c in columns], mode="edge"),
+                ref,
+                np.array([c.sd for c in columns]),
+            ),
+            calibration.TailFit.stack([c.fits["ks"] for c in columns]),
+            calibration.TailFit.stack([c.fits["wasserstein"] for c in columns]),
+        )
 
     def _gather(self, flat: np.ndarray) -> np.ndarray:
         """(columns, bins) from a summary's flat array; padding reads the appended 0."""
         return np.append(flat, 0)[self.bins]
 
-    def statistics(self, window: "Summary", q: float) -> dict[str, tuple]:
+    def statistics(self, window: Summary, q: float) -> dict[str, tuple]:
         """Column name -> (events with a value, KS, its p-value, its threshold, Wasserstein-1 /
         reference SD, its threshold, PSI) on ``window``, thresholds at tail probability ``q``."""
         counts = self._gather(window.counts)
         n = counts.sum(axis=1)
         ks = self.ks.update(counts)
         positions = drift.bin_positions(counts, self._gather(window.sums), self.edges)
-        positions[np.arange(len(self.columns)), self.top_bin] = self.edges[:, -1]  # winsorized, as unpadded
+        positions[np.arange(len(self.columns)), self.top_bin] = self.edges[
+            :, -1
+        ]  # winsorized, as unpadded
         w = self.wasserstein.update(positions, counts)
         psi = drift.psi_statistic(self.ks.ref_counts, counts)
         # the fits are of sqrt(n_eff) x statistic: back to the statistic's own scale
         scale = np.sqrt(np.maximum(drift.effective_n(self.ks.ref_counts.sum(axis=1), n), 1e-12))
-        rows = zip(n.tolist(), ks.statistic.tolist(), ks.p_value.tolist(),
-                   (self.ks_fits.threshold(n, q) / scale).tolist(), w.normalized.tolist(),
-                   (self.wasserstein_fits.threshold(n, q) / scale).tolist(), psi.tolist())
+        rows = zip(
+            n.tolist(),
+            ks.statistic.tolist(),
+            ks.p_value.tolist(),
+            (self.ks_fits.threshold(n, q) / scale).tolist(),
+            w.normalized.tolist(),
+            (self.wasserstein_fits.threshold(n, q) / scale).tolist(),
+            psi.tolist(),
+        )
         return dict(zip((c.name for c in self.columns), rows))
 
     def new_cusums(self, k: float) -> tuple[CUSUM, CUSUM]:
@@ -108,11 +123,16 @@ class NumericBlock:
         p = self.ks.ref_counts / np.maximum(self.ks.ref_counts.sum(axis=1, keepdims=True), 1)
         spread_mean = (p * self.spread_scores).sum(axis=1)
         spread_sd = np.sqrt((p * (self.spread_scores - spread_mean[:, None]) ** 2).sum(axis=1))
-        return (CUSUM([c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, math.inf),
-                CUSUM(spread_mean, spread_sd, k, math.inf))
+        return (
+            CUSUM(
+                [c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, math.inf
+            ),
+            CUSUM(spread_mean, spread_sd, k, math.inf),
+        )
 
-    def update_cusums(self, cusums: tuple[CUSUM, CUSUM], bucket: "Summary",
-                      threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    def update_cusums(
+        self, cusums: tuple[CUSUM, CUSUM], bucket: Summary, threshold: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Feed a bucket to the rank CUSUMs: the location CUSUM takes each event's smoothed
         reference rank (linear in the value within a bin, so the bin counts and sums give the
         exact sum), the spread CUSUM its bin's squared distance from the median rank."""
@@ -120,8 +140,9 @@ class NumericBlock:
         n = counts.sum(axis=1)
         location, spread = cusums
         location.threshold = spread.threshold = threshold
-        ranks = (counts * self.rank_intercepts + self._gather(bucket.sums) * self.rank_slopes).sum(axis=1)
+        ranks = (counts * self.rank_intercepts + self._gather(bucket.sums) * self.rank_slopes).sum(
+            axis=1
+        )
         location.update(n, ranks)
         spread.update(n, (counts * self.spread_scores).sum(axis=1))
         return n, ranks
-

@@ -56,7 +56,9 @@ def _ks_from_cdf(ref_cdf: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
     return np.abs(ref_cdf - _cdf(win_counts)).max(axis=-1)
 
 
-def bin_positions(counts: np.ndarray, sums: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
+def bin_positions(
+    counts: np.ndarray, sums: np.ndarray, edges: np.ndarray | None = None
+) -> np.ndarray:
     """Mean of the values in each bin; with the layout's inner ``edges``, the two outer bins
     sit at the outermost edges instead (winsorized). Empty bins get 0: their weight is 0
     then, and a point of weight 0 changes no Wasserstein integral. Stacks of columns (one per
@@ -67,7 +69,9 @@ def bin_positions(counts: np.ndarray, sums: np.ndarray, edges: np.ndarray | None
     return pos
 
 
-def smoothed_rank_coefficients(ref_counts: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def smoothed_rank_coefficients(
+    ref_counts: np.ndarray, edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     r"""Per-bin intercept and slope of the smoothed reference rank, the reference CDF drawn
     linearly across each inner bin:
 
@@ -93,20 +97,27 @@ def smoothed_rank_coefficients(ref_counts: np.ndarray, edges: np.ndarray) -> tup
     return intercepts, slopes
 
 
-def smoothed_ranks(values: np.ndarray, edges: np.ndarray, intercepts: np.ndarray, slopes: np.ndarray) -> np.ndarray:
+def smoothed_ranks(
+    values: np.ndarray, edges: np.ndarray, intercepts: np.ndarray, slopes: np.ndarray
+) -> np.ndarray:
     """Each value's smoothed reference rank (:func:`smoothed_rank_coefficients`)."""
     b = np.searchsorted(edges, values, side="right")
     return intercepts[b] + slopes[b] * values
 
 
-def wasserstein_statistic(ref_pos: np.ndarray, ref_counts: np.ndarray,
-                          win_pos: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
+def wasserstein_statistic(
+    ref_pos: np.ndarray, ref_counts: np.ndarray, win_pos: np.ndarray, win_counts: np.ndarray
+) -> np.ndarray:
     r"""Wasserstein-1 distance :math:`\int |F_{ref}(x) - F_{win}(x)|\,dx` between two
     discrete distributions: masses ``counts`` at ``positions`` (the bins' means)."""
     x = np.concatenate(np.broadcast_arrays(ref_pos, win_pos), axis=-1)
-    w = np.concatenate(np.broadcast_arrays(_proportions(ref_counts), -_proportions(win_counts)), axis=-1)
+    w = np.concatenate(
+        np.broadcast_arrays(_proportions(ref_counts), -_proportions(win_counts)), axis=-1
+    )
     order = np.argsort(x, axis=-1, kind="stable")
-    at = (np.arange(len(x))[:, None], order) if x.ndim == 2 else order  # faster than take_along_axis
+    at = (
+        (np.arange(len(x))[:, None], order) if x.ndim == 2 else order
+    )  # faster than take_along_axis
     x, w = x[at], w[at]
     return (np.abs(np.cumsum(w, axis=-1)[..., :-1]) * np.diff(x, axis=-1)).sum(axis=-1)
 
@@ -124,7 +135,9 @@ def js_statistic(ref_counts: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
     m = (p + q) / 2
 
     def kl(a):
-        return np.where(a > 0, a * np.log2(np.divide(a, m, out=np.ones_like(a), where=m > 0)), 0).sum(-1)
+        return np.where(
+            a > 0, a * np.log2(np.divide(a, m, out=np.ones_like(a), where=m > 0)), 0
+        ).sum(-1)
 
     return 0.5 * kl(p) + 0.5 * kl(q)
 
@@ -137,7 +150,9 @@ def chi2_statistic(ref_counts: np.ndarray, win_counts: np.ndarray) -> tuple[np.n
     col = table.sum(axis=-2, keepdims=True)
     row = table.sum(axis=-1, keepdims=True)
     expected = row * col / np.maximum(table.sum(axis=(-2, -1), keepdims=True), 1)
-    terms = np.divide((table - expected) ** 2, expected, out=np.zeros_like(table), where=expected > 0)
+    terms = np.divide(
+        (table - expected) ** 2, expected, out=np.zeros_like(table), where=expected > 0
+    )
     dof = np.maximum((col[..., 0, :] > 0).sum(axis=-1) - 1, 1)
     return terms.sum(axis=(-2, -1)), dof
 
@@ -204,7 +219,7 @@ class KolmogorovSmirnov:
         self._ref_cdf, self._ref_n = _cdf(ref_counts), ref_counts.sum(axis=-1)
         self.statistic = self.standardized = 0.0
 
-    def update(self, win_counts: np.ndarray) -> "KolmogorovSmirnov":
+    def update(self, win_counts: np.ndarray) -> KolmogorovSmirnov:
         d = _ks_from_cdf(self._ref_cdf, win_counts)
         self.statistic = _result(d)
         self.standardized = _result(d * np.sqrt(effective_n(self._ref_n, win_counts.sum(axis=-1))))
@@ -245,7 +260,7 @@ class Wasserstein:
         self.sd = np.where(np.asarray(sd) > 0, sd, 1.0)
         self.statistic = self.normalized = self.standardized = 0.0
 
-    def update(self, win_pos: np.ndarray, win_counts: np.ndarray) -> "Wasserstein":
+    def update(self, win_pos: np.ndarray, win_counts: np.ndarray) -> Wasserstein:
         w = wasserstein_statistic(self.ref_pos, self.ref_counts, win_pos, win_counts)
         n_eff = effective_n(self.ref_counts.sum(axis=-1), win_counts.sum(axis=-1))
         self.statistic, self.normalized = _result(w), _result(w / self.sd)
@@ -272,7 +287,7 @@ class ChiSquare:
         self.ref_counts = ref_counts
         self.statistic, self.dof = 0.0, 1
 
-    def update(self, win_counts: np.ndarray) -> "ChiSquare":
+    def update(self, win_counts: np.ndarray) -> ChiSquare:
         stat, dof = chi2_statistic(self.ref_counts, win_counts)
         self.statistic, self.dof = float(stat), int(dof)
         return self

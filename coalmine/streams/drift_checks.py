@@ -38,8 +38,12 @@ def alarming_tests(kinds: list[str], features: int, checks: tuple[str, ...], joi
     >>> alarming_tests([NUMERIC, NUMERIC, CATEGORICAL], 3, ("drift", "missing_rate"), True)
     13
     """
-    return (sum(len(ALARMING[k]) for k in kinds) + features * ("missing_rate" in checks)
-            + ("performance" in checks) + joint)
+    return (
+        sum(len(ALARMING[k]) for k in kinds)
+        + features * ("missing_rate" in checks)
+        + ("performance" in checks)
+        + joint
+    )
 
 
 class DriftJudge:
@@ -55,8 +59,16 @@ class DriftJudge:
         self.cusums.pop(variant, None)
         self.joint_cusums.pop(variant, None)
 
-    def evaluate(self, ts: int, span: Window, variant: str, window: Summary, current: Summary | None,
-                 bucket_events: float, window_tests: bool = True) -> list[Evaluation]:
+    def evaluate(
+        self,
+        ts: int,
+        span: Window,
+        variant: str,
+        window: Summary,
+        current: Summary | None,
+        bucket_events: float,
+        window_tests: bool = True,
+    ) -> list[Evaluation]:
         """Evaluations of ``variant``'s window; the rank CUSUMs take in ``current``, the bucket
         just closed, their thresholds following the window's ``bucket_events`` (they are
         checked once a bucket); the window tests run only when ``window_tests``."""
@@ -66,7 +78,9 @@ class DriftJudge:
         out: list[Evaluation] = []
         block = base.numeric_block
         if variant not in self.cusums:
-            self.cusums[variant] = block.new_cusums(settings.shift_to_detect_sd / 2) if block else None
+            self.cusums[variant] = (
+                block.new_cusums(settings.shift_to_detect_sd / 2) if block else None
+            )
             self.joint_cusums[variant] = base.new_joint_cusum()
         q = base.window_test_tail(max(window.n, 1))
         least = least if window_tests else math.inf  # no window test this bucket
@@ -105,16 +119,26 @@ class DriftJudge:
             out.append(make("drift", None, "cusum_joint", joint.statistic, joint.threshold))
         if "performance" in checks and base.ref_abs_errors is not None and window.labelled >= least:
             out.append(self._regression_performance(make, window, q))
-        elif "performance" in checks and base.ref_error_rate is not None and window.labelled >= least:
+        elif (
+            "performance" in checks and base.ref_error_rate is not None and window.labelled >= least
+        ):
             out.append(self._performance(make, window, q))
         return out
 
-    def _missing(self, make, col: ColumnModel, feature: str | None, missing: int, n: int,
-                 q: float) -> Evaluation:
+    def _missing(
+        self, make, col: ColumnModel, feature: str | None, missing: int, n: int, q: float
+    ) -> Evaluation:
         m = self.baseline.reference.n
         surprise = drift.rate_increase_surprise(missing, n, round(col.missing_rate * m), m)
-        return make("missing_rate", feature, "surprise", surprise, -math.log10(q), 10**-surprise,
-                    {"missing_rate": missing / n, "reference_missing_rate": col.missing_rate})
+        return make(
+            "missing_rate",
+            feature,
+            "surprise",
+            surprise,
+            -math.log10(q),
+            10**-surprise,
+            {"missing_rate": missing / n, "reference_missing_rate": col.missing_rate},
+        )
 
     def _regression_performance(self, make, window: Summary, q: float) -> Evaluation:
         """Mean absolute error of the window against the reference's: one-sided Welch z."""
@@ -124,27 +148,58 @@ class DriftJudge:
         var = max(window.abs_error_sumsq / n - mae * mae, 0.0) * n / max(n - 1, 1)
         se = math.sqrt(var / n + ref.var(ddof=1) / len(ref)) or 1e-12
         z = (mae - float(ref.mean())) / se
-        return make("performance", None, "mae_z", z, float(-special.ndtri(q)), float(special.ndtr(-z)),
-                    {"mae": mae, "reference_mae": float(ref.mean())})
+        return make(
+            "performance",
+            None,
+            "mae_z",
+            z,
+            float(-special.ndtri(q)),
+            float(special.ndtr(-z)),
+            {"mae": mae, "reference_mae": float(ref.mean())},
+        )
 
     def _performance(self, make, window: Summary, q: float) -> Evaluation:
         base = self.baseline
         assert base.ref_error_rate is not None
         m = base.reference.n
-        surprise = drift.rate_increase_surprise(window.label_errors, window.labelled,
-                                                round(base.ref_error_rate * m), m)
-        return make("performance", None, "surprise", surprise, -math.log10(q), 10**-surprise,
-                    {"error_rate": window.label_errors / window.labelled,
-                     "reference_error_rate": base.ref_error_rate})
+        surprise = drift.rate_increase_surprise(
+            window.label_errors, window.labelled, round(base.ref_error_rate * m), m
+        )
+        return make(
+            "performance",
+            None,
+            "surprise",
+            surprise,
+            -math.log10(q),
+            10**-surprise,
+            {
+                "error_rate": window.label_errors / window.labelled,
+                "reference_error_rate": base.ref_error_rate,
+            },
+        )
 
 
-def _numeric_drift(make, ks: float, ks_p: float, ks_threshold: float, wasserstein: float,
-                   wasserstein_threshold: float, psi: float) -> list[Evaluation]:
-    return [make("ks", ks, ks_threshold, ks_p), make("wasserstein", wasserstein, wasserstein_threshold),
-            make("psi", psi, None)]
+def _numeric_drift(
+    make,
+    ks: float,
+    ks_p: float,
+    ks_threshold: float,
+    wasserstein: float,
+    wasserstein_threshold: float,
+    psi: float,
+) -> list[Evaluation]:
+    return [
+        make("ks", ks, ks_threshold, ks_p),
+        make("wasserstein", wasserstein, wasserstein_threshold),
+        make("psi", psi, None),
+    ]
 
 
-def _categorical_drift(make, col: ColumnModel, counts: np.ndarray, n: int, q: float) -> list[Evaluation]:
+def _categorical_drift(
+    make, col: ColumnModel, counts: np.ndarray, n: int, q: float
+) -> list[Evaluation]:
     chi = drift.ChiSquare(col.ref_counts).update(counts)
-    return [make("chi2", chi.statistic, col.fits["chi2"].threshold(n, q), chi.p_value),
-            make("jensen_shannon", float(drift.js_statistic(col.ref_counts, counts)), None)]
+    return [
+        make("chi2", chi.statistic, col.fits["chi2"].threshold(n, q), chi.p_value),
+        make("jensen_shannon", float(drift.js_statistic(col.ref_counts, counts)), None),
+    ]

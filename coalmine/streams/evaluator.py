@@ -10,7 +10,8 @@ window (:class:`~coalmine.streams.window.SlidingWindow`) and asks its judges: th
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.baseline import Baseline
@@ -26,7 +27,9 @@ class Evaluator:
     """Stage 2 for one model: partials from ``sources`` partitions in, evaluations and alerts
     out, once every source has closed a bucket."""
 
-    def __init__(self, baseline: Baseline, sources: int = 1, signer: Callable[[dict], dict] | None = None):
+    def __init__(
+        self, baseline: Baseline, sources: int = 1, signer: Callable[[dict], dict] | None = None
+    ):
         self.baseline, self.settings = baseline, baseline.settings
         self.sources = sources
         self.signer = signer
@@ -38,14 +41,18 @@ class Evaluator:
         self.window = SlidingWindow(settings.window_buckets, settings.bucket_ms)
         self.alerts = AlertTracker(settings.name)
         self.drift = DriftJudge(baseline)
-        self.judge = RolloutJudge(settings.name, settings.checks, baseline.policy, settings.bucket_ms)
-        self.versions: dict[str, str] = {}  # variant -> version serving it, as of the evaluated bucket
+        self.judge = RolloutJudge(
+            settings.name, settings.checks, baseline.policy, settings.bucket_ms
+        )
+        self.versions: dict[
+            str, str
+        ] = {}  # variant -> version serving it, as of the evaluated bucket
         # pending bucket -> variant -> the version each source saw first in it
         self.bucket_versions: dict[int, dict[str, set[str]]] = {}
         # (variant, check, feature) -> the window tests' evaluations at their last run
         self.held: dict[tuple, list[Evaluation]] = {}
 
-    def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> "Emitted":
+    def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> Emitted:
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
         closed."""
         src = partial["source"]
@@ -60,12 +67,14 @@ class Evaluator:
             for variant, d in variants.items():
                 version = d.pop("version", None)
                 if version is not None:
-                    self.bucket_versions.setdefault(start, {}).setdefault(variant, set()).add(version)
+                    self.bucket_versions.setdefault(start, {}).setdefault(variant, set()).add(
+                        version
+                    )
                 accumulate(merged, variant, Summary.from_dict(d))
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
         return self.poll(idle_sources)
 
-    def poll(self, idle: set[int] = frozenset()) -> "Emitted":
+    def poll(self, idle: set[int] = frozenset()) -> Emitted:
         """Evaluate the buckets that every source not in ``idle`` has closed."""
         out = Emitted([], [], [])
         live = [t for s, t in self.closed.items() if s not in idle]
@@ -85,10 +94,14 @@ class Evaluator:
                 self.window.clear()  # a gap longer than the window: start afresh
                 self.next_bucket = min(self.pending)
                 continue
-            out.extend(self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {}))))
+            out.extend(
+                self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {})))
+            )
             self.next_bucket += step
         self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
-        self.bucket_versions = {b: v for b, v in self.bucket_versions.items() if b >= self.next_bucket}
+        self.bucket_versions = {
+            b: v for b, v in self.bucket_versions.items() if b >= self.next_bucket
+        }
         return out
 
     def _forget_replaced_versions(self, start: int) -> None:
@@ -105,25 +118,39 @@ class Evaluator:
                 self.held = {k: v for k, v in self.held.items() if k[0] != variant}
             self.versions[variant] = min(seen)
 
-    def evaluate(self, bucket: Bucket) -> "Emitted":
+    def evaluate(self, bucket: Bucket) -> Emitted:
         """Slide the window by one bucket and run every check on each variant."""
         self._forget_replaced_versions(bucket.start)
         windows = self.window.append(bucket)
         ring = self.window.buckets
         end = bucket.start + self.settings.bucket_ms
         out = Emitted([], [], [])
-        spans = {variant: Window(ring[0].start, end, window.n) for variant, window in windows.items()}
+        spans = {
+            variant: Window(ring[0].start, end, window.n) for variant, window in windows.items()
+        }
         window_tests = end % self.settings.window_step_ms == 0
         for variant, window in windows.items():
-            out.evaluations.extend(self.drift.evaluate(end, spans[variant], variant, window,
-                                                       bucket.variants.get(variant), window.n / len(ring),
-                                                       window_tests))
+            out.evaluations.extend(
+                self.drift.evaluate(
+                    end,
+                    spans[variant],
+                    variant,
+                    window,
+                    bucket.variants.get(variant),
+                    window.n / len(ring),
+                    window_tests,
+                )
+            )
         q = self.baseline.tail(max(sum(w.n for w in windows.values()), 1))
-        rollout_evs, verdicts = self.judge.evaluate(ring, end, spans, windows, bucket.variants, self.versions, q)
+        rollout_evs, verdicts = self.judge.evaluate(
+            ring, end, spans, windows, bucket.variants, self.versions, q
+        )
         out.evaluations.extend(rollout_evs)
         groups = _group(out.evaluations)
         if window_tests:
-            self.held = {key: [e for e in group if _is_window_test(e)] for key, group in groups.items()}
+            self.held = {
+                key: [e for e in group if _is_window_test(e)] for key, group in groups.items()
+            }
         else:  # a window test's verdict stands until it runs again
             for key, held in self.held.items():
                 if key[0] in windows:
@@ -134,7 +161,9 @@ class Evaluator:
             alert = self.alerts.observe(end, exceeded, worst)
             if alert:
                 out.alerts.append(alert)
-        out.alerts.extend(self.alerts.observe_gone(end, set(windows), Window(ring[0].start, end, 0)))
+        out.alerts.extend(
+            self.alerts.observe_gone(end, set(windows), Window(ring[0].start, end, 0))
+        )
         commands = self.judge.decide(end, self.versions, verdicts, self.alerts.ids)
         if self.signer is not None:
             for command in commands:
@@ -151,7 +180,7 @@ class Emitted(NamedTuple):
     alerts: list[Alert]
     commands: list[Command]
 
-    def extend(self, other: "Emitted") -> None:
+    def extend(self, other: Emitted) -> None:
         for mine, theirs in zip(self, other):
             mine.extend(theirs)
 

@@ -56,10 +56,19 @@ class Evaluation:
         return self.variant, self.check, self.feature
 
     def to_json(self) -> dict:
-        return {"model": self.model, "ts": self.ts, "window": self.window.to_json(),
-                "variant": self.variant, "check": self.check, "feature": self.feature,
-                "statistic": self.statistic, "value": self.value, "threshold": self.threshold,
-                "p_value": self.p_value, **self.evidence}
+        return {
+            "model": self.model,
+            "ts": self.ts,
+            "window": self.window.to_json(),
+            "variant": self.variant,
+            "check": self.check,
+            "feature": self.feature,
+            "statistic": self.statistic,
+            "value": self.value,
+            "threshold": self.threshold,
+            "p_value": self.p_value,
+            **self.evidence,
+        }
 
 
 @dataclass(slots=True)
@@ -81,10 +90,19 @@ class Alert:
     p_value: float | None = None
 
     def to_json(self) -> dict:
-        out = {"alert_id": self.alert_id, "ts": self.ts, "model": self.model, "variant": self.variant,
-               "check": self.check, "state": self.state, "statistic": self.statistic,
-               "value": self.value, "threshold": self.threshold, "window": self.window.to_json(),
-               "message": self.message}
+        out = {
+            "alert_id": self.alert_id,
+            "ts": self.ts,
+            "model": self.model,
+            "variant": self.variant,
+            "check": self.check,
+            "state": self.state,
+            "statistic": self.statistic,
+            "value": self.value,
+            "threshold": self.threshold,
+            "window": self.window.to_json(),
+            "message": self.message,
+        }
         if self.feature:
             out["feature"] = self.feature
         if self.p_value is not None:
@@ -110,9 +128,16 @@ class Command:
     signature: str | None = None
 
     def to_json(self) -> dict:
-        out = {"command_id": self.command_id, "ts": self.ts, "model": self.model,
-               "version": self.version, "action": self.action, "reason": self.reason,
-               "alert_ids": self.alert_ids, "evidence": self.evidence}
+        out = {
+            "command_id": self.command_id,
+            "ts": self.ts,
+            "model": self.model,
+            "version": self.version,
+            "action": self.action,
+            "reason": self.reason,
+            "alert_ids": self.alert_ids,
+            "evidence": self.evidence,
+        }
         for name in ("weight", "stage", "signature"):
             if (value := getattr(self, name)) is not None:
                 out[name] = value

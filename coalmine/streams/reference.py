@@ -75,12 +75,17 @@ def event_rows(events: list[dict]) -> list[dict]:
     return rows
 
 
-def reference_from_rows(rows: list[dict], features: tuple[str, ...] | None = None,
-                        source: str = "reference") -> ReferenceData:
+def reference_from_rows(
+    rows: list[dict], features: tuple[str, ...] | None = None, source: str = "reference"
+) -> ReferenceData:
     if not rows:
         raise ValueError(f"{source}: the reference holds no rows")
     present = list(dict.fromkeys(k for row in rows[:1000] for k in row))
-    names = list(features) if features else [k for k in present if k != "label" and not is_model_output(k)]
+    names = (
+        list(features)
+        if features
+        else [k for k in present if k != "label" and not is_model_output(k)]
+    )
     missing = [f for f in names if f not in present]
     if missing:
         raise ValueError(f"{source}: feature {missing[0]!r} is not in the reference")

@@ -16,6 +16,7 @@ from scipy import special, stats
 
 from coalmine.streams.records import Command
 
+
 def wilson_interval(successes: int, n: int, alpha: float) -> tuple[float, float]:
     r"""Wilson score interval for a proportion at two-sided level ``alpha``:
 
@@ -74,8 +75,15 @@ def _mean_var(n: int, s: float, ss: float) -> tuple[float, float]:
     return mean, max(ss - n * mean * mean, 0.0) / (n - 1)
 
 
-def welch(n_a: int, sum_a: float, sumsq_a: float, n_b: int, sum_b: float, sumsq_b: float,
-          alpha: float = 0.05) -> Welch | None:
+def welch(
+    n_a: int,
+    sum_a: float,
+    sumsq_a: float,
+    n_b: int,
+    sum_b: float,
+    sumsq_b: float,
+    alpha: float = 0.05,
+) -> Welch | None:
     """None until both groups have two observations."""
     if n_a < 2 or n_b < 2:
         return None
@@ -83,7 +91,9 @@ def welch(n_a: int, sum_a: float, sumsq_a: float, n_b: int, sum_b: float, sumsq_
     se2 = va / n_a + vb / n_b
     diff = mb - ma
     if se2 == 0:
-        return Welch(diff, math.inf if diff else 0.0, n_a + n_b - 2, 0.0 if diff else 1.0, 0.0, (diff, diff))
+        return Welch(
+            diff, math.inf if diff else 0.0, n_a + n_b - 2, 0.0 if diff else 1.0, 0.0, (diff, diff)
+        )
     t = diff / math.sqrt(se2)
     dof = se2**2 / ((va / n_a) ** 2 / (n_a - 1) + (vb / n_b) ** 2 / (n_b - 1))
     p = float(2 * special.stdtr(dof, -abs(t)))
@@ -186,39 +196,81 @@ class RolloutController:
         i = self.step.get(version, -1)
         return self.policy.steps[i] if i >= 0 else 0.0
 
-    def _command(self, ts: int, version: str, action: str, reason: str, evidence: dict,
-                 alert_ids: list[str], weight: float | None = None) -> Command:
-        command_id = hashlib.sha256(f"{self.model}|{version}|{action}|{weight}|{ts}".encode()).hexdigest()[:32]
-        return Command(command_id, ts, self.model, version, action, reason, alert_ids, evidence, weight)
+    def _command(
+        self,
+        ts: int,
+        version: str,
+        action: str,
+        reason: str,
+        evidence: dict,
+        alert_ids: list[str],
+        weight: float | None = None,
+    ) -> Command:
+        command_id = hashlib.sha256(
+            f"{self.model}|{version}|{action}|{weight}|{ts}".encode()
+        ).hexdigest()[:32]
+        return Command(
+            command_id, ts, self.model, version, action, reason, alert_ids, evidence, weight
+        )
 
-    def on_shadow(self, ts: int, version: str, verdict: str | None, evidence: dict,
-                  alert_ids: list[str] = ()) -> Command | None:
+    def on_shadow(
+        self, ts: int, version: str, verdict: str | None, evidence: dict, alert_ids: list[str] = ()
+    ) -> Command | None:
         """``verdict``: "pass", "fail" or None (not enough evidence yet)."""
         if self.stages.get(version, "shadow") != "shadow" or verdict is None:
             return None
         if verdict == "fail":
             self.stages[version] = "rolled_back"
-            return self._command(ts, version, "rollback", "shadow judged worse than the champion",
-                                 evidence, list(alert_ids))
+            return self._command(
+                ts,
+                version,
+                "rollback",
+                "shadow judged worse than the champion",
+                evidence,
+                list(alert_ids),
+            )
         self.stages[version] = "canary"
         self._enter_step(version, 0, ts)
-        return self._command(ts, version, "set_weight", "shadow passed: start the canary", evidence,
-                             list(alert_ids), self.policy.steps[0])
+        return self._command(
+            ts,
+            version,
+            "set_weight",
+            "shadow passed: start the canary",
+            evidence,
+            list(alert_ids),
+            self.policy.steps[0],
+        )
 
     def _enter_step(self, version: str, i: int, ts: int) -> None:
         self.step[version], self.step_started[version], self.step_events[version] = i, ts, 0
 
-    def on_srm(self, ts: int, version: str, evidence: dict, alert_ids: list[str] = ()) -> Command | None:
+    def on_srm(
+        self, ts: int, version: str, evidence: dict, alert_ids: list[str] = ()
+    ) -> Command | None:
         """The observed split departs from the weight in force: the comparison is not valid,
         so hold the rollout (once) until people look; a rollback stays possible."""
         if self.stages.get(version) != "canary" or version in self.paused:
             return None
         self.paused.add(version)
-        return self._command(ts, version, "pause", "sample ratio mismatch: traffic split differs "
-                             "from the weight in force", evidence, list(alert_ids))
+        return self._command(
+            ts,
+            version,
+            "pause",
+            "sample ratio mismatch: traffic split differs from the weight in force",
+            evidence,
+            list(alert_ids),
+        )
 
-    def on_canary(self, ts: int, version: str, healthy: bool, events: int, evidence: dict | None = None,
-                  alert_ids: list[str] = (), confident: bool = True) -> Command | None:
+    def on_canary(
+        self,
+        ts: int,
+        version: str,
+        healthy: bool,
+        events: int,
+        evidence: dict | None = None,
+        alert_ids: list[str] = (),
+        confident: bool = True,
+    ) -> Command | None:
         """Feed one evaluation of the canary: ``events`` canary events in the new bucket;
         ``healthy`` is False when the canary is confidently bad, ``confident`` True when its
         health is established (a step is only taken then)."""
@@ -231,16 +283,31 @@ class RolloutController:
         if not healthy:
             self.stages[version] = "rolled_back"
             self.step[version] = -1
-            return self._command(ts, version, "rollback", "canary unhealthy", evidence, list(alert_ids))
+            return self._command(
+                ts, version, "rollback", "canary unhealthy", evidence, list(alert_ids)
+            )
         self.step_events[version] += events
         p = self.policy
-        if (version in self.paused or not confident or self.step_events[version] < p.min_events
-                or ts - self.step_started[version] < p.min_duration_ms):
+        if (
+            version in self.paused
+            or not confident
+            or self.step_events[version] < p.min_events
+            or ts - self.step_started[version] < p.min_duration_ms
+        ):
             return None
         nxt = self.step[version] + 1
         if nxt < len(p.steps):
             self._enter_step(version, nxt, ts)
-            return self._command(ts, version, "set_weight", f"healthy at {p.steps[nxt - 1]}%", evidence,
-                                 list(alert_ids), p.steps[nxt])
+            return self._command(
+                ts,
+                version,
+                "set_weight",
+                f"healthy at {p.steps[nxt - 1]}%",
+                evidence,
+                list(alert_ids),
+                p.steps[nxt],
+            )
         self.stages[version] = "production"
-        return self._command(ts, version, "promote", "healthy through every step", evidence, list(alert_ids))
+        return self._command(
+            ts, version, "promote", "healthy through every step", evidence, list(alert_ids)
+        )

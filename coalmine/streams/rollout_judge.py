@@ -27,14 +27,19 @@ def variants_watched(checks: tuple[str, ...]) -> tuple[str, ...]:
     >>> variants_watched(("drift", "ab"))
     ('champion', 'canary')
     """
-    return (("champion",) + (("canary",) if "canary" in checks or "ab" in checks else ())
-            + (("shadow",) if "shadow" in checks else ()))
+    return (
+        ("champion",)
+        + (("canary",) if "canary" in checks or "ab" in checks else ())
+        + (("shadow",) if "shadow" in checks else ())
+    )
 
 
 class RolloutJudge:
     """Shadow, canary and A/B judgement of one model, and its :class:`RolloutController`."""
 
-    def __init__(self, model: str, checks: tuple[str, ...], policy: R.RolloutPolicy, bucket_ms: int):
+    def __init__(
+        self, model: str, checks: tuple[str, ...], policy: R.RolloutPolicy, bucket_ms: int
+    ):
         self.checks, self.policy, self.bucket_ms = checks, policy, bucket_ms
         self.controller = R.RolloutController(model, policy)
         self.shadow_seen: dict[str, list] = {}  # version -> [first ts, paired so far]
@@ -44,13 +49,40 @@ class RolloutJudge:
         self.model = model
         self._end, self._spans = 0, {}  # the evaluation under way: its time and windows
 
-    def _evaluation(self, variant: str, check: str, statistic: str, value: float, threshold: float | None,
-                    p_value: float | None = None, **evidence) -> Evaluation:
-        return Evaluation(self.model, self._end, self._spans[variant], variant, check, None, statistic,
-                          value, threshold, p_value, evidence)
+    def _evaluation(
+        self,
+        variant: str,
+        check: str,
+        statistic: str,
+        value: float,
+        threshold: float | None,
+        p_value: float | None = None,
+        **evidence,
+    ) -> Evaluation:
+        return Evaluation(
+            self.model,
+            self._end,
+            self._spans[variant],
+            variant,
+            check,
+            None,
+            statistic,
+            value,
+            threshold,
+            p_value,
+            evidence,
+        )
 
-    def evaluate(self, ring, end: int, spans: dict[str, Window], windows: dict[str, Summary],
-                 current: dict[str, Summary], versions: dict[str, str], q: float) -> tuple[list[Evaluation], dict]:
+    def evaluate(
+        self,
+        ring,
+        end: int,
+        spans: dict[str, Window],
+        windows: dict[str, Summary],
+        current: dict[str, Summary],
+        versions: dict[str, str],
+        q: float,
+    ) -> tuple[list[Evaluation], dict]:
         """Evaluations for the window (``spans``: each variant's window extent), and the
         verdicts :meth:`decide` acts on."""
         self._end, self._spans = end, spans
@@ -65,13 +97,21 @@ class RolloutJudge:
                 healthy = not any(e.exceeded for e in canary_evs)
                 # a step needs health shown, not just bad health not yet proved: the serving
                 # error rate's upper 95% bound under the limit
-                confident = R.wilson_interval(canary.errors, canary.n, 0.1)[1] <= self.policy.max_error_rate
-                verdicts["canary"] = (healthy, confident, current["canary"].n if "canary" in current else 0,
-                                      {e.statistic: e.value for e in canary_evs})
+                confident = (
+                    R.wilson_interval(canary.errors, canary.n, 0.1)[1] <= self.policy.max_error_rate
+                )
+                verdicts["canary"] = (
+                    healthy,
+                    confident,
+                    current["canary"].n if "canary" in current else 0,
+                    {e.statistic: e.value for e in canary_evs},
+                )
         if "shadow" in self.checks and "shadow" in windows and "shadow" in versions:
             shadow_evs = self._shadow(windows["shadow"], q)
             evs += shadow_evs
-            verdicts["shadow"] = self._shadow_verdict(end, versions["shadow"], current.get("shadow"), shadow_evs)
+            verdicts["shadow"] = self._shadow_verdict(
+                end, versions["shadow"], current.get("shadow"), shadow_evs
+            )
         if "ab" in self.checks and "canary" in windows and champ is not None:
             ab_evs = self._ab(ring, end, windows["canary"], champ, versions.get("canary", ""))
             evs += ab_evs
@@ -83,21 +123,47 @@ class RolloutJudge:
         limit = _surprise_threshold(q)
         low, _ = R.wilson_interval(canary.errors, max(canary.n, 1), 2 * q)
         evs = [
-            self._evaluation("canary", "canary_health", "error_rate_lower_bound", low, p.max_error_rate,
-                        error_rate=canary.errors / max(canary.n, 1)),
-            self._evaluation("canary", "canary_health", "errors_vs_champion",
-                        _rate_surprise(canary.errors, canary.n, champ.errors, champ.n), limit),
+            self._evaluation(
+                "canary",
+                "canary_health",
+                "error_rate_lower_bound",
+                low,
+                p.max_error_rate,
+                error_rate=canary.errors / max(canary.n, 1),
+            ),
+            self._evaluation(
+                "canary",
+                "canary_health",
+                "errors_vs_champion",
+                _rate_surprise(canary.errors, canary.n, champ.errors, champ.n),
+                limit,
+            ),
         ]
         if canary.latency.sum() >= MIN_LATENCY_SAMPLES:
-            evs.append(self._evaluation("canary", "canary_health", "p99_latency_ms",
-                                   latency_quantile(canary.latency, 0.99), p.max_p99_latency_ms,
-                                   champion_p99_latency_ms=latency_quantile(champ.latency, 0.99)))
+            evs.append(
+                self._evaluation(
+                    "canary",
+                    "canary_health",
+                    "p99_latency_ms",
+                    latency_quantile(canary.latency, 0.99),
+                    p.max_p99_latency_ms,
+                    champion_p99_latency_ms=latency_quantile(champ.latency, 0.99),
+                )
+            )
         if canary.labelled and champ.labelled:
-            evs.append(self._evaluation("canary", "canary_health", "label_errors_vs_champion",
-                                   _rate_surprise(canary.label_errors, canary.labelled,
-                                                  champ.label_errors, champ.labelled), limit,
-                                   error_rate=canary.label_errors / canary.labelled,
-                                   champion_error_rate=champ.label_errors / champ.labelled))
+            evs.append(
+                self._evaluation(
+                    "canary",
+                    "canary_health",
+                    "label_errors_vs_champion",
+                    _rate_surprise(
+                        canary.label_errors, canary.labelled, champ.label_errors, champ.labelled
+                    ),
+                    limit,
+                    error_rate=canary.label_errors / canary.labelled,
+                    champion_error_rate=champ.label_errors / champ.labelled,
+                )
+            )
         return evs
 
     def _shadow(self, shadow: Summary, q: float) -> list[Evaluation]:
@@ -105,21 +171,45 @@ class RolloutJudge:
         evs = []
         if shadow.paired:
             low, high = R.wilson_interval(shadow.agree, shadow.paired, 2 * q)
-            evs.append(self._evaluation("shadow", "shadow_agreement", "disagreement_lower_bound", 1 - high,
-                                   1 - p.shadow_min_agreement, agreement=shadow.agree / shadow.paired,
-                                   agreement_interval=[low, high], shadow_missing=shadow.shadow_missing,
-                                   latency_overhead_ms=shadow.latency_overhead_sum / shadow.paired))
+            evs.append(
+                self._evaluation(
+                    "shadow",
+                    "shadow_agreement",
+                    "disagreement_lower_bound",
+                    1 - high,
+                    1 - p.shadow_min_agreement,
+                    agreement=shadow.agree / shadow.paired,
+                    agreement_interval=[low, high],
+                    shadow_missing=shadow.shadow_missing,
+                    latency_overhead_ms=shadow.latency_overhead_sum / shadow.paired,
+                )
+            )
         if shadow.b + shadow.c:
             pv = R.mcnemar_exact(shadow.b, shadow.c)
             worse = -math.log10(max(pv, 1e-300)) if shadow.b > shadow.c else 0.0
-            evs.append(self._evaluation("shadow", "shadow_accuracy", "mcnemar_worse", worse, _surprise_threshold(q),
-                                   pv, b=shadow.b, c=shadow.c, paired_labelled=shadow.paired_labelled,
-                                   verdict="worse" if worse > _surprise_threshold(q) else
-                                   "better" if shadow.c > shadow.b and pv < q else "not distinguishable yet"))
+            evs.append(
+                self._evaluation(
+                    "shadow",
+                    "shadow_accuracy",
+                    "mcnemar_worse",
+                    worse,
+                    _surprise_threshold(q),
+                    pv,
+                    b=shadow.b,
+                    c=shadow.c,
+                    paired_labelled=shadow.paired_labelled,
+                    verdict="worse"
+                    if worse > _surprise_threshold(q)
+                    else "better"
+                    if shadow.c > shadow.b and pv < q
+                    else "not distinguishable yet",
+                )
+            )
         return evs
 
-    def _shadow_verdict(self, end: int, version: str, current: Summary | None,
-                        evs: list[Evaluation]) -> str | None:
+    def _shadow_verdict(
+        self, end: int, version: str, current: Summary | None, evs: list[Evaluation]
+    ) -> str | None:
         seen = self.shadow_seen.setdefault(version, [end, 0])
         seen[1] += current.paired if current is not None else 0
         if any(e.exceeded for e in evs):
@@ -131,20 +221,41 @@ class RolloutJudge:
             return "pass"
         return None
 
-    def _ab(self, ring, end: int, canary: Summary, champ: Summary, version: str) -> list[Evaluation]:
+    def _ab(
+        self, ring, end: int, canary: Summary, champ: Summary, version: str
+    ) -> list[Evaluation]:
         p = self.policy
         evs = []
-        w = R.welch(champ.outcome_n, champ.outcome_sum, champ.outcome_sumsq,
-                    canary.outcome_n, canary.outcome_sum, canary.outcome_sumsq, p.ab_alpha)
+        w = R.welch(
+            champ.outcome_n,
+            champ.outcome_sum,
+            champ.outcome_sumsq,
+            canary.outcome_n,
+            canary.outcome_sum,
+            canary.outcome_sumsq,
+            p.ab_alpha,
+        )
         if w is not None:
             se2 = (w.diff / w.t) ** 2 if w.t not in (0, math.inf) else 0.0
             pooled_sd = abs(w.diff / w.cohen_d) if w.cohen_d else 0.0
             p_av = R.msprt_p_value(w.diff, se2, (p.ab_mde_sd * pooled_sd) ** 2 or 1e-12)
             best = self.best_ab_p[version] = min(self.best_ab_p.get(version, 1.0), p_av)
-            evs.append(self._evaluation("canary", "ab_test", "always_valid_p", -math.log10(max(best, 1e-300)),
-                                   -math.log10(p.ab_alpha), best, difference=w.diff, ci=list(w.ci),
-                                   cohen_d=w.cohen_d, welch_t=w.t, welch_p=w.p_value,
-                                   decision_valid=best < p.ab_alpha))
+            evs.append(
+                self._evaluation(
+                    "canary",
+                    "ab_test",
+                    "always_valid_p",
+                    -math.log10(max(best, 1e-300)),
+                    -math.log10(p.ab_alpha),
+                    best,
+                    difference=w.diff,
+                    ci=list(w.ci),
+                    cohen_d=w.cohen_d,
+                    welch_t=w.t,
+                    welch_p=w.p_value,
+                    decision_valid=best < p.ab_alpha,
+                )
+            )
         if version not in self.canary_first_seen:  # a new canary: its split starts after the
             # bucket it appeared in, which may still hold the previous version's traffic
             first = min(b.start for b in ring if "canary" in b.variants)
@@ -161,11 +272,23 @@ class RolloutJudge:
                     observed[v] += b.variants[v].n if v in b.variants else 0
         if sum(observed.values()) >= MIN_CANARY_EVENTS and 0 < weight < 100:
             pv = R.srm_p_value(observed, {"champion": 100 - weight, "canary": weight})
-            evs.append(self._evaluation("canary", "srm", "srm_surprise", -math.log10(max(pv, 1e-300)),
-                                   -math.log10(p.srm_alpha), pv, observed=observed, weight=weight))
+            evs.append(
+                self._evaluation(
+                    "canary",
+                    "srm",
+                    "srm_surprise",
+                    -math.log10(max(pv, 1e-300)),
+                    -math.log10(p.srm_alpha),
+                    pv,
+                    observed=observed,
+                    weight=weight,
+                )
+            )
         return evs
 
-    def decide(self, end: int, versions: dict[str, str], verdicts: dict, firing_ids: dict) -> list[Command]:
+    def decide(
+        self, end: int, versions: dict[str, str], verdicts: dict, firing_ids: dict
+    ) -> list[Command]:
         """Commands from this evaluation's verdicts (each decision once)."""
         commands = []
         if "shadow" in verdicts:
@@ -178,8 +301,12 @@ class RolloutJudge:
             commands += [cmd] if cmd else []
         if "canary" in verdicts and "canary" in versions:
             healthy, confident, events, evidence = verdicts["canary"]
-            ids = [i for (v, c, _), i in firing_ids.items() if v == "canary" and c == "canary_health"]
-            cmd = self.controller.on_canary(end, versions["canary"], healthy, events, evidence, ids, confident)
+            ids = [
+                i for (v, c, _), i in firing_ids.items() if v == "canary" and c == "canary_health"
+            ]
+            cmd = self.controller.on_canary(
+                end, versions["canary"], healthy, events, evidence, ids, confident
+            )
             commands += [cmd] if cmd else []
         for cmd in commands:
             if cmd.action == "set_weight":

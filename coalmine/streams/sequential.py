@@ -7,7 +7,7 @@ few tenths of a standard deviation; a CUSUM accumulates the evidence and needs h
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import brentq
@@ -51,8 +51,9 @@ def _log_arl0(h: float, k: np.ndarray, n: float) -> np.ndarray:
     return body + math.log(n) - np.log(2 * kappa * kappa)
 
 
-def log_false_alarm_rate(h: float, k: float, bucket_events: float = 1.0,
-                         reference_events: float | None = None) -> float:
+def log_false_alarm_rate(
+    h: float, k: float, bucket_events: float = 1.0, reference_events: float | None = None
+) -> float:
     r"""Log of the false alarms per event of a two-sided CUSUM (:func:`cusum_arl0` per side),
     averaged over the reference's sampling error: the reference mean is off the truth by
     :math:`\varepsilon \sim N(0, 1/m)` standard deviations for ``m`` reference events, which
@@ -66,11 +67,15 @@ def log_false_alarm_rate(h: float, k: float, bucket_events: float = 1.0,
     """
     eps = _NODES / math.sqrt(reference_events) if reference_events else np.zeros(1)
     log_w = np.log(_WEIGHTS) if reference_events else np.zeros(1)
-    sides = np.concatenate([log_w - _log_arl0(h, k - eps, bucket_events), log_w - _log_arl0(h, k + eps, bucket_events)])
+    sides = np.concatenate(
+        [log_w - _log_arl0(h, k - eps, bucket_events), log_w - _log_arl0(h, k + eps, bucket_events)]
+    )
     return float(logsumexp(sides))
 
 
-def cusum_threshold(arl0: float, k: float, bucket_events: float = 1.0, reference_events: float | None = None) -> float:
+def cusum_threshold(
+    arl0: float, k: float, bucket_events: float = 1.0, reference_events: float | None = None
+) -> float:
     """The threshold ``h`` at which a two-sided CUSUM, checked after buckets of
     ``bucket_events``, runs ``arl0`` events between false alarms (:func:`log_false_alarm_rate`).
 
@@ -79,6 +84,7 @@ def cusum_threshold(arl0: float, k: float, bucket_events: float = 1.0, reference
     >>> round(cusum_threshold(1e8, 0.15), 1), round(cusum_threshold(1e8, 0.15, 75, 5000), 1)
     (52.2, 46.5)
     """
+
     def excess(h: float) -> float:
         return log_false_alarm_rate(h, k, bucket_events, reference_events) + math.log(arl0)
 
@@ -111,8 +117,13 @@ class CusumThresholds(ThresholdTable):
         super().__init__(lambda n: cusum_threshold(arl0, k, n, reference_events))
 
 
-def joint_cusum_threshold(arl0: float, columns: int, shift_sd: float, bucket_events: float,
-                          reference_events: float | None = None) -> float:
+def joint_cusum_threshold(
+    arl0: float,
+    columns: int,
+    shift_sd: float,
+    bucket_events: float,
+    reference_events: float | None = None,
+) -> float:
     r"""Threshold of a :class:`JointCUSUM` over ``columns`` columns, checked after buckets of
     ``n`` events, for ``arl0`` events between false alarms. Its increments are
     :math:`X = Q - p - c` with :math:`Q \sim \chi^2_p(\lambda)`; Wald's exponential bound
@@ -184,7 +195,7 @@ class JointCUSUM:
         self.threshold = math.inf
         self.statistic = 0.0
 
-    def update(self, n, total) -> "JointCUSUM":
+    def update(self, n, total) -> JointCUSUM:
         n = np.asarray(n, dtype=float)
         if n.min() >= self.min_events:
             z = (np.asarray(total) - n * self.mean) / (self.sd * np.sqrt(n))
@@ -246,7 +257,7 @@ class CUSUM:
         self.k, self.threshold = k, threshold
         self.upper = self.lower = np.zeros_like(self.mean)
 
-    def update(self, n, total) -> "CUSUM":
+    def update(self, n, total) -> CUSUM:
         z = (total - n * self.mean) / self.sd
         cap, slack = 2 * self.threshold, self.k * np.asarray(n)
         self.upper = np.clip(self.upper + z - slack, 0.0, cap)

@@ -30,8 +30,8 @@ from operator import itemgetter
 
 import numpy as np
 
-from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output
 from coalmine.streams.latency import LATENCY_EDGES_MS
+from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 LATENCY_BINS = len(LATENCY_EDGES_MS) + 1
@@ -49,7 +49,7 @@ class Layout:
     size: int = 0
 
     @classmethod
-    def from_columns(cls, columns: dict[str, np.ndarray], bins: int = 32) -> "Layout":
+    def from_columns(cls, columns: dict[str, np.ndarray], bins: int = 32) -> Layout:
         kinds, edges, vocab, offsets, size = {}, {}, {}, {}, 0
         for name, values in columns.items():
             offsets[name] = size
@@ -65,14 +65,15 @@ class Layout:
         return cls(tuple(columns), kinds, edges, vocab, offsets, size)
 
     @classmethod
-    def from_reference(cls, ref: ReferenceData, bins: int = 32) -> "Layout":
+    def from_reference(cls, ref: ReferenceData, bins: int = 32) -> Layout:
         return cls.from_columns(ref.columns, bins)
 
     def bins_of(self, name: str) -> slice:
         """The slice of the flat arrays that holds ``name``'s bins."""
         start = self.offsets[name]
-        width = (len(self.edges[name]) + 1 if self.kinds[name] == NUMERIC
-                 else len(self.vocab[name]) + 1)
+        width = (
+            len(self.edges[name]) + 1 if self.kinds[name] == NUMERIC else len(self.vocab[name]) + 1
+        )
         return slice(start, start + width)
 
     def bin_index(self, name: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,15 +84,19 @@ class Layout:
         else:
             present = np.array([v is not None for v in values], dtype=bool)
             vocab, unseen = self.vocab[name], len(self.vocab[name])
-            idx = np.fromiter((vocab.get(v, unseen) for v in values[present]), dtype=np.int64,
-                              count=int(present.sum()))
+            idx = np.fromiter(
+                (vocab.get(v, unseen) for v in values[present]),
+                dtype=np.int64,
+                count=int(present.sum()),
+            )
         return idx + self.offsets[name], present
 
-    def empty(self) -> "Summary":
+    def empty(self) -> Summary:
         return Summary.zeros(self.size, len(self.names))
 
-    def fold(self, columns: dict[str, np.ndarray], groups: np.ndarray | None = None,
-             n_groups: int = 1) -> "Summary | list[Summary]":
+    def fold(
+        self, columns: dict[str, np.ndarray], groups: np.ndarray | None = None, n_groups: int = 1
+    ) -> Summary | list[Summary]:
         """Fold a batch into summaries: one, or one per group when ``groups`` (ints in
         ``[0, n_groups)``, one per event) is given. Column arrays come from
         :func:`column_arrays`."""
@@ -102,8 +107,9 @@ class Layout:
             values = columns[name]
             idx, present = self.bin_index(name, values)
             flat.append(g[present] * self.size + idx)
-            weights.append(values[present].astype(float) if self.kinds[name] == NUMERIC
-                           else np.zeros(len(idx)))
+            weights.append(
+                values[present].astype(float) if self.kinds[name] == NUMERIC else np.zeros(len(idx))
+            )
             missing[:, j] = np.bincount(g[~present], minlength=n_groups)
         flat_all, w_all = np.concatenate(flat), np.concatenate(weights)
         total = n_groups * self.size
@@ -158,14 +164,16 @@ class Summary:
     shadow_missing: int = 0
 
     @classmethod
-    def zeros(cls, size: int, n_columns: int) -> "Summary":
-        return cls(0, np.zeros(size, dtype=np.int64), np.zeros(size), np.zeros(n_columns, dtype=np.int64))
+    def zeros(cls, size: int, n_columns: int) -> Summary:
+        return cls(
+            0, np.zeros(size, dtype=np.int64), np.zeros(size), np.zeros(n_columns, dtype=np.int64)
+        )
 
-    def __add__(self, other: "Summary") -> "Summary":
+    def __add__(self, other: Summary) -> Summary:
         a, b = self.__dict__, other.__dict__
         return Summary(**{name: a[name] + b[name] for name in _FIELDS})
 
-    def __sub__(self, other: "Summary") -> "Summary":
+    def __sub__(self, other: Summary) -> Summary:
         """The summary of a set less a subset of it (a sliding window's oldest bucket)."""
         a, b = self.__dict__, other.__dict__
         return Summary(**{name: a[name] - b[name] for name in _FIELDS})
@@ -175,8 +183,10 @@ class Summary:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Summary":
-        return cls(**{k: np.asarray(v, dtype=_ARRAYS[k]) if k in _ARRAYS else v for k, v in d.items()})
+    def from_dict(cls, d: dict) -> Summary:
+        return cls(
+            **{k: np.asarray(v, dtype=_ARRAYS[k]) if k in _ARRAYS else v for k, v in d.items()}
+        )
 
 
 _ARRAYS = {"counts": np.int64, "sums": float, "missing": np.int64, "latency": np.int64}
@@ -194,8 +204,9 @@ def values_of(events: list[dict], name: str) -> list:
     return list(map(itemgetter(name), events))
 
 
-def column_arrays(layout: Layout, rows: list[dict], predictions: list,
-                  scores: list[dict | None] | None = None) -> dict[str, np.ndarray]:
+def column_arrays(
+    layout: Layout, rows: list[dict], predictions: list, scores: list[dict | None] | None = None
+) -> dict[str, np.ndarray]:
     """Feature dicts, predictions and class-score dicts (one each per event; ``scores`` only
     when the layout has ``scores.<class>`` columns) -> one array per column, ready for
     :meth:`Layout.fold`.
@@ -208,8 +219,9 @@ def column_arrays(layout: Layout, rows: list[dict], predictions: list,
     if len(numeric) > 1:
         try:  # the common case, every feature present: one C-level lookup per event
             grab = itemgetter(*numeric)
-            matrix = np.fromiter(chain.from_iterable(map(grab, rows)), dtype=float,
-                                 count=len(rows) * len(numeric)).reshape(len(rows), len(numeric))
+            matrix = np.fromiter(
+                chain.from_iterable(map(grab, rows)), dtype=float, count=len(rows) * len(numeric)
+            ).reshape(len(rows), len(numeric))
             out = {name: matrix[:, j] for j, name in enumerate(numeric)}
         except (KeyError, TypeError, ValueError):
             out = {}  # a missing key or a bad value: the per-column path below says which
@@ -219,7 +231,7 @@ def column_arrays(layout: Layout, rows: list[dict], predictions: list,
         if name == PREDICTION:
             values = predictions
         elif name.startswith(SCORES):
-            values = [(s or {}).get(name[len(SCORES):]) for s in scores or [None] * len(rows)]
+            values = [(s or {}).get(name[len(SCORES) :]) for s in scores or [None] * len(rows)]
         else:
             values = [r.get(name) for r in rows]
         if layout.kinds[name] == NUMERIC:

@@ -41,7 +41,6 @@ def _latencies(events: list[dict]) -> np.ndarray:
         return np.array([e.get("latency_ms", np.nan) for e in events], dtype=float)
 
 
-
 def _agree(a, b, tolerance: float) -> bool:
     """Same class, or (numbers) within ``tolerance``."""
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and tolerance:
@@ -62,7 +61,9 @@ class Sketcher:
         self.closed_through: dict[str, int] = {m: -1 for m in baselines}
         # request_id -> {variant: (model, prediction, ts, latency)}: labels and shadow pairing
         self.joins: dict[str, dict[str, tuple]] = {}
-        self.early_labels: dict[str, dict] = {}  # request_id -> label that came before its prediction
+        self.early_labels: dict[
+            str, dict
+        ] = {}  # request_id -> label that came before its prediction
         # model -> (bucket start, variant) -> version serving it (the first one seen there)
         self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in baselines}
         self.shadow_seen: dict[str, int] = {}  # model -> latest shadow answer's ts
@@ -77,7 +78,9 @@ class Sketcher:
         if self.max_ts is None:
             return None
         settings = self.baselines[model].settings
-        return (self.max_ts - settings.allowed_lateness_ms) // settings.bucket_ms * settings.bucket_ms
+        return (
+            (self.max_ts - settings.allowed_lateness_ms) // settings.bucket_ms * settings.bucket_ms
+        )
 
     def add_predictions(self, events: list[dict]) -> list[tuple[int, str]]:
         """Fold valid prediction events; return (index, reason) of those rejected (unknown
@@ -101,31 +104,49 @@ class Sketcher:
     def _fold_model(self, model: str, events: list[dict], idx: list[int]) -> list[tuple[int, str]]:
         baseline = self.baselines[model]
         ts = np.array(values_of(events, "ts"), dtype=np.int64)
-        self._advance(int(ts.max()))  # safe before the late check: that compares with closed_through
+        self._advance(
+            int(ts.max())
+        )  # safe before the late check: that compares with closed_through
         ok = ts >= self.closed_through[model]
         rejected = []
         if not ok.all():
-            rejected = [(idx[i], f"late event: ts {ts[i]} is behind the watermark "
-                                 f"{self.closed_through[model]} (allowed lateness "
-                                 f"{baseline.settings.allowed_lateness_ms} ms)") for i in np.flatnonzero(~ok)]
+            rejected = [
+                (
+                    idx[i],
+                    f"late event: ts {ts[i]} is behind the watermark "
+                    f"{self.closed_through[model]} (allowed lateness "
+                    f"{baseline.settings.allowed_lateness_ms} ms)",
+                )
+                for i in np.flatnonzero(~ok)
+            ]
             events = [e for e, good in zip(events, ok) if good]
             idx = [i for i, good in zip(idx, ok) if good]
             ts = ts[ok]
             if not events:
                 return rejected
         try:
-            cols = column_arrays(baseline.layout, values_of(events, "features"), values_of(events, "prediction"),
-                                 [e.get("scores") for e in events] if baseline.scored else None)
+            cols = column_arrays(
+                baseline.layout,
+                values_of(events, "features"),
+                values_of(events, "prediction"),
+                [e.get("scores") for e in events] if baseline.scored else None,
+            )
         except TypeError:
             # rare: find the culprits one by one, fold the rest
             good, bad = [], []
             for e, i in zip(events, idx):
                 try:
-                    column_arrays(baseline.layout, [e["features"]], [e.get("prediction")], [e.get("scores")])
+                    column_arrays(
+                        baseline.layout, [e["features"]], [e.get("prediction")], [e.get("scores")]
+                    )
                     good.append((e, i))
                 except TypeError as exc:
-                    bad.append((i, f"features.{exc.args[0]}: expected a number for a numeric feature"))
-            return rejected + bad + (self._fold_model(model, *map(list, zip(*good))) if good else [])
+                    bad.append(
+                        (i, f"features.{exc.args[0]}: expected a number for a numeric feature")
+                    )
+            return (
+                rejected + bad + (self._fold_model(model, *map(list, zip(*good))) if good else [])
+            )
         bucket_ms = baseline.settings.bucket_ms
         buckets = ts // bucket_ms
         variants = _coded(values_of(events, "variant"), _VARIANT_CODE, np.int64)
@@ -135,11 +156,14 @@ class Sketcher:
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
         lat_bins = latency_bins(_latencies(events))
         has = lat_bins >= 0
-        lat_hist = np.bincount(groups[has] * LATENCY_BINS + lat_bins[has],
-                               minlength=len(keys) * LATENCY_BINS).reshape(len(keys), LATENCY_BINS)
+        lat_hist = np.bincount(
+            groups[has] * LATENCY_BINS + lat_bins[has], minlength=len(keys) * LATENCY_BINS
+        ).reshape(len(keys), LATENCY_BINS)
         _, first = np.unique(groups, return_index=True)  # each group's first event
         state, versions = self.open[model], self.versions[model]
-        for key, summary, err, hist, i in zip(keys.tolist(), summaries, errors.tolist(), lat_hist, first.tolist()):
+        for key, summary, err, hist, i in zip(
+            keys.tolist(), summaries, errors.tolist(), lat_hist, first.tolist()
+        ):
             summary.errors, summary.latency = int(err), hist
             k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
             accumulate(state, k, summary)
@@ -148,7 +172,7 @@ class Sketcher:
             self._join_predictions(model, baseline, events)
         return rejected
 
-    def _join_predictions(self, model: str, baseline: "Baseline", events: list[dict]) -> None:
+    def _join_predictions(self, model: str, baseline: Baseline, events: list[dict]) -> None:
         """Keep predictions for their labels; pair shadow answers with the champion's."""
         pairing = "shadow" in baseline.settings.checks
         timeout = baseline.policy.shadow_timeout_ms
@@ -163,7 +187,9 @@ class Sketcher:
                 if label is not None:
                     self._score(self.joins.pop(rid), label)
 
-    def _pair_shadow(self, baseline: "Baseline", model: str, e: dict, entry: dict, timeout: int) -> None:
+    def _pair_shadow(
+        self, baseline: Baseline, model: str, e: dict, entry: dict, timeout: int
+    ) -> None:
         """Pair champion and shadow answers of one request, in whichever order they come; while
         a shadow serves, a champion answer waits for its shadow at most ``timeout``."""
         variant = e["variant"]
@@ -195,7 +221,7 @@ class Sketcher:
                 s.paired += 1
                 s.shadow_missing += 1
 
-    def _pair(self, baseline: "Baseline", champion: tuple, shadow: tuple, ts: int) -> None:
+    def _pair(self, baseline: Baseline, champion: tuple, shadow: tuple, ts: int) -> None:
         (model, champ, _, champ_lat), (_, shadow_pred, _, shadow_lat) = champion, shadow
         s = self._open_summary(model, "shadow", ts)
         s.paired += 1
@@ -271,18 +297,27 @@ class Sketcher:
             buckets: dict[str, dict[str, dict]] = {}  # str keys: JSON objects
             versions = self.versions[model]
             for k in done:
-                buckets.setdefault(str(k[0]), {})[k[1]] = {**state.pop(k).to_dict(), "version": versions.pop(k, None)}
+                buckets.setdefault(str(k[0]), {})[k[1]] = {
+                    **state.pop(k).to_dict(),
+                    "version": versions.pop(k, None),
+                }
             self.closed_through[model] = wm
-            out.append({"model": model, "source": self.source, "closed_through": wm,
-                        "buckets": buckets})
+            out.append(
+                {"model": model, "source": self.source, "closed_through": wm, "buckets": buckets}
+            )
         self._expire()
         return out
 
     def flush(self) -> list[dict]:
         """End of input (file replay): close every open bucket."""
-        ends = [max((k[0] for k in self.open[m]), default=-1) + baseline.settings.bucket_ms
-                for m, baseline in self.baselines.items()]
-        self._advance(max(ends) + max(baseline.settings.allowed_lateness_ms for baseline in self.baselines.values()))
+        ends = [
+            max((k[0] for k in self.open[m]), default=-1) + baseline.settings.bucket_ms
+            for m, baseline in self.baselines.items()
+        ]
+        self._advance(
+            max(ends)
+            + max(baseline.settings.allowed_lateness_ms for baseline in self.baselines.values())
+        )
         return self.close()
 
     def _expire(self) -> None:
@@ -294,9 +329,12 @@ class Sketcher:
             self._expire_shadow_waits()
         ttl = {m: baseline.settings.label_ttl_ms for m, baseline in self.baselines.items()}
         self.expired_unlabelled += _drop_oldest(
-            self.joins, lambda v: next(iter(v.values()))[2] < self.max_ts - ttl[next(iter(v.values()))[0]])
+            self.joins,
+            lambda v: next(iter(v.values()))[2] < self.max_ts - ttl[next(iter(v.values()))[0]],
+        )
         self.expired_unjoined_labels += _drop_oldest(
-            self.early_labels, lambda e: e["ts"] < self.max_ts - ttl[e["model"]])
+            self.early_labels, lambda e: e["ts"] < self.max_ts - ttl[e["model"]]
+        )
 
 
 def _drop_oldest(table: dict, expired) -> int:

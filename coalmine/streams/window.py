@@ -42,7 +42,7 @@ class SlidingWindow:
         else:
             for variant, s in bucket.variants.items():
                 accumulate(self.sums, variant, s)
-            for variant, s in (out.variants.items() if out is not None else ()):
+            for variant, s in out.variants.items() if out is not None else ():
                 self.sums[variant] = self.sums[variant] - s
                 if not any(variant in b.variants for b in self.buckets):
                     del self.sums[variant]
