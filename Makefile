@@ -17,15 +17,15 @@ install: $(STAMP)
 demo: install  ## embedded broker + worker + traffic simulator, alerts and commands live
 	$(VENV)/bin/coalmine demo $(ARGS)
 
-test: install  ## the whole suite, unit and integration (embedded broker)
+test: lint  ## lint first, then the whole suite, unit and integration (embedded broker)
 	$(PY) -m pytest -q $(ARGS)
 
 unit: install  ## the suite without the tests that start the broker or workers (well under a minute)
 	$(PY) -m pytest -q -m "not integration" $(ARGS)
 
-lint: install  ## ruff (lint and format check) and mypy; not yet part of `make test`
-	$(VENV)/bin/ruff check coalmine tests benchmarks
-	$(VENV)/bin/ruff format --check coalmine tests benchmarks
+lint: install  ## ruff (lint and format check) and mypy; `make test` runs it first
+	$(VENV)/bin/ruff check coalmine tests benchmarks conftest.py
+	$(VENV)/bin/ruff format --check coalmine tests benchmarks conftest.py
 	$(VENV)/bin/mypy coalmine
 
 bench: install  ## throughput, latency, memory and detection benchmarks

@@ -150,9 +150,11 @@ class EmbeddedBroker:
         from aiokafka.errors import KafkaError
 
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            process = self.process
+            assert process is not None, "_wait_ready runs only after start() launched the broker"
+            if process.poll() is not None:
                 raise RuntimeError(
-                    f"the embedded broker exited with code {self.process.returncode}; "
+                    f"the embedded broker exited with code {process.returncode}; "
                     f"its log ({self.log_path}) ends with:\n{self._log_tail()}"
                 )
             # a plain TCP probe first: aiokafka logs an error for every refused connection

@@ -381,9 +381,10 @@ def _prediction_stream(s: Scenario, d: _Draws) -> Iterator[tuple[int, str, dict 
     take turns."""
     k = s.bad_event_every
     for (a, b), chunk in zip(_spans(s.n_events), _prediction_chunks(s, d)):
+        events: list[dict | bytes] = list(chunk)  # some become malformed bytes
         for i in range((k - 1 - a) % k, b - a, k) if k else ():
-            chunk[i] = _DEFECTS[((a + i) // k) % len(_DEFECTS)](chunk[i])
-        yield from zip(d.ts[a:b].tolist(), repeat("prediction"), chunk)
+            events[i] = _DEFECTS[((a + i) // k) % len(_DEFECTS)](chunk[i])
+        yield from zip(d.ts[a:b].tolist(), repeat("prediction"), events)
 
 
 def _label_stream(s: Scenario, d: _Draws) -> Iterator[tuple[int, str, dict]]:
@@ -658,7 +659,7 @@ async def run_live(
             events = serving.events(done, done + per_step, start_ts, rate_per_s, seed, drift=drift)
             sends = []
             for kind, event in events:
-                raw = event
+                raw: dict | bytes = event
                 if (
                     kind == "prediction"
                     and bad_event_every

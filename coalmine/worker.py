@@ -29,6 +29,7 @@ async def reference_from_topic(
     from aiokafka.structs import TopicPartition
 
     n, lateness = model.reference_first_events, model.allowed_lateness_ms
+    assert n is not None, f"model {model.name}: its reference is a file, not its first events"
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:

@@ -78,6 +78,9 @@ class AlertTracker:
         return out
 
     def _alert(self, ts: int, state: str, ev: Evaluation) -> Alert:
+        # only an exceeded evaluation fires, and exceeded needs a threshold; the same key
+        # keeps its threshold until it resolves
+        assert ev.threshold is not None, f"alert on {ev.key} without a threshold"
         what = f"{ev.check} on {ev.feature}" if ev.feature else ev.check
         verb = "over" if state == "firing" else "back under"
         message = (

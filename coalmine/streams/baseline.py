@@ -122,10 +122,7 @@ class Baseline:
         if len(rows) < 100:
             return [], None, 0
         scores = np.stack(
-            [
-                drift.smoothed_ranks(rows[:, j], c.edges, c.rank_intercepts, c.rank_slopes)
-                for j, c in enumerate(cols)
-            ],
+            [c.smoothed_ranks(rows[:, j]) for j, c in enumerate(cols)],
             axis=1,
         )
         return cols, np.corrcoef(scores, rowvar=False), len(rows)
@@ -170,6 +167,7 @@ class Baseline:
         j = self.layout.names.index(name)
         col.missing_rate = self.ref_summary.missing[j] / max(self.reference.n, 1)
         if col.kind == NUMERIC:
+            assert edges is not None, f"numeric column {name} without bin edges"
             present = values[~np.isnan(values)]
             col.sd = float(np.clip(present, edges[0], edges[-1]).std()) if len(present) > 1 else 0.0
             bin_sd = self._bin_sd(name, present)

@@ -58,10 +58,8 @@ class TailFit:
 
     @classmethod
     def stack(cls, fits: list[TailFit]) -> TailFit:
-        return cls(
-            *(np.stack([getattr(f, name) for f in fits]) for name in ("a", "b", "floor")),
-            np.array([f.power for f in fits], dtype=float),
-        )
+        a, b, floor = (np.stack([getattr(f, name) for f in fits]) for name in ("a", "b", "floor"))
+        return cls(a, b, floor, np.array([f.power for f in fits], dtype=float))
 
     def threshold(self, n, q: float):
         """Level that the standardized statistic exceeds with probability ``q`` in a window
@@ -110,6 +108,7 @@ def fit_grid(samples: list[np.ndarray], powers: tuple[float, ...]) -> TailFit:
         sse = sum(r[3] for r in rows)
         if best is None or sse < best[0]:
             best = (sse, power, rows)
+    assert best is not None, "fit_grid needs at least one power"
     _, power, rows = best
     a, b, floor = (np.array(c) for c in list(zip(*rows))[:3])
     return TailFit(a, b, floor, power)

@@ -35,6 +35,15 @@ class ColumnModel:
     rank_sd: float = 0.0
     fits: dict[str, calibration.TailFit] = field(default_factory=dict)
 
+    def smoothed_ranks(self, values: np.ndarray) -> np.ndarray:
+        """Each value's smoothed reference rank (:func:`coalmine.streams.drift.smoothed_ranks`);
+        numeric columns only, once their rank coefficients are set."""
+        edges, intercepts, slopes = self.edges, self.rank_intercepts, self.rank_slopes
+        assert edges is not None and intercepts is not None and slopes is not None, (
+            f"{self.name}: no rank coefficients (not a numeric column)"
+        )
+        return drift.smoothed_ranks(values, edges, intercepts, slopes)
+
 
 @dataclass
 class NumericBlock:
@@ -104,10 +113,10 @@ class NumericBlock:
         scale = np.sqrt(np.maximum(drift.effective_n(self.ks.ref_counts.sum(axis=1), n), 1e-12))
         rows = zip(
             n.tolist(),
-            ks.statistic.tolist(),
-            ks.p_value.tolist(),
+            _per_column(ks.statistic),
+            _per_column(ks.p_value),
             (self.ks_fits.threshold(n, q) / scale).tolist(),
-            w.normalized.tolist(),
+            _per_column(w.normalized),
             (self.wasserstein_fits.threshold(n, q) / scale).tolist(),
             psi.tolist(),
         )
@@ -146,3 +155,10 @@ class NumericBlock:
         location.update(n, ranks)
         spread.update(n, (counts * self.spread_scores).sum(axis=1))
         return n, ranks
+
+
+def _per_column(values: np.ndarray | float) -> list[float]:
+    """A statistic of a stack of columns as a list, one per column: on a stack, the statistics
+    of :mod:`coalmine.streams.drift` are arrays, never the single column's float."""
+    assert isinstance(values, np.ndarray), "a statistic of a stack of columns is an array"
+    return values.tolist()

@@ -217,7 +217,8 @@ class KolmogorovSmirnov:
     def __init__(self, ref_counts: np.ndarray):
         self.ref_counts = ref_counts
         self._ref_cdf, self._ref_n = _cdf(ref_counts), ref_counts.sum(axis=-1)
-        self.statistic = self.standardized = 0.0
+        self.statistic: np.ndarray | float = 0.0
+        self.standardized: np.ndarray | float = 0.0
 
     def update(self, win_counts: np.ndarray) -> KolmogorovSmirnov:
         d = _ks_from_cdf(self._ref_cdf, win_counts)
@@ -258,7 +259,9 @@ class Wasserstein:
     def __init__(self, ref_pos: np.ndarray, ref_counts: np.ndarray, sd: float | np.ndarray):
         self.ref_pos, self.ref_counts = ref_pos, ref_counts
         self.sd = np.where(np.asarray(sd) > 0, sd, 1.0)
-        self.statistic = self.normalized = self.standardized = 0.0
+        self.statistic: np.ndarray | float = 0.0
+        self.normalized: np.ndarray | float = 0.0
+        self.standardized: np.ndarray | float = 0.0
 
     def update(self, win_pos: np.ndarray, win_counts: np.ndarray) -> Wasserstein:
         w = wasserstein_statistic(self.ref_pos, self.ref_counts, win_pos, win_counts)

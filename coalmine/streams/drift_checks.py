@@ -73,7 +73,8 @@ class DriftJudge:
         just closed, their thresholds following the window's ``bucket_events`` (they are
         checked once a bucket); the window tests run only when ``window_tests``."""
         base, settings = self.baseline, self.baseline.settings
-        checks, least = settings.checks, settings.min_window_events
+        checks = settings.checks
+        least: float = settings.min_window_events  # math.inf: no window test this bucket
         make = partial(Evaluation, settings.name, ts, span, variant)
         out: list[Evaluation] = []
         block = base.numeric_block
@@ -113,6 +114,8 @@ class DriftJudge:
             if "missing_rate" in checks and check == "drift" and window.n >= least:
                 out.append(self._missing(make, col, feature, int(window.missing[j]), window.n, q))
         if (joint := self.joint_cusums[variant]) is not None:
+            # a joint CUSUM exists only over joint columns, and then so does its threshold table
+            assert base.joint_h is not None
             joint.threshold = base.joint_h(bucket_events)
             if bucket_ranks:
                 joint.update(*zip(*(bucket_ranks[c.name] for c in base.joint_columns)))

@@ -11,6 +11,7 @@ window (:class:`~coalmine.streams.window.SlidingWindow`) and asks its judges: th
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
 from coalmine.streams.alerts import AlertTracker
@@ -52,7 +53,7 @@ class Evaluator:
         # (variant, check, feature) -> the window tests' evaluations at their last run
         self.held: dict[tuple, list[Evaluation]] = {}
 
-    def add(self, partial: dict, idle_sources: set[int] = frozenset()) -> Emitted:
+    def add(self, partial: dict, idle_sources: AbstractSet[int] = frozenset()) -> Emitted:
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
         closed."""
         src = partial["source"]
@@ -74,7 +75,7 @@ class Evaluator:
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
         return self.poll(idle_sources)
 
-    def poll(self, idle: set[int] = frozenset()) -> Emitted:
+    def poll(self, idle: AbstractSet[int] = frozenset()) -> Emitted:
         """Evaluate the buckets that every source not in ``idle`` has closed."""
         out = Emitted([], [], [])
         live = [t for s, t in self.closed.items() if s not in idle]
@@ -157,7 +158,7 @@ class Evaluator:
                     groups.setdefault(key, []).extend(held)
         for group in groups.values():
             exceeded = any(e.exceeded for e in group)
-            worst = max(group, key=lambda e: e.value / max(e.threshold, 1e-12))
+            worst = max(group, key=_over_threshold)
             alert = self.alerts.observe(end, exceeded, worst)
             if alert:
                 out.alerts.append(alert)
@@ -181,8 +182,9 @@ class Emitted(NamedTuple):
     commands: list[Command]
 
     def extend(self, other: Emitted) -> None:
-        for mine, theirs in zip(self, other):
-            mine.extend(theirs)
+        self.evaluations.extend(other.evaluations)
+        self.alerts.extend(other.alerts)
+        self.commands.extend(other.commands)
 
 
 def _group(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
@@ -193,6 +195,12 @@ def _group(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
         if e.threshold is not None:  # PSI and JS are reported, not alarmed on
             groups.setdefault(e.key, []).append(e)
     return groups
+
+
+def _over_threshold(e: Evaluation) -> float:
+    """How far over its threshold an evaluation is: the worst of a group speaks for it."""
+    assert e.threshold is not None, "only evaluations with a threshold are grouped"
+    return e.value / max(e.threshold, 1e-12)
 
 
 def _is_window_test(e: Evaluation) -> bool:

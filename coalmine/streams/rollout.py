@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,7 +215,12 @@ class RolloutController:
         )
 
     def on_shadow(
-        self, ts: int, version: str, verdict: str | None, evidence: dict, alert_ids: list[str] = ()
+        self,
+        ts: int,
+        version: str,
+        verdict: str | None,
+        evidence: dict,
+        alert_ids: Sequence[str] = (),
     ) -> Command | None:
         """``verdict``: "pass", "fail" or None (not enough evidence yet)."""
         if self.stages.get(version, "shadow") != "shadow" or verdict is None:
@@ -245,7 +251,7 @@ class RolloutController:
         self.step[version], self.step_started[version], self.step_events[version] = i, ts, 0
 
     def on_srm(
-        self, ts: int, version: str, evidence: dict, alert_ids: list[str] = ()
+        self, ts: int, version: str, evidence: dict, alert_ids: Sequence[str] = ()
     ) -> Command | None:
         """The observed split departs from the weight in force: the comparison is not valid,
         so hold the rollout (once) until people look; a rollback stays possible."""
@@ -268,7 +274,7 @@ class RolloutController:
         healthy: bool,
         events: int,
         evidence: dict | None = None,
-        alert_ids: list[str] = (),
+        alert_ids: Sequence[str] = (),
         confident: bool = True,
     ) -> Command | None:
         """Feed one evaluation of the canary: ``events`` canary events in the new bucket;

@@ -47,7 +47,8 @@ class RolloutJudge:
         self.weight_changed_ts = -1
         self.canary_first_seen: dict[str, int] = {}
         self.model = model
-        self._end, self._spans = 0, {}  # the evaluation under way: its time and windows
+        # the evaluation under way: its time and windows
+        self._end, self._spans = 0, dict[str, Window]()
 
     def _evaluation(
         self,

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from itertools import chain
 from operator import itemgetter
+from typing import Any, overload
 
 import numpy as np
 
@@ -93,6 +94,16 @@ class Layout:
 
     def empty(self) -> Summary:
         return Summary.zeros(self.size, len(self.names))
+
+    @overload
+    def fold(
+        self, columns: dict[str, np.ndarray], groups: None = None, n_groups: int = 1
+    ) -> Summary: ...
+
+    @overload
+    def fold(
+        self, columns: dict[str, np.ndarray], groups: np.ndarray, n_groups: int = 1
+    ) -> list[Summary]: ...
 
     def fold(
         self, columns: dict[str, np.ndarray], groups: np.ndarray | None = None, n_groups: int = 1
@@ -184,9 +195,10 @@ class Summary:
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
-        return cls(
-            **{k: np.asarray(v, dtype=_ARRAYS[k]) if k in _ARRAYS else v for k, v in d.items()}
-        )
+        values: dict[str, Any] = {
+            k: np.asarray(v, dtype=_ARRAYS[k]) if k in _ARRAYS else v for k, v in d.items()
+        }
+        return cls(**values)
 
 
 _ARRAYS = {"counts": np.int64, "sums": float, "missing": np.int64, "latency": np.int64}

@@ -29,15 +29,16 @@ class SlidingWindow:
     and live runs, replays and restarted workers re-add at the same buckets."""
 
     def __init__(self, size: int, bucket_ms: int):
+        self.size = size
         self.buckets: deque[Bucket] = deque(maxlen=size)
         self.bucket_ms = bucket_ms
         self.sums: dict[str, Summary] = {}
 
     def append(self, bucket: Bucket) -> dict[str, Summary]:
         """Slide by ``bucket``; return the window of every variant present, by variant name."""
-        out = self.buckets[0] if len(self.buckets) == self.buckets.maxlen else None
+        out = self.buckets[0] if len(self.buckets) == self.size else None
         self.buckets.append(bucket)
-        if bucket.start // self.bucket_ms % self.buckets.maxlen == 0:
+        if bucket.start // self.bucket_ms % self.size == 0:
             self._add_up()
         else:
             for variant, s in bucket.variants.items():
