@@ -9,25 +9,30 @@ so the three give the same partials for the same messages.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
 
 from coalmine import events as contract
+from coalmine.decode import PredictionDecoder
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.sketch import values_of
-from coalmine.streams.sketcher import Sketcher
+from coalmine.streams.sketcher import PredictionBatch, Sketcher, batches_from_events
 
 KINDS = ("prediction", "label")
 
 
-class Folded(NamedTuple):
-    """What folding a batch of valid events gave: ``(index in the batch, reason)`` of the events
-    refused (late, or a value of the wrong type for its column: they go to the dead-letter
-    topic), and events folded per ``(model, variant)`` (labels have no variant: ``""``)."""
+class Fed(NamedTuple):
+    """What one batch of messages gave: ``(position in the batch, reason)`` of the messages
+    that go to the dead-letter topic (invalid, unknown model, a value of the wrong type, late),
+    events folded per ``(model, variant)`` (labels have no variant: ``""``), and the largest
+    event time among them (None when none was folded)."""
 
-    rejected: list[tuple[int, str]]
+    dead: list[tuple[int, str]]
     counts: Counter
+    horizon: int | None
+    late: int = 0  # of the dead, those refused as late (valid, but behind the watermark)
 
 
 class PartitionIngest:
@@ -41,40 +46,70 @@ class PartitionIngest:
     def __init__(self, baselines: dict[str, Baseline], source: int = 0):
         self.models = set(baselines)
         self.sketcher = Sketcher(baselines, source=source)
+        self.predictions = PredictionDecoder(baselines)
         # kind -> [(event times, offsets)] of folded events whose bucket may still be open
         self._held: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in KINDS}
         self._next: dict[str, int | None] = {k: None for k in KINDS}  # after the last offset seen
 
-    def decode(self, kind: str, raws: list[bytes]) -> tuple[list[dict], list[tuple[int, str]]]:
-        """Valid events of a batch of raw ``kind`` messages, and ``(position, reason)`` of the
-        others (not JSON, against the schema, of an unknown model)."""
-        return contract.split_valid(kind, raws, self.models)
+    def feed(self, kind: str, raws: list[bytes], offsets: list[int] | None = None) -> Fed:
+        """Decode, validate and fold one batch of ``kind`` messages of one partition, in its
+        order; ``offsets`` are the messages' offsets."""
+        if kind == "label":
+            labels, invalid = self.decode_labels(raws)
+            at = _valid_positions(len(raws), invalid)
+            fed = self.fold_labels(labels, [offsets[i] for i in at] if offsets else None)
+            dead = invalid + [(at[i], reason) for i, reason in fed.dead]
+        else:
+            batches, dead = self.predictions.decode(raws)
+            fed = self._fold_batches(batches, offsets)
+            dead = dead + fed.dead
+        if offsets:
+            self._next[kind] = offsets[-1] + 1
+        return Fed(sorted(dead), fed.counts, fed.horizon, fed.late)
 
-    def fold(
-        self,
-        kind: str,
-        valid: list[dict],
-        offsets: list[int] | None = None,
-        last_offset: int | None = None,
-    ) -> Folded:
-        """Fold valid events of one partition, in its order; ``offsets`` are theirs,
-        ``last_offset`` the batch's last (valid or not)."""
-        add = self.sketcher.add_labels if kind == "label" else self.sketcher.add_predictions
-        rejected = add(valid)
-        kept = valid
-        if rejected:
-            refused = {i for i, _ in rejected}
-            keep = [i for i in range(len(valid)) if i not in refused]
-            kept = [valid[i] for i in keep]
-            offsets = [offsets[i] for i in keep] if offsets is not None else None
+    def decode_labels(self, raws: list[bytes]) -> tuple[list[dict], list[tuple[int, str]]]:
+        """Valid label events of a batch of raw messages, and ``(position, reason)`` of the
+        others (not JSON, against the schema, of an unknown model)."""
+        return contract.split_valid("label", raws, self.models)
+
+    def fold_labels(self, labels: list[dict], offsets: list[int] | None = None) -> Fed:
+        """Fold valid label events (``dead`` positions index ``labels``)."""
+        rejected = self.sketcher.add_labels(labels)
+        kept = _drop(labels, rejected)
         if offsets is not None:
-            self._held[kind].append(
-                (np.array(values_of(kept, "ts"), dtype=np.int64), np.array(offsets, dtype=np.int64))
-            )
-        if last_offset is not None:
-            self._next[kind] = last_offset + 1
-        variants = values_of(kept, "variant") if kind == "prediction" else [""] * len(kept)
-        return Folded(rejected, Counter(zip(values_of(kept, "model"), variants)))
+            self._hold("label", values_of(kept, "ts"), _drop(offsets, rejected))
+        counts = Counter(zip(values_of(kept, "model"), repeat("")))
+        return Fed(rejected, counts, max(values_of(kept, "ts"), default=None), len(rejected))
+
+    def fold_predictions(self, events: list[dict]) -> Fed:
+        """Fold valid prediction events given as dicts (``dead`` positions index ``events``)."""
+        batches, rejected = batches_from_events(events, self.sketcher.baselines)
+        fed = self._fold_batches(batches, None)
+        return Fed(sorted(rejected + fed.dead), fed.counts, fed.horizon, fed.late)
+
+    def _fold_batches(self, batches: list[PredictionBatch], offsets: list[int] | None) -> Fed:
+        dead: list[tuple[int, str]] = []
+        counts: Counter = Counter()
+        horizon = None
+        for batch in batches:
+            late = self.sketcher.add_batch(batch)
+            dead += late
+            if late:
+                refused = {p for p, _ in late}
+                batch = batch.take(np.array([p not in refused for p in batch.positions]))
+            if not len(batch):
+                continue
+            if offsets is not None:
+                self._hold("prediction", batch.ts, [offsets[p] for p in batch.positions])
+            counts.update(zip(repeat(batch.model), batch.variant))
+            top = int(batch.ts.max())
+            horizon = top if horizon is None else max(horizon, top)
+        return Fed(dead, counts, horizon, len(dead))
+
+    def _hold(self, kind: str, ts, offsets) -> None:
+        self._held[kind].append(
+            (np.asarray(ts, dtype=np.int64), np.asarray(offsets, dtype=np.int64))
+        )
 
     def close(self) -> list[dict]:
         """Partials of every bucket the watermark has passed (see :meth:`Sketcher.close`)."""
@@ -89,12 +124,26 @@ class PartitionIngest:
         be open, or just past the last message fed when there is none. Call it after the
         partials of :meth:`close` (and the dead letters) were acknowledged by the broker."""
         safe = min(self.sketcher.closed_through.values(), default=-1)
-        out = {}
+        out: dict[str, int] = {}
         for kind, held in self._held.items():
             kept = [(ts[ts >= safe], off[ts >= safe]) for ts, off in held]
             held[:] = [(ts, off) for ts, off in kept if len(ts)]
             if held:
                 out[kind] = int(min(off.min() for _, off in held))
-            elif self._next[kind] is not None:
-                out[kind] = self._next[kind]
+            elif (after := self._next[kind]) is not None:
+                out[kind] = after
         return out
+
+
+def _valid_positions(n: int, invalid: list[tuple[int, str]]) -> list[int]:
+    """Positions in a batch of ``n`` of the messages not in ``invalid``, in order."""
+    bad = {i for i, _ in invalid}
+    return [i for i in range(n) if i not in bad]
+
+
+def _drop(items: list, rejected: list[tuple[int, str]]) -> list:
+    """``items`` less those at the positions ``rejected`` names."""
+    if not rejected:
+        return items
+    refused = {i for i, _ in rejected}
+    return [x for i, x in enumerate(items) if i not in refused]

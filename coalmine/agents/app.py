@@ -83,7 +83,8 @@ def create_app(
     dead_topic = app.topic(topics.DEADLETTER, **raw)
 
     ingests: dict[int, PartitionIngest] = {}
-    held: dict[int, list[tuple[int, faust.EventT]]] = defaultdict(list)  # partition -> (ts, event)
+    # partition -> kind -> events folded, not yet acknowledged
+    held: dict[int, dict[str, list[faust.EventT]]] = defaultdict(lambda: defaultdict(list))
     signer = Signer.from_env()
     evaluators = {
         name: Evaluator(b, sources=partitions, signer=signer) for name, b in baselines.items()
@@ -112,32 +113,25 @@ def create_app(
         for kind, evs in by_kind.items():
             if not evs:
                 continue
-            valid, invalid = ingest.decode(kind, [e.message.value for e in evs])
-            bad = dict(invalid)
-            good_events = [e for i, e in enumerate(evs) if i not in bad]
-            folded = ingest.fold(kind, valid)
-            for i, reason in folded.rejected:
+            fed = ingest.feed(kind, [e.message.value for e in evs], [e.message.offset for e in evs])
+            for pos, reason in fed.dead:
                 if reason.startswith("late event"):
-                    metrics.LATE.labels(valid[i]["model"]).inc()
-                await dead_letter(good_events[i].message, reason)
-                await stream.ack(good_events[i])
-                good_events[i] = None
-            for i, reason in invalid:
-                await dead_letter(evs[i].message, reason)
-                await stream.ack(evs[i])
-            held[partition] += [(v["ts"], e) for v, e in zip(valid, good_events) if e is not None]
-            metrics.count_events(kind, folded.counts)
+                    metrics.LATE.labels(orjson.loads(evs[pos].message.value)["model"]).inc()
+                await dead_letter(evs[pos].message, reason)
+                await stream.ack(evs[pos])
+            dead = {pos for pos, _ in fed.dead}
+            held[partition][kind] += [e for i, e in enumerate(evs) if i not in dead]
+            metrics.count_events(kind, fed.counts)
         for partial in ingest.close():
             await partials_topic.send(key=partial["model"].encode(), value=contract.encode(partial))
         # events in closed buckets are safe: acknowledge them so their offsets commit
-        safe = min(ingest.sketcher.closed_through.values(), default=-1)
-        keep = []
-        for ts, event in held[partition]:
-            if ts < safe:
-                await stream.ack(event)
-            else:
-                keep.append((ts, event))
-        held[partition] = keep
+        committable = ingest.committable()
+        for kind, events in held[partition].items():
+            upto = committable.get(kind, -1)
+            for event in events:
+                if event.message.offset < upto:
+                    await stream.ack(event)
+            held[partition][kind] = [e for e in events if e.message.offset >= upto]
         sketchers = [i.sketcher for i in ingests.values()]
         metrics.EXPIRED.set(sum(s.expired_unlabelled for s in sketchers))
         metrics.UNJOINED.set(sum(s.expired_unjoined_labels for s in sketchers))

@@ -11,6 +11,9 @@ in the bucket open when it meets its prediction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from itertools import repeat
+
 import numpy as np
 
 from coalmine.streams.baseline import Baseline
@@ -24,6 +27,125 @@ _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
 _STATUS_FAILED = {"ok": False, "error": True}
 
 
+#: the largest event time accepted (year ~2255 in ms): event times stay exact in float64 and
+#: int64 arithmetic
+MAX_TS = 2**53
+
+
+@dataclass
+class PredictionBatch:
+    """One model's valid prediction events, column by column: what stage 1 folds.
+
+    ``columns`` holds the model's layout columns (features, ``prediction``, ``scores.<class>``)
+    as :func:`~coalmine.streams.sketch.column_arrays` makes them; ``positions`` each event's
+    position in the batch of messages it came in (for dead-letter reasons).
+    """
+
+    model: str
+    ts: np.ndarray
+    variant: list[str]
+    version: list[str]
+    status: list[str]
+    latency_ms: np.ndarray
+    request_id: list[str]
+    prediction: list
+    columns: dict[str, np.ndarray]
+    positions: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def take(self, keep: np.ndarray) -> PredictionBatch:
+        """The events where ``keep`` (a boolean mask) is true."""
+        at = np.flatnonzero(keep).tolist()
+
+        def pick(seq: list) -> list:
+            return [seq[i] for i in at]
+
+        return PredictionBatch(
+            self.model,
+            self.ts[keep],
+            pick(self.variant),
+            pick(self.version),
+            pick(self.status),
+            self.latency_ms[keep],
+            pick(self.request_id),
+            pick(self.prediction),
+            {name: values[keep] for name, values in self.columns.items()},
+            pick(self.positions) if self.positions else [],
+        )
+
+
+def batches_from_events(
+    events: list[dict], baselines: dict[str, Baseline]
+) -> tuple[list[PredictionBatch], list[tuple[int, str]]]:
+    """Valid prediction events (dicts, as :func:`coalmine.events.split_valid` gives them) to one
+    batch per model; ``(index, reason)`` of the events refused: an unknown model, an event
+    time out of range, a value of the wrong type for its column."""
+    rejected: list[tuple[int, str]] = []
+    groups: dict[str, list[int]] = {}
+    for i, model in enumerate(values_of(events, "model")):
+        groups.setdefault(model, []).append(i)
+    batches = []
+    for model, idx in groups.items():
+        if model not in baselines:
+            rejected += [(i, f"unknown model {model!r}") for i in idx]
+            continue
+        mine = [events[i] for i in idx] if len(groups) > 1 else events
+        far = {j for j, t in enumerate(values_of(mine, "ts")) if not 0 <= t <= MAX_TS}
+        if far:
+            rejected += [(idx[j], f"ts: out of range (0 to {MAX_TS})") for j in sorted(far)]
+            keep = [j for j in range(len(mine)) if j not in far]
+            mine, idx = [mine[j] for j in keep], [idx[j] for j in keep]
+        batch, bad = _batch_of(model, baselines[model], mine, idx)
+        rejected += bad
+        if batch is not None:
+            batches.append(batch)
+    return batches, sorted(rejected)
+
+
+def _batch_of(
+    model: str, baseline: Baseline, events: list[dict], idx: list[int]
+) -> tuple[PredictionBatch | None, list[tuple[int, str]]]:
+    """One model's events as a batch, and those with a value of the wrong type for its column."""
+    if not events:
+        return None, []
+    try:
+        cols = column_arrays(
+            baseline.layout,
+            values_of(events, "features"),
+            values_of(events, "prediction"),
+            [e.get("scores") for e in events] if baseline.scored else None,
+        )
+    except TypeError:  # rare: find the culprits one by one, batch the rest
+        good, bad = [], []
+        for e, i in zip(events, idx):
+            try:
+                column_arrays(
+                    baseline.layout, [e["features"]], [e.get("prediction")], [e.get("scores")]
+                )
+                good.append((e, i))
+            except TypeError as exc:
+                bad.append((i, f"features.{exc.args[0]}: expected a number for a numeric feature"))
+        if not good:
+            return None, bad
+        batch, _ = _batch_of(model, baseline, [e for e, _ in good], [i for _, i in good])
+        return batch, bad
+    batch = PredictionBatch(
+        model,
+        np.array(values_of(events, "ts"), dtype=np.int64),
+        values_of(events, "variant"),
+        values_of(events, "version"),
+        values_of(events, "status"),
+        np.array([e.get("latency_ms", np.nan) for e in events], dtype=float),
+        values_of(events, "request_id"),
+        values_of(events, "prediction"),
+        cols,
+        list(idx),
+    )
+    return batch, []
+
+
 def _coded(values: list, codes: dict, dtype) -> np.ndarray:
     """``codes[v]`` for each value, as an array: one lookup in all when all values are alike
     (one variant, no serving errors: the common batch)."""
@@ -31,14 +153,6 @@ def _coded(values: list, codes: dict, dtype) -> np.ndarray:
     if len(distinct) == 1:
         return np.full(len(values), codes[distinct.pop()], dtype=dtype)
     return np.fromiter(map(codes.__getitem__, values), dtype=dtype, count=len(values))
-
-
-def _latencies(events: list[dict]) -> np.ndarray:
-    """Each event's ``latency_ms``, NaN where it reported none."""
-    try:
-        return np.array(values_of(events, "latency_ms"), dtype=float)
-    except KeyError:
-        return np.array([e.get("latency_ms", np.nan) for e in events], dtype=float)
 
 
 def _agree(a, b, tolerance: float) -> bool:
@@ -59,11 +173,10 @@ class Sketcher:
         self.max_ts: int | None = None
         self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in baselines}
         self.closed_through: dict[str, int] = {m: -1 for m in baselines}
-        # request_id -> {variant: (model, prediction, ts, latency)}: labels and shadow pairing
+        # variant -> request_id -> (model, prediction, ts, latency): for labels and shadow pairing
         self.joins: dict[str, dict[str, tuple]] = {}
-        self.early_labels: dict[
-            str, dict
-        ] = {}  # request_id -> label that came before its prediction
+        # request_id -> the label that came before its prediction
+        self.early_labels: dict[str, dict] = {}
         # model -> (bucket start, variant) -> version serving it (the first one seen there)
         self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in baselines}
         self.shadow_seen: dict[str, int] = {}  # model -> latest shadow answer's ts
@@ -83,78 +196,43 @@ class Sketcher:
         )
 
     def add_predictions(self, events: list[dict]) -> list[tuple[int, str]]:
-        """Fold valid prediction events; return (index, reason) of those rejected (unknown
-        model, wrong value types, later than the watermark)."""
-        rejected: list[tuple[int, str]] = []
-        models = set(values_of(events, "model"))
-        if len(models) == 1:  # the common case: no regrouping
-            by_model = {models.pop(): (events, range(len(events)))}
-        else:
-            groups: dict[str, list[int]] = {}
-            for i, e in enumerate(events):
-                groups.setdefault(e["model"], []).append(i)
-            by_model = {m: ([events[i] for i in idx], idx) for m, idx in groups.items()}
-        for model, (mine, idx) in by_model.items():
-            if model not in self.baselines:
-                rejected += [(i, f"unknown model {model!r}") for i in idx]
-                continue
-            rejected += self._fold_model(model, mine, list(idx))
-        return rejected
+        """Fold valid prediction events (dicts); return ``(index, reason)`` of those refused
+        (unknown model, wrong value types, later than the watermark)."""
+        batches, rejected = batches_from_events(events, self.baselines)
+        for batch in batches:
+            rejected += self.add_batch(batch)
+        return sorted(rejected)
 
-    def _fold_model(self, model: str, events: list[dict], idx: list[int]) -> list[tuple[int, str]]:
-        baseline = self.baselines[model]
-        ts = np.array(values_of(events, "ts"), dtype=np.int64)
-        self._advance(
-            int(ts.max())
-        )  # safe before the late check: that compares with closed_through
-        ok = ts >= self.closed_through[model]
+    def add_batch(self, batch: PredictionBatch) -> list[tuple[int, str]]:
+        """Fold one model's batch; return ``(position, reason)`` of the events later than the
+        watermark (positions from ``batch.positions``)."""
+        model, baseline = batch.model, self.baselines[batch.model]
+        # safe before the late check: that compares with closed_through
+        self._advance(int(batch.ts.max()))
+        ok = batch.ts >= self.closed_through[model]
         rejected = []
         if not ok.all():
             rejected = [
                 (
-                    idx[i],
-                    f"late event: ts {ts[i]} is behind the watermark "
+                    batch.positions[i],
+                    f"late event: ts {batch.ts[i]} is behind the watermark "
                     f"{self.closed_through[model]} (allowed lateness "
                     f"{baseline.settings.allowed_lateness_ms} ms)",
                 )
                 for i in np.flatnonzero(~ok)
             ]
-            events = [e for e, good in zip(events, ok) if good]
-            idx = [i for i, good in zip(idx, ok) if good]
-            ts = ts[ok]
-            if not events:
+            batch = batch.take(ok)
+            if not len(batch):
                 return rejected
-        try:
-            cols = column_arrays(
-                baseline.layout,
-                values_of(events, "features"),
-                values_of(events, "prediction"),
-                [e.get("scores") for e in events] if baseline.scored else None,
-            )
-        except TypeError:
-            # rare: find the culprits one by one, fold the rest
-            good, bad = [], []
-            for e, i in zip(events, idx):
-                try:
-                    column_arrays(
-                        baseline.layout, [e["features"]], [e.get("prediction")], [e.get("scores")]
-                    )
-                    good.append((e, i))
-                except TypeError as exc:
-                    bad.append(
-                        (i, f"features.{exc.args[0]}: expected a number for a numeric feature")
-                    )
-            return (
-                rejected + bad + (self._fold_model(model, *map(list, zip(*good))) if good else [])
-            )
         bucket_ms = baseline.settings.bucket_ms
-        buckets = ts // bucket_ms
-        variants = _coded(values_of(events, "variant"), _VARIANT_CODE, np.int64)
-        keys, groups = np.unique(buckets * len(VARIANTS) + variants, return_inverse=True)
-        summaries = baseline.layout.fold(cols, groups, len(keys))
-        failed = _coded(values_of(events, "status"), _STATUS_FAILED, bool)
+        variants = _coded(batch.variant, _VARIANT_CODE, np.int64)
+        keys, groups = np.unique(
+            batch.ts // bucket_ms * len(VARIANTS) + variants, return_inverse=True
+        )
+        summaries = baseline.layout.fold(batch.columns, groups, len(keys))
+        failed = _coded(batch.status, _STATUS_FAILED, bool)
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
-        lat_bins = latency_bins(_latencies(events))
+        lat_bins = latency_bins(batch.latency_ms)
         has = lat_bins >= 0
         lat_hist = np.bincount(
             groups[has] * LATENCY_BINS + lat_bins[has], minlength=len(keys) * LATENCY_BINS
@@ -167,57 +245,71 @@ class Sketcher:
             summary.errors, summary.latency = int(err), hist
             k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
             accumulate(state, k, summary)
-            versions.setdefault(k, events[i]["version"])  # a hand-over bucket is the old version's
+            versions.setdefault(k, batch.version[i])  # a hand-over bucket is the old version's
         if baseline.joins_needed:
-            self._join_predictions(model, baseline, events)
+            self._join_predictions(baseline, batch)
         return rejected
 
-    def _join_predictions(self, model: str, baseline: Baseline, events: list[dict]) -> None:
-        """Keep predictions for their labels; pair shadow answers with the champion's."""
-        pairing = "shadow" in baseline.settings.checks
-        timeout = baseline.policy.shadow_timeout_ms
-        for e in events:
-            rid, variant = e["request_id"], e["variant"]
-            entry = self.joins.setdefault(rid, {})
-            entry[variant] = (model, e.get("prediction"), e["ts"], e.get("latency_ms"))
-            if pairing:
-                self._pair_shadow(baseline, model, e, entry, timeout)
-            if self.early_labels:
-                label = self.early_labels.pop(rid, None)
-                if label is not None:
-                    self._score(self.joins.pop(rid), label)
+    def _join_predictions(self, baseline: Baseline, batch: PredictionBatch) -> None:
+        """Keep predictions for their labels (one table per variant, filled a batch at a time);
+        pair shadow answers with the champion's."""
+        model = batch.model
+        latency = [None if v != v else v for v in batch.latency_ms.tolist()]  # NaN: none
+        entries = zip(repeat(model), batch.prediction, batch.ts.tolist(), latency)
+        variants = set(batch.variant)
+        if len(variants) == 1:
+            self.joins.setdefault(variants.pop(), {}).update(zip(batch.request_id, entries))
+        else:
+            for rid, variant, entry in zip(batch.request_id, batch.variant, entries):
+                self.joins.setdefault(variant, {})[rid] = entry
+        if "shadow" in baseline.settings.checks:
+            timeout = baseline.policy.shadow_timeout_ms
+            for rid, variant in zip(batch.request_id, batch.variant):
+                self._pair_shadow(baseline, model, rid, variant, timeout)
+        if self.early_labels:
+            for rid in self.early_labels.keys() & set(batch.request_id):
+                self._score(self._pop_joined(rid), self.early_labels.pop(rid))
+
+    def _pop_joined(self, request_id: str) -> dict[str, tuple]:
+        """Every variant's answer to ``request_id`` still waiting for its label, taken out."""
+        return {
+            variant: table.pop(request_id)
+            for variant, table in self.joins.items()
+            if request_id in table
+        }
 
     def _pair_shadow(
-        self, baseline: Baseline, model: str, e: dict, entry: dict, timeout: int
+        self, baseline: Baseline, model: str, rid: str, variant: str, timeout: int
     ) -> None:
         """Pair champion and shadow answers of one request, in whichever order they come; while
         a shadow serves, a champion answer waits for its shadow at most ``timeout``."""
-        variant = e["variant"]
+        mine = self.joins[variant][rid]
+        ts = mine[2]
         if variant == "shadow":
-            self.shadow_seen[model] = max(self.shadow_seen.get(model, 0), e["ts"])
-        elif variant != "champion" or e["ts"] - self.shadow_seen.get(model, -timeout - 1) > timeout:
+            self.shadow_seen[model] = max(self.shadow_seen.get(model, 0), ts)
+        elif variant != "champion" or ts - self.shadow_seen.get(model, -timeout - 1) > timeout:
             return  # no shadow serving: nothing to wait for
-        mine = entry[variant]
-        other = self.unpaired.pop(e["request_id"], None)
+        other = self.unpaired.pop(rid, None)
         if other is None:
-            self.unpaired[e["request_id"]] = (variant, mine)
+            self.unpaired[rid] = (variant, mine)
         elif other[0] != variant:
             champion, shadow = (mine, other[1]) if variant == "champion" else (other[1], mine)
-            self._pair(baseline, champion, shadow, e["ts"])
+            self._pair(baseline, champion, shadow, ts)
 
     def _expire_shadow_waits(self) -> None:
         """A shadow that has not answered within the shadow timeout failed: it counts as a
         paired request that disagreed (if the shadow answered later requests, i.e. it still
         serves). Shadow answers whose champion never came are dropped."""
-        expired = []
+        assert self.max_ts is not None  # there are waits: an event came
+        now, expired = self.max_ts, []
         for rid, (variant, (model, _, ts, _)) in self.unpaired.items():
-            if ts >= self.max_ts - self.baselines[model].policy.shadow_timeout_ms:
+            if ts >= now - self.baselines[model].policy.shadow_timeout_ms:
                 break  # arrival order: the rest are younger
             expired.append((rid, variant, model, ts))
         for rid, variant, model, ts in expired:
             del self.unpaired[rid]
             if variant == "champion" and self.shadow_seen[model] >= ts:
-                s = self._open_summary(model, "shadow", self.max_ts)
+                s = self._open_summary(model, "shadow", now)
                 s.paired += 1
                 s.shadow_missing += 1
 
@@ -248,11 +340,11 @@ class Sketcher:
             if e["model"] not in self.baselines:
                 rejected.append((i, f"unknown model {e['model']!r}"))
                 continue
-            joined = self.joins.pop(e["request_id"], None)
-            if joined is None:
-                self.early_labels[e["request_id"]] = e
-            else:
+            joined = self._pop_joined(e["request_id"])
+            if joined:
                 self._score(joined, e)
+            else:
+                self.early_labels[e["request_id"]] = e
         # labels do not move the watermark: they are late by nature (seconds to hours), and a
         # labels topic read ahead of the predictions topic would make predictions look late
         return rejected
@@ -328,10 +420,8 @@ class Sketcher:
         if self.unpaired:
             self._expire_shadow_waits()
         ttl = {m: baseline.settings.label_ttl_ms for m, baseline in self.baselines.items()}
-        self.expired_unlabelled += _drop_oldest(
-            self.joins,
-            lambda v: next(iter(v.values()))[2] < self.max_ts - ttl[next(iter(v.values()))[0]],
-        )
+        for table in self.joins.values():
+            self.expired_unlabelled += _drop_oldest(table, lambda v: v[2] < self.max_ts - ttl[v[0]])
         self.expired_unjoined_labels += _drop_oldest(
             self.early_labels, lambda e: e["ts"] < self.max_ts - ttl[e["model"]]
         )

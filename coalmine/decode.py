@@ -1,0 +1,245 @@
+"""Prediction messages to columns in C: the fast path of stage 1's decoding.
+
+Each monitored model gets a msgspec ``Struct`` type (tagged by ``model``) whose ``features``
+field is itself a struct of the model's monitored features, typed as its reference typed them
+(numeric: a number or null). One ``decode`` per message parses and type-checks it in C, with
+no dict per event; the columns the sketch needs are then read off the structs with
+``attrgetter``. What the types cannot say is checked on whole columns (non-empty ids,
+``ts >= 0``, ``latency_ms >= 0``, a null prediction only on failed requests).
+
+The fast path only ever *accepts*: a message it cannot vouch for (malformed, against the
+schema, of an unknown model, a numeric feature given a string, or a string holding ``{`` or
+``[``, which the cheap check for nested values cannot tell from structure) goes through
+:func:`coalmine.events.split_valid`, the exact validator, which gives the reason. So the
+events accepted, and the reasons given, are those of the schema.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from coalmine import events as contract
+from coalmine.streams.baseline import Baseline
+from coalmine.streams.reference import PREDICTION, SCORES, is_model_output
+from coalmine.streams.sketch import NUMERIC
+from coalmine.streams.sketcher import MAX_TS, PredictionBatch, batches_from_events
+
+_SCALAR = int | float | str | None
+_ENVELOPE = (
+    ("event_id", str),
+    ("request_id", str),
+    ("version", str),
+    ("variant", Literal["champion", "canary", "shadow"]),
+    ("ts", int),
+    ("features", Any),  # replaced by the model's features struct
+    ("prediction", _SCALAR),
+    ("status", Literal["ok", "error"]),
+    ("scores", dict[str, float] | None, None),
+    ("latency_ms", float | None, None),
+    ("error", str | None, None),
+    ("unit_id", str | None, None),
+)
+_IDS = ("event_id", "request_id", "version")
+
+
+def _features_struct(model: str, baseline: Baseline) -> type:
+    """The model's monitored features as a struct; field ``f{j}`` is feature ``j`` (feature
+    names need not be identifiers). Others are skipped when decoding."""
+    names = [n for n in baseline.layout.names if not is_model_output(n)]
+    kinds = baseline.layout.kinds
+    fields = [
+        (f"f{j}", float | None if kinds[n] == NUMERIC else _SCALAR, None)
+        for j, n in enumerate(names)
+    ]
+    return msgspec.defstruct(
+        f"Features_{model}",
+        fields,
+        rename={f"f{j}": n for j, n in enumerate(names)},
+        gc=False,
+    )
+
+
+class _Model:
+    """One model's struct type and how to read its columns off decoded events."""
+
+    def __init__(self, name: str, baseline: Baseline):
+        self.name, self.baseline = name, baseline
+        features = _features_struct(name, baseline)
+        fields = [(f[0], features, *f[2:]) if f[0] == "features" else f for f in _ENVELOPE]
+        self.struct = msgspec.defstruct(
+            f"Prediction_{name}",
+            fields,
+            tag=name,
+            tag_field="model",
+            forbid_unknown_fields=True,
+            gc=False,
+        )
+        layout = baseline.layout
+        self.numeric = [
+            (f"f{j}", n)
+            for j, n in enumerate(x for x in layout.names if not is_model_output(x))
+            if layout.kinds[n] == NUMERIC
+        ]
+        self.categorical = [
+            (f"f{j}", n)
+            for j, n in enumerate(x for x in layout.names if not is_model_output(x))
+            if layout.kinds[n] != NUMERIC
+        ]
+        self.outputs = [n for n in layout.names if is_model_output(n)]
+
+    def batch(self, events: list) -> PredictionBatch:
+        """The columns of this model's decoded events."""
+        n = len(events)
+        features = list(map(attrgetter("features"), events))
+        columns: dict[str, np.ndarray] = {}
+        if self.numeric:
+            grab = attrgetter(*(f for f, _ in self.numeric))
+            rows = (
+                map(grab, features)
+                if len(self.numeric) > 1
+                else ((v,) for v in map(grab, features))
+            )
+            matrix = np.array(list(rows), dtype=float).reshape(n, len(self.numeric))
+            columns.update((name, matrix[:, j]) for j, (_, name) in enumerate(self.numeric))
+        for field, name in self.categorical:
+            columns[name] = _categories(map(attrgetter(field), features))
+        predictions = list(map(attrgetter("prediction"), events))
+        values: list
+        for name in self.outputs:
+            if name == PREDICTION:
+                values = predictions
+            else:
+                cls = name[len(SCORES) :]
+                values = [(s or {}).get(cls) for s in map(attrgetter("scores"), events)]
+            if self.baseline.layout.kinds[name] == NUMERIC:
+                columns[name] = np.array(values, dtype=float)
+            else:
+                columns[name] = np.array(
+                    [None if v is None else str(v) for v in values], dtype=object
+                )
+        latency = [np.nan if v is None else v for v in map(attrgetter("latency_ms"), events)]
+        return PredictionBatch(
+            model=self.name,
+            ts=np.fromiter(map(attrgetter("ts"), events), dtype=np.int64, count=n),
+            variant=list(map(attrgetter("variant"), events)),
+            version=list(map(attrgetter("version"), events)),
+            status=list(map(attrgetter("status"), events)),
+            latency_ms=np.array(latency, dtype=float),
+            request_id=list(map(attrgetter("request_id"), events)),
+            prediction=predictions,
+            columns=columns,
+        )
+
+
+class PredictionDecoder:
+    """Raw prediction messages of the monitored models to :class:`PredictionBatch` columns."""
+
+    def __init__(self, baselines: dict[str, Baseline]):
+        self.baselines = baselines
+        self.models = {name: _Model(name, b) for name, b in baselines.items()}
+        structs = tuple(m.struct for m in self.models.values())
+        self._decoder = msgspec.json.Decoder(structs[0] if len(structs) == 1 else _union(structs))
+        self._model_of = {m.struct: m for m in self.models.values()}
+
+    def decode(self, raws: list[bytes]) -> tuple[list[PredictionBatch], list[tuple[int, str]]]:
+        """Batches (one per model, each in message order) of the valid events, with each
+        event's position in ``raws`` (``PredictionBatch.positions``), and ``(position,
+        reason)`` of the others."""
+        fast: list = []
+        fast_at: list[int] = []
+        slow_at: list[int] = []
+        decode = self._decoder.decode
+        for i, raw in enumerate(raws):
+            try:
+                event = decode(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                slow_at.append(i)
+                continue
+            # a nested value under a key the struct skips (an unmonitored feature) would hide
+            # from the types: every "{" must be an object decoded, and there are no arrays
+            if b"[" in raw or raw.count(b"{") != 2 + (event.scores is not None):
+                slow_at.append(i)
+                continue
+            fast.append(event)
+            fast_at.append(i)
+        batches = self._fast_batches(fast, fast_at, slow_at)
+        invalid: list[tuple[int, str]] = []
+        if slow_at:
+            more, dead = self._slow(raws, slow_at)
+            batches += more
+            invalid += dead
+        return batches, sorted(invalid)
+
+    def _fast_batches(
+        self, events: list, at: list[int], slow_at: list[int]
+    ) -> list[PredictionBatch]:
+        """Group decoded events by model; events the column checks refuse join ``slow_at``."""
+        by_model: dict[_Model, tuple[list, list[int]]] = {}
+        for event, i in zip(events, at):
+            mine = by_model.setdefault(self._model_of[type(event)], ([], []))
+            mine[0].append(event)
+            mine[1].append(i)
+        batches = []
+        for model, (decoded, positions) in by_model.items():
+            ok = _column_checks(decoded)
+            if not ok.all():
+                slow_at += [p for p, good in zip(positions, ok) if not good]
+                decoded = [e for e, good in zip(decoded, ok) if good]
+                positions = [p for p, good in zip(positions, ok) if good]
+                if not decoded:
+                    continue
+            batch = model.batch(decoded)
+            batch.positions = positions
+            batches.append(batch)
+        return batches
+
+    def _slow(self, raws: list[bytes], at: list[int]):
+        """The exact validator on the messages the fast path could not vouch for."""
+        at = sorted(at)
+        valid, invalid = contract.split_valid("prediction", [raws[i] for i in at], set(self.models))
+        bad = {j for j, _ in invalid}
+        kept = [at[j] for j in range(len(at)) if j not in bad]
+        batches, rejected = batches_from_events(valid, self.baselines)
+        for batch in batches:
+            batch.positions = [kept[j] for j in batch.positions]
+        return batches, [(at[j], r) for j, r in invalid] + [(kept[j], r) for j, r in rejected]
+
+
+def _categories(values) -> np.ndarray:
+    """A categorical column: each value as a string, None where missing."""
+    return np.array([None if v is None else str(v) for v in values], dtype=object)
+
+
+def _union(structs: tuple[type, ...]) -> Any:
+    out: Any = structs[0]
+    for s in structs[1:]:
+        out = out | s
+    return out
+
+
+def _column_checks(events: list) -> np.ndarray:
+    """What the struct types leave to the schema, per event: non-empty ids, ``ts >= 0``,
+    ``latency_ms >= 0``, non-empty ``unit_id``, a null prediction only when status is error."""
+    ok = np.ones(len(events), dtype=bool)
+    for name in _IDS:
+        values = list(map(attrgetter(name), events))
+        if not all(values):
+            ok &= np.fromiter(map(bool, values), dtype=bool, count=len(values))
+    ts = list(map(attrgetter("ts"), events))
+    if min(ts) < 0 or max(ts) > MAX_TS:
+        ok &= np.array([0 <= t <= MAX_TS for t in ts])
+    predictions = list(map(attrgetter("prediction"), events))
+    if None in predictions:
+        status = list(map(attrgetter("status"), events))
+        ok &= np.array([p is not None or s == "error" for p, s in zip(predictions, status)])
+    latency = list(map(attrgetter("latency_ms"), events))
+    if any(v is not None and v < 0 for v in latency):
+        ok &= np.array([v is None or v >= 0 for v in latency])
+    units = list(map(attrgetter("unit_id"), events))
+    if "" in units:
+        ok &= np.array([u != "" for u in units])
+    return ok
