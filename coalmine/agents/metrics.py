@@ -91,3 +91,13 @@ UNJOINED = Gauge(
     "coalmine_unjoined_labels",
     "Labels dropped after the label TTL without ever meeting their prediction",
 )
+CONSUMER_LAG = Gauge(
+    "coalmine_consumer_lag_messages",
+    "Messages between stage 1's position and the log end, per input partition",
+    ["topic", "partition"],
+)
+LABEL_JOIN = Gauge(
+    "coalmine_label_join_entries",
+    "Predictions waiting for their label and labels waiting for their prediction",
+    ["kind"],
+)
