@@ -61,6 +61,7 @@ def cmd_broker(args) -> int:
                 f"embedded broker listening at {broker.url} (memory only: stopping it loses every topic)"
             )
             print(f"  export COALMINE_BROKER={broker.url}", flush=True)
+            assert broker.process is not None  # started by the `with`
             code = broker.process.wait()
             sys.exit(
                 f"coalmine broker: the broker exited by itself (code {code}); see {broker.log_path}"
@@ -198,23 +199,31 @@ def add_publish(sub) -> None:
 def cmd_tail(args) -> int:
     import orjson
 
-    from coalmine.client import tail
+    from coalmine.client import TopicSlice, _decode, parse_time, tail
+
+    out = sys.stdout.buffer
+    bounded = args.since is not None or args.until is not None
 
     async def run():
-        n = 0
         async for record in tail(
             parse_broker_url(args.broker),
             topics.resolve(args.topic),
             from_end=args.from_end,
             until_idle=args.until_idle,
         ):
-            sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
-            sys.stdout.flush()
-            n += 1
-        return n
+            out.write(orjson.dumps(record) + b"\n")
+            out.flush()
 
     try:
-        asyncio.run(run())
+        if not bounded:
+            asyncio.run(run())
+        else:
+            since = parse_time(args.since) if args.since is not None else None
+            until = parse_time(args.until) if args.until is not None else None
+            with TopicSlice(args.broker, topics.resolve(args.topic), since, until) as piece:
+                for values in piece.merged():
+                    out.write(b"".join(orjson.dumps(_decode(v)) + b"\n" for v in values))
+            out.flush()
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, even at exit's flush
@@ -230,8 +239,12 @@ def add_tail(sub) -> None:
         "Print a topic's records, one JSON object per line (flushed at once), from the "
         "beginning of the topic unless --from-end. A record that is not a JSON object "
         'prints as {"_raw": text}. Reads every partition without a consumer group, so '
-        "it commits nothing and any number of tails can run.",
+        "it commits nothing and any number of tails can run. With --since and/or --until it "
+        "prints the slice of messages whose Kafka timestamp (set by producers at send time) is "
+        "in [since, until), every partition merged in event-time order (the records' ts), "
+        "then exits: a slice of predictions becomes a file that replay and publish take.",
         "examples:\n  coalmine tail alerts\n  coalmine tail deadletter --until-idle 5 | jq .reason\n"
+        "  coalmine tail predictions --since 2024-05-01T00:00 --until 2024-05-01T01:00 > p.jsonl\n"
         + EPILOG_BROKER,
     )
     _broker_arg(p)
@@ -244,6 +257,7 @@ def add_tail(sub) -> None:
         metavar="SECONDS",
         help="stop after this many seconds without a record (default: run until Ctrl-C)",
     )
+    _time_args(p, "a bounded slice (then exit):")
     p.set_defaults(func=cmd_tail)
 
 
@@ -283,17 +297,43 @@ def add_topics(sub) -> None:
 
 
 def cmd_replay(args) -> int:
-    from coalmine.replay import replay_files, write_jsonl
+    from coalmine.client import parse_time
+    from coalmine.replay import replay_files, replay_topics, write_jsonl
+    from coalmine.streams.records import Evaluation
 
+    if args.from_topics == bool(args.predictions):
+        sys.exit("coalmine replay: give --predictions FILE, or --from-topics (not both)")
+    if not args.from_topics and (args.since or args.until):
+        sys.exit("coalmine replay: --since and --until go with --from-topics")
     config = _config_or_exit(args.config)
-    with open(args.evaluations, "wb") if args.evaluations else nullcontext() as evaluations:
-        run = replay_files(
-            config,
-            Path(args.predictions),
-            Path(args.labels) if args.labels else None,
-            progress=None if not args.quiet else False,
-            on_evaluations=evaluations and (lambda batch: write_jsonl(batch, evaluations)),
-        )
+    progress = False if args.quiet else None
+    with open(args.evaluations, "wb") if args.evaluations else nullcontext() as out:
+        on_evaluations = None
+        if out is not None:
+            sink = out
+
+            def on_evaluations(batch: list[Evaluation]) -> None:
+                write_jsonl(batch, sink)
+
+        if args.from_topics:
+            run = replay_topics(
+                config,
+                args.broker,
+                parse_time(args.since) if args.since else None,
+                parse_time(args.until) if args.until else None,
+                progress=progress,
+                on_evaluations=on_evaluations,
+            )
+            source = f"topics {topics.PREDICTIONS}, {topics.LABELS}"
+        else:
+            run = replay_files(
+                config,
+                Path(args.predictions),
+                Path(args.labels) if args.labels else None,
+                progress=progress,
+                on_evaluations=on_evaluations,
+            )
+            source = "file"
     with open(args.alerts, "wb") as fh:
         write_jsonl(run.alerts, fh)
     if args.deadletter:
@@ -309,28 +349,48 @@ def cmd_replay(args) -> int:
             )
     c = run.counts
     print(
-        f"replayed {c['predictions']} predictions and {c['labels']} labels: {c['alerts']} alert "
-        f"changes -> {args.alerts}; {c['dead_letters']} invalid or late events"
+        f"replayed {c['predictions']} predictions and {c['labels']} labels ({source}): "
+        f"{c['alerts']} alert changes -> {args.alerts}; {c['dead_letters']} invalid or late events"
         + (f" -> {args.deadletter}" if args.deadletter else ""),
         file=sys.stderr,
     )
     return 0
 
 
+def _time_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--since",
+        metavar="TIME",
+        help=f"{what} from this message time: ISO-8601 (no offset: UTC) or epoch ms",
+    )
+    p.add_argument("--until", metavar="TIME", help="... up to this message time (excluded)")
+
+
 def add_replay(sub) -> None:
     p = _parser(
         "replay",
         sub,
-        "backtest a config on prediction/label files (no broker)",
-        "Run JSONL files through the same statistics a worker runs, deterministically: the "
-        "same input and config give byte-identical output. Shows progress on a terminal.",
-        "example:\n  coalmine replay --predictions preds.jsonl --labels labels.jsonl \\\n"
-        "      --config monitor.toml --alerts alerts.jsonl --evaluations evals.jsonl",
+        "backtest a config on prediction/label files or a slice of the topics",
+        "Run JSONL files, or the prediction and label topics' messages between two times, "
+        "through the same statistics a worker runs, deterministically: the same events and "
+        "config give byte-identical output, from files or from topics. Times are Kafka "
+        "message timestamps (set by producers at send time), not the events' ts; the topics "
+        "are read by a consumer of its own that commits nothing, so a live worker group is "
+        "not disturbed. Shows progress on a terminal.",
+        "examples:\n  coalmine replay --predictions preds.jsonl --labels labels.jsonl \\\n"
+        "      --config monitor.toml --alerts alerts.jsonl --evaluations evals.jsonl\n"
+        "  coalmine replay --from-topics --since 2024-05-01T00:00 --until 2024-05-02T00:00 \\\n"
+        "      --config candidate.toml --alerts alerts.jsonl\n" + EPILOG_BROKER,
     )
-    p.add_argument(
-        "--predictions", required=True, help="prediction events, JSONL, in event-time order"
-    )
+    p.add_argument("--predictions", help="prediction events, JSONL, in event-time order")
     p.add_argument("--labels", help="label events, JSONL, in event-time order")
+    p.add_argument(
+        "--from-topics",
+        action="store_true",
+        help="read the predictions and labels topics instead of files",
+    )
+    _broker_arg(p)
+    _time_args(p, "with --from-topics: messages")
     p.add_argument("--config", required=True, help="monitor TOML file")
     p.add_argument("--alerts", required=True, help="where to write alert state changes (JSONL)")
     p.add_argument(

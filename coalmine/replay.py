@@ -18,7 +18,9 @@ from typing import BinaryIO
 import orjson
 
 from coalmine import events as contract
-from coalmine.baselines import build_baselines
+from coalmine import topics
+from coalmine.baselines import FirstEvents, build_baselines
+from coalmine.client import TopicSlice
 from coalmine.config import Config, ModelConfig
 from coalmine.ingest import PartitionIngest
 from coalmine.signing import Signer
@@ -26,20 +28,44 @@ from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
 from coalmine.streams.records import Alert, Command, Evaluation
 from coalmine.streams.reference import first_events
-from coalmine.streams.sketch import values_of
 
 CHUNK = 20_000
 _DUMP = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
-def _chunks(path: Path, kind: str, decode: Callable, dead: list) -> Iterator[list[dict]]:
-    """Decoded, valid events in chunks; invalid lines go to ``dead`` with their reason."""
+def file_chunks(path: Path) -> Iterator[list[bytes]]:
+    """The non-blank lines of a JSONL file, raw, ``CHUNK`` at a time (what a topic slice gives
+    as messages: :func:`topic_chunks`)."""
     with open(path, "rb") as fh:
-        while raw := list(islice(fh, CHUNK)):
-            lines = [line for line in raw if not line.isspace()]
-            valid, invalid = decode(kind, lines)
-            dead += [(kind, lines[i].rstrip(b"\r\n"), reason) for i, reason in invalid]
-            yield valid
+        lines = (line for line in fh if not line.isspace())
+        while raw := list(islice(lines, CHUNK)):
+            yield raw
+
+
+def topic_chunks(source: TopicSlice) -> Iterator[list[bytes]]:
+    """A topic slice's messages, every partition merged in event-time order, ``CHUNK`` at a
+    time: the same chunks as :func:`file_chunks` of the same events in a file."""
+    held: list[bytes] = []
+    for merged in source.merged():
+        held += merged
+        while len(held) >= CHUNK:
+            yield held[:CHUNK]
+            held = held[CHUNK:]
+    if held:
+        yield held
+
+
+def _decoded(
+    raw_chunks: Iterable[list[bytes]],
+    decode: Callable[[list[bytes]], tuple[list[dict], list[tuple[int, str]]]],
+    dead: list,
+    kind: str = "label",
+) -> Iterator[list[dict]]:
+    """Decoded, valid events in chunks; invalid ones go to ``dead`` with their reason."""
+    for raws in raw_chunks:
+        valid, invalid = decode(raws)
+        dead += [(kind, raws[i].rstrip(b"\r\n"), reason) for i, reason in invalid]
+        yield valid
 
 
 class Replay:
@@ -65,12 +91,29 @@ class Replay:
         self.counts: Counter = Counter()
 
     def feed(self, predictions: list[dict], labels: list[dict]) -> None:
-        """Fold valid (decoded) events, then evaluate the buckets they closed."""
-        for kind, events in (("prediction", predictions), ("label", labels)):
-            for i, reason in self.ingest.fold(kind, events).rejected:
-                self.dead.append((kind, orjson.dumps(events[i]), reason))
+        """Fold valid events given as dicts, then evaluate the buckets they closed."""
+        for i, reason in self.ingest.fold_predictions(predictions).dead:
+            self.dead.append(("prediction", orjson.dumps(predictions[i]), reason))
         self.counts["predictions"] += len(predictions)
+        self.add_labels(labels)
+        self.close()
+
+    def add_predictions(self, raws: list[bytes]) -> int | None:
+        """Decode and fold a chunk of raw prediction messages (invalid and late ones go to
+        :attr:`dead`); return the largest event time folded (None if none was)."""
+        fed = self.ingest.feed("prediction", raws)
+        self.dead += [("prediction", raws[i].rstrip(b"\r\n"), reason) for i, reason in fed.dead]
+        self.counts["predictions"] += len(raws) - len(fed.dead) + fed.late
+        return fed.horizon
+
+    def add_labels(self, labels: list[dict]) -> None:
+        """Fold valid label events (decoded with ``self.ingest.decode_labels``)."""
+        for i, reason in self.ingest.fold_labels(labels).dead:
+            self.dead.append(("label", orjson.dumps(labels[i]), reason))
         self.counts["labels"] += len(labels)
+
+    def close(self) -> None:
+        """Evaluate the buckets the watermark has passed."""
         self._drain(self.ingest.close())
 
     def finish(self) -> None:
@@ -86,29 +129,50 @@ class Replay:
             self.commands += out.commands
 
 
-def first_events_in_file(predictions: Path) -> Callable[[list[ModelConfig]], dict[str, list[dict]]]:
+def first_events_in_file(predictions: Path) -> FirstEvents:
     """The first events of each model, read from the start of a predictions file until no
     earlier event can follow (for :func:`coalmine.baselines.build_baselines`)."""
+    return lambda wanted: _first_events(file_chunks(predictions), wanted)
 
-    def read(wanted: list[ModelConfig]) -> dict[str, list[dict]]:
-        found: dict[str, list[dict]] = {m.name: [] for m in wanted}
-        decode = partial(contract.split_valid, known_models=set(found))
-        for chunk in _chunks(predictions, "prediction", decode, []):
-            for e in chunk:
-                found[e["model"]].append(e)
-            horizon = max(e["ts"] for e in chunk) if chunk else 0
-            if all(
-                len(found[m.name]) >= m.reference_first_events
-                and first_events(found[m.name], m.name, m.reference_first_events)[-1]["ts"]
-                < horizon - m.allowed_lateness_ms
-                for m in wanted
-            ):
-                break
-        return {
-            m.name: first_events(found[m.name], m.name, m.reference_first_events) for m in wanted
-        }
 
-    return read
+def _first_events(raw_chunks: Iterable[list[bytes]], wanted: list[ModelConfig]) -> dict:
+    found: dict[str, list[dict]] = {m.name: [] for m in wanted}
+    need = {m.name: m.reference_first_events or 0 for m in wanted}  # set when reference is None
+    decode = partial(contract.split_valid, "prediction", known_models=set(found))
+    for chunk in _decoded(raw_chunks, decode, [], "prediction"):
+        for e in chunk:
+            found[e["model"]].append(e)
+        horizon = max(e["ts"] for e in chunk) if chunk else 0
+        if all(
+            len(found[m.name]) >= need[m.name]
+            and first_events(found[m.name], m.name, need[m.name])[-1]["ts"]
+            < horizon - m.allowed_lateness_ms
+            for m in wanted
+        ):
+            break
+    return {m.name: first_events(found[m.name], m.name, need[m.name]) for m in wanted}
+
+
+class _Lookahead:
+    """Raw chunks that can be read ahead for the first events (a topic is read once: the
+    chunks read ahead are kept and replayed first)."""
+
+    def __init__(self, chunks: Iterable[list[bytes]]):
+        self.ahead: list[list[bytes]] = []
+        self.rest = iter(chunks)
+
+    def first_events(self, wanted: list[ModelConfig]) -> dict[str, list[dict]]:
+        def read() -> Iterator[list[bytes]]:
+            for chunk in self.rest:
+                self.ahead.append(chunk)
+                yield chunk
+
+        return _first_events(read(), wanted)
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        while self.ahead:
+            yield self.ahead.pop(0)
+        yield from self.rest
 
 
 def replay_files(
@@ -121,36 +185,84 @@ def replay_files(
 ) -> Replay:
     """Run prediction (and label) JSONL files, in event-time order, through the pipeline
     (evaluations go to ``on_evaluations`` as they come: see :class:`Replay`)."""
-    with bulk_gc():
-        return _replay_files(config, predictions, labels, progress, on_evaluations)
+    return replay_chunks(
+        config,
+        file_chunks(predictions),
+        file_chunks(labels) if labels else (),
+        first_events=first_events_in_file(predictions),
+        progress=_progress(f"replay {predictions.name}", None, progress),
+        on_evaluations=on_evaluations,
+    )
 
 
-def _replay_files(
+def replay_topics(
     config: Config,
-    predictions: Path,
-    labels: Path | None,
-    progress: bool | None,
-    on_evaluations: Callable[[list[Evaluation]], object] | None,
+    bootstrap: str,
+    since: int | None = None,
+    until: int | None = None,
+    *,
+    predictions: str | None = None,
+    labels: str | None = None,
+    progress: bool | None = None,
+    on_evaluations: Callable[[list[Evaluation]], object] | None = None,
 ) -> Replay:
-    run = Replay(build_baselines(config, first_events_in_file(predictions)), on_evaluations)
-    pending_labels: list[dict] = []
-    label_chunks = _chunks(labels, "label", run.ingest.decode, run.dead) if labels else iter(())
-    bar = _progress(predictions, progress)
-    for chunk in _chunks(predictions, "prediction", run.ingest.decode, run.dead):
-        horizon = max(values_of(chunk, "ts"), default=0)
-        while not pending_labels or pending_labels[-1]["ts"] <= horizon:
-            nxt = next(label_chunks, None)
-            if nxt is None:
-                break
-            pending_labels += nxt
-        due = [e for e in pending_labels if e["ts"] <= horizon]
-        pending_labels = [e for e in pending_labels if e["ts"] > horizon]
-        run.feed(chunk, due)
-        bar.update(len(chunk))
-    for rest in [pending_labels, *label_chunks]:
-        run.feed([], rest)
-    run.finish()
-    bar.close()
+    """Run the prediction and label topics' messages with Kafka timestamps in ``[since,
+    until)`` (epoch ms; None: from the start, to the end offsets now) through the pipeline, as
+    :func:`replay_files` runs files: the same events give byte-identical output. Reads with
+    a consumer of its own (:class:`~coalmine.client.TopicSlice`): commits nothing."""
+    preds = TopicSlice(bootstrap, predictions or topics.PREDICTIONS, since, until)
+    labs = TopicSlice(bootstrap, labels or topics.LABELS, since, until)
+    with preds, labs:
+        return replay_chunks(
+            config,
+            topic_chunks(preds),
+            topic_chunks(labs),
+            progress=_progress(f"replay {preds.topic}", preds.total, progress),
+            on_evaluations=on_evaluations,
+        )
+
+
+def replay_chunks(
+    config: Config,
+    predictions: Iterable[list[bytes]],
+    labels: Iterable[list[bytes]] = (),
+    *,
+    first_events: FirstEvents | None = None,
+    progress=None,
+    on_evaluations: Callable[[list[Evaluation]], object] | None = None,
+) -> Replay:
+    """The replay of raw prediction and label events (each in event-time order, in chunks of
+    raw messages or lines, from a file or a topic): decode (invalid ones are dead-lettered),
+    feed each prediction chunk with the labels up to its latest event time, then finish.
+
+    ``first_events`` reads the models' first events where the reference is their first events
+    (default: read ahead in ``predictions``); ``progress`` is a tqdm-like bar or None."""
+    with bulk_gc():
+        if first_events is None:
+            ahead = _Lookahead(predictions)
+            predictions, first_events = ahead, ahead.first_events
+        run = Replay(build_baselines(config, first_events), on_evaluations)
+        pending_labels: list[dict] = []
+        label_chunks = _decoded(labels, run.ingest.decode_labels, run.dead)
+        horizon = 0
+        for raws in predictions:
+            top = run.add_predictions(raws)
+            horizon = max(horizon, top) if top is not None else horizon
+            while not pending_labels or pending_labels[-1]["ts"] <= horizon:
+                nxt = next(label_chunks, None)
+                if nxt is None:
+                    break
+                pending_labels += nxt
+            run.add_labels([e for e in pending_labels if e["ts"] <= horizon])
+            pending_labels = [e for e in pending_labels if e["ts"] > horizon]
+            run.close()
+            if progress is not None:
+                progress.update(len(raws))
+        for rest in [pending_labels, *label_chunks]:
+            run.feed([], rest)
+        run.finish()
+        if progress is not None:
+            progress.close()
     run.counts["dead_letters"] = len(run.dead)
     run.counts["alerts"] = len(run.alerts)
     run.counts["commands"] = len(run.commands)
@@ -171,18 +283,13 @@ def bulk_gc():
         gc.set_threshold(*before)
 
 
-def _progress(path: Path, enabled: bool | None):
+def _progress(desc: str, total: int | None, enabled: bool | None):
+    """A tqdm bar on stderr (by default only when stderr is a terminal), or None."""
+    if not (sys.stderr.isatty() if enabled is None else enabled):
+        return None
     from tqdm import tqdm
 
-    show = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(
-        total=None,
-        unit=" events",
-        desc=f"replay {path.name}",
-        disable=not show,
-        mininterval=0.5,
-        file=sys.stderr,
-    )
+    return tqdm(total=total, unit=" events", desc=desc, mininterval=0.5, file=sys.stderr)
 
 
 def write_jsonl(records: Iterable[dict | Evaluation | Alert | Command], out: BinaryIO) -> None:
