@@ -1,10 +1,12 @@
-"""The Faust app: topics, two agents and a timer; the logic lives in :mod:`coalmine.streams`.
+"""The Faust app: topics, a service, an agent and a timer; the logic lives in
+:mod:`coalmine.streams`.
 
-* ``sketch`` (stage 1) reads predictions and labels (co-partitioned, keyed by request_id) in
-  batches, one :class:`~coalmine.streams.sketcher.Sketcher` per partition, and sends closed
-  bucket partials to the internal partials topic keyed by model. An event is acknowledged
-  (its offset may be committed) only once the bucket it went into has been sent, so a worker
-  killed mid-bucket loses nothing: the partition's new owner reads those events again.
+* stage 1 (:class:`~coalmine.agents.stage1.Stage1`, a service with its own batch consumer)
+  reads predictions and labels (co-partitioned, keyed by request_id), one
+  :class:`~coalmine.ingest.PartitionIngest` per partition, and sends closed bucket partials to
+  the internal partials topic keyed by model. An offset is committed only once the bucket its
+  event went into has been sent, so a worker killed mid-bucket loses nothing: the partition's
+  new owner reads those events again.
 * ``evaluate`` (stage 2) reads partials keyed by model, one
   :class:`~coalmine.streams.evaluator.Evaluator` per model, and publishes alert state changes.
   A partial is acknowledged once its buckets are evaluated; a re-sent partial is merged once.
@@ -26,7 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.agents import metrics
-from coalmine.ingest import PartitionIngest
+from coalmine.agents.stage1 import Stage1
+from coalmine.broker import parse_broker_url
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
@@ -75,22 +78,26 @@ def create_app(
         datadir=datadir,
     )
     models = set(baselines)
-    raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    inputs = app.topic(topics.PREDICTIONS, topics.LABELS, **raw)
-    partials_topic = app.topic(topics.PARTIALS, **raw)
-    alerts_topic = app.topic(topics.ALERTS, **raw)
-    commands_topic = app.topic(topics.COMMANDS, **raw)
-    dead_topic = app.topic(topics.DEADLETTER, **raw)
+    partials_topic = app.topic(topics.PARTIALS, key_serializer="raw", value_serializer="raw")
+    alerts_topic = app.topic(topics.ALERTS, key_serializer="raw", value_serializer="raw")
+    commands_topic = app.topic(topics.COMMANDS, key_serializer="raw", value_serializer="raw")
+    dead_topic = app.topic(topics.DEADLETTER, key_serializer="raw", value_serializer="raw")
 
-    ingests: dict[int, PartitionIngest] = {}
-    # partition -> kind -> events folded, not yet acknowledged
-    held: dict[int, dict[str, list[faust.EventT]]] = defaultdict(lambda: defaultdict(list))
     signer = Signer.from_env()
     evaluators = {
         name: Evaluator(b, sources=partitions, signer=signer) for name, b in baselines.items()
     }
     heard: dict[str, dict[int, float]] = defaultdict(dict)  # model -> source -> wall time
     started = time.monotonic()
+    stage1: list[Stage1] = []  # the running instance, once Faust has started it
+
+    @app.service
+    class _Stage1(Stage1):
+        def __init__(self, **kwargs):
+            super().__init__(
+                baselines, parse_broker_url(broker_url), group_id=f"{app_id}-stage1", **kwargs
+            )
+            stage1.append(self)
 
     async def dead_letter(message, reason: str) -> None:
         record = contract.deadletter_record(
@@ -103,56 +110,6 @@ def create_app(
         )
         await dead_topic.send(key=message.key, value=contract.encode(record))
         metrics.DEADLETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
-
-    async def sketch_partition(partition: int, batch: list, stream) -> None:
-        ingest = ingests.setdefault(partition, PartitionIngest(baselines, source=partition))
-        by_kind: dict[str, list] = {"prediction": [], "label": []}
-        for event in batch:
-            kind = "label" if event.message.topic == topics.LABELS else "prediction"
-            by_kind[kind].append(event)
-        for kind, evs in by_kind.items():
-            if not evs:
-                continue
-            fed = ingest.feed(kind, [e.message.value for e in evs], [e.message.offset for e in evs])
-            for pos, reason in fed.dead:
-                if reason.startswith("late event"):
-                    metrics.LATE.labels(orjson.loads(evs[pos].message.value)["model"]).inc()
-                await dead_letter(evs[pos].message, reason)
-                await stream.ack(evs[pos])
-            dead = {pos for pos, _ in fed.dead}
-            held[partition][kind] += [e for i, e in enumerate(evs) if i not in dead]
-            metrics.count_events(kind, fed.counts)
-        for partial in ingest.close():
-            await partials_topic.send(key=partial["model"].encode(), value=contract.encode(partial))
-        # events in closed buckets are safe: acknowledge them so their offsets commit
-        committable = ingest.committable()
-        for kind, events in held[partition].items():
-            upto = committable.get(kind, -1)
-            for event in events:
-                if event.message.offset < upto:
-                    await stream.ack(event)
-            held[partition][kind] = [e for e in events if e.message.offset >= upto]
-        sketchers = [i.sketcher for i in ingests.values()]
-        metrics.EXPIRED.set(sum(s.expired_unlabelled for s in sketchers))
-        metrics.UNJOINED.set(sum(s.expired_unjoined_labels for s in sketchers))
-
-    @app.agent(inputs)
-    async def sketch(stream):
-        async for batch in stream.noack_take(BATCH, within=BATCH_WITHIN_S):
-            t0 = time.perf_counter()
-            by_partition: dict[int, list] = defaultdict(list)
-            for event in batch:
-                by_partition[event.message.partition].append(event)
-            for partition, events in sorted(by_partition.items()):
-                try:
-                    await sketch_partition(partition, events, stream)
-                except Exception as exc:  # a worker never dies on one batch
-                    log.exception("stage 1 failed on a batch of partition %s", partition)
-                    for event in events:
-                        await dead_letter(event.message, f"internal error: {exc!r}")
-                        await stream.ack(event)
-            metrics.PROCESSING.labels("sketch").observe(time.perf_counter() - t0)
-            metrics.BATCH_EVENTS.labels("sketch").observe(len(batch))
 
     async def publish(model: str, out) -> None:
         for alert in out.alerts:
@@ -216,19 +173,9 @@ def create_app(
         return web.json(
             {
                 "models": sorted(models),
-                "partitions_sketched": sorted(ingests),
+                "partitions_sketched": sorted(stage1[0].ingests) if stage1 else [],
                 "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()},
             }
         )
-
-    def forget(assigned_or_revoked):
-        for tp in assigned_or_revoked:
-            if tp.topic == topics.PREDICTIONS:
-                ingests.pop(tp.partition, None)
-                held.pop(tp.partition, None)
-
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app, revoked, **kwargs):
-        forget(revoked)
 
     return app

@@ -1,0 +1,220 @@
+"""Stage 1 as a batch consumer: the worker's high-volume path.
+
+Faust's per-message stream path costs ~75 us an event, more than all of stage 1's work, so
+stage 1 reads predictions and labels with an aiokafka consumer of its own, in batches of up to
+:data:`BATCH_RECORDS` messages, as a Faust service started and stopped with the app. It
+decodes and folds each partition's batch (:class:`~coalmine.ingest.PartitionIngest`), sends
+dead letters and closed-bucket partials with its own producer, and commits an offset only
+once every partial and dead letter of the events before it was acknowledged by the broker,
+so a worker killed at any moment loses nothing: the new owner of a partition reads the open
+buckets' events again, and stage 2 merges each (partition, bucket) partial once.
+
+Predictions and labels must be co-partitioned (same count, keyed by request_id); the range
+assignor hands partition p of both topics to the same member, so joins stay local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.structs import TopicPartition
+from mode import Service
+
+from coalmine import events as contract
+from coalmine import topics
+from coalmine.agents import metrics
+from coalmine.ingest import PartitionIngest
+from coalmine.streams.baseline import Baseline
+
+log = logging.getLogger("coalmine.stage1")
+
+#: messages per poll: large batches amortise the per-batch numpy work
+BATCH_RECORDS = 10_000
+#: offsets are committed this often (and on every revocation)
+COMMIT_EVERY_S = 1.0
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, stage1: Stage1):
+        self.stage1 = stage1
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self.stage1.revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+
+class Stage1(Service):
+    """Stage 1 of one worker: every input partition assigned to it, batch by batch."""
+
+    def __init__(
+        self,
+        baselines: dict[str, Baseline],
+        bootstrap: str,
+        group_id: str,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.baselines, self.bootstrap, self.group_id = baselines, bootstrap, group_id
+        self.ingests: dict[int, PartitionIngest] = {}
+        self.lock = asyncio.Lock()  # a batch is processed whole before a revocation commits
+        self.pending: list[asyncio.Future] = []  # sends not yet acknowledged
+        self.positions: dict[TopicPartition, int] = {}  # next offset to read, per partition
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.failure: str | None = None  # why stage 1 stopped, for /health
+
+    async def on_start(self) -> None:
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=256 * 1024, acks=1
+        )
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=64 << 20,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+        )
+        self.consumer.subscribe([topics.PREDICTIONS, topics.LABELS], listener=_Rebalance(self))
+        await self.consumer.start()
+
+    async def on_stop(self) -> None:
+        if self.consumer is not None:
+            async with self.lock:
+                await self._commit()
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+
+    @Service.task
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        last_commit = time.monotonic()
+        while not self.should_stop:
+            batch = await self.consumer.getmany(timeout_ms=200, max_records=BATCH_RECORDS)
+            async with self.lock:
+                if batch:
+                    t0 = time.perf_counter()
+                    await self._process(batch)
+                    metrics.PROCESSING.labels("sketch").observe(time.perf_counter() - t0)
+                    metrics.BATCH_EVENTS.labels("sketch").observe(sum(map(len, batch.values())))
+                if time.monotonic() - last_commit >= COMMIT_EVERY_S:
+                    await self._commit()
+                    last_commit = time.monotonic()
+                    self._report()
+
+    async def _process(self, batch: dict) -> None:
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        # per partition, predictions first: their labels then find them in the join
+        for tp in sorted(batch, key=lambda tp: (tp.partition, tp.topic == topics.LABELS)):
+            if tp not in assigned:
+                continue  # revoked while this batch was fetched: its new owner reads it
+            records = batch[tp]
+            kind = "label" if tp.topic == topics.LABELS else "prediction"
+            ingest = self.ingests.get(tp.partition)
+            if ingest is None:
+                ingest = self.ingests[tp.partition] = PartitionIngest(
+                    self.baselines, source=tp.partition
+                )
+            values = [r.value for r in records]
+            try:
+                fed = ingest.feed(kind, values, [r.offset for r in records])
+            except Exception as exc:  # a worker never dies on one batch
+                log.exception("stage 1 failed on a batch of %s[%s]", tp.topic, tp.partition)
+                dead = [(i, f"internal error: {exc!r}") for i in range(len(records))]
+            else:
+                dead = fed.dead
+                metrics.count_events(kind, fed.counts)
+            self.positions[tp] = records[-1].offset + 1
+            for i, reason in dead:
+                await self._dead_letter(records[i], reason)
+            partials = ingest.close()
+            for partial in partials:
+                await self._send(
+                    topics.PARTIALS, partial["model"].encode(), contract.encode(partial)
+                )
+
+    async def _dead_letter(self, record, reason: str) -> None:
+        if reason.startswith("late event"):
+            try:
+                metrics.LATE.labels(orjson.loads(record.value)["model"]).inc()
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                pass
+        letter = contract.deadletter_record(
+            record.value,
+            reason,
+            record.topic,
+            record.partition,
+            record.offset,
+            int(time.time() * 1000),
+        )
+        await self._send(topics.DEADLETTER, record.key, contract.encode(letter))
+        metrics.DEADLETTERS.labels(record.topic, metrics.reason_kind(reason)).inc()
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """Queue a message; its delivery is awaited before the next commit (:meth:`_flush`)."""
+        assert self.producer is not None
+        self.pending.append(await self.producer.send(topic, value, key=key))
+
+    async def _flush(self) -> None:
+        """Wait until the broker acknowledged everything sent so far."""
+        sent, self.pending = self.pending, []
+        if sent:
+            await asyncio.gather(*sent)
+
+    async def _commit(self, only: set[int] | None = None) -> None:
+        """Commit, per input partition, the first offset whose events may still be needed."""
+        assert self.consumer is not None
+        await self._flush()
+        offsets = {}
+        for partition, ingest in self.ingests.items():
+            if only is not None and partition not in only:
+                continue
+            for kind, offset in ingest.committable().items():
+                topic = topics.LABELS if kind == "label" else topics.PREDICTIONS
+                offsets[TopicPartition(topic, partition)] = offset
+        assigned = self.consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if offsets:
+            await self.consumer.commit(offsets)
+
+    async def revoke(self, revoked) -> None:
+        """Partitions leave this worker: commit what is safe and forget their state (the new
+        owner re-reads the events of their open buckets)."""
+        async with self.lock:
+            gone = {tp.partition for tp in revoked}
+            try:
+                await self._commit(only=gone)
+            except Exception:  # the group moved on: the new owner re-reads a little more
+                log.warning("stage 1: commit on revocation failed", exc_info=True)
+            for partition in gone:
+                self.ingests.pop(partition, None)
+            for tp in revoked:
+                self.positions.pop(tp, None)
+
+    def _report(self) -> None:
+        """Gauges of the consumer's lag and the label join's size."""
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            end, position = self.consumer.highwater(tp), self.positions.get(tp)
+            if end is not None and position is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(max(end - position, 0))
+        sketchers = [i.sketcher for i in self.ingests.values()]
+        metrics.EXPIRED.set(sum(s.expired_unlabelled for s in sketchers))
+        metrics.UNJOINED.set(sum(s.expired_unjoined_labels for s in sketchers))
+        metrics.LABEL_JOIN.labels("predictions").set(
+            sum(len(t) for s in sketchers for t in s.joins.values())
+        )
+        metrics.LABEL_JOIN.labels("labels").set(sum(len(s.early_labels) for s in sketchers))
