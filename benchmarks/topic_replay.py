@@ -1,0 +1,80 @@
+"""Topic replay against file replay of the same events, on the embedded broker: the events of
+``benchmarks/replay_speed.py`` (10 numeric features, 1,000 per second of event time) written to
+a file and published to a prediction topic of 6 partitions; each replay is timed end to end
+(topic: connecting, offsets, fetching, the event-time merge of partitions, and the replay).
+Target: topic replay at least as fast as file replay.
+
+usage: python benchmarks/topic_replay.py [--events N] [--repeat K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from coalmine.baselines import build_baselines
+from coalmine.broker import EmbeddedBroker
+from coalmine.config import load_config
+from coalmine.launch import Namespace
+from coalmine.replay import replay_files, replay_topics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from replay_speed import write_stream  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="coalmine-topic-bench-"))
+    write_stream(work / "reference.jsonl", 5000, seed=1)
+    write_stream(work / "stream.jsonl", args.events, seed=2)
+    (work / "monitor.toml").write_text(
+        '[defaults]\nwindow = "60s"\n\n[[models]]\nname = "bench"\nreference = "reference.jsonl"\n'
+        'checks = ["drift", "prediction_drift", "missing_rate"]\n'
+    )
+    config = load_config(work / "monitor.toml")
+    os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")
+    build_baselines(config)  # calibration cached: neither replay below pays for it
+    with EmbeddedBroker() as broker:
+        ns = Namespace(broker)
+        lines = (work / "stream.jsonl").read_bytes().splitlines()
+        t0 = time.perf_counter()
+        ns.publish(("prediction", line) for line in lines)
+        publish = time.perf_counter() - t0
+        rates: dict[str, float] = {"file": 0.0, "topic": 0.0}
+        for _ in range(args.repeat):  # interleaved: both see the same machine state
+            t0 = time.perf_counter()
+            run = replay_files(config, work / "stream.jsonl", progress=False)
+            rates["file"] = max(rates["file"], args.events / (time.perf_counter() - t0))
+            file_evaluations = run.counts
+            t0 = time.perf_counter()
+            run = replay_topics(
+                config,
+                broker.bootstrap,
+                predictions=ns.topic["predictions"],
+                labels=ns.topic["labels"],
+                progress=False,
+            )
+            rates["topic"] = max(rates["topic"], args.events / (time.perf_counter() - t0))
+            assert run.counts == file_evaluations, (run.counts, file_evaluations)
+    print(
+        f"# topic vs file replay, {args.events:,} events, 6 partitions, embedded broker, "
+        f"best of {args.repeat} (publishing took {publish:.1f} s)"
+    )
+    print("| replay | events/s |")
+    print("|---|---|")
+    print(f"| file | {rates['file']:,.0f} |")
+    print(f"| topics (--from-topics) | {rates['topic']:,.0f} |")
+    print(f"| topics / file | {rates['topic'] / rates['file']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
