@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from coalmine.streams.rollout import RolloutPolicy
-from coalmine.streams.settings import ALL_CHECKS, DRIFT_CHECKS, ModelSettings
+from coalmine.streams.settings import (
+    ALL_CHECKS,
+    DEFAULT_CHECKS,
+    UNCERTAINTY_MEASURES,
+    ModelSettings,
+)
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -104,8 +109,13 @@ _NUMBER_KEYS = {
     "min_window_events": (_positive_int, "a positive integer"),
     "baseline_error_rate": _between(0, 1, "[)"),  # 0: a model that made no error on the reference
     "shift_to_detect_sd": (_positive_number, "a positive number (reference standard deviations)"),
+    # 1 would keep every component: the reconstruction error would be 0 on every event
+    "pca_variance": _between(0, 1, "()"),
+    # 1: an accuracy drop of 100 points is never confidently exceeded: the check would be mute
+    "estimated_accuracy_tolerance": _between(0, 1, "[)"),
 }
-_DEFAULT_KEYS = set(_DURATION_KEYS) | set(_NUMBER_KEYS)
+_CHOICE_KEYS = {"uncertainty": UNCERTAINTY_MEASURES}
+_DEFAULT_KEYS = set(_DURATION_KEYS) | set(_NUMBER_KEYS) | set(_CHOICE_KEYS)
 _MODEL_KEYS = _DEFAULT_KEYS | {
     "name",
     "reference",
@@ -207,6 +217,14 @@ def _settings(table: dict, where: str) -> dict[str, Any]:
             if not ok(table[key]):
                 raise ConfigError(f"{where}{key}: expected {expected}, got {table[key]!r}")
             out[key] = table[key]
+    for key, choices in _CHOICE_KEYS.items():
+        if key in table:
+            if table[key] not in choices:
+                raise ConfigError(
+                    f"{where}{key}: expected one of {', '.join(map(repr, choices))}, "
+                    f"got {table[key]!r}"
+                )
+            out[key] = table[key]
     return out
 
 
@@ -241,7 +259,7 @@ def _model(table: Any, i: int, defaults: dict[str, Any], base_dir: Path) -> Mode
         raise ConfigError(
             f"{where}features: expected a non-empty list of feature names, got {features!r}"
         )
-    checks = table.get("checks", list(DRIFT_CHECKS))
+    checks = table.get("checks", list(DEFAULT_CHECKS))
     if not isinstance(checks, list) or not all(isinstance(c, str) for c in checks):
         raise ConfigError(f"{where}checks: expected a list of check names, got {checks!r}")
     for c in checks:

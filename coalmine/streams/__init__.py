@@ -13,6 +13,10 @@ notebook.
 * stage 2: :mod:`~coalmine.streams.evaluator` (:class:`Evaluator`), its window
   (:mod:`~coalmine.streams.window`), its judges (:mod:`~coalmine.streams.drift_checks`,
   :mod:`~coalmine.streams.rollout_judge`) and alert states (:mod:`~coalmine.streams.alerts`);
+* derived columns, computed from a batch's columns before folding and watched like features:
+  :mod:`~coalmine.streams.derived` (the model's uncertainty), :mod:`~coalmine.streams.multivariate`
+  (PCA reconstruction error); the accuracy estimated from the uncertainty's bins:
+  :mod:`~coalmine.streams.estimated`;
 * the statistics themselves: :mod:`~coalmine.streams.drift` (KS, Wasserstein, chi-square,
   PSI, Jensen-Shannon), :mod:`~coalmine.streams.sequential` (CUSUMs),
   :mod:`~coalmine.streams.rollout` (Wilson, McNemar, Welch, mSPRT, SRM; the rollout
@@ -23,8 +27,11 @@ notebook.
 
 from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.baseline import Baseline, CalibrationCache
+from coalmine.streams.derived import DerivedColumn, ScoreEntropy, ScoreMargin
 from coalmine.streams.drift_checks import DriftJudge
+from coalmine.streams.estimated import AccuracyCalibration, EstimatedAccuracy
 from coalmine.streams.evaluator import Emitted, Evaluator
+from coalmine.streams.multivariate import ReconstructionError
 from coalmine.streams.records import Alert, Command, Evaluation, Window
 from coalmine.streams.reference import ReferenceData, event_rows, first_events, reference_from_rows
 from coalmine.streams.rollout import RolloutController, RolloutPolicy
@@ -32,7 +39,9 @@ from coalmine.streams.rollout_judge import RolloutJudge
 from coalmine.streams.sequential import CUSUM, JointCUSUM
 from coalmine.streams.settings import (
     ALL_CHECKS,
+    DEFAULT_CHECKS,
     DRIFT_CHECKS,
+    ESTIMATION_CHECKS,
     ROLLOUT_CHECKS,
     VARIANTS,
     ModelSettings,
@@ -43,9 +52,12 @@ from coalmine.streams.window import Bucket, SlidingWindow
 
 __all__ = [
     "ALL_CHECKS",
+    "DEFAULT_CHECKS",
     "DRIFT_CHECKS",
+    "ESTIMATION_CHECKS",
     "ROLLOUT_CHECKS",
     "VARIANTS",
+    "AccuracyCalibration",
     "Alert",
     "AlertTracker",
     "Baseline",
@@ -53,17 +65,22 @@ __all__ = [
     "CUSUM",
     "CalibrationCache",
     "Command",
+    "DerivedColumn",
     "DriftJudge",
     "Emitted",
+    "EstimatedAccuracy",
     "Evaluation",
     "Evaluator",
     "JointCUSUM",
     "Layout",
     "ModelSettings",
+    "ReconstructionError",
     "ReferenceData",
     "RolloutController",
     "RolloutJudge",
     "RolloutPolicy",
+    "ScoreEntropy",
+    "ScoreMargin",
     "Sketcher",
     "SlidingWindow",
     "Summary",

@@ -11,7 +11,10 @@ import numpy as np
 
 from coalmine.streams import calibration, drift
 from coalmine.streams.columns import ColumnModel, NumericBlock
+from coalmine.streams.derived import UNCERTAINTY, DerivedColumn, is_derived, with_derived
 from coalmine.streams.drift_checks import alarming_tests
+from coalmine.streams.estimated import AccuracyCalibration
+from coalmine.streams.multivariate import ReconstructionError
 from coalmine.streams.reference import (
     PREDICTION,
     SCORES,
@@ -28,6 +31,9 @@ from coalmine.streams.sequential import (
 )
 from coalmine.streams.settings import ModelSettings
 from coalmine.streams.sketch import NUMERIC, Layout
+
+#: the check of the model's uncertainty column (which estimated_performance is calibrated on)
+UNCERTAINTY_CHECK = "uncertainty_drift"
 
 
 class CalibrationCache(Protocol):
@@ -56,12 +62,27 @@ class Baseline:
         ref = reference
         self.ref_error_rate = self._reference_error_rate(ref)
         self.ref_abs_errors = self._reference_abs_errors(ref)
+        #: columns computed from each batch's columns before folding (stage 1 adds them)
+        self.derived: list[DerivedColumn] = self._derived_columns(ref)
+        #: the model's uncertainty column, when a check needs it
+        self.uncertainty = next(
+            (d.name for d in self.derived if d.check == UNCERTAINTY_CHECK), None
+        )
         if "prediction_drift" not in cfg.checks:
+            # the class scores stay when the uncertainty column needs them: folded, not watched
             ref = ReferenceData(
-                {k: v for k, v in ref.columns.items() if not is_model_output(k)}, ref.labels
+                {
+                    k: v
+                    for k, v in ref.columns.items()
+                    if not is_model_output(k) or (self.uncertainty and k.startswith(SCORES))
+                },
+                ref.labels,
             )
+        ref = ReferenceData(with_derived(ref.columns, self.derived), ref.labels)
         self.reference = ref
         self.layout = Layout.from_reference(ref, cfg.bins)
+        #: estimated_performance's accuracy per bin of the uncertainty column (None: not run)
+        self.accuracy = self._accuracy_calibration(reference)
         self.ref_summary = self.layout.fold(ref.columns)
         rng = np.random.default_rng(seed)
         key = self._calibration_key(seed)
@@ -79,7 +100,11 @@ class Baseline:
         self.tests = self._count_tests()
         self.policy = cfg.rollout
         self.scored = any(n.startswith(SCORES) for n in self.layout.names)
-        self.joins_needed = any(c in cfg.checks for c in ("performance", "shadow", "ab", "canary"))
+        # estimated_performance joins labels only to set the realised accuracy beside its estimate
+        self.joins_needed = any(
+            c in cfg.checks
+            for c in ("performance", "shadow", "ab", "canary", "estimated_performance")
+        )
         present = [
             int(np.count_nonzero(~np.isnan(ref.columns[c.name])))
             for c in self.columns
@@ -106,6 +131,64 @@ class Baseline:
             else None
         )
 
+    def _derived_columns(self, ref: ReferenceData) -> list[DerivedColumn]:
+        """The derived columns the configured checks watch or need: the PCA reconstruction
+        error (``multivariate_drift``, over the numeric features) and the model's uncertainty
+        (``uncertainty_drift``, ``estimated_performance``, from the class scores). A check whose
+        inputs the reference lacks gets no column (and no share of the budget)."""
+        checks, out = self.settings.checks, list[DerivedColumn]()
+        taken = [n for n in ref.columns if is_derived(n)]
+        if taken:
+            raise ValueError(f"feature {taken[0]!r}: the prefix 'derived.' is for derived columns")
+        if "multivariate_drift" in checks:
+            numeric = [
+                n for n, v in ref.columns.items() if not is_model_output(n) and v.dtype != object
+            ]
+            pca = ReconstructionError.fit(ref.columns, numeric, self.settings.pca_variance)
+            if pca is not None:
+                out.append(pca)
+        classes = [
+            n[len(SCORES) :]
+            for n, v in ref.columns.items()
+            if n.startswith(SCORES) and v.dtype != object
+        ]
+        if classes and ("uncertainty_drift" in checks or "estimated_performance" in checks):
+            out.append(UNCERTAINTY[self.settings.uncertainty](classes))
+        return out
+
+    def _accuracy_calibration(self, ref: ReferenceData) -> AccuracyCalibration | None:
+        """Accuracy per bin of the uncertainty column over the reference's labelled rows, for
+        ``estimated_performance``; None without the check, scores, labels or predictions."""
+        name = self.uncertainty
+        if (
+            "estimated_performance" not in self.settings.checks
+            or name is None
+            or ref.labels is None
+            or PREDICTION not in ref.columns
+        ):
+            return None
+        labelled = np.array([v is not None for v in ref.labels])
+        correct = np.array(
+            [
+                has and same_answer(p, y)
+                for has, p, y in zip(labelled, ref.columns[PREDICTION], ref.labels)
+            ],
+            dtype=float,
+        )
+        return AccuracyCalibration.fit(
+            self.reference.columns[name], correct, labelled, self.layout.edges[name]
+        )
+
+    def with_derived(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch's columns with this model's derived columns added: what stage 1 folds."""
+        return with_derived(columns, self.derived)
+
+    def check_of(self, name: str) -> str:
+        """The check that watches column ``name``."""
+        if is_derived(name):
+            return next(d.check for d in self.derived if d.name == name)
+        return "prediction_drift" if is_model_output(name) else "drift"
+
     def _joint_reference(self) -> tuple[list[ColumnModel], np.ndarray | None, int]:
         """The feature columns the joint CUSUM watches (numeric, not constant; at least two)
         and the correlation of their smoothed reference ranks over the reference rows that
@@ -113,7 +196,7 @@ class Baseline:
         cols = [
             c
             for c in self.columns
-            if c.kind == NUMERIC and not is_model_output(c.name) and c.rank_sd > 0
+            if c.kind == NUMERIC and self.check_of(c.name) == "drift" and c.rank_sd > 0
         ]
         if len(cols) < 2 or "drift" not in self.settings.checks:
             return [], None, 0
@@ -140,7 +223,7 @@ class Baseline:
 
     @property
     def feature_names(self) -> list[str]:
-        return [n for n in self.layout.names if not is_model_output(n)]
+        return [n for n in self.layout.names if self.check_of(n) == "drift"]
 
     def _calibration_key(self, seed: int) -> str:
         """Everything the simulated thresholds depend on: same key, same thresholds."""
@@ -223,12 +306,17 @@ class Baseline:
         return float(np.mean(wrong))
 
     def _count_tests(self) -> int:
-        """K: alarming tests per evaluation, over every variant the checks may see."""
+        """K: alarming tests per evaluation, over every variant the checks may see. Features
+        count whatever the checks; the other columns when their check is on (class scores kept
+        only as the uncertainty column's inputs, or that column kept only for
+        ``estimated_performance``, are not watched)."""
+        checks, features = self.settings.checks, set(self.feature_names)
         per_variant = alarming_tests(
-            [c.kind for c in self.columns],
-            len(self.feature_names),
-            self.settings.checks,
+            [c.kind for c in self.columns if c.name in features or self.check_of(c.name) in checks],
+            len(features),
+            checks,
             bool(self.joint_columns),
+            self.accuracy is not None,
         )
         return per_variant * len(variants_watched(self.settings.checks))
 

@@ -1,5 +1,7 @@
 """Stage 2's drift judge: ``drift``, ``prediction_drift``, ``missing_rate`` and ``performance`` on
-each variant's window, against a model's :class:`~coalmine.streams.baseline.Baseline`.
+each variant's window, against a model's :class:`~coalmine.streams.baseline.Baseline`; and, when
+configured, ``multivariate_drift`` and ``uncertainty_drift`` on the baseline's derived columns
+(:mod:`coalmine.streams.derived`) and ``estimated_performance`` (:mod:`coalmine.streams.estimated`).
 
 Window tests (KS, Wasserstein, chi-square, missing-value and error-rate surprises) run once per
 window step; the rank CUSUMs (location and spread per numeric column, one joint over all
@@ -19,8 +21,9 @@ from scipy import special
 
 from coalmine.streams import drift
 from coalmine.streams.columns import ColumnModel
+from coalmine.streams.estimated import EstimatedAccuracy
 from coalmine.streams.records import Evaluation, Window
-from coalmine.streams.reference import PREDICTION, is_model_output
+from coalmine.streams.reference import PREDICTION
 from coalmine.streams.sequential import CUSUM, JointCUSUM
 from coalmine.streams.sketch import CATEGORICAL, NUMERIC, Summary
 
@@ -31,9 +34,12 @@ if TYPE_CHECKING:
 ALARMING = {NUMERIC: ("ks", "wasserstein", "cusum", "cusum_spread"), CATEGORICAL: ("chi2",)}
 
 
-def alarming_tests(kinds: list[str], features: int, checks: tuple[str, ...], joint: bool) -> int:
-    """Alarming tests per variant and evaluation: each column's :data:`ALARMING` statistics, a
-    missing-rate test per feature, the performance test and the joint CUSUM, as configured.
+def alarming_tests(
+    kinds: list[str], features: int, checks: tuple[str, ...], joint: bool, estimated: bool = False
+) -> int:
+    """Alarming tests per variant and evaluation: each watched column's :data:`ALARMING`
+    statistics (derived columns included), a missing-rate test per feature, the performance
+    test, the joint CUSUM and the estimated-accuracy test, as configured.
 
     >>> alarming_tests([NUMERIC, NUMERIC, CATEGORICAL], 3, ("drift", "missing_rate"), True)
     13
@@ -43,6 +49,7 @@ def alarming_tests(kinds: list[str], features: int, checks: tuple[str, ...], joi
         + features * ("missing_rate" in checks)
         + ("performance" in checks)
         + joint
+        + estimated
     )
 
 
@@ -94,10 +101,10 @@ class DriftJudge:
             if current is not None and current.n:
                 bucket_ranks = dict(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
             sequential = dict(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
-            if window_tests and ("drift" in checks or "prediction_drift" in checks):
+            if window_tests and ("drift" in checks or "prediction_drift" in checks or base.derived):
                 numeric = block.statistics(window, q)
         for j, col in enumerate(base.columns):
-            check = "prediction_drift" if is_model_output(col.name) else "drift"
+            check = base.check_of(col.name)
             feature = None if col.name == PREDICTION else col.name
             if check not in checks:
                 continue
@@ -126,7 +133,43 @@ class DriftJudge:
             "performance" in checks and base.ref_error_rate is not None and window.labelled >= least
         ):
             out.append(self._performance(make, window, q))
+        if base.accuracy is not None:
+            assert base.uncertainty is not None  # the accuracy is calibrated on its bins
+            counts = window.counts[base.layout.bins_of(base.uncertainty)]
+            if counts.sum() >= least:
+                out.append(self._estimated_performance(make, window, counts, q))
         return out
+
+    def _estimated_performance(
+        self, make, window: Summary, counts: np.ndarray, q: float
+    ) -> Evaluation:
+        """The window's accuracy estimated from its uncertainty-bin counts, against the
+        reference's level less the tolerance: one-sided z; the labels' accuracy beside it."""
+        base = self.baseline
+        assert base.accuracy is not None
+        est = EstimatedAccuracy(base.accuracy, base.settings.estimated_accuracy_tolerance)
+        est.update(counts)
+        low, high = est.interval
+        return make(
+            "estimated_performance",
+            None,
+            "accuracy_z",
+            est.statistic,
+            float(-special.ndtri(q)),
+            est.p_value,
+            {
+                "estimated_accuracy": est.estimate,
+                "interval": [low, high],
+                "reference_accuracy": base.accuracy.level,
+                "tolerance": est.tolerance,
+                # labels joined in this window (they may be of earlier predictions): None
+                # until some arrive
+                "realised_accuracy": 1 - window.label_errors / window.labelled
+                if window.labelled
+                else None,
+                "labelled": window.labelled,
+            },
+        )
 
     def _missing(
         self, make, col: ColumnModel, feature: str | None, missing: int, n: int, q: float

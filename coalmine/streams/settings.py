@@ -12,10 +12,17 @@ from coalmine.streams.rollout import RolloutPolicy
 
 #: the variants a model serves: the live one, the one being rolled out, the mirrored one
 VARIANTS = ("champion", "canary", "shadow")
+#: the checks a model runs unless told otherwise
+DEFAULT_CHECKS = ("drift", "prediction_drift", "missing_rate", "performance")
+#: checks on derived columns and the estimated accuracy, off unless configured: they need a
+#: reference with several numeric features, or class scores and labels
+ESTIMATION_CHECKS = ("multivariate_drift", "uncertainty_drift", "estimated_performance")
 #: checks on the window's distributions and labelled errors (the window tests and CUSUMs)
-DRIFT_CHECKS = ("drift", "prediction_drift", "missing_rate", "performance")
+DRIFT_CHECKS = DEFAULT_CHECKS + ESTIMATION_CHECKS
 ROLLOUT_CHECKS = ("shadow", "canary", "ab")
 ALL_CHECKS = DRIFT_CHECKS + ROLLOUT_CHECKS
+#: the model uncertainty measures a derived column may hold (coalmine.streams.derived)
+UNCERTAINTY_MEASURES = ("margin", "entropy")
 
 #: the window tests run at most once per this much event time (see ModelSettings.window_step_ms)
 WINDOW_STEP_MS = 1000
@@ -27,7 +34,7 @@ class ModelSettings:
 
     name: str
     features: tuple[str, ...] | None = None
-    checks: tuple[str, ...] = DRIFT_CHECKS
+    checks: tuple[str, ...] = DEFAULT_CHECKS
     bucket_ms: int = 250
     window_ms: int = 60_000
     allowed_lateness_ms: int = 2000
@@ -37,6 +44,12 @@ class ModelSettings:
     label_ttl_ms: int = 3_600_000
     baseline_error_rate: float | None = None
     shift_to_detect_sd: float = 0.3
+    #: multivariate_drift: the share of the reference's variance the principal components keep
+    pca_variance: float = 0.9
+    #: uncertainty_drift and estimated_performance: the score-based uncertainty column
+    uncertainty: str = "margin"
+    #: estimated_performance: the accuracy drop below the reference's that is tolerated
+    estimated_accuracy_tolerance: float = 0.02
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
 
     @property

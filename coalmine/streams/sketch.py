@@ -31,6 +31,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from coalmine.streams.derived import is_derived
 from coalmine.streams.latency import LATENCY_EDGES_MS
 from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output
 
@@ -224,9 +225,14 @@ def column_arrays(
     :meth:`Layout.fold`.
 
     Numeric columns become float arrays with NaN for missing values; a value of the wrong
-    type raises ``TypeError`` naming the column (the caller dead-letters that event).
+    type raises ``TypeError`` naming the column (the caller dead-letters that event). Derived
+    columns are left out: :meth:`~coalmine.streams.baseline.Baseline.with_derived` adds them.
     """
-    numeric = [n for n in layout.names if layout.kinds[n] == NUMERIC and not is_model_output(n)]
+    numeric = [
+        n
+        for n in layout.names
+        if layout.kinds[n] == NUMERIC and not is_model_output(n) and not is_derived(n)
+    ]
     out: dict[str, np.ndarray] = {}
     if len(numeric) > 1:
         try:  # the common case, every feature present: one C-level lookup per event
@@ -238,7 +244,7 @@ def column_arrays(
         except (KeyError, TypeError, ValueError):
             out = {}  # a missing key or a bad value: the per-column path below says which
     for name in layout.names:
-        if name in out:
+        if name in out or is_derived(name):  # computed from the others before folding
             continue
         if name == PREDICTION:
             values = predictions

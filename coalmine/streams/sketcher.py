@@ -229,7 +229,7 @@ class Sketcher:
         keys, groups = np.unique(
             batch.ts // bucket_ms * len(VARIANTS) + variants, return_inverse=True
         )
-        summaries = baseline.layout.fold(batch.columns, groups, len(keys))
+        summaries = baseline.layout.fold(baseline.with_derived(batch.columns), groups, len(keys))
         failed = _coded(batch.status, _STATUS_FAILED, bool)
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
         lat_bins = latency_bins(batch.latency_ms)
