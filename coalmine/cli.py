@@ -403,6 +403,90 @@ def add_replay(sub) -> None:
     p.set_defaults(func=cmd_replay)
 
 
+# ------------------------------------------------------------------ report
+
+
+def cmd_report(args) -> int:
+    from coalmine.config import ConfigError
+    from coalmine.report import report_from_files, report_from_outputs, write_report
+
+    progress = False if args.quiet else None
+    try:
+        if args.evaluations:
+            if not args.alerts:
+                sys.exit("coalmine report: --evaluations goes with --alerts (a replay's outputs)")
+            text = report_from_outputs(
+                args.evaluations,
+                args.alerts,
+                args.commands,
+                config_path=args.config,
+                predictions=args.predictions,
+            )
+        elif args.from_topics:
+            from coalmine.client import parse_time
+            from coalmine.report import report_from_topics
+
+            if not args.config:
+                sys.exit("coalmine report: --from-topics needs --config")
+            text = report_from_topics(
+                args.config,
+                args.broker,
+                parse_time(args.since) if args.since else None,
+                parse_time(args.until) if args.until else None,
+                progress=progress,
+            )
+        else:
+            if not (args.predictions and args.config):
+                sys.exit(
+                    "coalmine report: give --predictions and --config (a replay is run), "
+                    "--from-topics with --config, or a replay's --evaluations and --alerts"
+                )
+            text = report_from_files(args.config, args.predictions, args.labels, progress=progress)
+    except ConfigError as exc:
+        sys.exit(f"coalmine: bad config: {exc}")
+    size = write_report(args.out, text)
+    print(f"report -> {args.out} ({size / 1e6:.2f} MB)", file=sys.stderr)
+    return 0
+
+
+def add_report(sub) -> None:
+    p = _parser(
+        "report",
+        sub,
+        "one self-contained HTML report of a backtest or a stretch of traffic",
+        "Write one HTML file (plots inline as SVG, nothing fetched when it is opened) with, per "
+        "model: what fired, when and for how long, and the commands with their evidence; each "
+        "check's statistics against their calibrated thresholds over event time, alert spans "
+        "shaded; each feature's reference distribution beside the window's at its worst moment, "
+        "and the features sorted by how far past their thresholds they went; rollout panels "
+        "(traffic weights, canary error rates, shadow agreement) when there was a canary or a "
+        "shadow. Runs a replay of files or of a slice of the topics, or reads a replay's "
+        "outputs (then --config and --predictions, if given, add the distributions). Needs "
+        "matplotlib: pip install 'coalmine[report]'.",
+        "examples:\n  coalmine report --predictions preds.jsonl --labels labels.jsonl \\\n"
+        "      --config monitor.toml --out report.html\n"
+        "  coalmine report --evaluations evals.jsonl --alerts alerts.jsonl --out report.html\n"
+        "  coalmine report --from-topics --since 2024-05-01T00:00 --until 2024-05-02T00:00 \\\n"
+        "      --config monitor.toml --out report.html\n" + EPILOG_BROKER,
+    )
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--config", help="monitor TOML file")
+    p.add_argument("--predictions", help="prediction events, JSONL, in event-time order")
+    p.add_argument("--labels", help="label events, JSONL, in event-time order")
+    p.add_argument(
+        "--from-topics",
+        action="store_true",
+        help="replay the predictions and labels topics instead of files",
+    )
+    _broker_arg(p)
+    _time_args(p, "with --from-topics: messages")
+    p.add_argument("--evaluations", help="a replay's --evaluations output (JSONL)")
+    p.add_argument("--alerts", help="a replay's --alerts output (JSONL)")
+    p.add_argument("--commands", help="a replay's rollout commands (JSONL), if written")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_report)
+
+
 # ------------------------------------------------------------------ validate
 
 
@@ -516,6 +600,7 @@ COMMANDS = [
     add_publish,
     add_tail,
     add_replay,
+    add_report,
     add_validate,
     add_status,
     add_topics,
