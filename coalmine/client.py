@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 
 from coalmine.broker import parse_broker_url
+from coalmine.partials import readable_partial
 
 #: which field keys the messages of each kind of topic, named by its last dotted part so that
 #: namespaced topics are keyed alike (predictions and labels by request: they co-partition)
@@ -186,6 +187,8 @@ async def tail(
         for tp in assignment:  # resolve the offsets now, not at the first fetch
             await consumer.position(tp)
         last_message = time.monotonic()
+        # stage 1's partials are MessagePack, not JSON
+        decode = readable_partial if topic.endswith("coalmine.partials") else _decode
         while not (stop and stop.is_set()):
             batch = await consumer.getmany(timeout_ms=200)
             if batch:
@@ -194,7 +197,7 @@ async def tail(
                 return
             for messages in batch.values():
                 for m in messages:
-                    yield _decode(m.value)
+                    yield decode(m.value)
     finally:
         await consumer.stop()
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from coalmine import events as contract
 from coalmine.streams.baseline import Baseline
+from coalmine.streams.derived import is_derived
 from coalmine.streams.reference import PREDICTION, SCORES, is_model_output
 from coalmine.streams.sketch import NUMERIC
 from coalmine.streams.sketcher import MAX_TS, PredictionBatch, batches_from_events
@@ -46,10 +47,16 @@ _ENVELOPE = (
 _IDS = ("event_id", "request_id", "version")
 
 
+def _inputs(baseline: Baseline) -> list[str]:
+    """The model's monitored features: its layout's columns but the model's outputs and the
+    columns derived from the others."""
+    return [n for n in baseline.layout.names if not is_model_output(n) and not is_derived(n)]
+
+
 def _features_struct(model: str, baseline: Baseline) -> type:
     """The model's monitored features as a struct; field ``f{j}`` is feature ``j`` (feature
     names need not be identifiers). Others are skipped when decoding."""
-    names = [n for n in baseline.layout.names if not is_model_output(n)]
+    names = _inputs(baseline)
     kinds = baseline.layout.kinds
     fields = [
         (f"f{j}", float | None if kinds[n] == NUMERIC else _SCALAR, None)
@@ -79,16 +86,9 @@ class _Model:
             gc=False,
         )
         layout = baseline.layout
-        self.numeric = [
-            (f"f{j}", n)
-            for j, n in enumerate(x for x in layout.names if not is_model_output(x))
-            if layout.kinds[n] == NUMERIC
-        ]
-        self.categorical = [
-            (f"f{j}", n)
-            for j, n in enumerate(x for x in layout.names if not is_model_output(x))
-            if layout.kinds[n] != NUMERIC
-        ]
+        inputs = list(enumerate(_inputs(baseline)))
+        self.numeric = [(f"f{j}", n) for j, n in inputs if layout.kinds[n] == NUMERIC]
+        self.categorical = [(f"f{j}", n) for j, n in inputs if layout.kinds[n] != NUMERIC]
         self.outputs = [n for n in layout.names if is_model_output(n)]
 
     def batch(self, events: list) -> PredictionBatch:
@@ -124,7 +124,7 @@ class _Model:
         latency = [np.nan if v is None else v for v in map(attrgetter("latency_ms"), events)]
         return PredictionBatch(
             model=self.name,
-            ts=np.fromiter(map(attrgetter("ts"), events), dtype=np.int64, count=n),
+            ts=_event_times(events),
             variant=list(map(attrgetter("variant"), events)),
             version=list(map(attrgetter("version"), events)),
             status=list(map(attrgetter("status"), events)),
@@ -149,51 +149,87 @@ class PredictionDecoder:
         """Batches (one per model, each in message order) of the valid events, with each
         event's position in ``raws`` (``PredictionBatch.positions``), and ``(position,
         reason)`` of the others."""
-        fast: list = []
-        fast_at: list[int] = []
-        slow_at: list[int] = []
+        events = self._decode_all(raws)
+        if events is not None:
+            at = list(range(len(raws)))
+            slow_at: list[int] = []
+        else:
+            events, at, slow_at = self._decode_each(raws)
+        batches = self._fast_batches(events, at, slow_at)
+        invalid: list[tuple[int, str]] = []
+        if slow_at:
+            more, invalid = self._slow(raws, slow_at)
+            batches += more
+        return batches, sorted(invalid)
+
+    def _decode_all(self, raws: list[bytes]) -> list | None:
+        """Every message decoded in one C call, or None when any one needs a closer look.
+        One message a line: JSON strings cannot hold a raw newline, so a message that has one
+        (pretty-printed) is caught by the count and goes the slow way, and no message can
+        reach into its neighbour."""
+        lines = b"\n".join(raws)
+        if lines.count(b"\n") != len(raws) - 1:
+            return None
+        try:
+            events = self._decoder.decode_lines(lines)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return None
+        if len(events) != len(raws) or not self._flat(lines, events):
+            return None
+        return events
+
+    @staticmethod
+    def _flat(raw: bytes, events: list) -> bool:
+        """No value hides under a key the structs skip (an unmonitored feature holding an
+        object or an array): every "{" is an event, its features or its scores."""
+        objects = 2 * len(events) + sum(e.scores is not None for e in events)
+        return b"[" not in raw and raw.count(b"{") == objects
+
+    def _decode_each(self, raws: list[bytes]) -> tuple[list, list[int], list[int]]:
+        """Message by message: (decoded events, their positions, positions to validate
+        exactly)."""
         decode = self._decoder.decode
+        events: list = []
+        at: list[int] = []
+        slow_at: list[int] = []
         for i, raw in enumerate(raws):
             try:
                 event = decode(raw)
             except (msgspec.DecodeError, UnicodeDecodeError):
                 slow_at.append(i)
                 continue
-            # a nested value under a key the struct skips (an unmonitored feature) would hide
-            # from the types: every "{" must be an object decoded, and there are no arrays
-            if b"[" in raw or raw.count(b"{") != 2 + (event.scores is not None):
+            if self._flat(raw, [event]):
+                events.append(event)
+                at.append(i)
+            else:
                 slow_at.append(i)
-                continue
-            fast.append(event)
-            fast_at.append(i)
-        batches = self._fast_batches(fast, fast_at, slow_at)
-        invalid: list[tuple[int, str]] = []
-        if slow_at:
-            more, dead = self._slow(raws, slow_at)
-            batches += more
-            invalid += dead
-        return batches, sorted(invalid)
+        return events, at, slow_at
 
     def _fast_batches(
         self, events: list, at: list[int], slow_at: list[int]
     ) -> list[PredictionBatch]:
         """Group decoded events by model; events the column checks refuse join ``slow_at``."""
-        by_model: dict[_Model, tuple[list, list[int]]] = {}
-        for event, i in zip(events, at):
-            mine = by_model.setdefault(self._model_of[type(event)], ([], []))
-            mine[0].append(event)
-            mine[1].append(i)
+        if not events:
+            return []
+        kinds = set(map(type, events))
+        if len(kinds) == 1:  # the common batch: one model
+            groups = {self._model_of[kinds.pop()]: (events, at)}
+        else:
+            groups = {}
+            for event, i in zip(events, at):
+                mine = groups.setdefault(self._model_of[type(event)], ([], []))
+                mine[0].append(event)
+                mine[1].append(i)
         batches = []
-        for model, (decoded, positions) in by_model.items():
-            ok = _column_checks(decoded)
-            if not ok.all():
-                slow_at += [p for p, good in zip(positions, ok) if not good]
-                decoded = [e for e, good in zip(decoded, ok) if good]
-                positions = [p for p, good in zip(positions, ok) if good]
-                if not decoded:
-                    continue
+        for model, (decoded, positions) in groups.items():
             batch = model.batch(decoded)
-            batch.positions = positions
+            batch.positions = list(positions)
+            ok = _column_checks(batch, decoded)
+            if ok is not None:
+                slow_at += [p for p, good in zip(positions, ok) if not good]
+                if not ok.any():
+                    continue
+                batch = batch.take(ok)
             batches.append(batch)
         return batches
 
@@ -209,6 +245,16 @@ class PredictionDecoder:
         return batches, [(at[j], r) for j, r in invalid] + [(kept[j], r) for j, r in rejected]
 
 
+def _event_times(events: list) -> np.ndarray:
+    """The events' ``ts`` as int64; one beyond int64 becomes -1, which the column checks send
+    to the exact validator (the struct type lets any JSON integer through)."""
+    ts = list(map(attrgetter("ts"), events))
+    try:
+        return np.array(ts, dtype=np.int64)
+    except OverflowError:
+        return np.array([t if -(2**63) <= t < 2**63 else -1 for t in ts], dtype=np.int64)
+
+
 def _categories(values) -> np.ndarray:
     """A categorical column: each value as a string, None where missing."""
     return np.array([None if v is None else str(v) for v in values], dtype=object)
@@ -221,25 +267,21 @@ def _union(structs: tuple[type, ...]) -> Any:
     return out
 
 
-def _column_checks(events: list) -> np.ndarray:
-    """What the struct types leave to the schema, per event: non-empty ids, ``ts >= 0``,
-    ``latency_ms >= 0``, non-empty ``unit_id``, a null prediction only when status is error."""
-    ok = np.ones(len(events), dtype=bool)
-    for name in _IDS:
-        values = list(map(attrgetter(name), events))
+def _column_checks(batch: PredictionBatch, events: list) -> np.ndarray | None:
+    """What the struct types leave to the schema, on whole columns: non-empty ids, ``0 <= ts
+    <= MAX_TS``, ``latency_ms >= 0``, non-empty ``unit_id``, a null prediction only when status
+    is error. None when every event passes; else which do."""
+    ok = np.ones(len(batch), dtype=bool)
+    for values in (batch.request_id, batch.version, list(map(attrgetter("event_id"), events))):
         if not all(values):
             ok &= np.fromiter(map(bool, values), dtype=bool, count=len(values))
-    ts = list(map(attrgetter("ts"), events))
-    if min(ts) < 0 or max(ts) > MAX_TS:
-        ok &= np.array([0 <= t <= MAX_TS for t in ts])
-    predictions = list(map(attrgetter("prediction"), events))
-    if None in predictions:
-        status = list(map(attrgetter("status"), events))
-        ok &= np.array([p is not None or s == "error" for p, s in zip(predictions, status)])
-    latency = list(map(attrgetter("latency_ms"), events))
-    if any(v is not None and v < 0 for v in latency):
-        ok &= np.array([v is None or v >= 0 for v in latency])
+    ok &= (batch.ts >= 0) & (batch.ts <= MAX_TS)
+    ok &= ~(batch.latency_ms < 0)
+    if None in batch.prediction:
+        ok &= np.array(
+            [p is not None or s == "error" for p, s in zip(batch.prediction, batch.status)]
+        )
     units = list(map(attrgetter("unit_id"), events))
     if "" in units:
         ok &= np.array([u != "" for u in units])
-    return ok
+    return None if ok.all() else ok

@@ -140,6 +140,15 @@ class WorkerProcess:
             )
         return self
 
+    def peak_rss_mb(self) -> float:
+        """The process's peak resident memory (VmHWM), in MB; NaN once it has exited."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return float("nan")
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return kb / 1024
+
     @property
     def pid(self) -> int:
         return self._running().pid

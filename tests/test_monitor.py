@@ -539,3 +539,20 @@ def test_the_budget_is_split_over_exactly_the_alarming_statistics_evaluated(moni
     alarming = [e for e in evaluations if e.ts == last and e.threshold is not None]
     assert {e.check for e in alarming} == {"drift", "prediction_drift", "missing_rate"}
     assert len(alarming) == monitor.tests  # one variant watched: the champion
+
+
+def test_a_partial_split_for_the_wire_is_evaluated_as_the_whole(monitor):
+    """A source catching up closes many buckets at once; the partial is split into messages
+    under the size limit, and stage 2, fed the parts in order, evaluates exactly as from the
+    whole (no bucket is evaluated before all of it arrived)."""
+    from coalmine.partials import decode_partial, encode_partial
+
+    sketcher = Sketcher({"m": monitor})
+    assert sketcher.add_predictions(stream(40)) == []
+    [partial] = sketcher.close()
+    parts = [decode_partial(raw) for raw in encode_partial(partial, max_bytes=20_000)]
+    assert len(parts) > 4 and sum(len(p["buckets"]) for p in parts) == len(partial["buckets"])
+    whole, split = Evaluator(monitor), Evaluator(monitor)
+    expected = [e.to_json() for e in whole.add(partial).evaluations]
+    got = [e.to_json() for p in parts for e in split.add(p).evaluations]
+    assert got == expected and len({e["ts"] for e in got}) > 30

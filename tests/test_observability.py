@@ -72,7 +72,7 @@ def test_the_dashboard_queries_only_metrics_a_live_worker_serves_and_prometheus_
     namespace.publish([("prediction", {**late, "event_id": "late-1"})])  # far behind: late
     wanted = dashboard_metrics()
     # commands need a rollout, which this traffic has none of: declared is all they can be
-    expected = wanted - {"coalmine_commands_total"}
+    expected = wanted - {"coalmine_commands_total", "coalmine_canary_weight_percent"}
 
     # stage 1 reports its gauges (consumer lag, label join) once a second
     def complete() -> str | None:

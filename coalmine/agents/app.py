@@ -22,7 +22,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import faust
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coalmine import events as contract
@@ -30,6 +29,7 @@ from coalmine import topics
 from coalmine.agents import metrics
 from coalmine.agents.stage1 import Stage1
 from coalmine.broker import parse_broker_url
+from coalmine.partials import decode_partial
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
@@ -116,7 +116,7 @@ def create_app(
             await alerts_topic.send(key=model.encode(), value=contract.encode(alert.to_json()))
         for command in out.commands:
             await commands_topic.send(key=model.encode(), value=contract.encode(command.to_json()))
-            metrics.COMMANDS.labels(model, command.action).inc()
+            metrics.record_command(model, command)
         metrics.EVALUATIONS.labels(model).inc(len({e.ts for e in out.evaluations}))
         metrics.record_evaluations(
             model, out.evaluations, out.alerts, len(evaluators[model].alerts.firing)
@@ -134,7 +134,7 @@ def create_app(
             t0 = time.perf_counter()
             for event in batch:
                 try:
-                    partial = orjson.loads(event.message.value)
+                    partial = decode_partial(event.message.value)
                     model = partial["model"]
                     heard[model][partial["source"]] = time.monotonic()
                     await publish(model, evaluators[model].add(partial, idle_sources(model)))

@@ -101,3 +101,21 @@ LABEL_JOIN = Gauge(
     "Predictions waiting for their label and labels waiting for their prediction",
     ["kind"],
 )
+CANARY_WEIGHT = Gauge(
+    "coalmine_canary_weight_percent",
+    "Traffic weight the latest command gave a version (set_weight; 100 once promoted, 0 rolled back)",
+    ["model", "version"],
+)
+#: what each command does to its version's weight
+_WEIGHT_OF = {
+    "promote": lambda c: 100.0,
+    "rollback": lambda c: 0.0,
+    "set_weight": lambda c: c.weight,
+}
+
+
+def record_command(model: str, command) -> None:
+    """Count a published command and follow the weight it gives its version."""
+    COMMANDS.labels(model, command.action).inc()
+    if command.action in _WEIGHT_OF:
+        CANARY_WEIGHT.labels(model, command.version).set(_WEIGHT_OF[command.action](command))

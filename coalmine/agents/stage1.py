@@ -29,6 +29,7 @@ from coalmine import events as contract
 from coalmine import topics
 from coalmine.agents import metrics
 from coalmine.ingest import PartitionIngest
+from coalmine.partials import encode_partial
 from coalmine.streams.baseline import Baseline
 
 log = logging.getLogger("coalmine.stage1")
@@ -142,9 +143,8 @@ class Stage1(Service):
                 await self._dead_letter(records[i], reason)
             partials = ingest.close()
             for partial in partials:
-                await self._send(
-                    topics.PARTIALS, partial["model"].encode(), contract.encode(partial)
-                )
+                for part in encode_partial(partial):
+                    await self._send(topics.PARTIALS, partial["model"].encode(), part)
 
     async def _dead_letter(self, record, reason: str) -> None:
         if reason.startswith("late event"):

@@ -196,13 +196,21 @@ class Summary:
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
-        values: dict[str, Any] = {
-            k: np.asarray(v, dtype=_ARRAYS[k]) if k in _ARRAYS else v for k, v in d.items()
-        }
+        """From :meth:`to_dict`'s form, with arrays as arrays, lists or little-endian bytes."""
+        values: dict[str, Any] = {k: _array(k, v) if k in _ARRAYS else v for k, v in d.items()}
         return cls(**values)
 
 
-_ARRAYS = {"counts": np.int64, "sums": float, "missing": np.int64, "latency": np.int64}
+#: the array fields and their dtype (little-endian on the wire)
+_ARRAYS = {"counts": "<i8", "sums": "<f8", "missing": "<i8", "latency": "<i8"}
+
+
+def _array(name: str, value) -> np.ndarray:
+    if isinstance(value, bytes):
+        return np.frombuffer(value, dtype=_ARRAYS[name])
+    return np.asarray(value, dtype=_ARRAYS[name])
+
+
 _FIELDS = tuple(f.name for f in fields(Summary))
 
 
