@@ -37,8 +37,10 @@ _ENVELOPE = (
     ("variant", Literal["champion", "canary", "shadow"]),
     ("ts", int),
     ("features", Any),  # replaced by the model's features struct
-    ("prediction", _SCALAR),
     ("status", Literal["ok", "error"]),
+    # absent reads as null, which the column check allows only on failed requests (msgspec
+    # wants the fields with defaults after the required ones)
+    ("prediction", _SCALAR, None),
     ("scores", dict[str, float] | None, None),
     ("latency_ms", float | None, None),
     ("error", str | None, None),

@@ -294,7 +294,13 @@ class _Shape:
 
 
 def _prediction_rule(d: dict) -> None:
-    if d["prediction"] is None and d["status"] != "error":
+    if d["status"] == "error":
+        # a failed request often has no answer to send: an absent prediction reads as null,
+        # so that everything downstream sees one shape
+        d.setdefault("prediction", None)
+    elif "prediction" not in d:
+        raise InvalidEvent("missing field: prediction (required unless status is error)")
+    elif d["prediction"] is None:
         raise InvalidEvent("prediction: null is allowed only when status is error")
 
 
@@ -322,7 +328,7 @@ _SHAPES = {
             "error": _text,
             "unit_id": _id,
         },
-        optional=("scores", "latency_ms", "error", "unit_id"),
+        optional=("prediction", "scores", "latency_ms", "error", "unit_id"),
         rule=_prediction_rule,
     ),
     "label": _Shape(
@@ -494,7 +500,9 @@ def _predictions_column(values) -> bool:
 
 
 def _prediction_rows_rule(columns: dict) -> bool:
-    preds = columns["prediction"]
+    preds = columns.get("prediction", [])
+    if len(preds) != len(columns["status"]):
+        return False  # one has none: validate() decides, and reads it as null if it may
     return None not in preds or all(
         s == "error" for p, s in zip(preds, columns["status"]) if p is None
     )
