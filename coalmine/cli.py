@@ -336,6 +336,9 @@ def cmd_replay(args) -> int:
             source = "file"
     with open(args.alerts, "wb") as fh:
         write_jsonl(run.alerts, fh)
+    if args.commands:
+        with open(args.commands, "wb") as fh:
+            write_jsonl(run.commands, fh)
     if args.deadletter:
         from coalmine import events
 
@@ -350,7 +353,9 @@ def cmd_replay(args) -> int:
     c = run.counts
     print(
         f"replayed {c['predictions']} predictions and {c['labels']} labels ({source}): "
-        f"{c['alerts']} alert changes -> {args.alerts}; {c['dead_letters']} invalid or late events"
+        f"{c['alerts']} alert changes -> {args.alerts}; "
+        + (f"{c['commands']} rollout commands -> {args.commands}; " if args.commands else "")
+        + f"{c['dead_letters']} invalid or late events"
         + (f" -> {args.deadletter}" if args.deadletter else ""),
         file=sys.stderr,
     )
@@ -379,6 +384,8 @@ def add_replay(sub) -> None:
         "not disturbed. Shows progress on a terminal.",
         "examples:\n  coalmine replay --predictions preds.jsonl --labels labels.jsonl \\\n"
         "      --config monitor.toml --alerts alerts.jsonl --evaluations evals.jsonl\n"
+        "  coalmine replay --predictions preds.jsonl --labels labels.jsonl \\\n"
+        "      --config rollout.toml --alerts alerts.jsonl --commands commands.jsonl\n"
         "  coalmine replay --from-topics --since 2024-05-01T00:00 --until 2024-05-02T00:00 \\\n"
         "      --config candidate.toml --alerts alerts.jsonl\n" + EPILOG_BROKER,
     )
@@ -395,6 +402,12 @@ def add_replay(sub) -> None:
     p.add_argument("--alerts", required=True, help="where to write alert state changes (JSONL)")
     p.add_argument(
         "--evaluations", help="where to write every check's statistic per evaluation (JSONL)"
+    )
+    p.add_argument(
+        "--commands",
+        metavar="OUT.jsonl",
+        help="where to write the rollout commands the monitor would have issued (JSONL, as "
+        "published on the commands topic): what a backtest would have rolled back or promoted",
     )
     p.add_argument(
         "--deadletter", help="where to write invalid and late events with reasons (JSONL)"
