@@ -157,6 +157,12 @@ _ROLLOUT_KEYS: dict[str, dict[str, tuple]] = {
         "min_agreement": (*_between(0, 1, "[)"), "shadow_min_agreement"),
         "min_events": (_positive_int, "a positive integer", "shadow_min_events"),
         "min_duration": (None, "a duration", "shadow_min_duration_ms"),
+        # with the performance check on: labelled pairs a shadow needs before it may pass
+        "min_labelled_pairs": (
+            _positive_int,
+            "a positive integer",
+            "shadow_min_labelled_pairs",
+        ),
         "tolerance": (
             lambda v: _number(v) and v >= 0,
             "a number >= 0 (regression)",

@@ -36,13 +36,17 @@ def config(tmp_path_factory):
     return load_config(d / "m.toml")
 
 
-def closed_loop(config, serving: sim.Serving, seconds: int, changes=None) -> Replay:
+def closed_loop(
+    config, serving: sim.Serving, seconds: int, changes=None, label_delay_ms: int = 2000
+) -> Replay:
     """Run ``seconds`` of traffic; after each second, the router applies new commands."""
     run, seen = Replay(build_baselines(config)), 0
     for sec in range(seconds):
         if changes and sec in changes:
             changes[sec](serving)
-        events = serving.events(sec * RATE, (sec + 1) * RATE, T0, RATE, seed=11)
+        events = serving.events(
+            sec * RATE, (sec + 1) * RATE, T0, RATE, seed=11, label_delay_ms=label_delay_ms
+        )
         run.feed(
             [e for k, e in events if k == "prediction"], [e for k, e in events if k == "label"]
         )
@@ -265,3 +269,41 @@ def test_shadow_pairing_survives_labels_read_ahead_of_predictions(config):
     ]
     totals = sum(shadow[1:], shadow[0])
     assert totals.paired == totals.agree > 4000 and totals.shadow_missing == 0
+
+
+#: a shadow that agrees with the champion on 98% of requests but is right on 97.5% of them,
+#: where the champion is right on 99.7%
+WORSE_SHADOW = sim.Version("v2", noise=1.0)
+
+
+def test_a_worse_shadow_with_late_labels_is_never_promoted_and_is_rolled_back(config):
+    """Labels 30 s behind their predictions: agreement alone passed this shadow at 20 s, before
+    its first label; now it waits for labelled pairs, and McNemar finds it worse."""
+    serving = sim.Serving(sim.Version("v1"), shadow=WORSE_SHADOW)
+    run = closed_loop(config, serving, 90, label_delay_ms=30_000)
+    assert actions(run) == [("rollback", "v2", None)]
+    rollback = run.commands[0]
+    assert rollback.evidence["paired_labelled"] > 0 and rollback.alert_ids
+    assert rollback.ts - T0 > 30_000, "judged on labels, which come after 30 s"
+    assert serving.shadow is None and serving.champion.name == "v1"
+
+
+def test_a_shadow_found_worse_after_it_passed_is_rolled_back_from_the_canary(config, tmp_path):
+    """Without the performance check a shadow passes on agreement; its labels, 30 s late,
+    show it worse while it serves as a canary (held 40 s at 10%): it is rolled back from
+    there."""
+    text = (
+        config.source.read_text()
+        .replace('"performance", ', "")
+        .replace('min_events = 100\nmin_duration = "3s"', 'min_events = 100\nmin_duration = "40s"')
+    )
+    assert 'min_duration = "40s"' in text
+    (config.source.parent / "no_perf.toml").write_text(text)
+    serving = sim.Serving(sim.Version("v1"), shadow=WORSE_SHADOW)
+    run = closed_loop(
+        load_config(config.source.parent / "no_perf.toml"), serving, 90, label_delay_ms=30_000
+    )
+    assert [a for a, _, _ in actions(run)][0] == "set_weight"
+    assert actions(run)[-1] == ("rollback", "v2", None) and "promote" not in str(actions(run))
+    assert run.commands[-1].reason.endswith("on the labelled pairs of its shadow")
+    assert serving.canary is None and serving.champion.name == "v1"

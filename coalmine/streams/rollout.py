@@ -53,6 +53,21 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(min(1.0, 2 * special.bdtr(k, n, 0.5)))
 
 
+#: a p-value under this is weak evidence: a shadow is "not worse" only when its McNemar
+#: p-value for being worse is no longer under it, and an alert on a p-value resolves only then
+WEAK_EVIDENCE = 0.05
+
+
+def mcnemar_worse_p(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value that the shadow is worse: P(B >= b) for
+    B ~ Binomial(b + c, 1/2), with b the pairs only the champion got right.
+
+    >>> round(mcnemar_worse_p(15, 5), 4), mcnemar_worse_p(5, 15) > 0.99
+    (0.0207, True)
+    """
+    return float(special.bdtrc(b - 1, b + c, 0.5)) if b else 1.0
+
+
 @dataclass(frozen=True)
 class Welch:
     """Welch's t-test of mean(b) - mean(a) from sufficient statistics, with Cohen's d and the
@@ -157,6 +172,9 @@ class RolloutPolicy:
     shadow_min_events: int = 2000
     shadow_min_duration_ms: int = 10_000
     shadow_tolerance: float = 0.0
+    #: labelled pairs a shadow needs before it may pass, when the model's checks include
+    #: performance (labels are expected): agreement alone cannot say which model is right
+    shadow_min_labelled_pairs: int = 500
     #: a shadow answer later than this (event time) after the champion's counts as a failure
     shadow_timeout_ms: int = 5000
     ab_alpha: float = 0.05
@@ -173,7 +191,8 @@ class RolloutController:
     """Progressive delivery of one model's new version, driven by the evaluator's verdicts.
 
     Stages: ``shadow`` (judged on agreement and McNemar; passes into the first canary step,
-    or is rolled back), ``canary`` (each weight step held until ``min_events`` canary events
+    or is rolled back; found worse on labelled pairs that come late, it is rolled back from
+    any canary step too), ``canary`` (each weight step held until ``min_events`` canary events
     and ``min_duration_ms`` of event time were healthy, then ``set_weight`` to the next;
     ``rollback`` as soon as the canary is unhealthy; ``promote`` after the last step),
     ``production``, ``rolled_back``. One command per decision, with a deterministic id.
@@ -222,10 +241,25 @@ class RolloutController:
         evidence: dict,
         alert_ids: Sequence[str] = (),
     ) -> Command | None:
-        """``verdict``: "pass", "fail" or None (not enough evidence yet)."""
-        if self.stages.get(version, "shadow") != "shadow" or verdict is None:
+        """``verdict``: "pass", "fail" (e.g. it disagrees with the champion too often),
+        "worse" (McNemar: wrong more often than the champion on labelled pairs) or None (not
+        enough evidence yet). A shadow found worse is rolled back whatever its stage, since
+        its labels may come after it passed into the canary; a failed agreement is not held
+        against a canary (it no longer answers as a shadow)."""
+        stage = self.stages.get(version, "shadow")
+        if verdict == "worse" and stage == "canary":
+            self.stages[version], self.step[version] = "rolled_back", -1
+            return self._command(
+                ts,
+                version,
+                "rollback",
+                "judged worse than the champion on the labelled pairs of its shadow",
+                evidence,
+                list(alert_ids),
+            )
+        if stage != "shadow" or verdict is None:
             return None
-        if verdict == "fail":
+        if verdict in ("fail", "worse"):
             self.stages[version] = "rolled_back"
             return self._command(
                 ts,

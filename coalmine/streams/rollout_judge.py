@@ -42,7 +42,7 @@ class RolloutJudge:
     ):
         self.checks, self.policy, self.bucket_ms = checks, policy, bucket_ms
         self.controller = R.RolloutController(model, policy)
-        self.shadow_seen: dict[str, list] = {}  # version -> [first ts, paired so far]
+        self.shadow_seen: dict[str, ShadowSeen] = {}
         self.best_ab_p: dict[str, float] = {}  # canary version -> running min always-valid p
         self.weight_changed_ts = -1
         self.canary_first_seen: dict[str, int] = {}
@@ -210,17 +210,30 @@ class RolloutJudge:
 
     def _shadow_verdict(
         self, end: int, version: str, current: Summary | None, evs: list[Evaluation]
-    ) -> str | None:
-        seen = self.shadow_seen.setdefault(version, [end, 0])
-        seen[1] += current.paired if current is not None else 0
+    ) -> tuple[str | None, dict]:
+        """The shadow's verdict (see :meth:`RolloutController.on_shadow`) and its evidence."""
+        seen = self.shadow_seen.setdefault(version, ShadowSeen(end))
+        if current is not None:
+            seen.add(current)
+        evidence = seen.evidence()
+        if any(e.check == "shadow_accuracy" and e.exceeded for e in evs):
+            return "worse", evidence
         if any(e.exceeded for e in evs):
-            return "fail"
+            return "fail", evidence
         p = self.policy
         # judged only once a missing answer would have shown (the shadow timeout has passed)
         duration = max(p.shadow_min_duration_ms, p.shadow_timeout_ms + self.bucket_ms)
-        if seen[1] >= p.shadow_min_events and end - seen[0] >= duration:
-            return "pass"
-        return None
+        if seen.paired < p.shadow_min_events or end - seen.first < duration:
+            return None, evidence
+        # labels are expected: agreement says the shadow answers alike, not that it is right
+        # as often; it passes once its labelled pairs are enough and show no sign of it
+        # being worse, not even weak evidence
+        if "performance" in self.checks and (
+            seen.labelled < p.shadow_min_labelled_pairs
+            or R.mcnemar_worse_p(seen.b, seen.c) < R.WEAK_EVIDENCE
+        ):
+            return None, evidence
+        return "pass", evidence
 
     def _ab(
         self, ring, end: int, canary: Summary, champ: Summary, version: str
@@ -294,7 +307,8 @@ class RolloutJudge:
         commands = []
         if "shadow" in verdicts:
             ids = [i for (v, c, _), i in firing_ids.items() if v == "shadow"]
-            cmd = self.controller.on_shadow(end, versions["shadow"], verdicts["shadow"], {}, ids)
+            verdict, evidence = verdicts["shadow"]
+            cmd = self.controller.on_shadow(end, versions["shadow"], verdict, evidence, ids)
             commands += [cmd] if cmd else []
         if verdicts.get("srm") and "canary" in versions:
             ids = [i for (v, c, _), i in firing_ids.items() if c == "srm"]
@@ -315,6 +329,30 @@ class RolloutJudge:
             if cmd.action == "promote":
                 cmd.evidence = {**cmd.evidence, "replaces": versions.get("champion")}
         return commands
+
+
+class ShadowSeen:
+    """What a shadow version showed since it first appeared: paired requests, labelled pairs
+    and McNemar's discordant counts (b: only the champion right; c: only the shadow)."""
+
+    def __init__(self, first: int):
+        self.first = first
+        self.paired = self.labelled = self.b = self.c = 0
+
+    def add(self, bucket: Summary) -> None:
+        self.paired += bucket.paired
+        self.labelled += bucket.paired_labelled
+        self.b += bucket.b
+        self.c += bucket.c
+
+    def evidence(self) -> dict:
+        return {
+            "paired": self.paired,
+            "paired_labelled": self.labelled,
+            "b": self.b,
+            "c": self.c,
+            "mcnemar_worse_p": R.mcnemar_worse_p(self.b, self.c),
+        }
 
 
 def _rate_surprise(x: int, n: int, x_ref: int, n_ref: int) -> float:
