@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from coalmine.topics import COMPACTED
+
 DEFAULT_BROKER = "kafka://localhost:9092"
 
 
@@ -206,6 +208,9 @@ class EmbeddedBroker:
         self.stop()
 
 
+_COMPACT = {"cleanup.policy": "compact"}
+
+
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 30.0) -> None:
     """Create the topics that do not exist yet, with the given partition counts.
 
@@ -223,7 +228,11 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float
         try:
             await admin.start()
             existing = set(await admin.list_topics())
-            missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
+            missing = [
+                NewTopic(t, n, 1, topic_configs=_COMPACT if t in COMPACTED else None)
+                for t, n in topics.items()
+                if t not in existing
+            ]
             if missing:
                 response = await admin.create_topics(missing, timeout_ms=int(timeout_s * 1000))
                 failed = [

@@ -15,6 +15,8 @@ COMMANDS = NAMESPACE + "coalmine.commands"
 DEADLETTER = NAMESPACE + "coalmine.deadletter"
 #: internal: stage-1 bucket partials, keyed by model, read by the evaluating stage
 PARTIALS = NAMESPACE + "coalmine.partials"
+#: internal, compacted: stage 2's state, each model's in its partials partition
+STATE = NAMESPACE + "coalmine.state"
 
 #: predictions and labels must be co-partitioned (same count) so joins stay local
 DEFAULT_PARTITIONS = 6
@@ -27,7 +29,11 @@ SHORT_NAMES = {
     "commands": COMMANDS,
     "deadletter": DEADLETTER,
     "partials": PARTIALS,
+    "state": STATE,
 }
+
+#: topics whose records are kept by key, the latest one each
+COMPACTED = {STATE}
 
 
 def resolve(name: str) -> str:

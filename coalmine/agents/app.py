@@ -20,14 +20,17 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import faust
+from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.agents import metrics
 from coalmine.agents.stage1 import Stage1
+from coalmine.agents.state import ModelState, StateTopic, partition_of, restore
 from coalmine.broker import parse_broker_url
 from coalmine.partials import decode_partial
 from coalmine.signing import Signer
@@ -90,6 +93,15 @@ def create_app(
     heard: dict[str, dict[int, float]] = defaultdict(dict)  # model -> source -> wall time
     started = time.monotonic()
     stage1: list[Stage1] = []  # the running instance, once Faust has started it
+    states = {name: ModelState() for name in baselines}  # what was last written of each
+    owned: set[int] = set()  # partials partitions this worker evaluates
+    partition = {name: partition_of(name, partitions) for name in baselines}
+    state_topic = StateTopic(parse_broker_url(broker_url))
+
+    @app.service
+    class _CloseStateTopic(Service):
+        async def on_stop(self) -> None:
+            await state_topic.close()
 
     @app.service
     class _Stage1(Stage1):
@@ -122,6 +134,35 @@ def create_app(
             model, out.evaluations, out.alerts, len(evaluators[model].alerts.firing)
         )
 
+    async def save(models: set[str]) -> None:
+        """Write the state of ``models``' evaluators, after the alerts and commands they
+        published: a new owner never misses one (at worst it publishes one again, same id)."""
+        if not models:
+            return
+        await app.producer.flush()
+        records: dict[int, list] = defaultdict(list)
+        for model in sorted(models):
+            records[partition[model]] += states[model].records(model, evaluators[model])
+        await state_topic.write(records)
+
+    @app.on_partitions_assigned.connect
+    async def resume(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """Models of newly assigned partials partitions resume from their state records (a
+        fresh evaluator when they have none); their sources count as live again."""
+        assigned = args[0] if args else kwargs["assigned"]
+        mine = {tp.partition for tp in assigned if tp.topic == topics.PARTIALS}
+        for p in sorted(mine - owned):
+            records = await state_topic.read(p)
+            for model in [m for m in baselines if partition[m] == p]:
+                restored = restore(records, baselines[model], signer)
+                if restored is None:
+                    restored = Evaluator(baselines[model], partitions, signer), ModelState()
+                evaluators[model], states[model] = restored
+                heard[model] = dict.fromkeys(range(partitions), time.monotonic())
+                log.info("stage 2 of %s resumes at bucket %s", model, evaluators[model].next_bucket)
+        owned.clear()
+        owned.update(mine)
+
     def idle_sources(model: str) -> set[int]:
         now = time.monotonic()
         last = heard[model]
@@ -132,18 +173,25 @@ def create_app(
         waiting: list[tuple[str, int, faust.EventT]] = []
         async for batch in stream.noack_take(BATCH, within=BATCH_WITHIN_S):
             t0 = time.perf_counter()
+            evaluated: set[str] = set()
             for event in batch:
                 try:
                     partial = decode_partial(event.message.value)
                     model = partial["model"]
                     heard[model][partial["source"]] = time.monotonic()
-                    await publish(model, evaluators[model].add(partial, idle_sources(model)))
+                    out = evaluators[model].add(partial, idle_sources(model))
+                    await publish(model, out)
+                    if out.evaluations:
+                        evaluated.add(model)
                     last = max((int(b) for b in partial["buckets"]), default=-1)
                     waiting.append((model, last, event))
                 except Exception as exc:
                     log.exception("stage 2 failed on a partial")
                     await dead_letter(event.message, f"internal error: {exc!r}")
                     await stream.ack(event)
+            # the state first, then the acknowledgements: what a new owner does not find in
+            # the state, Kafka delivers again
+            await save(evaluated)
             still = []
             for model, last, event in waiting:
                 nxt = evaluators[model].next_bucket
@@ -158,9 +206,12 @@ def create_app(
     async def release_idle_sources():
         """Quiet partitions must not hold the window back: evaluate without them."""
         for model, evaluator in evaluators.items():
-            if heard[model]:
+            if heard[model] and partition[model] in owned:
                 try:
-                    await publish(model, evaluator.poll(idle_sources(model)))
+                    out = evaluator.poll(idle_sources(model))
+                    await publish(model, out)
+                    if out.evaluations:
+                        await save({model})
                 except Exception:  # a stage-2 bug must not take the worker down with it
                     log.exception("stage 2 failed releasing idle sources of %s", model)
 

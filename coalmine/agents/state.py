@@ -1,0 +1,219 @@
+"""Stage 2's state in a compacted topic, so that a partition's new owner resumes exactly.
+
+Each model's :class:`~coalmine.streams.evaluator.Evaluator` (merged partials, the window ring,
+CUSUMs, alert states and ids, the rollout controller) is written to ``coalmine.state``, in the
+partition of the model's partials, after every batch of partials it evaluated and before
+those partials are acknowledged: whatever a new owner does not find in the state, Kafka
+delivers again (and what it finds, it does not merge twice: the merged (source, bucket) set is
+part of the state).
+
+Records, keyed ``<model> NUL <what>``: ``head`` (the evaluator without its window's buckets)
+and one per bucket in the window, written once (again only when a version hand-over changed
+it), deleted (a tombstone) when it leaves the window. The model's baseline, settings and
+signer are never written: they are the worker's own, referenced by name.
+
+Only the classes of coalmine's statistics, numpy arrays and plain containers are read back:
+a forged record cannot run code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import pickle
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
+
+from coalmine import topics
+from coalmine.signing import Signer
+from coalmine.streams.baseline import Baseline
+from coalmine.streams.evaluator import Evaluator
+from coalmine.streams.rollout import RolloutPolicy
+from coalmine.streams.settings import ModelSettings
+from coalmine.streams.window import Bucket
+
+_SEP = b"\x00"
+_HEAD = b"head"
+#: what a state record may contain besides coalmine's statistics classes
+_ALLOWED = {
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "complex"),
+    ("collections", "deque"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+}
+
+
+def key(model: str, what: bytes) -> bytes:
+    return model.encode() + _SEP + what
+
+
+def model_of(record_key: bytes) -> tuple[str, bytes]:
+    model, _, what = record_key.partition(_SEP)
+    return model.decode(), what
+
+
+class _Pickler(pickle.Pickler):
+    """Writes the worker's own objects (baseline, settings, signer) by name, and the window's
+    buckets by their start (each has a record of its own)."""
+
+    def __init__(self, buffer: io.BytesIO, buckets: dict[int, Bucket]):
+        super().__init__(buffer, protocol=4)  # arrays come back writable (5: read-only views)
+        self.buckets = buckets
+
+    def persistent_id(self, obj):  # noqa: D102 (pickle's hook)
+        if isinstance(obj, Baseline):
+            return ("baseline",)
+        if isinstance(obj, ModelSettings):
+            return ("settings",)
+        if isinstance(obj, RolloutPolicy):
+            return ("policy",)
+        if isinstance(obj, Signer):
+            return ("signer",)
+        if isinstance(obj, Bucket):
+            self.buckets[obj.start] = obj
+            return ("bucket", obj.start)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, raw: bytes, own: dict, buckets: dict[int, Bucket]):
+        super().__init__(io.BytesIO(raw))
+        self.own, self.buckets = own, buckets
+
+    def persistent_load(self, pid):  # noqa: D102
+        if pid[0] == "bucket":
+            return self.buckets[pid[1]]
+        return self.own[pid[0]]
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module.startswith("coalmine.streams."):
+            found = super().find_class(module, name)
+            if isinstance(found, type):  # a class of the statistics, never a function
+                return found
+        raise pickle.UnpicklingError(f"state record: {module}.{name} is not allowed")
+
+
+def _dumps_bucket(bucket: Bucket) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, {}).dump((bucket.start, bucket.variants))
+    return buffer.getvalue()
+
+
+@dataclass
+class ModelState:
+    """What was last written of one model's evaluator."""
+
+    written: set[int] = field(default_factory=set)  # bucket starts with a record
+    versions: dict[str, str] = field(default_factory=dict)  # as of the last head
+
+    def records(self, model: str, evaluator: Evaluator) -> list[tuple[bytes, bytes | None]]:
+        """The records that bring the topic up to ``evaluator``: new buckets (all of them after
+        a version hand-over, which may have changed old ones), tombstones for buckets that
+        left the window, then the head."""
+        buffer = io.BytesIO()
+        ring: dict[int, Bucket] = {}
+        _Pickler(buffer, ring).dump(evaluator)
+        rewrite = evaluator.versions != self.versions
+        out: list[tuple[bytes, bytes | None]] = [
+            (key(model, b"b%d" % start), _dumps_bucket(bucket))
+            for start, bucket in sorted(ring.items())
+            if rewrite or start not in self.written
+        ]
+        out += [(key(model, b"b%d" % start), None) for start in sorted(self.written - set(ring))]
+        out.append((key(model, _HEAD), buffer.getvalue()))
+        self.written, self.versions = set(ring), dict(evaluator.versions)
+        return out
+
+
+def restore(
+    records: dict[bytes, bytes], baseline: Baseline, signer: Signer | None
+) -> tuple[Evaluator, ModelState] | None:
+    """One model's evaluator from its latest records (key -> value, tombstones removed), or
+    None when it has no head."""
+    model = baseline.settings.name
+    head = records.get(key(model, _HEAD))
+    if head is None:
+        return None
+    own = {
+        "baseline": baseline,
+        "settings": baseline.settings,
+        "policy": baseline.policy,
+        "signer": signer,
+    }
+    buckets: dict[int, Bucket] = {}
+    for record_key, value in records.items():
+        name, what = model_of(record_key)
+        if name == model and what.startswith(b"b"):
+            start, variants = _Unpickler(value, own, {}).load()
+            buckets[start] = Bucket(start, variants)
+    evaluator = _Unpickler(head, own, buckets).load()
+    if not isinstance(evaluator, Evaluator):
+        raise pickle.UnpicklingError(f"state record of {model}: not an evaluator")
+    return evaluator, ModelState(set(buckets), dict(evaluator.versions))
+
+
+def partition_of(model: str, partitions: int) -> int:
+    """The partition of a model's partials (and so of its state): the producers' default
+    partitioner on the model's name, the partials' key."""
+    return DefaultPartitioner()(model.encode(), list(range(partitions)), list(range(partitions)))
+
+
+class StateTopic:
+    """Writes state records (acknowledged before :meth:`write` returns) and reads a
+    partition's latest records back, with a producer (started at the first write) and
+    consumers of its own."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self.producer: AIOKafkaProducer | None = None
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+
+    async def write(self, records: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
+        """Partition -> records; returns once the broker has them all."""
+        if self.producer is None:
+            self.producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, linger_ms=2, max_request_size=8 << 20, acks=1
+            )
+            await self.producer.start()
+        sent = [
+            await self.producer.send(topics.STATE, value, key=k, partition=p)
+            for p, batch in records.items()
+            for k, value in batch
+        ]
+        await asyncio.gather(*sent)
+
+    async def read(self, partition: int) -> dict[bytes, bytes]:
+        """The partition's latest value per key (deleted keys left out)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        latest: dict[bytes, bytes | None] = {}
+        try:
+            tp = TopicPartition(topics.STATE, partition)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while True:
+                records = (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
+                latest.update((r.key, r.value) for r in records)
+                # the embedded broker's end offset may stop short of the last record batch:
+                # read on until nothing more comes
+                if not records and await consumer.position(tp) >= end:
+                    break
+        finally:
+            await consumer.stop()
+        return {k: v for k, v in latest.items() if v is not None}
