@@ -37,10 +37,15 @@ def config(tmp_path_factory):
 
 
 def closed_loop(
-    config, serving: sim.Serving, seconds: int, changes=None, label_delay_ms: int = 2000
+    config,
+    serving: sim.Serving,
+    seconds: int,
+    changes=None,
+    label_delay_ms: int = 2000,
+    on_evaluations=None,
 ) -> Replay:
     """Run ``seconds`` of traffic; after each second, the router applies new commands."""
-    run, seen = Replay(build_baselines(config)), 0
+    run, seen = Replay(build_baselines(config), on_evaluations), 0
     for sec in range(seconds):
         if changes and sec in changes:
             changes[sec](serving)
@@ -307,3 +312,28 @@ def test_a_shadow_found_worse_after_it_passed_is_rolled_back_from_the_canary(con
     assert actions(run)[-1] == ("rollback", "v2", None) and "promote" not in str(actions(run))
     assert run.commands[-1].reason.endswith("on the labelled pairs of its shadow")
     assert serving.canary is None and serving.champion.name == "v1"
+
+
+def test_an_alert_whose_statistic_hovers_at_its_threshold_fires_once(config):
+    """A canary failing 4% of requests where the champion fails 2%: the canary's errors
+    against the champion's hover at their threshold for minutes (the router ignores the
+    commands). Resolved on one quiet evaluation under the threshold, this alert fired 3 times
+    in 200 s; it fires once."""
+    serving = sim.Serving(
+        sim.Version("v1", error_rate=0.02),
+        canary=sim.Version("v2", error_rate=0.04),
+        canary_weight=50,
+    )
+    serving.apply = lambda command: "ignored"
+    evaluations: list = []
+    run = closed_loop(config, serving, 200, on_evaluations=evaluations.extend)
+    health = [a for a in run.alerts if a.check == "canary_health"]
+    assert [a.state for a in health] == ["firing"]
+    fired = health[0].ts
+    surprise = [
+        e.value / e.threshold
+        for e in evaluations
+        if e.statistic == "errors_vs_champion" and e.ts > fired
+    ]
+    under = sum(r < 1 for r in surprise)
+    assert 0.3 * len(surprise) < under < len(surprise), "it hovers: often under, sometimes over"

@@ -1,15 +1,21 @@
-"""Alert state machine: publish a check's alert only when its state changes.
+"""Alert state machine: publish a check's alert only when its state changes, with hysteresis:
+an alert fires when its statistic crosses its threshold and resolves only once the statistic
+is clearly back, for ``resolve_after`` evaluations in a row: one firing per incident, however
+long the statistic hovers at its threshold.
 
 >>> from coalmine.streams.records import Evaluation, Window
 >>> tracker = AlertTracker("m", resolve_after=2)
->>> ev = Evaluation("m", 1000, Window(0, 1000, 500), "champion", "drift", "f0", "ks", 0.3, 0.2)
->>> tracker.observe(1000, True, ev).state
+>>> def ev(value, p=None):
+...     return Evaluation("m", 0, Window(0, 1000, 500), "champion", "drift", "f0", "ks", value, 0.2, p)
+>>> tracker.observe(1000, True, ev(0.3)).state
 'firing'
->>> tracker.observe(2000, True, ev) is None          # still firing: nothing new to say
+>>> tracker.observe(2000, True, ev(0.3)) is None        # still firing: nothing new to say
 True
->>> tracker.observe(3000, False, ev) is None         # one quiet evaluation is not enough
+>>> tracker.observe(3000, False, ev(0.19)) is None      # under the threshold, not clearly
 True
->>> tracker.observe(4000, False, ev).state
+>>> tracker.observe(4000, False, ev(0.04)) is None      # clearly back: one is not enough
+True
+>>> tracker.observe(5000, False, ev(0.15, p=0.2)).state  # no longer even weakly significant
 'resolved'
 """
 
@@ -19,6 +25,7 @@ import hashlib
 from dataclasses import replace
 
 from coalmine.streams.records import Alert, Evaluation, Window
+from coalmine.streams.rollout import WEAK_EVIDENCE
 
 
 def stable_id(*parts: object) -> str:
@@ -27,11 +34,35 @@ def stable_id(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
+#: a statistic without a p-value is clearly back under this share of its threshold: for a
+#: surprise -log10(p) at a threshold of 5 to 6 (the rollout checks), 1.3 to 1.5, a p-value
+#: of about 0.05: no longer even weakly significant, as for statistics with a p-value
+RELEASE = 0.25
+
+
+def clearly_back(ev: Evaluation) -> bool:
+    r"""Whether an evaluation is clearly back from its threshold :math:`h`: its p-value, when
+    it has one, is no longer even weakly significant (:math:`p \ge 0.05`); otherwise its
+    statistic is under :math:`h/4` (a CUSUM has then lost three quarters of the evidence
+    that fired it; a surprise :math:`-\log_{10} p` is back to about :math:`p \ge 0.05`).
+
+    A single threshold for firing and resolving makes an alert flap while its statistic
+    hovers at it; two levels are the usual remedy (Montgomery, *Introduction to Statistical
+    Quality Control*, on decision intervals; the "for" clause of Prometheus' alerting rules).
+    """
+    assert ev.threshold is not None, "only evaluations with a threshold are tracked"
+    if ev.p_value is not None:
+        return ev.p_value >= WEAK_EVIDENCE
+    return ev.value <= RELEASE * ev.threshold
+
+
 class AlertTracker:
     """Firing/resolved state per (variant, check, feature) of one model.
 
     An alert fires on the first evaluation over its threshold and resolves after
-    ``resolve_after`` consecutive evaluations under it (hysteresis against flapping).
+    ``resolve_after`` consecutive evaluations that are :func:`clearly_back` (hysteresis: an
+    evaluation under the threshold but not clearly back holds the alert and starts the count
+    again), so a statistic hovering at its threshold fires once.
     """
 
     def __init__(self, model: str, resolve_after: int = 3):
@@ -46,8 +77,11 @@ class AlertTracker:
         return sorted(self.quiet, key=lambda key: tuple(map(str, key)))
 
     def observe(self, ts: int, exceeded: bool, ev: Evaluation) -> Alert | None:
-        """Feed one evaluation (the worst of its group); return an alert on a state change,
-        else None."""
+        """Feed one evaluation (the worst of its group: the others are further under their
+        thresholds); return an alert on a state change, else None."""
+        return self._observe(ts, exceeded, not exceeded and clearly_back(ev), ev)
+
+    def _observe(self, ts: int, exceeded: bool, clear: bool, ev: Evaluation) -> Alert | None:
         key = ev.key
         if key in self.quiet:
             self.last[key] = ev
@@ -58,7 +92,7 @@ class AlertTracker:
             alert = self._alert(ts, "firing", ev)
             self.ids[key], self.last[key] = alert.alert_id, ev
             return alert
-        if exceeded:
+        if not clear:
             self.quiet[key] = 0
             return None
         self.quiet[key] += 1
@@ -69,10 +103,10 @@ class AlertTracker:
 
     def observe_gone(self, ts: int, variants: set[str], window: Window) -> list[Alert]:
         """Firing alerts of variants with no traffic left in the window (a rolled-back canary)
-        count as quiet: they resolve instead of firing forever."""
+        count as clearly back: they resolve instead of firing forever."""
         out = []
         for key in [k for k in self.quiet if k[0] not in variants]:
-            alert = self.observe(ts, False, replace(self.last[key], window=window))
+            alert = self._observe(ts, False, True, replace(self.last[key], window=window))
             if alert:
                 out.append(alert)
         return out
