@@ -108,6 +108,7 @@ def cmd_worker(args) -> int:
         app_id=args.app_id,
         partitions=args.partitions,
         loglevel=args.loglevel,
+        publish_evaluations=args.publish_evaluations,
     )
     return 0
 
@@ -142,6 +143,13 @@ def add_worker(sub) -> None:
         type=int,
         default=topics.DEFAULT_PARTITIONS,
         help="partitions of the coalmine topics (default: %(default)s)",
+    )
+    p.add_argument(
+        "--publish-evaluations",
+        action="store_true",
+        help=f"also publish every evaluation to {topics.EVALUATIONS}: one message a bucket and "
+        'model, {"model", "ts", "evaluations": [...]}, the statistics a replay writes with '
+        "--evaluations",
     )
     p.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_worker)

@@ -99,8 +99,10 @@ class WorkerProcess:
         web_port: int | None = None,
         log: str | Path | None = None,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ):
         self.broker_url, self.config, self.namespace = broker_url, Path(config), namespace
+        self.args = args  # more `coalmine worker` options
         self.app_id = app_id or f"{namespace}coalmine"
         self.web_port = web_port or free_port()
         self.log_path = (
@@ -127,6 +129,7 @@ class WorkerProcess:
                     str(self.web_port),
                     "--app-id",
                     self.app_id,
+                    *self.args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

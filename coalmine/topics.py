@@ -15,6 +15,8 @@ COMMANDS = NAMESPACE + "coalmine.commands"
 DEADLETTER = NAMESPACE + "coalmine.deadletter"
 #: internal: stage-1 bucket partials, keyed by model, read by the evaluating stage
 PARTIALS = NAMESPACE + "coalmine.partials"
+#: optional (`coalmine worker --publish-evaluations`): every evaluation, one message a bucket
+EVALUATIONS = NAMESPACE + "coalmine.evaluations"
 #: internal, compacted: stage 2's state, each model's in its partials partition
 STATE = NAMESPACE + "coalmine.state"
 
@@ -30,6 +32,7 @@ SHORT_NAMES = {
     "deadletter": DEADLETTER,
     "partials": PARTIALS,
     "state": STATE,
+    "evaluations": EVALUATIONS,
 }
 
 #: topics whose records are kept by key, the latest one each

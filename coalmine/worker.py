@@ -80,6 +80,7 @@ def run_worker(
     app_id: str = "coalmine",
     partitions: int = topics.DEFAULT_PARTITIONS,
     loglevel: str = "warning",
+    publish_evaluations: bool = False,
 ) -> None:
     """Blocks until the worker is stopped (SIGINT/SIGTERM)."""
     import faust
@@ -103,6 +104,7 @@ def run_worker(
         web_host=web_host,
         app_id=app_id,
         partitions=partitions,
+        publish_evaluations=publish_evaluations,
     )
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

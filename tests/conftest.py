@@ -43,8 +43,11 @@ def start_worker(namespace, tmp_path):
     the test."""
     started: list[WorkerProcess] = []
 
-    def start(config: Path, ready: bool = True, env: dict | None = None) -> WorkerProcess:
-        w = namespace.worker(config, log=tmp_path / f"worker-{len(started)}.log", env=env)
+    def start(
+        config: Path, ready: bool = True, env: dict | None = None, args: tuple[str, ...] = ()
+    ) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(started)}.log"
+        w = namespace.worker(config, log=log, env=env, args=args)
         started.append(w.start())
         return w.wait_ready() if ready else w
 

@@ -55,6 +55,7 @@ def create_app(
     web_host: str = "127.0.0.1",
     app_id: str = "coalmine",
     partitions: int = topics.DEFAULT_PARTITIONS,
+    publish_evaluations: bool = False,
 ) -> faust.App:
     """A Faust app monitoring the models of ``baselines`` (:func:`coalmine.baselines.build_baselines`);
     run it with ``app.main()`` or a Worker."""
@@ -85,6 +86,7 @@ def create_app(
     alerts_topic = app.topic(topics.ALERTS, key_serializer="raw", value_serializer="raw")
     commands_topic = app.topic(topics.COMMANDS, key_serializer="raw", value_serializer="raw")
     dead_topic = app.topic(topics.DEADLETTER, key_serializer="raw", value_serializer="raw")
+    evaluations_topic = app.topic(topics.EVALUATIONS, key_serializer="raw", value_serializer="raw")
 
     signer = Signer.from_env()
     evaluators = {
@@ -130,6 +132,13 @@ def create_app(
             await commands_topic.send(key=model.encode(), value=contract.encode(command.to_json()))
             metrics.record_command(model, command)
         metrics.EVALUATIONS.labels(model).inc(len({e.ts for e in out.evaluations}))
+        if publish_evaluations:
+            by_bucket: dict[int, list[dict]] = defaultdict(list)
+            for e in out.evaluations:
+                by_bucket[e.ts].append(e.to_json())
+            for ts, evaluated in by_bucket.items():
+                bucket = {"model": model, "ts": ts, "evaluations": evaluated}
+                await evaluations_topic.send(key=model.encode(), value=contract.encode(bucket))
         metrics.record_evaluations(
             model, out.evaluations, out.alerts, len(evaluators[model].alerts.firing)
         )
@@ -225,6 +234,7 @@ def create_app(
             {
                 "models": sorted(models),
                 "partitions_sketched": sorted(stage1[0].ingests) if stage1 else [],
+                "partitions_evaluated": sorted(owned),
                 "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()},
             }
         )
