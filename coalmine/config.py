@@ -331,4 +331,9 @@ def load_config(path: str | Path) -> Config:
     for m in cfg.models.values():
         if m.reference is not None and not m.reference.exists():
             raise ConfigError(f"{path}: models.{m.name}.reference: file not found: {m.reference}")
+        if m.reference is not None and m.reference.is_dir():
+            raise ConfigError(
+                f"{path}: models.{m.name}.reference: {m.reference} is a directory; expected a "
+                "JSONL, CSV or Parquet file"
+            )
     return Config(models=cfg.models, source=path)

@@ -91,12 +91,16 @@ def run_worker(
         level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     bootstrap = parse_broker_url(broker_url)
+
+    def first_events(wanted: list[ModelConfig]) -> dict[str, list[dict]]:
+        asyncio.run(ensure_topics(bootstrap, topics.all_topics(partitions)))
+        return {m.name: asyncio.run(reference_from_topic(bootstrap, m)) for m in wanted}
+
+    # references and calibration before joining the group, so a slow start never stalls a
+    # rebalance; reference files before the broker is contacted, so a bad file is reported
+    # even when the broker is down
+    baselines = build_baselines(config, first_events)
     asyncio.run(ensure_topics(bootstrap, topics.all_topics(partitions)))
-    # references and calibration before joining the group, so a slow start never stalls a rebalance
-    baselines = build_baselines(
-        config,
-        lambda wanted: {m.name: asyncio.run(reference_from_topic(bootstrap, m)) for m in wanted},
-    )
     app = create_app(
         baselines,
         broker_url,
