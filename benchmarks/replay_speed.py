@@ -24,8 +24,9 @@ FEATURES = 10
 EVENTS_PER_S = 1000
 
 
-def write_stream(path: Path, n: int, seed: int) -> None:
-    """``n`` prediction events of a 10-numeric-feature model, 1,000 per second of event time."""
+def write_stream(path: Path, n: int, seed: int, rate: float = EVENTS_PER_S) -> None:
+    """``n`` prediction events of a 10-numeric-feature model, ``rate`` per second of event
+    time."""
     rng = np.random.default_rng(seed)
     names = [f"x{j}" for j in range(FEATURES)]
     with open(path, "wb") as fh:
@@ -40,7 +41,7 @@ def write_stream(path: Path, n: int, seed: int) -> None:
                             "model": "bench",
                             "version": "v1",
                             "variant": "champion",
-                            "ts": 1_700_000_000_000 + start + i,
+                            "ts": 1_700_000_000_000 + int((start + i) * 1000 / rate),
                             "features": dict(zip(names, row)),
                             "prediction": int(row[0] > 0),
                             "status": "ok",
@@ -80,10 +81,17 @@ def main() -> None:
     ap.add_argument(
         "--bucket", help="event-time bucket, e.g. 1s (default: coalmine's default bucket)"
     )
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=EVENTS_PER_S,
+        help="events per second of event time (default %(default)s): stage 2's work is per "
+        "bucket, so low rates cost more per event",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="coalmine-replay-bench-"))
     write_stream(work / "reference.jsonl", 5000, seed=1)
-    write_stream(work / "stream.jsonl", args.events, seed=2)
+    write_stream(work / "stream.jsonl", args.events, seed=2, rate=args.rate)
     (work / "monitor.toml").write_text(
         "[defaults]\n"
         + (f'bucket = "{args.bucket}"\n' if args.bucket else "")
@@ -104,7 +112,7 @@ def main() -> None:
         replay = max(replay, run.counts["predictions"] / (time.perf_counter() - t0))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"# file replay, {args.events:,} events ({EVENTS_PER_S:,}/s of event time), {FEATURES} numeric features, "
+        f"# file replay, {args.events:,} events ({args.rate:,.0f}/s of event time), {FEATURES} numeric features, "
         f"bucket {config.models['bench'].bucket_ms} ms, one core, best of {args.repeat}"
     )
     print("| measure | value | target |")

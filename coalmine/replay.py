@@ -37,7 +37,7 @@ def file_chunks(path: Path) -> Iterator[list[bytes]]:
     """The non-blank lines of a JSONL file, raw, ``CHUNK`` at a time (what a topic slice gives
     as messages: :func:`topic_chunks`)."""
     with open(path, "rb") as fh:
-        lines = (line for line in fh if not line.isspace())
+        lines = (line.rstrip(b"\r\n") for line in fh if not line.isspace())
         while raw := list(islice(lines, CHUNK)):
             yield raw
 
