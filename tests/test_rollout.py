@@ -337,3 +337,24 @@ def test_an_alert_whose_statistic_hovers_at_its_threshold_fires_once(config):
     ]
     under = sum(r < 1 for r in surprise)
     assert 0.3 * len(surprise) < under < len(surprise), "it hovers: often under, sometimes over"
+
+
+@pytest.mark.parametrize("seed_offset", range(3))
+def test_a_canary_failing_6_percent_against_0_5_is_rolled_back_within_250_events(
+    config, seed_offset
+):
+    """After 30 s of the champion alone (failing 0.5%), a canary failing 6% at 10%: the
+    sequential test on its failures rolls it back within 250 canary events (event time; the
+    information bound log(1/q) / KL(0.06 || 0.005) is about 130, benchmarks/canary_delay.py)."""
+    serving = sim.Serving(sim.Version("v1", error_rate=0.005))
+
+    def deploy(s):
+        s.canary, s.canary_weight = sim.Version("v2", error_rate=0.06), 10
+
+    changes = {30 + seed_offset: deploy}
+    run = closed_loop(config, serving, 45 + seed_offset, changes=changes)
+    assert actions(run)[:1] == [("rollback", "v2", None)]
+    rollback = run.commands[0]
+    canary_events = (rollback.ts - T0 - (30 + seed_offset) * 1000) / 1000 * RATE * 0.10
+    assert canary_events <= 250
+    assert any(e.startswith("cusum_failures") for e in rollback.evidence)

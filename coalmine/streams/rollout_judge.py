@@ -46,6 +46,11 @@ class RolloutJudge:
         self.best_ab_p: dict[str, float] = {}  # canary version -> running min always-valid p
         self.weight_changed_ts = -1
         self.canary_first_seen: dict[str, int] = {}
+        # canary version -> its sequential tests against the champion: failures, label errors
+        self.canary_cusums: dict[str, dict[str, R.BernoulliCUSUM]] = {}
+        # champion version -> its counts since it was first seen: the sequential tests' null
+        # is known far better from its whole history than from one window
+        self.champion_seen: dict[str, Summary] = {}
         self.model = model
         # the evaluation under way: its time and windows
         self._end, self._spans = 0, dict[str, Window]()
@@ -90,8 +95,19 @@ class RolloutJudge:
         evs: list[Evaluation] = []
         verdicts: dict = {}
         champ = windows.get("champion")
+        if "canary" in self.checks and "champion" in current:
+            seen = self.champion_seen.get(versions.get("champion", ""))
+            self.champion_seen[versions.get("champion", "")] = (
+                current["champion"] if seen is None else seen + current["champion"]
+            )
         if "canary" in self.checks and "canary" in windows and champ is not None:
             canary_evs = self._canary(windows["canary"], champ, q)
+            canary_evs += self._canary_sequential(
+                versions.get("canary", ""),
+                current.get("canary"),
+                self.champion_seen.get(versions.get("champion", ""), champ),
+                q,
+            )
             evs += canary_evs
             canary = windows["canary"]
             if canary.n >= MIN_CANARY_EVENTS:
@@ -163,6 +179,59 @@ class RolloutJudge:
                     limit,
                     error_rate=canary.label_errors / canary.labelled,
                     champion_error_rate=champ.label_errors / champ.labelled,
+                )
+            )
+        return evs
+
+    def _canary_sequential(
+        self, version: str, bucket: Summary | None, champ: Summary, q: float
+    ) -> list[Evaluation]:
+        r"""CUSUMs of the canary's failures and labelled errors against the champion's
+        (:class:`~coalmine.streams.rollout.BernoulliCUSUM`), fed every bucket: the window
+        tests wait for a window's worth of evidence, these accumulate it from the first
+        canary event and decide within a few tens of percent of the information bound.
+
+        Null: the champion's rate since it was first seen, at its upper 95% bound (a null set
+        too low would let a canary as good as the champion alarm); alternative:
+        ``max_error_rate`` more. Threshold :math:`h = \ln(1/q)`: Wald's bound gives at least
+        :math:`1/q` canary events, hence evaluations, between false alarms, within the share
+        of the model's false-alarm budget every rollout check gets."""
+        h = math.log(1 / q)
+        cusums = self.canary_cusums.setdefault(
+            version, {name: R.BernoulliCUSUM(h) for name in ("failures", "label_errors")}
+        )
+        counts = {
+            "failures": (
+                champ.errors,
+                champ.n,
+                bucket.errors if bucket else 0,
+                bucket.n if bucket else 0,
+            ),
+            "label_errors": (
+                champ.label_errors,
+                champ.labelled,
+                bucket.label_errors if bucket else 0,
+                bucket.labelled if bucket else 0,
+            ),
+        }
+        evs = []
+        for name, (x0, n0, x, n) in counts.items():
+            if not n0:
+                continue
+            p0 = R.wilson_interval(x0, n0, 0.1)[1]
+            p1 = min(p0 + self.policy.max_error_rate, (1 + p0) / 2)
+            cusum = cusums[name]
+            cusum.threshold = h
+            cusum.update(n, x, p0, p1)
+            evs.append(
+                self._evaluation(
+                    "canary",
+                    "canary_health",
+                    f"cusum_{name}_vs_champion",
+                    cusum.statistic,
+                    h,
+                    champion_rate_bound=p0,
+                    rate_to_detect=p1,
                 )
             )
         return evs
