@@ -218,7 +218,11 @@ def cmd_tail(args) -> int:
             topics.resolve(args.topic),
             from_end=args.from_end,
             until_idle=args.until_idle,
+            verifier=_command_verifier(args),
         ):
+            if "_rejected" in record:  # never on stdout, where a router may be reading
+                print(f"coalmine tail: rejected {_brief(record)}", file=sys.stderr, flush=True)
+                continue
             out.write(orjson.dumps(record) + b"\n")
             out.flush()
 
@@ -228,15 +232,52 @@ def cmd_tail(args) -> int:
         else:
             since = parse_time(args.since) if args.since is not None else None
             until = parse_time(args.until) if args.until is not None else None
+            verifier = _command_verifier(args)
             with TopicSlice(args.broker, topics.resolve(args.topic), since, until) as piece:
                 for values in piece.merged():
-                    out.write(b"".join(orjson.dumps(_decode(v)) + b"\n" for v in values))
+                    records = [_decode(v) for v in values]
+                    if verifier is not None:
+                        records = [r for r in records if _believed(verifier, r)]
+                    out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
             out.flush()
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, even at exit's flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _command_verifier(args):
+    """The commands topic's verifier when a key is configured (expiry only for a live feed:
+    reading from the beginning shows history); says on stderr when there is none."""
+    from coalmine.signing import Verifier
+
+    if topics.resolve(args.topic) != topics.COMMANDS:
+        return None
+    verifier = Verifier.from_env(**({} if args.from_end else {"clock": None}))
+    if verifier is None:
+        print(
+            "coalmine tail: commands are not verified (set $COALMINE_VERIFY_KEY to reject "
+            "forged and replayed ones)",
+            file=sys.stderr,
+        )
+    return verifier
+
+
+def _believed(verifier, record: dict) -> bool:
+    why = verifier.check(record)
+    if why is not None:
+        print(
+            f"coalmine tail: rejected {_brief({'_rejected': why, 'record': record})}",
+            file=sys.stderr,
+        )
+    return why is None
+
+
+def _brief(rejected: dict) -> str:
+    record = rejected["record"]
+    what = " ".join(str(record.get(k, "?")) for k in ("action", "model", "version", "command_id"))
+    return f"command {what}: {rejected['_rejected']}"
 
 
 def add_tail(sub) -> None:
@@ -250,7 +291,10 @@ def add_tail(sub) -> None:
         "it commits nothing and any number of tails can run. With --since and/or --until it "
         "prints the slice of messages whose Kafka timestamp (set by producers at send time) is "
         "in [since, until), every partition merged in event-time order (the records' ts), "
-        "then exits: a slice of predictions becomes a file that replay and publish take.",
+        "then exits: a slice of predictions becomes a file that replay and publish take. "
+        "Commands are verified when $COALMINE_VERIFY_KEY (or $COALMINE_SIGNING_KEY) is set: "
+        "forged, altered and replayed ones (and, with --from-end, expired ones) are not "
+        "printed but reported on stderr.",
         "examples:\n  coalmine tail alerts\n  coalmine tail deadletter --until-idle 5 | jq .reason\n"
         "  coalmine tail predictions --since 2024-05-01T00:00 --until 2024-05-01T01:00 > p.jsonl\n"
         + EPILOG_BROKER,
@@ -567,7 +611,7 @@ def add_validate(sub) -> None:
 def cmd_status(args) -> int:
     from coalmine.status import collect, render
 
-    print(render(asyncio.run(collect(parse_broker_url(args.broker)))))
+    print(render(*asyncio.run(collect(parse_broker_url(args.broker)))))
     return 0
 
 

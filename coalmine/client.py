@@ -13,13 +13,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
 
 from coalmine.broker import parse_broker_url
 from coalmine.partials import readable_partial
+
+if TYPE_CHECKING:
+    from coalmine.signing import Verifier
 
 #: which field keys the messages of each kind of topic, named by its last dotted part so that
 #: namespaced topics are keyed alike (predictions and labels by request: they co-partition)
@@ -155,8 +158,13 @@ async def tail(
     from_end: bool = False,
     until_idle: float | None = None,
     stop: asyncio.Event | None = None,
+    verifier: Verifier | None = None,
 ) -> AsyncIterator[dict]:
     """Yield the JSON records of a topic, every partition, from the beginning (or the end).
+
+    With a ``verifier`` (:class:`coalmine.signing.Verifier`, for the commands topic) a record
+    it rejects (unsigned, altered, replayed, expired) comes as ``{"_rejected": why,
+    "record": record}``, so that the reader can say so and must not act on it.
 
     With ``from_end``, what was published before the first ``__anext__`` is skipped. Stops
     after ``until_idle`` seconds without a message, or once ``stop`` is set; a message that is
@@ -197,7 +205,9 @@ async def tail(
                 return
             for messages in batch.values():
                 for m in messages:
-                    yield decode(m.value)
+                    record = decode(m.value)
+                    why = verifier.check(record) if verifier is not None else None
+                    yield record if why is None else {"_rejected": why, "record": record}
     finally:
         await consumer.stop()
 

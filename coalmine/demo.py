@@ -18,8 +18,9 @@ from pathlib import Path
 
 from coalmine import simulator, topics
 from coalmine.broker import EmbeddedBroker, ensure_topics
-from coalmine.client import tail
+from coalmine.client import Publisher, tail
 from coalmine.launch import WorkerProcess, wait_until
+from coalmine.signing import Verifier, generate_ed25519
 
 _COLORS = {"firing": "\033[31m", "resolved": "\033[32m", "command": "\033[36m", "dead": "\033[33m"}
 
@@ -44,10 +45,11 @@ def _describe(topic: str, record: dict, t0: float) -> str:
             )
         return _paint(record["state"], text)
     if topic == topics.COMMANDS:
-        weight = f" weight={record['weight']}" if record.get("weight") is not None else ""
+        record = record.get("record", record)  # a rejected one is described all the same
+        weight = f" weight={record.get('weight')}" if record.get("weight") is not None else ""
         return _paint(
             "command",
-            f"{clock} COMMAND {record['action'].upper()} {record['model']} "
+            f"{clock} COMMAND {str(record.get('action')).upper()} {record.get('model')} "
             f"{record.get('version', '')}{weight}: {record.get('reason', '')}",
         )
     return _paint(
@@ -63,8 +65,12 @@ async def _watch(
     t0: float,
     stop: asyncio.Event,
     serving: simulator.Serving,
+    verifier: Verifier | None = None,
 ):
-    async for record in tail(bootstrap, topic, from_end=False, until_idle=None, stop=stop):
+    check = verifier if topic == topics.COMMANDS else None
+    async for record in tail(
+        bootstrap, topic, from_end=False, until_idle=None, stop=stop, verifier=check
+    ):
         seen[topic] += 1
         log.append((topic, record))
         if topic != topics.DEADLETTER or seen[topic] <= 5:
@@ -72,7 +78,37 @@ async def _watch(
         elif seen[topic] == 6:
             print(_paint("dead", "        (further dead letters counted, not shown)"), flush=True)
         if topic == topics.COMMANDS:
-            print(_paint("command", f"          router: {serving.apply(record)}"), flush=True)
+            print(_paint("command", f"          router: {route(record, serving)}"), flush=True)
+
+
+def route(record: dict, serving: simulator.Serving) -> str:
+    """The demo router: obeys a command only if its verifier (in :func:`tail`) believed it."""
+    if "_rejected" in record:
+        return f"REJECTED, not obeyed ({record['_rejected']})"
+    return serving.apply(record)
+
+
+async def _attack(bootstrap: str, log: list) -> None:
+    """What anyone who can write to the commands topic could try: a forged, unsigned promote
+    and a replay of the first genuine command. The router must reject both."""
+    genuine = next((r for t, r in log if t == topics.COMMANDS and "_rejected" not in r), None)
+    forged: dict = {
+        "command_id": "forged-promote",
+        "ts": max((r.get("ts", 0) for t, r in log if t == topics.COMMANDS), default=0) + 1,
+        "model": "shuttle",
+        "version": BAD_CANARY.name,
+        "action": "promote",
+        "reason": "not from coalmine",
+        "alert_ids": [],
+    }
+    async with Publisher(bootstrap) as pub:
+        print("simulator: publishing a forged promote (unsigned)", flush=True)
+        await pub.publish(topics.COMMANDS, forged)
+        if genuine is not None:
+            print(
+                f"simulator: re-publishing genuine command {genuine['command_id'][:12]}", flush=True
+            )
+            await pub.publish(topics.COMMANDS, genuine)
 
 
 def _metric(worker: WorkerProcess, name: str) -> float:
@@ -137,7 +173,9 @@ def _plan(duration: float):
 BAD_CANARY = simulator.Version("v3", noise=1.5, error_rate=0.10, latency_scale=1.5)
 
 
-async def _run(bootstrap: str, worker: WorkerProcess, duration: float, rate: float) -> int:
+async def _run(
+    bootstrap: str, worker: WorkerProcess, duration: float, rate: float, verifier: Verifier
+) -> int:
     t0 = time.monotonic()
     serving = simulator.Serving(
         simulator.Version("v1"), shadow=simulator.Version("v2", latency_scale=1.2)
@@ -152,7 +190,7 @@ async def _run(bootstrap: str, worker: WorkerProcess, duration: float, rate: flo
     log: list = []
     stop = asyncio.Event()
     watchers = [
-        asyncio.create_task(_watch(bootstrap, t, seen, log, t0, stop, serving))
+        asyncio.create_task(_watch(bootstrap, t, seen, log, t0, stop, serving, verifier))
         for t in (topics.ALERTS, topics.COMMANDS, topics.DEADLETTER)
     ]
 
@@ -175,6 +213,7 @@ async def _run(bootstrap: str, worker: WorkerProcess, duration: float, rate: flo
         plan=_plan(duration),
         bad_event_every=997,
     )
+    await _attack(bootstrap, log)
     await _settle(worker, sent)  # the last buckets close after the allowed lateness
     stop.set()
     ticker.cancel()
@@ -189,9 +228,14 @@ async def _run(bootstrap: str, worker: WorkerProcess, duration: float, rate: flo
     commands = [
         f"{r['action']} {r['version']}" + (f" {r['weight']:g}%" if r.get("weight") else "")
         for t, r in log
-        if t == topics.COMMANDS
+        if t == topics.COMMANDS and "_rejected" not in r
     ]
-    print("  commands: " + (", ".join(commands) or "none"))
+    rejected = [r["_rejected"] for t, r in log if t == topics.COMMANDS and "_rejected" in r]
+    print(
+        "  commands (signed with Ed25519, verified by the router): "
+        + (", ".join(commands) or "none")
+    )
+    print(f"  rejected by the router: {len(rejected)}" + "".join(f"\n    {r}" for r in rejected))
     print(
         f"  serving now: champion {serving.champion.name}, canary "
         f"{serving.canary.name if serving.canary else 'none'}"
@@ -206,11 +250,17 @@ def run_demo(duration: float = 60.0, rate: float = 300.0) -> int:
     simulator.write_reference(reference, n=5000)
     config = workdir / "monitor.toml"
     simulator.write_demo_config(config, reference, bucket="1s", window="10s", rollout=True)
+    # the worker signs, the router holds only the public key
+    signing_key, verify_key = generate_ed25519()
     with EmbeddedBroker() as broker:
         print(f"broker: embedded Kafka-compatible broker at {broker.url}", flush=True)
         asyncio.run(ensure_topics(broker.bootstrap, topics.all_topics()))
         worker = WorkerProcess(
-            broker.url, config, namespace=topics.NAMESPACE, log=workdir / "worker.log"
+            broker.url,
+            config,
+            namespace=topics.NAMESPACE,
+            log=workdir / "worker.log",
+            env={"COALMINE_SIGNING_KEY": signing_key},
         )
         try:
             with worker:
@@ -219,6 +269,7 @@ def run_demo(duration: float = 60.0, rate: float = 300.0) -> int:
                     flush=True,
                 )
                 worker.wait_ready(timeout=90)
-                return asyncio.run(_run(broker.bootstrap, worker, duration, rate))
+                verifier = Verifier.parse(verify_key)
+                return asyncio.run(_run(broker.bootstrap, worker, duration, rate, verifier))
         finally:
             print(f"stopped the worker and the broker; files in {workdir}")

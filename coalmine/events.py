@@ -372,7 +372,10 @@ _SHAPES = {
             "alert_ids": _list_of_ids,
             "evidence": _object,
             "stage": _one_of(*STAGES),
-            "signature": _matching("[0-9a-f]{64}", "64 lowercase hex digits (HMAC-SHA256)"),
+            "signature": _matching(
+                "[0-9a-f]{64}([0-9a-f]{64})?",
+                "128 (Ed25519) or 64 (HMAC-SHA256) lowercase hex digits",
+            ),
         },
         optional=("weight", "evidence", "stage", "signature"),
         rule=_command_rule,

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from coalmine import events as contract
 from coalmine import topics
 from coalmine.client import tail
+from coalmine.signing import Verifier
 
 #: predictions read from the end of each partition to see which versions serve now
 RECENT_PER_PARTITION = 300
@@ -40,9 +42,30 @@ def _stage(command: dict) -> str:
 
 
 def summarize(
-    commands: list[dict], alerts: list[dict], recent: list[dict]
+    commands: list[dict],
+    alerts: list[dict],
+    recent: list[dict],
+    verifier: Verifier | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, ModelStatus]:
-    """Fold the three topics into a status per model (pure, for tests)."""
+    """Fold the three topics into a status per model (pure, for tests).
+
+    Commands and alerts come in topic order. A record that is not a valid command or alert is
+    left out, and so is a command ``verifier`` rejects (forged, altered or replayed); each
+    leaves a line in ``notes``.
+    """
+    notes = notes if notes is not None else []
+    commands = _valid("command", commands, notes)
+    alerts = _valid("alert", alerts, notes)
+    if verifier is not None:
+        believed = []
+        for c in commands:
+            why = verifier.check(c)
+            if why is None:
+                believed.append(c)
+            else:
+                notes.append(f"rejected command {c['command_id'][:12]} ({c['model']}): {why}")
+        commands = believed
     out: dict[str, ModelStatus] = defaultdict(ModelStatus)
     for p in sorted(recent, key=lambda e: e.get("ts", 0)):
         out[p["model"]].serving[p["variant"]] = p["version"]
@@ -106,20 +129,46 @@ async def _recent(bootstrap: str) -> list[dict]:
         await consumer.stop()
 
 
-async def collect(bootstrap: str) -> dict[str, ModelStatus]:
+async def collect(bootstrap: str) -> tuple[dict[str, ModelStatus], list[str]]:
+    """The status per model and notes (records left out, whether commands were verified).
+
+    Commands are verified with ``$COALMINE_VERIFY_KEY`` (or ``$COALMINE_SIGNING_KEY``) when
+    one is set: signature and sequence, not expiry, since this reads their history."""
+
     async def read(topic):
-        return [r async for r in tail(bootstrap, topic, until_idle=1.0) if "_raw" not in r]
+        return [r async for r in tail(bootstrap, topic, until_idle=1.0)]
 
     commands, alerts, recent = await asyncio.gather(
         read(topics.COMMANDS), read(topics.ALERTS), _recent(bootstrap)
     )
-    return summarize(commands, alerts, recent)
+    verifier = Verifier.from_env(clock=None)
+    notes = []
+    if verifier is None:
+        notes.append(
+            "commands not verified: set $COALMINE_VERIFY_KEY to leave out forged and replayed ones"
+        )
+    return summarize(commands, alerts, recent, verifier, notes), notes
 
 
-def render(status: dict[str, ModelStatus]) -> str:
+def _valid(kind: str, records: list[dict], notes: list[str]) -> list[dict]:
+    """The records that follow their schema; one note for those that do not."""
+    out, bad = [], []
+    for r in records:
+        try:
+            out.append(contract.validate(kind, dict(r)))
+        except contract.InvalidEvent as exc:
+            bad.append(str(exc))
+    if bad:
+        notes.append(f"skipped {len(bad)} malformed {kind} record(s), the first: {bad[0]}")
+    return out
+
+
+def render(status: dict[str, ModelStatus], notes: list[str] | tuple = ()) -> str:
+    lines = [f"note: {n}" for n in notes]
     if not status:
-        return "no models seen yet (no predictions, commands or alerts on this broker)"
-    lines = []
+        return "\n".join(
+            lines + ["no models seen yet (no predictions, commands or alerts on this broker)"]
+        )
     for model, st in sorted(status.items()):
         lines.append(f"model {model}")
         serving = (

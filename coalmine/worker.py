@@ -14,6 +14,7 @@ from coalmine import topics
 from coalmine.baselines import build_baselines
 from coalmine.broker import ensure_topics, parse_broker_url
 from coalmine.config import Config, ModelConfig
+from coalmine.signing import Signer
 from coalmine.streams.reference import first_events
 
 log = logging.getLogger("coalmine.worker")
@@ -90,6 +91,11 @@ def run_worker(
     logging.basicConfig(
         level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if Signer.from_env() is None:  # also checks a key that is set: a bad one stops here
+        log.warning(
+            "no $COALMINE_SIGNING_KEY: rollout commands are published unsigned, and routers "
+            "cannot tell them from forged ones (python -m coalmine.signing makes a key pair)"
+        )
     bootstrap = parse_broker_url(broker_url)
 
     def first_events(wanted: list[ModelConfig]) -> dict[str, list[dict]]:
