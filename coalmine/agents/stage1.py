@@ -30,6 +30,7 @@ from coalmine import topics
 from coalmine.agents import metrics
 from coalmine.ingest import PartitionIngest
 from coalmine.partials import encode_partial
+from coalmine.security import client_kwargs
 from coalmine.streams.baseline import Baseline
 
 log = logging.getLogger("coalmine.stage1")
@@ -72,8 +73,13 @@ class Stage1(Service):
         self.failure: str | None = None  # why stage 1 stopped, for /health
 
     async def on_start(self) -> None:
+        security = client_kwargs(self.bootstrap)
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=256 * 1024, acks=1
+            bootstrap_servers=self.bootstrap,
+            linger_ms=5,
+            max_batch_size=256 * 1024,
+            acks=1,
+            **security,
         )
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
@@ -86,6 +92,7 @@ class Stage1(Service):
             fetch_max_bytes=64 << 20,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
+            **security,
         )
         self.consumer.subscribe([topics.PREDICTIONS, topics.LABELS], listener=_Rebalance(self))
         await self.consumer.start()
