@@ -106,7 +106,10 @@ def test_killing_a_worker_changes_no_window_and_no_alert(
         seed=12,
     )
     events = list(simulator.generate(scenario))
-    workers = [start_worker(shuttle_config, args=("--publish-evaluations",)) for _ in range(3)]
+    workers = [
+        start_worker(shuttle_config, args=("--publish-evaluations", "--loglevel", "info"))
+        for _ in range(3)
+    ]
     for group in (workers[0].app_id, f"{workers[0].app_id}-stage1"):  # stage 2, stage 1
         wait_until(
             lambda g=group: group_members(namespace.broker.bootstrap, g) == 3,

@@ -32,6 +32,7 @@ from coalmine.agents import metrics
 from coalmine.agents.stage1 import Stage1
 from coalmine.agents.state import ModelState, StateTopic, partition_of, restore
 from coalmine.broker import parse_broker_url
+from coalmine.health import REPEATS, BrokerWatch, report
 from coalmine.partials import decode_partial
 from coalmine.security import Security
 from coalmine.signing import Signer
@@ -149,6 +150,7 @@ def create_app(
     async def save(models: set[str]) -> None:
         """Write the state of ``models``' evaluators, after the alerts and commands they
         published: a new owner never misses one (at worst it publishes one again, same id)."""
+        models = {m for m in models if partition[m] in owned}  # never over a new owner's
         if not models:
             return
         await app.producer.flush()
@@ -231,15 +233,24 @@ def create_app(
     async def prometheus(web, request):
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
+    broker_watch = BrokerWatch(parse_broker_url(broker_url), REPEATS)
+
+    @app.timer(interval=2.0)
+    async def watch_broker():
+        await broker_watch.probe()
+
     @app.page("/health")
     async def health(web, request):
-        return web.json(
+        status, body = report(
             {
                 "models": sorted(models),
                 "partitions_sketched": sorted(stage1[0].ingests) if stage1 else [],
                 "partitions_evaluated": sorted(owned),
                 "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()},
-            }
+            },
+            stage1[0].failure if stage1 else None,
+            broker_watch,
         )
+        return web.json(body, status=status)
 
     return app

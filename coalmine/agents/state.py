@@ -199,7 +199,12 @@ class StateTopic:
 
     async def read(self, partition: int) -> dict[bytes, bytes]:
         """The partition's latest value per key (deleted keys left out)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=16 << 20,  # a head may be megabytes (pending partials)
+            fetch_max_bytes=64 << 20,
+        )
         await consumer.start()
         latest: dict[bytes, bytes | None] = {}
         try:
