@@ -10,7 +10,7 @@ import logging
 import time
 
 from coalmine import events as contract
-from coalmine import topics
+from coalmine import health, topics
 from coalmine.baselines import build_baselines
 from coalmine.broker import ensure_topics, parse_broker_url
 from coalmine.config import Config, ModelConfig
@@ -75,6 +75,18 @@ async def reference_from_topic(
         await consumer.stop()
 
 
+def _worker_class():
+    import faust
+
+    class Worker(faust.Worker):
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            # Faust replaced the handlers: filter the Kafka clients' repeated lines on its own
+            health.install(logger)
+
+    return Worker
+
+
 def run_worker(
     config: Config,
     broker_url: str,
@@ -87,7 +99,6 @@ def run_worker(
     publish_evaluations: bool = False,
 ) -> None:
     """Blocks until the worker is stopped (SIGINT/SIGTERM)."""
-    import faust
 
     from coalmine.agents.app import create_app
 
@@ -121,5 +132,5 @@ def run_worker(
         partitions=partitions,
         publish_evaluations=publish_evaluations,
     )
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = _worker_class()(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -249,7 +249,7 @@ def create_app(
                 "firing": {m: len(e.alerts.firing) for m, e in evaluators.items()},
             },
             stage1[0].failure if stage1 else None,
-            broker_watch,
+            await broker_watch.fresh(),
         )
         return web.json(body, status=status)
 

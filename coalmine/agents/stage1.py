@@ -107,6 +107,14 @@ class Stage1(Service):
 
     @Service.task
     async def _consume(self) -> None:
+        try:
+            await self._consume_loop()
+        except Exception as exc:  # the loop is gone: /health must say so, not answer 200
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("stage 1 stopped")
+            raise
+
+    async def _consume_loop(self) -> None:
         assert self.consumer is not None
         last_commit = time.monotonic()
         while not self.should_stop:
