@@ -102,11 +102,15 @@ _DURATION_KEYS = {
     "window": "window_ms",
     "allowed_lateness": "allowed_lateness_ms",
     "label_ttl": "label_ttl_ms",
+    "max_future": "max_future_ms",
+    "max_ahead": "max_ahead_ms",
 }
 _NUMBER_KEYS = {
     "false_alarm_every_events": (_positive_int, "a positive integer"),
     "bins": (lambda v: _positive_int(v) and 4 <= v <= 1024, "an integer from 4 to 1024"),
     "min_window_events": (_positive_int, "a positive integer"),
+    "dedup_events": (_positive_int, "a positive integer"),
+    "label_join_max": (_positive_int, "a positive integer"),
     "baseline_error_rate": _between(0, 1, "[)"),  # 0: a model that made no error on the reference
     "shift_to_detect_sd": (_positive_number, "a positive number (reference standard deviations)"),
     # 1 would keep every component: the reconstruction error would be 0 on every event

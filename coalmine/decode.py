@@ -26,8 +26,9 @@ from coalmine import events as contract
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.derived import is_derived
 from coalmine.streams.reference import PREDICTION, SCORES, is_model_output
+from coalmine.streams.settings import MAX_TS
 from coalmine.streams.sketch import NUMERIC
-from coalmine.streams.sketcher import MAX_TS, PredictionBatch, batches_from_events
+from coalmine.streams.sketcher import PredictionBatch, batches_from_events
 
 _SCALAR = int | float | str | None
 _ENVELOPE = (
@@ -134,6 +135,7 @@ class _Model:
             request_id=list(map(attrgetter("request_id"), events)),
             prediction=predictions,
             columns=columns,
+            event_id=list(map(attrgetter("event_id"), events)),
         )
 
 

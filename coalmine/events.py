@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from coalmine.streams.settings import VARIANTS
+from coalmine.streams.settings import MAX_TS, VARIANTS
 from coalmine.streams.sketch import values_of
 
 KINDS = ("prediction", "label", "alert", "command", "deadletter")
@@ -47,6 +47,11 @@ STATUSES = ("ok", "error")
 STATES = ("firing", "resolved")
 ACTIONS = ("rollback", "set_weight", "promote", "pause")
 STAGES = ("validation", "shadow", "canary", "production")
+#: a dead letter keeps the first this many bytes of its original: with base64, the text and
+#: JSON escapes it stays far under Kafka's 1 MB message limit
+MAX_ORIGINAL = 64 * 1024
+#: reasons quote values (an unknown model's name, a field name): they are cut to this length
+MAX_REASON = 1000
 
 
 class InvalidEvent(ValueError):
@@ -167,9 +172,22 @@ def _millis(v) -> None:
         raise _wrong("integer milliseconds since the epoch (>= 0)", v)
 
 
+def _event_millis(v) -> None:
+    """An event time: bounded by :data:`MAX_TS`, so it stays exact in float64 and int64."""
+    _millis(v)
+    if v > MAX_TS:
+        raise _wrong(f"integer milliseconds since the epoch up to {MAX_TS} (year 2255)", v)
+
+
 def _count(v) -> None:
     if not _is_whole(v) or v < 0:
         raise _wrong("an integer >= 0", v)
+
+
+def _reason(v) -> None:
+    _id(v)
+    if len(v) > MAX_REASON:
+        raise _wrong(f"a string of at most {MAX_REASON} characters", v)
 
 
 def _scalar(v) -> None:
@@ -319,7 +337,7 @@ _SHAPES = {
             "model": _id,
             "version": _id,
             "variant": _one_of(*VARIANTS),
-            "ts": _millis,
+            "ts": _event_millis,
             "features": _mapping_of(_feature, "name -> number, string or null"),
             "prediction": _or_null(_scalar),
             "status": _one_of(*STATUSES),
@@ -336,7 +354,7 @@ _SHAPES = {
             "event_id": _id,
             "request_id": _id,
             "model": _id,
-            "ts": _millis,
+            "ts": _event_millis,
             "label": _scalar,
             "outcome": _number,
         },
@@ -387,10 +405,13 @@ _SHAPES = {
             "source_topic": _id,
             "partition": _or_null(_count),
             "offset": _or_null(_count),
-            "reason": _id,
+            "reason": _reason,
             "original_b64": _matching("[A-Za-z0-9+/]*={0,2}", "base64 text"),
             "original_text": _or_null(_text),
-        }
+            "original_size": _count,
+            "original_sha256": _matching("[0-9a-f]{64}", "64 lowercase hex digits (SHA-256)"),
+        },
+        optional=("original_size", "original_sha256"),
     ),
 }
 
@@ -468,7 +489,7 @@ def _ids_column(values) -> bool:
 
 
 def _millis_column(values) -> bool:
-    return _types(values) <= {int} and min(values) >= 0
+    return _types(values) <= {int} and min(values) >= 0 and max(values) <= MAX_TS
 
 
 def _numbers_column(values) -> bool:
@@ -684,12 +705,21 @@ def deadletter_record(
     now_ms: int,
 ) -> dict:
     """What goes to the dead-letter topic (``schemas/deadletter.json``): the reason and the
-    original bytes, untouched (a Kafka message without a value counts as empty bytes)."""
+    original bytes, untouched (a Kafka message without a value counts as empty bytes). A
+    record always fits in a Kafka message: of a longer original it keeps the first
+    :data:`MAX_ORIGINAL` bytes, with the whole one's size and SHA-256 (topic, partition and
+    offset say where to fetch it), and reasons are cut to :data:`MAX_REASON` characters."""
     raw = bytes(raw or b"")
+    kept = raw[:MAX_ORIGINAL]
+    text: str | None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
+        text = kept.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # a cut may split the last character: the text is then the prefix's whole characters
+        cut_inside = len(kept) < len(raw) and exc.start >= len(kept) - 3
+        text = _utf8_or_none(kept[: exc.start]) if cut_inside else None
+    if len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 1] + "…"
     return {
         "deadletter_id": deadletter_id(raw, source_topic, partition, offset),
         "ts": now_ms,
@@ -697,9 +727,18 @@ def deadletter_record(
         "partition": partition,
         "offset": offset,
         "reason": reason,
-        "original_b64": base64.b64encode(raw).decode("ascii"),
+        "original_b64": base64.b64encode(kept).decode("ascii"),
         "original_text": text,
+        "original_size": len(raw),
+        "original_sha256": hashlib.sha256(raw).hexdigest(),
     }
+
+
+def _utf8_or_none(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def encode(obj) -> bytes:

@@ -9,6 +9,7 @@ so the three give the same partials for the same messages.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from itertools import repeat
 from typing import NamedTuple
 
@@ -27,12 +28,13 @@ class Fed(NamedTuple):
     """What one batch of messages gave: ``(position in the batch, reason)`` of the messages
     that go to the dead-letter topic (invalid, unknown model, a value of the wrong type, late),
     events folded per ``(model, variant)`` (labels have no variant: ``""``), and the largest
-    event time among them (None when none was folded)."""
+    event time among them (None when none was folded), duplicates dropped per model."""
 
     dead: list[tuple[int, str]]
     counts: Counter
     horizon: int | None
     late: int = 0  # of the dead, those refused as late (valid, but behind the watermark)
+    duplicates: Counter = Counter()  # never mutated: a fresh one per Fed that has any
 
 
 class PartitionIngest:
@@ -43,9 +45,15 @@ class PartitionIngest:
     and that letter was sent); :meth:`committable` gives, per kind, the offset to commit.
     """
 
-    def __init__(self, baselines: dict[str, Baseline], source: int = 0):
+    def __init__(
+        self,
+        baselines: dict[str, Baseline],
+        source: int = 0,
+        clock: Callable[[], int] | None = None,
+    ):
         self.models = set(baselines)
-        self.sketcher = Sketcher(baselines, source=source)
+        # clock: a worker's wall clock, ms; replays have none (see Sketcher)
+        self.sketcher = Sketcher(baselines, source=source, clock=clock)
         self.predictions = PredictionDecoder(baselines)
         # kind -> [(event times, offsets)] of folded events whose bucket may still be open
         self._held: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in KINDS}
@@ -65,7 +73,7 @@ class PartitionIngest:
             dead = dead + fed.dead
         if offsets:
             self._next[kind] = offsets[-1] + 1
-        return Fed(sorted(dead), fed.counts, fed.horizon, fed.late)
+        return Fed(sorted(dead), fed.counts, fed.horizon, fed.late, fed.duplicates)
 
     def decode_labels(self, raws: list[bytes]) -> tuple[list[dict], list[tuple[int, str]]]:
         """Valid label events of a batch of raw messages, and ``(position, reason)`` of the
@@ -85,18 +93,20 @@ class PartitionIngest:
         """Fold valid prediction events given as dicts (``dead`` positions index ``events``)."""
         batches, rejected = batches_from_events(events, self.sketcher.baselines)
         fed = self._fold_batches(batches, None)
-        return Fed(sorted(rejected + fed.dead), fed.counts, fed.horizon, fed.late)
+        return Fed(sorted(rejected + fed.dead), fed.counts, fed.horizon, fed.late, fed.duplicates)
 
     def _fold_batches(self, batches: list[PredictionBatch], offsets: list[int] | None) -> Fed:
         dead: list[tuple[int, str]] = []
         counts: Counter = Counter()
         horizon = None
+        if not batches:
+            return Fed(dead, counts, horizon)
+        # every model's events are the stream an event's time is judged against
+        stream = np.sort(np.concatenate([b.ts for b in batches]))
+        before = Counter(self.sketcher.duplicates)
         for batch in batches:
-            late = self.sketcher.add_batch(batch)
-            dead += late
-            if late:
-                refused = {p for p, _ in late}
-                batch = batch.take(np.array([p not in refused for p in batch.positions]))
+            refused, batch = self.sketcher.add_batch(batch, stream)
+            dead += refused
             if not len(batch):
                 continue
             if offsets is not None:
@@ -104,7 +114,8 @@ class PartitionIngest:
             counts.update(zip(repeat(batch.model), batch.variant))
             top = int(batch.ts.max())
             horizon = top if horizon is None else max(horizon, top)
-        return Fed(dead, counts, horizon, len(dead))
+        late = sum(reason.startswith("late event") for _, reason in dead)
+        return Fed(dead, counts, horizon, late, self.sketcher.duplicates - before)
 
     def _hold(self, kind: str, ts, offsets) -> None:
         self._held[kind].append(

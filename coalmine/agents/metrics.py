@@ -23,6 +23,25 @@ LATE = PromCounter(
     "Events later than the allowed lateness (they go to the dead-letter topic)",
     ["model"],
 )
+DUPLICATES = PromCounter(
+    "coalmine_duplicates_total",
+    "Events dropped as duplicates (an event_id seen lately on the partition): counted once",
+    ["model"],
+)
+SEND_FAILURES = PromCounter(
+    "coalmine_send_failures_total",
+    "Messages the broker refused to stage 1 (sent again; offsets wait for them)",
+    ["topic"],
+)
+LABEL_JOIN_EVICTIONS = PromCounter(
+    "coalmine_label_join_evictions_total",
+    "Label-join entries dropped, oldest first, to keep the table under label_join_max",
+)
+LATE_PARTIALS = PromCounter(
+    "coalmine_late_partials_total",
+    "Bucket partials stage 2 received after it evaluated the bucket without them (idle source)",
+    ["model"],
+)
 ALERTS = PromCounter(
     "coalmine_alerts_total", "Alert state changes published", ["model", "variant", "check", "state"]
 )

@@ -16,12 +16,14 @@ assignor hands partition p of both topics to the same member, so joins stay loca
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 from mode import Service
 
@@ -39,6 +41,15 @@ log = logging.getLogger("coalmine.stage1")
 BATCH_RECORDS = 10_000
 #: offsets are committed this often (and on every revocation)
 COMMIT_EVERY_S = 1.0
+#: a message the broker refused is sent again this many times per commit before the commit
+#: waits for the next round (nothing after it is committed until it is delivered)
+SEND_ATTEMPTS = 3
+#: a dead letter's key (the original's) longer than this is replaced by its SHA-256
+MAX_KEY = 1024
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -66,7 +77,8 @@ class Stage1(Service):
         self.baselines, self.bootstrap, self.group_id = baselines, bootstrap, group_id
         self.ingests: dict[int, PartitionIngest] = {}
         self.lock = asyncio.Lock()  # a batch is processed whole before a revocation commits
-        self.pending: list[asyncio.Future] = []  # sends not yet acknowledged
+        # sends not yet acknowledged, and those the broker refused: (future or None, message)
+        self.pending: list[tuple[asyncio.Future | None, tuple[str, bytes | None, bytes]]] = []
         self.positions: dict[TopicPartition, int] = {}  # next offset to read, per partition
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -142,24 +154,41 @@ class Stage1(Service):
             ingest = self.ingests.get(tp.partition)
             if ingest is None:
                 ingest = self.ingests[tp.partition] = PartitionIngest(
-                    self.baselines, source=tp.partition
+                    self.baselines, source=tp.partition, clock=wall_clock_ms
                 )
-            values = [r.value for r in records]
-            try:
-                fed = ingest.feed(kind, values, [r.offset for r in records])
-            except Exception as exc:  # a worker never dies on one batch
-                log.exception("stage 1 failed on a batch of %s[%s]", tp.topic, tp.partition)
-                dead = [(i, f"internal error: {exc!r}") for i in range(len(records))]
-            else:
-                dead = fed.dead
-                metrics.count_events(kind, fed.counts)
+            dead = self._feed(ingest, kind, records, 0)
             self.positions[tp] = records[-1].offset + 1
             for i, reason in dead:
                 await self._dead_letter(records[i], reason)
             partials = ingest.close()
+            if ingest.sketcher.evicted:  # counted here, then started afresh
+                metrics.LABEL_JOIN_EVICTIONS.inc(ingest.sketcher.evicted)
+                ingest.sketcher.evicted = 0
             for partial in partials:
                 for part in encode_partial(partial):
                     await self._send(topics.PARTIALS, partial["model"].encode(), part)
+
+    def _feed(self, ingest: PartitionIngest, kind: str, records: list, at: int) -> list:
+        """Feed ``records`` (from position ``at`` of their batch); ``(position, reason)`` of
+        those to dead-letter. A batch that raises is halved until the events that cause the
+        error are alone: only they are dead-lettered (an internal error), never the batch."""
+        try:
+            fed = ingest.feed(kind, [r.value for r in records], [r.offset for r in records])
+        except Exception as exc:  # a worker never dies on one batch
+            if len(records) == 1:
+                record = records[0]
+                log.exception(
+                    "stage 1 failed on %s[%s]@%s", record.topic, record.partition, record.offset
+                )
+                return [(at, f"internal error: {exc!r}")]
+            mid = len(records) // 2
+            return self._feed(ingest, kind, records[:mid], at) + self._feed(
+                ingest, kind, records[mid:], at + mid
+            )
+        metrics.count_events(kind, fed.counts)
+        for model, n in fed.duplicates.items():
+            metrics.DUPLICATES.labels(model).inc(n)
+        return [(at + i, reason) for i, reason in fed.dead]
 
     async def _dead_letter(self, record, reason: str) -> None:
         if reason.startswith("late event"):
@@ -175,24 +204,60 @@ class Stage1(Service):
             record.offset,
             int(time.time() * 1000),
         )
-        await self._send(topics.DEADLETTER, record.key, contract.encode(letter))
+        key = record.key
+        if key is not None and len(key) > MAX_KEY:
+            key = hashlib.sha256(key).hexdigest().encode()
+        await self._send(topics.DEADLETTER, key, contract.encode(letter))
         metrics.DEADLETTERS.labels(record.topic, metrics.reason_kind(reason)).inc()
 
     async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """Queue a message; its delivery is awaited before the next commit (:meth:`_flush`)."""
+        """Queue a message; its delivery is awaited before the next commit (:meth:`_flush`).
+        One the producer refuses at once (too large, say) is kept to be sent again."""
         assert self.producer is not None
-        self.pending.append(await self.producer.send(topic, value, key=key))
+        message = (topic, key, value)
+        try:
+            self.pending.append((await self.producer.send(topic, value, key=key), message))
+        except KafkaError as exc:
+            self._refused(message, exc)
+            self.pending.append((None, message))
 
-    async def _flush(self) -> None:
-        """Wait until the broker acknowledged everything sent so far."""
-        sent, self.pending = self.pending, []
-        if sent:
-            await asyncio.gather(*sent)
+    def _refused(self, message: tuple[str, bytes | None, bytes], exc: BaseException) -> None:
+        log.error("stage 1: the broker refused a message to %s: %r", message[0], exc)
+        metrics.SEND_FAILURES.labels(message[0]).inc()
+
+    async def _flush(self) -> bool:
+        """Wait until the broker acknowledged everything sent so far; send again (up to
+        :data:`SEND_ATTEMPTS` times) what it refused. False when some message is still not
+        delivered: it stays pending, and nothing may be committed past it."""
+        for attempt in range(SEND_ATTEMPTS + 1):
+            sent, self.pending = self.pending, []
+            results = await asyncio.gather(
+                *(f for f, _ in sent if f is not None), return_exceptions=True
+            )
+            outcome = iter(results)
+            failed = []
+            for future, message in sent:
+                result = next(outcome) if future is not None else None
+                if future is None or isinstance(result, BaseException):
+                    if isinstance(result, BaseException):
+                        self._refused(message, result)
+                    failed.append(message)
+            if not failed:
+                return True
+            if attempt == SEND_ATTEMPTS:
+                self.pending = [(None, m) for m in failed]
+                return False
+            await asyncio.sleep(0.1 * 2**attempt)
+            for topic, key, value in failed:
+                await self._send(topic, key, _smaller(topic, value))
+        return False
 
     async def _commit(self, only: set[int] | None = None) -> None:
         """Commit, per input partition, the first offset whose events may still be needed."""
         assert self.consumer is not None
-        await self._flush()
+        if not await self._flush():
+            log.error("stage 1: %d messages not delivered; offsets wait", len(self.pending))
+            return
         offsets = {}
         for partition, ingest in self.ingests.items():
             if only is not None and partition not in only:
@@ -233,3 +298,13 @@ class Stage1(Service):
             sum(len(t) for s in sketchers for t in s.joins.values())
         )
         metrics.LABEL_JOIN.labels("labels").set(sum(len(s.early_labels) for s in sketchers))
+
+
+def _smaller(topic: str, value: bytes) -> bytes:
+    """A message to send again: a dead letter without its original (the letter itself is
+    too large, or malformed: its topic, partition and offset still say where the original
+    is); any other message as it is."""
+    if topic != topics.DEADLETTER:
+        return value
+    letter = orjson.loads(value)
+    return contract.encode({**letter, "original_b64": "", "original_text": None})

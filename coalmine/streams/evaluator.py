@@ -34,6 +34,7 @@ class Evaluator:
         self.baseline, self.settings = baseline, baseline.settings
         self.sources = sources
         self.signer = signer
+        self.late_partials = 0  # bucket partials that came after their bucket was evaluated
         self.closed: dict[int, int] = {}
         self.pending: dict[int, dict[str, Summary]] = {}
         self.applied: set[tuple[int, int]] = set()
@@ -62,7 +63,8 @@ class Evaluator:
             if (src, start) in self.applied:
                 continue  # a re-sent partial (at-least-once delivery): already merged
             if self.next_bucket is not None and start < self.next_bucket:
-                continue  # already evaluated without it (its source was idle)
+                self.late_partials += 1  # evaluated without it (its source was idle)
+                continue
             self.applied.add((src, start))
             merged = self.pending.setdefault(start, {})
             for variant, d in variants.items():
@@ -157,6 +159,8 @@ class Evaluator:
                 if key[0] in windows:
                     groups.setdefault(key, []).extend(held)
         for group in groups.values():
+            if not group:  # a rollout check that did not run: held window tests are none
+                continue
             exceeded = any(e.exceeded for e in group)
             worst = max(group, key=_over_threshold)
             alert = self.alerts.observe(end, exceeded, worst)

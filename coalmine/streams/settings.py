@@ -24,6 +24,9 @@ ALL_CHECKS = DRIFT_CHECKS + ROLLOUT_CHECKS
 #: the model uncertainty measures a derived column may hold (coalmine.streams.derived)
 UNCERTAINTY_MEASURES = ("margin", "entropy")
 
+#: the largest event time (year ~2255 in ms): event times stay exact in float64 and int64
+MAX_TS = 2**53
+
 #: the window tests run at most once per this much event time (see ModelSettings.window_step_ms)
 WINDOW_STEP_MS = 1000
 
@@ -42,6 +45,19 @@ class ModelSettings:
     bins: int = 32
     min_window_events: int = 200
     label_ttl_ms: int = 3_600_000
+    #: live only (a worker, not a replay): an event dated more than this ahead of the wall
+    #: clock is dead-lettered, so that it cannot move the watermark
+    max_future_ms: int = 300_000
+    #: an event more than this ahead of the rest of its partition's stream (or, first on a
+    #: partition, behind it) is dead-lettered; a model whose own events lag its partition's by
+    #: more than this has its buckets closed by the others' (see Sketcher)
+    max_ahead_ms: int = 3_600_000
+    #: duplicates (same event_id) are dropped within the last 1 to 2 times this many events of
+    #: the model on a partition (plus the batch they come in)
+    dedup_events: int = 100_000
+    #: predictions waiting for their label (and labels for their prediction) on a partition,
+    #: at most; the oldest are dropped, and counted, beyond
+    label_join_max: int = 1_000_000
     baseline_error_rate: float | None = None
     shift_to_detect_sd: float = 0.3
     #: multivariate_drift: the share of the reference's variance the principal components keep

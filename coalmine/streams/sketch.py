@@ -37,6 +37,8 @@ from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_mod
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 LATENCY_BINS = len(LATENCY_EDGES_MS) + 1
+#: numeric values are clipped this many reference spreads beyond the reference (Layout.limits)
+CLIP_SPREADS = 1e6
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,26 @@ class Layout:
                 count=int(present.sum()),
             )
         return idx + self.offsets[name], present
+
+    def limits(self, name: str) -> tuple[float, float]:
+        """The finite range a numeric column's values are clipped to before folding: the
+        reference's outer edges widened by a million times their spread. No valid value comes
+        near it, so its bins and sums are untouched; an extreme one (1e308) counts in its outer
+        bin with a finite value, so sums never overflow to inf (and NaN), and a window less
+        that bucket keeps all but ~6 of its 16 significant digits."""
+        edges = self.edges[name]
+        low, high = float(edges[0]), float(edges[-1])
+        reach = CLIP_SPREADS * max(high - low, abs(low), abs(high), 1.0)
+        return low - reach, high + reach
+
+    def clipped(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``columns`` with each numeric column of the layout clipped to :meth:`limits` (NaN,
+        a missing value, stays NaN)."""
+        out = dict(columns)
+        for name, values in columns.items():
+            if self.kinds.get(name) == NUMERIC:
+                out[name] = np.clip(values, *self.limits(name))
+        return out
 
     def empty(self) -> Summary:
         return Summary.zeros(self.size, len(self.names))
@@ -233,7 +255,8 @@ def column_arrays(
     :meth:`Layout.fold`.
 
     Numeric columns become float arrays with NaN for missing values; a value of the wrong
-    type raises ``TypeError`` naming the column (the caller dead-letters that event). Derived
+    type raises ``TypeError`` naming the column (the caller dead-letters that event): a string,
+    a numeric one ("1.23") too, as the fast decoder (:mod:`coalmine.decode`) refuses it. Derived
     columns are left out: :meth:`~coalmine.streams.baseline.Baseline.with_derived` adds them.
     """
     numeric = [
@@ -245,9 +268,10 @@ def column_arrays(
     if len(numeric) > 1:
         try:  # the common case, every feature present: one C-level lookup per event
             grab = itemgetter(*numeric)
-            matrix = np.fromiter(
-                chain.from_iterable(map(grab, rows)), dtype=float, count=len(rows) * len(numeric)
-            ).reshape(len(rows), len(numeric))
+            cells = list(chain.from_iterable(map(grab, rows)))
+            if str in set(map(type, cells)):  # numpy would parse "1.23"
+                raise TypeError
+            matrix = np.array(cells, dtype=float).reshape(len(rows), len(numeric))
             out = {name: matrix[:, j] for j, name in enumerate(numeric)}
         except (KeyError, TypeError, ValueError):
             out = {}  # a missing key or a bad value: the per-column path below says which
@@ -261,10 +285,9 @@ def column_arrays(
         else:
             values = [r.get(name) for r in rows]
         if layout.kinds[name] == NUMERIC:
-            try:
-                out[name] = np.array(values, dtype=float)
-            except (TypeError, ValueError):
-                raise TypeError(name) from None
+            if str in set(map(type, values)):
+                raise TypeError(name)
+            out[name] = np.array(values, dtype=float)
         else:
             out[name] = np.array([None if v is None else str(v) for v in values], dtype=object)
     return out

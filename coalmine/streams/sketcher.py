@@ -11,25 +11,27 @@ in the bucket open when it meets its prediction.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import islice, repeat
 
 import numpy as np
 
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.latency import latency_bins
 from coalmine.streams.reference import same_answer
-from coalmine.streams.settings import VARIANTS
+from coalmine.streams.settings import MAX_TS, VARIANTS
 from coalmine.streams.sketch import LATENCY_BINS, Summary, column_arrays, values_of
 from coalmine.streams.window import accumulate
 
 _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
+#: prediction errors and outcomes are clipped to this magnitude: their squares, and sums of
+#: those, stay finite (no valid value comes near)
+MAX_MAGNITUDE = 1e100
+#: latencies are clipped to this (30 years), so that sums of their differences stay finite
+MAX_LATENCY_MS = 1e12
 _STATUS_FAILED = {"ok": False, "error": True}
-
-
-#: the largest event time accepted (year ~2255 in ms): event times stay exact in float64 and
-#: int64 arithmetic
-MAX_TS = 2**53
 
 
 @dataclass
@@ -51,6 +53,7 @@ class PredictionBatch:
     prediction: list
     columns: dict[str, np.ndarray]
     positions: list[int] = field(default_factory=list)
+    event_id: list[str] = field(default_factory=list)  # empty: not deduplicated
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -73,6 +76,7 @@ class PredictionBatch:
             pick(self.prediction),
             {name: values[keep] for name, values in self.columns.items()},
             pick(self.positions) if self.positions else [],
+            pick(self.event_id) if self.event_id else [],
         )
 
 
@@ -142,6 +146,7 @@ def _batch_of(
         values_of(events, "prediction"),
         cols,
         list(idx),
+        values_of(events, "event_id"),
     )
     return batch, []
 
@@ -168,9 +173,23 @@ class Sketcher:
     >>> # see tests/test_monitor.py for complete runs
     """
 
-    def __init__(self, baselines: dict[str, Baseline], source: int = 0):
+    def __init__(
+        self,
+        baselines: dict[str, Baseline],
+        source: int = 0,
+        clock: Callable[[], int] | None = None,
+    ):
         self.baselines, self.source = baselines, source
-        self.max_ts: int | None = None
+        # wall clock in ms (a worker's): events too far ahead of it are refused; replays have
+        # none, so their results depend on the events alone
+        self.clock = clock
+        self.max_ts: dict[str, int] = {}  # model -> largest event time folded
+        self.partition_ts: int | None = None  # the largest of them
+        # model -> (recent event ids' hashes, the generation before): duplicates are dropped
+        self.seen: dict[str, tuple[set[int], set[int]]] = {m: (set(), set()) for m in baselines}
+        self.duplicates: Counter = Counter()  # model -> duplicates dropped
+        self.join_max = max((b.settings.label_join_max for b in baselines.values()), default=1)
+        self.evicted = 0  # label-join entries dropped to keep the table under join_max
         self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in baselines}
         self.closed_through: dict[str, int] = {m: -1 for m in baselines}
         # variant -> request_id -> (model, prediction, ts, latency): for labels and shadow pairing
@@ -187,32 +206,50 @@ class Sketcher:
         self.expired_unlabelled = 0
         self.expired_unjoined_labels = 0
 
+    def clock_of(self, model: str) -> int | None:
+        """The model's event time on this partition: the largest of its own events, so that
+        another model's stream running ahead never makes its events late; but no more than
+        ``max_ahead_ms`` behind the partition's, so that a model quiet on this partition still
+        has its buckets closed (stage 2 waits for every partition)."""
+        if self.partition_ts is None:
+            return None
+        behind = self.partition_ts - self.baselines[model].settings.max_ahead_ms
+        return max(self.max_ts.get(model, behind), behind)
+
     def _watermark(self, model: str) -> int | None:
-        if self.max_ts is None:
+        now = self.clock_of(model)
+        if now is None:
             return None
         settings = self.baselines[model].settings
-        return (
-            (self.max_ts - settings.allowed_lateness_ms) // settings.bucket_ms * settings.bucket_ms
-        )
+        return (now - settings.allowed_lateness_ms) // settings.bucket_ms * settings.bucket_ms
 
     def add_predictions(self, events: list[dict]) -> list[tuple[int, str]]:
         """Fold valid prediction events (dicts); return ``(index, reason)`` of those refused
         (unknown model, wrong value types, later than the watermark)."""
         batches, rejected = batches_from_events(events, self.baselines)
         for batch in batches:
-            rejected += self.add_batch(batch)
+            rejected += self.add_batch(batch)[0]
         return sorted(rejected)
 
-    def add_batch(self, batch: PredictionBatch) -> list[tuple[int, str]]:
-        """Fold one model's batch; return ``(position, reason)`` of the events later than the
-        watermark (positions from ``batch.positions``)."""
+    def add_batch(
+        self, batch: PredictionBatch, stream: np.ndarray | None = None
+    ) -> tuple[list[tuple[int, str]], PredictionBatch]:
+        """Fold one model's batch; return ``(position, reason)`` of the events refused
+        (positions from ``batch.positions``): too far ahead of the wall clock or of the stream
+        (:meth:`_out_of_time`), later than the watermark; and the events folded. ``stream``: the sorted event times of
+        all the models' events that came with it (default: the batch's own). Duplicates of an
+        event id seen lately are dropped and counted (:attr:`duplicates`)."""
         model, baseline = batch.model, self.baselines[batch.model]
+        ok, rejected = self._out_of_time(batch, np.sort(batch.ts) if stream is None else stream)
+        if ok is not None:
+            batch = batch.take(ok)
+            if not len(batch):
+                return rejected, batch
         # safe before the late check: that compares with closed_through
-        self._advance(int(batch.ts.max()))
+        self._advance(model, int(batch.ts.max()))
         ok = batch.ts >= self.closed_through[model]
-        rejected = []
         if not ok.all():
-            rejected = [
+            rejected += [
                 (
                     batch.positions[i],
                     f"late event: ts {batch.ts[i]} is behind the watermark "
@@ -223,13 +260,20 @@ class Sketcher:
             ]
             batch = batch.take(ok)
             if not len(batch):
-                return rejected
+                return rejected, batch
+        first = self._first_seen(model, batch.event_id)
+        if first is not None:
+            self.duplicates[model] += len(batch) - int(first.sum())
+            batch = batch.take(first)
+            if not len(batch):
+                return rejected, batch
         bucket_ms = baseline.settings.bucket_ms
         variants = _coded(batch.variant, _VARIANT_CODE, np.int64)
         keys, groups = np.unique(
             batch.ts // bucket_ms * len(VARIANTS) + variants, return_inverse=True
         )
-        summaries = baseline.layout.fold(baseline.with_derived(batch.columns), groups, len(keys))
+        columns = baseline.with_derived(baseline.layout.clipped(batch.columns))
+        summaries = baseline.layout.fold(columns, groups, len(keys))
         failed = _coded(batch.status, _STATUS_FAILED, bool)
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
         lat_bins = latency_bins(batch.latency_ms)
@@ -248,13 +292,77 @@ class Sketcher:
             versions.setdefault(k, batch.version[i])  # a hand-over bucket is the old version's
         if baseline.joins_needed:
             self._join_predictions(baseline, batch)
-        return rejected
+        return rejected, batch
+
+    def _out_of_time(
+        self, batch: PredictionBatch, stream: np.ndarray
+    ) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
+        """Events whose time cannot be right, refused before they move the watermark: more
+        than ``max_future_ms`` ahead of the wall clock (a worker's only); more than
+        ``max_ahead_ms`` ahead of both the partition's event time and the events that came
+        with them (the run of ``stream`` around its median with no gap over ``max_ahead_ms``:
+        a lone event dated 2100 among today's, not a stream that moved on as a whole); and,
+        first of their model on the partition, that far behind them (an event dated 1970
+        opens no bucket at the epoch). Returns (mask of the events kept, or None when all
+        are; reasons)."""
+        settings = self.baselines[batch.model].settings
+        bound, ts = settings.max_ahead_ms, batch.ts
+        low, high = _run_around_median(stream, bound)
+        bad = (ts > high) & (ts > (self.partition_ts or -1) + bound)
+        if batch.model not in self.max_ts:
+            bad |= ts < low
+        future = None
+        if self.clock is not None:
+            now = self.clock()
+            future = ts > now + settings.max_future_ms
+            bad |= future
+        if not bad.any():
+            return None, []
+        rejected = []
+        for i in np.flatnonzero(bad).tolist():
+            if future is not None and future[i]:
+                why = (
+                    f"future event: ts {ts[i]} is more than {settings.max_future_ms} ms ahead "
+                    f"of the wall clock ({now})"
+                )
+            else:
+                why = (
+                    f"outlier event: ts {ts[i]} is more than {bound} ms away from its stream "
+                    f"({low} to {max(high, self.partition_ts or -1)})"
+                )
+            rejected.append((batch.positions[i], why))
+        return ~bad, rejected
+
+    def _first_seen(self, model: str, event_ids: list[str]) -> np.ndarray | None:
+        """Mask of the events whose id was not seen among the model's recent events (the last
+        ``dedup_events`` to twice that, in two generations of hashes); None when none was."""
+        if not event_ids:
+            return None
+        hashes = list(map(hash, event_ids))
+        current, older = self.seen[model]
+        fresh = set(hashes)
+        keep = None
+        if len(fresh) < len(hashes) or not current.isdisjoint(fresh) or not older.isdisjoint(fresh):
+            keep = np.ones(len(hashes), dtype=bool)  # rare: a retry; find which, one by one
+            fresh = set()
+            for i, h in enumerate(hashes):
+                if h in current or h in older or h in fresh:
+                    keep[i] = False
+                else:
+                    fresh.add(h)
+        current |= fresh
+        if len(current) >= self.baselines[model].settings.dedup_events:
+            self.seen[model] = (set(), current)
+        return keep
 
     def _join_predictions(self, baseline: Baseline, batch: PredictionBatch) -> None:
         """Keep predictions for their labels (one table per variant, filled a batch at a time);
         pair shadow answers with the champion's."""
         model = batch.model
-        latency = [None if v != v else v for v in batch.latency_ms.tolist()]  # NaN: none
+        # NaN: none; clipped, so that a sum of latency differences stays finite
+        latency = [
+            None if v != v else v for v in np.minimum(batch.latency_ms, MAX_LATENCY_MS).tolist()
+        ]
         entries = zip(repeat(model), batch.prediction, batch.ts.tolist(), latency)
         variants = set(batch.variant)
         if len(variants) == 1:
@@ -300,16 +408,16 @@ class Sketcher:
         """A shadow that has not answered within the shadow timeout failed: it counts as a
         paired request that disagreed (if the shadow answered later requests, i.e. it still
         serves). Shadow answers whose champion never came are dropped."""
-        assert self.max_ts is not None  # there are waits: an event came
-        now, expired = self.max_ts, []
+        clocks = {m: c for m in self.baselines if (c := self.clock_of(m)) is not None}
+        expired = []
         for rid, (variant, (model, _, ts, _)) in self.unpaired.items():
-            if ts >= now - self.baselines[model].policy.shadow_timeout_ms:
+            if ts >= clocks[model] - self.baselines[model].policy.shadow_timeout_ms:
                 break  # arrival order: the rest are younger
             expired.append((rid, variant, model, ts))
         for rid, variant, model, ts in expired:
             del self.unpaired[rid]
             if variant == "champion" and self.shadow_seen[model] >= ts:
-                s = self._open_summary(model, "shadow", now)
+                s = self._open_summary(model, "shadow", clocks[model])
                 s.paired += 1
                 s.shadow_missing += 1
 
@@ -360,21 +468,23 @@ class Sketcher:
             s.labelled += 1
             s.label_errors += not right[variant]
             if isinstance(pred, (int, float)) and isinstance(truth, (int, float)):
-                s.abs_error_sum += abs(pred - truth)
-                s.abs_error_sumsq += (pred - truth) ** 2
+                error = min(abs(pred - truth), MAX_MAGNITUDE)  # 1e308 - -1e308 is inf
+                s.abs_error_sum += error
+                s.abs_error_sumsq += error**2
             if "outcome" in label and variant != "shadow":
+                outcome = min(max(label["outcome"], -MAX_MAGNITUDE), MAX_MAGNITUDE)
                 s.outcome_n += 1
-                s.outcome_sum += label["outcome"]
-                s.outcome_sumsq += label["outcome"] ** 2
+                s.outcome_sum += outcome
+                s.outcome_sumsq += outcome**2
         if "champion" in right and "shadow" in right:
             s = self._open_summary(entry["shadow"][0], "shadow", label["ts"])
             s.paired_labelled += 1
             s.b += right["champion"] and not right["shadow"]
             s.c += right["shadow"] and not right["champion"]
 
-    def _advance(self, ts: int | None) -> None:
-        if ts is not None and (self.max_ts is None or ts > self.max_ts):
-            self.max_ts = ts
+    def _advance(self, model: str, ts: int) -> None:
+        self.max_ts[model] = max(self.max_ts.get(model, ts), ts)
+        self.partition_ts = max(self.partition_ts or ts, ts)
 
     def close(self) -> list[dict]:
         """Partials for every bucket the watermark has passed, one message per model (empty
@@ -406,25 +516,53 @@ class Sketcher:
             max((k[0] for k in self.open[m]), default=-1) + baseline.settings.bucket_ms
             for m, baseline in self.baselines.items()
         ]
-        self._advance(
-            max(ends)
-            + max(baseline.settings.allowed_lateness_ms for baseline in self.baselines.values())
-        )
+        end = max(ends) + max(b.settings.allowed_lateness_ms for b in self.baselines.values())
+        for model in self.baselines:
+            self._advance(model, end)
         return self.close()
 
     def _expire(self) -> None:
         """Drop predictions and early labels older than the label TTL, counting them. Both
         tables are in arrival order, so the scan stops at the first entry still alive."""
-        if self.max_ts is None:
+        if self.partition_ts is None:
             return
         if self.unpaired:
             self._expire_shadow_waits()
-        ttl = {m: baseline.settings.label_ttl_ms for m, baseline in self.baselines.items()}
+        oldest = {  # per model: the oldest event time still waiting for its label
+            m: clock - baseline.settings.label_ttl_ms
+            for m, baseline in self.baselines.items()
+            if (clock := self.clock_of(m)) is not None
+        }
         for table in self.joins.values():
-            self.expired_unlabelled += _drop_oldest(table, lambda v: v[2] < self.max_ts - ttl[v[0]])
+            self.expired_unlabelled += _drop_oldest(table, lambda v: v[2] < oldest[v[0]])
         self.expired_unjoined_labels += _drop_oldest(
-            self.early_labels, lambda e: e["ts"] < self.max_ts - ttl[e["model"]]
+            self.early_labels, lambda e: e["ts"] < oldest[e["model"]]
         )
+        self._bound_joins()
+
+    def _bound_joins(self) -> None:
+        """Keep the label joins under ``label_join_max`` entries: beyond, the oldest of the
+        largest table go first (counted in :attr:`evicted`)."""
+        tables: list[dict] = [*self.joins.values(), self.early_labels]
+        excess = sum(map(len, tables)) - self.join_max
+        while excess > 0:
+            table = max(tables, key=len)
+            n = min(excess, len(table))
+            for key in list(islice(table, n)):
+                del table[key]
+            self.evicted += n
+            excess -= n
+
+
+def _run_around_median(ts: np.ndarray, gap: int) -> tuple[int, int]:
+    """First and last of the sorted event times ``ts`` in the run around their median with no
+    gap between neighbours over ``gap``."""
+    breaks = np.flatnonzero(np.diff(ts) > gap)  # a break at i: between ts[i] and ts[i + 1]
+    mid = len(ts) // 2
+    below, above = breaks[breaks < mid], breaks[breaks >= mid]
+    start = int(below[-1]) + 1 if len(below) else 0
+    end = int(above[0]) if len(above) else len(ts) - 1
+    return int(ts[start]), int(ts[end])
 
 
 def _drop_oldest(table: dict, expired) -> int:
