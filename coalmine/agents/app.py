@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
@@ -47,6 +48,8 @@ BATCH_WITHIN_S = 0.2
 #: longer than a rebalance after a crash (session timeout 10 s + catch-up), so that the
 #: partials a new owner re-sends are not late
 IDLE_SOURCE_S = 45.0
+#: how long a partial of a newly assigned partition waits for the partition's state to be read
+RESUME_WAIT_S = 60.0
 
 
 def create_app(
@@ -177,6 +180,20 @@ def create_app(
         owned.clear()
         owned.update(mine)
 
+    @app.on_partitions_revoked.connect
+    async def hand_over(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """Revoked partitions stop being evaluated (and written) here at once."""
+        revoked = args[0] if args else kwargs["revoked"]
+        owned.difference_update(tp.partition for tp in revoked if tp.topic == topics.PARTIALS)
+
+    async def owns(partition: int) -> bool:
+        """Whether this worker evaluates ``partition``; Faust may resume a newly assigned one
+        before its state is read (:func:`resume`): wait for that, not for a revoked one."""
+        deadline = time.monotonic() + RESUME_WAIT_S
+        while partition not in owned and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return partition in owned
+
     def idle_sources(model: str) -> set[int]:
         now = time.monotonic()
         last = heard[model]
@@ -189,6 +206,8 @@ def create_app(
             t0 = time.perf_counter()
             evaluated: set[str] = set()
             for event in batch:
+                if not await owns(event.message.partition):
+                    continue  # revoked: its new owner reads it again
                 try:
                     partial = decode_partial(event.message.value)
                     model = partial["model"]
@@ -208,6 +227,8 @@ def create_app(
             await save(evaluated)
             still = []
             for model, last, event in waiting:
+                if event.message.partition not in owned:
+                    continue  # handed over: the new owner reads it again
                 nxt = evaluators[model].next_bucket
                 if nxt is not None and last < nxt:
                     await stream.ack(event)
