@@ -17,11 +17,11 @@ install: $(STAMP)
 demo: install  ## embedded broker + worker + traffic simulator, alerts and commands live
 	$(VENV)/bin/coalmine demo $(ARGS)
 
-test: lint  ## lint first, then the whole suite, unit and integration (embedded broker)
+test: lint  ## lint first, then the whole suite: unit, slow and integration (embedded broker)
 	$(PY) -m pytest -q $(ARGS)
 
-unit: install  ## the suite without the tests that start the broker or workers (well under a minute)
-	$(PY) -m pytest -q -m "not integration" $(ARGS)
+unit: install  ## the suite without the integration (broker, workers) and slow (wheel build, browser) tests: well under a minute
+	$(PY) -m pytest -q -m "not integration and not slow" $(ARGS)
 
 lint: install  ## ruff (lint and format check) and mypy; `make test` runs it first
 	$(VENV)/bin/ruff check coalmine tests benchmarks conftest.py

@@ -272,7 +272,7 @@ def replay_chunks(
 @contextmanager
 def bulk_gc():
     """Collect the young generation every 80,000 container allocations instead of CPython's
-    700: the tens of thousands of event dicts in a chunk, freed by reference counting, were
+    700: the tens of thousands of event dicts in a chunk, freed by reference counting, are
     otherwise traversed by collection after collection (40% of replay time, measured).
     Cycles, e.g. from dead-lettered events' exceptions, are still collected."""
     before = gc.get_threshold()

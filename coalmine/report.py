@@ -322,7 +322,7 @@ class Plotter:
 
     def figure(self, rows: int = 1, width: float = 9.0, height: float = 2.2):
         with self.mpl.rc_context(self.RC):
-            # fixed margins: a constrained layout took half the report's time
+            # fixed margins: a constrained layout would take half the report's time
             fig = self.Figure(figsize=(width, height * rows))
             axes = fig.subplots(rows, 1, squeeze=False, sharex=True)[:, 0]
             fig.subplots_adjust(

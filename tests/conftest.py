@@ -14,6 +14,11 @@ from coalmine.launch import Namespace, WorkerProcess
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: starts the embedded broker and real workers")
+    config.addinivalue_line(
+        "markers",
+        "slow: needs seconds of work outside coalmine (a wheel build, a browser, a second report"
+        " render); `make unit` leaves it out, `make test` runs it",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

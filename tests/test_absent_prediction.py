@@ -35,7 +35,7 @@ def test_both_sides_accept_it_on_a_failed_request_only():
         events.validate("prediction", ok)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_schema_and_python_agree_on_random_events_without_a_prediction(data):
     event = data.draw(mutated("prediction"))

@@ -97,6 +97,7 @@ def test_stage1_that_stops_sets_its_failure():
     assert status == 503 and body["problems"] == ["stage 1 stopped: KeyError: 'ts'"]
 
 
+@pytest.mark.integration  # a broker of its own, a worker process and a 12 s outage
 def test_health_is_503_while_the_broker_is_down(tmp_path, shuttle_config):
     """A worker of its own broker; the broker stops for 12 s, then comes back on its port."""
     port = free_port()

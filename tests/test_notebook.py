@@ -224,13 +224,14 @@ def test_import_coalmine_leaves_pandas_out():
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    python(
+    # one interpreter for both cases (each start costs seconds of imports): pandas first
+    # hidden, as if not installed, then found
+    out = python(
         "import sys, coalmine; coalmine.__version__; import coalmine.worker\n"
         "assert 'pandas' not in sys.modules, 'pandas imported'\n"
+        "sys.modules['pandas'] = None  # as if not installed\n"
+        "try:\n    from coalmine import Monitor\nexcept ImportError as e:\n    print(e)\n"
+        "del sys.modules['pandas']\n"
         "from coalmine import Monitor; assert 'pandas' in sys.modules"
-    )
-    out = python(
-        "import sys; sys.modules['pandas'] = None  # as if not installed\n"
-        "try:\n    from coalmine import Monitor\nexcept ImportError as e:\n    print(e)"
     )
     assert "pip install 'coalmine[notebook]'" in out

@@ -44,6 +44,7 @@ def test_schema_path_and_load_schema_read_the_packaged_schemas():
         events.load_schema("alerts")
 
 
+@pytest.mark.slow  # pip builds the wheel: seconds, most of them outside coalmine
 @pytest.mark.timeout(240)
 def test_the_wheel_ships_the_schemas_reads_them_and_keeps_the_extras_optional(tmp_path):
     # build from a copy: no build/ or egg-info left in the work tree

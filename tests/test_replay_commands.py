@@ -96,9 +96,9 @@ def test_replay_writes_the_commands_a_worker_publishes(namespace, start_worker, 
     wait_for(worker, "coalmine_commands_total", len(expected))
     published = namespace.read("commands")
 
-    # a label-based figure behind a decision may differ (seen: label_errors_vs_champion 0.0
-    # against 0.34): on the broker, a label read before or after its bucket closed is
-    # counted in that bucket or the next open one; the decisions, ids and times may not
+    # a label-based figure behind a decision (label_errors_vs_champion, say) may differ: on
+    # the broker, a label read before or after its bucket closed is counted in that bucket
+    # or the next open one; the decisions, ids and times may not
     def decision(c: dict) -> dict:
         return {**c, "evidence": sorted(c["evidence"])}
 

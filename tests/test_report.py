@@ -111,6 +111,7 @@ def test_report_from_outputs_has_every_section_and_no_network(report):
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", text), "nothing fetched at view time"
 
 
+@pytest.mark.slow  # a second replay and render of every plot (matplotlib draws most of the time)
 def test_report_from_files_runs_the_replay(backtest, tmp_path):
     out = tmp_path / "report.html"
     d = backtest
@@ -120,6 +121,7 @@ def test_report_from_files_runs_the_replay(backtest, tmp_path):
     assert text.count("<svg") >= 10 and "id='shuttle-features'" in text
 
 
+@pytest.mark.slow  # starts a browser twice
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian: apt-get install chromium)")
 def test_report_opens_in_headless_chromium_without_errors(report, tmp_path):
     def chromium(*args: str) -> subprocess.CompletedProcess:

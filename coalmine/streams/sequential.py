@@ -156,8 +156,8 @@ def joint_cusum_threshold(
 
 class JointCUSUM:
     r"""CUSUM on the Hotelling statistic of many columns' bucket means (Crosier 1988; Healy
-    1987): fast on a shift spread over several columns, or on one column that leaves the
-    others it used to move with, which no single column's CUSUM sees as soon.
+    1987): fast on a shift spread over several columns, or on one column that stops moving
+    with the others as it does in the reference, which no single column's CUSUM sees as soon.
 
     Each bucket gives every column its count :math:`n_j` and sum; with the reference means
     :math:`\mu`, standard deviations :math:`\sigma` and correlation matrix :math:`R`,
