@@ -212,7 +212,9 @@ def create_app(
                     partial = decode_partial(event.message.value)
                     model = partial["model"]
                     heard[model][partial["source"]] = time.monotonic()
+                    late = evaluators[model].late_partials
                     out = evaluators[model].add(partial, idle_sources(model))
+                    metrics.LATE_PARTIALS.labels(model).inc(evaluators[model].late_partials - late)
                     await publish(model, out)
                     if out.evaluations:
                         evaluated.add(model)
