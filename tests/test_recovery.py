@@ -16,7 +16,7 @@ from coalmine.replay import replay_files
 pytestmark = pytest.mark.integration
 RATE = 300  # events per second of event time
 #: events of the kill test (the issue's 10^6 with COALMINE_RECOVERY_EVENTS=1000000)
-KILL_EVENTS = int(os.environ.get("COALMINE_RECOVERY_EVENTS", "150000"))
+KILL_EVENTS = int(os.environ.get("COALMINE_RECOVERY_EVENTS", "60000"))
 
 
 def replayed(config, scenario: simulator.Scenario, tmp_path) -> tuple[dict, list[dict]]:

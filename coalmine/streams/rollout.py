@@ -199,6 +199,8 @@ class BernoulliCUSUM:
         self.statistic = 0.0
 
     def update(self, n: int, failures: int, p0: float, p1: float) -> BernoulliCUSUM:
+        if not 0 < p0 < p1 < 1:
+            return self  # a champion failing always (p0 = 1) leaves no worse rate to test for
         step = failures * math.log(p1 / p0) + (n - failures) * math.log((1 - p1) / (1 - p0))
         self.statistic = min(2 * self.threshold, max(0.0, self.statistic + step))
         return self
