@@ -20,8 +20,8 @@ demo: install  ## embedded broker + worker + traffic simulator, alerts and comma
 test: lint  ## lint first, then the whole suite: unit, slow and integration (embedded broker)
 	$(PY) -m pytest -q $(ARGS)
 
-unit: install  ## the suite without the integration (broker, workers) and slow (wheel build, browser) tests: well under a minute
-	$(PY) -m pytest -q -m "not integration and not slow" $(ARGS)
+unit: install  ## the suite without the integration (broker, workers) and slow (wheel build, browser) tests, on every core
+	$(PY) -m pytest -q -n auto -m "not integration and not slow" $(ARGS)
 
 lint: install  ## ruff (lint and format check) and mypy; `make test` runs it first
 	$(VENV)/bin/ruff check coalmine tests benchmarks conftest.py
