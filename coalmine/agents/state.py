@@ -28,6 +28,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
 from coalmine import topics
+from coalmine.security import client_kwargs
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
@@ -187,7 +188,11 @@ class StateTopic:
         """Partition -> records; returns once the broker has them all."""
         if self.producer is None:
             self.producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, linger_ms=2, max_request_size=8 << 20, acks=1
+                bootstrap_servers=self.bootstrap,
+                linger_ms=2,
+                max_request_size=8 << 20,
+                acks=1,
+                **client_kwargs(self.bootstrap),
             )
             await self.producer.start()
         sent = [
@@ -204,6 +209,7 @@ class StateTopic:
             enable_auto_commit=False,
             max_partition_fetch_bytes=16 << 20,  # a head may be megabytes (pending partials)
             fetch_max_bytes=64 << 20,
+            **client_kwargs(self.bootstrap),
         )
         await consumer.start()
         latest: dict[bytes, bytes | None] = {}
