@@ -153,6 +153,23 @@ def test_replay_from_topics_is_byte_identical_to_file_replay(namespace, shuttle_
     dead = lines_of(tmp_path / "file" / "deadletter.jsonl")
     assert len(dead) == 45_000 // 997  # the malformed ones, none of the slice's outsiders
 
+    # the report of the same slice: its replay from the topics, drawn
+    html = tmp_path / "report.html"
+    done = subprocess.run(
+        [COALMINE, "report", "--from-topics", f"--broker={namespace.broker.url}"]
+        + [f"--since={since}", f"--until={until}", "--config", str(shuttle_config)]
+        + ["--out", str(html), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COALMINE_NAMESPACE": namespace.prefix},
+    )
+    assert done.returncode == 0, done.stderr
+    page = html.read_text()
+    assert "Model shuttle" in page and page.count("<svg") > 5
+    firing = [a["message"] for a in alerts if a["state"] == "firing"]
+    assert firing and all(message in page for message in firing), "every alert in the report"
+
 
 def test_publish_then_tail_slice_gives_the_file_back(namespace, tmp_path):
     topic = namespace.topic["predictions"]
