@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from coalmine import simulator
@@ -187,6 +188,18 @@ def test_bad_canary_is_rolled_back_with_a_signed_command_and_status_shows_it(
     text = status.stdout
     assert "version v3     rolled back" in text and "canary canary_health" in text, text
     assert "v3 rolled back at ts" in text
+
+    # the gate Argo Rollouts (GET, JSON body) and Flagger (POST, status) read: held
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{worker.web_port}/verdicts/shuttle/"
+    for request in (urllib.request.Request(url), urllib.request.Request(url, b"{}", method="POST")):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=5)
+        assert answer.value.code == 409
+        body = orjson.loads(answer.value.read())
+        assert (body["version"], body["healthy"], body["decision"]) == ("v3", False, "rollback")
 
 
 def test_worker_takes_its_reference_from_the_first_events_of_the_topic(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import faust.web
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -39,6 +40,7 @@ from coalmine.security import Security
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
+from coalmine.verdicts import verdict
 
 log = logging.getLogger("coalmine.worker")
 
@@ -251,6 +253,29 @@ def create_app(
                         await save({model})
                 except Exception:  # a stage-2 bug must not take the worker down with it
                     log.exception("stage 2 failed releasing idle sources of %s", model)
+
+    @app.page("/verdicts/{model}/")
+    class Verdicts(faust.web.View):
+        """The rollout verdict of a model's canary (or shadow, or ``?version=``), for Argo
+        Rollouts' web metric provider (GET) and Flagger's webhooks (POST):
+        :mod:`coalmine.verdicts`."""
+
+        async def get(self, request: Any, model: str) -> Any:
+            return self.answer(request, model)
+
+        async def post(self, request: Any, model: str) -> Any:
+            return self.answer(request, model)
+
+        def answer(self, request: Any, model: str) -> Any:
+            if model not in evaluators:
+                return self.json({"model": model, "error": "not monitored here"}, status=404)
+            if partition[model] not in owned:  # a stale evaluator must not answer
+                error = "evaluated by another worker: ask the one whose /health lists partition"
+                return self.json(
+                    {"model": model, "error": f"{error} {partition[model]}"}, status=503
+                )
+            status, body = verdict(model, evaluators[model], request.query.get("version"))
+            return self.json(body, status=status)
 
     @app.page("/metrics")
     async def prometheus(web, request):
