@@ -101,6 +101,7 @@ def report(backtest) -> Path:
     return d / "report.html"
 
 
+@pytest.mark.slow  # renders every plot of a backtest (matplotlib draws most of the time)
 def test_report_from_outputs_has_every_section_and_no_network(report):
     text = report.read_text()
     for section in ("summary", "checks", "features", "rollout"):
