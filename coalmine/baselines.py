@@ -6,7 +6,7 @@ are (a file, a topic)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
 from coalmine.cache import FileCalibrationCache
 from coalmine.config import Config, ModelConfig
@@ -33,9 +33,11 @@ def build_baselines(
     if wanted and first_events is None:
         raise ValueError(f"model {wanted[0].name}: reference_first_events needs a source of events")
     built = {}
+    # models sharing a reference file read it once (ReferenceData is never modified)
+    read = lru_cache(maxsize=None)(load_reference)
     for name, m in config.models.items():
         if m.reference is not None:
-            built[name] = _baseline(m, partial(load_reference, m.reference, m.features), cache)
+            built[name] = _baseline(m, partial(read, m.reference, m.features), cache)
     found = first_events(wanted) if wanted and first_events is not None else {}
     for m in wanted:
         rows = event_rows(found[m.name])
