@@ -26,12 +26,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from coalmine.streams.records import Evaluation, Window
+
+if TYPE_CHECKING:
+    from coalmine.replay import Replay
 
 #: bins a plotted series is decimated to (two points each): about the pixels of a plot's width
 MAX_BINS = 300
@@ -142,16 +145,9 @@ def report_from_files(
         progress=progress,
         on_evaluations=collector.add,
     )
-    references = {name: b.reference.columns for name, b in run.baselines.items()}
     windows = window_values(file_chunks(Path(predictions)), _worst_windows(collector))
-    return render(
-        collector,
-        [a.to_json() for a in run.alerts],
-        [c.to_json() for c in run.commands],
-        references=references,
-        windows=windows,
-        source=f"replay of {Path(predictions).name} with {Path(config_path).name}",
-    )
+    source = f"replay of {Path(predictions).name} with {Path(config_path).name}"
+    return _render_replay(run, collector, windows, source)
 
 
 def report_from_topics(
@@ -175,16 +171,21 @@ def report_from_topics(
     run = replay_topics(
         config, bootstrap, since, until, progress=progress, on_evaluations=collector.add
     )
-    references = {name: b.reference.columns for name, b in run.baselines.items()}
     with TopicSlice(bootstrap, topics.PREDICTIONS, since, until) as preds:
         windows = window_values(topic_chunks(preds), _worst_windows(collector))
+    source = f"replay of topics {topics.PREDICTIONS}, {topics.LABELS} with {Path(config_path).name}"
+    return _render_replay(run, collector, windows, source)
+
+
+def _render_replay(run: Replay, collector: Collector, windows: dict, source: str) -> str:
+    """The report of a replay: what it said, beside its models' reference distributions."""
     return render(
         collector,
         [a.to_json() for a in run.alerts],
         [c.to_json() for c in run.commands],
-        references=references,
+        references={name: b.reference.columns for name, b in run.baselines.items()},
         windows=windows,
-        source=f"replay of topics {topics.PREDICTIONS}, {topics.LABELS} with {Path(config_path).name}",
+        source=source,
     )
 
 
