@@ -244,7 +244,7 @@ def cmd_tail(args) -> int:
             topics.resolve(args.topic),
             from_end=args.from_end,
             until_idle=args.until_idle,
-            verifier=_command_verifier(args),
+            verifier=_signed_verifier(args),
         ):
             if "_rejected" in record:  # never on stdout, where a router may be reading
                 print(f"coalmine tail: rejected {_brief(record)}", file=sys.stderr, flush=True)
@@ -258,7 +258,7 @@ def cmd_tail(args) -> int:
         else:
             since = parse_time(args.since) if args.since is not None else None
             until = parse_time(args.until) if args.until is not None else None
-            verifier = _command_verifier(args)
+            verifier = _signed_verifier(args)
             with TopicSlice(args.broker, topics.resolve(args.topic), since, until) as piece:
                 for values in piece.merged():
                     records = [_decode(v) for v in values]
@@ -273,17 +273,18 @@ def cmd_tail(args) -> int:
     return 0
 
 
-def _command_verifier(args):
-    """The commands topic's verifier when a key is configured (expiry only for a live feed:
-    reading from the beginning shows history); says on stderr when there is none."""
+def _signed_verifier(args):
+    """The commands or alerts topic's verifier when a key is configured (expiry only for a
+    live feed: reading from the beginning shows history); says on stderr when there is none."""
     from coalmine.signing import Verifier
 
-    if topics.resolve(args.topic) != topics.COMMANDS:
+    kind = {topics.COMMANDS: "command", topics.ALERTS: "alert"}.get(topics.resolve(args.topic))
+    if kind is None:
         return None
-    verifier = Verifier.from_env(**({} if args.from_end else {"clock": None}))
+    verifier = Verifier.from_env(kind=kind, **({} if args.from_end else {"clock": None}))
     if verifier is None:
         print(
-            "coalmine tail: commands are not verified (set $COALMINE_VERIFY_KEY to reject "
+            f"coalmine tail: {kind}s are not verified (set $COALMINE_VERIFY_KEY to reject "
             "forged and replayed ones)",
             file=sys.stderr,
         )
@@ -302,8 +303,13 @@ def _believed(verifier, record: dict) -> bool:
 
 def _brief(rejected: dict) -> str:
     record = rejected["record"]
-    what = " ".join(str(record.get(k, "?")) for k in ("action", "model", "version", "command_id"))
-    return f"command {what}: {rejected['_rejected']}"
+    if "alert_id" in record:
+        fields: tuple[str, ...] = ("state", "model", "variant", "check", "alert_id")
+        kind = "alert"
+    else:
+        fields, kind = ("action", "model", "version", "command_id"), "command"
+    what = " ".join(str(record.get(k, "?")) for k in fields)
+    return f"{kind} {what}: {rejected['_rejected']}"
 
 
 def add_tail(sub) -> None:
@@ -318,8 +324,8 @@ def add_tail(sub) -> None:
         "prints the slice of messages whose Kafka timestamp (set by producers at send time) is "
         "in [since, until), every partition merged in event-time order (the records' ts), "
         "then exits: a slice of predictions becomes a file that replay and publish take. "
-        "Commands are verified when $COALMINE_VERIFY_KEY (or $COALMINE_SIGNING_KEY) is set: "
-        "forged, altered and replayed ones (and, with --from-end, expired ones) are not "
+        "Commands and alerts are verified when $COALMINE_VERIFY_KEY (or $COALMINE_SIGNING_KEY) "
+        "is set: forged, altered and replayed ones (and, with --from-end, expired ones) are not "
         "printed but reported on stderr.",
         "examples:\n  coalmine tail alerts\n  coalmine tail deadletter --until-idle 5 | jq .reason\n"
         "  coalmine tail predictions --since 2024-05-01T00:00 --until 2024-05-01T01:00 > p.jsonl\n"

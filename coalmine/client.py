@@ -164,9 +164,10 @@ async def tail(
 ) -> AsyncIterator[dict]:
     """Yield the JSON records of a topic, every partition, from the beginning (or the end).
 
-    With a ``verifier`` (:class:`coalmine.signing.Verifier`, for the commands topic) a record
-    it rejects (unsigned, altered, replayed, expired) comes as ``{"_rejected": why,
-    "record": record}``, so that the reader can say so and must not act on it.
+    With a ``verifier`` (:class:`coalmine.signing.Verifier`, of kind "command" for the
+    commands topic, "alert" for the alerts topic) a record it rejects (unsigned, altered,
+    replayed, expired) comes as ``{"_rejected": why, "record": record}``, so that the reader
+    can say so and must neither act on it nor believe it.
 
     With ``from_end``, what was published before the first ``__anext__`` is skipped. Stops
     after ``until_idle`` seconds without a message, or once ``stop`` is set; a message that is
@@ -372,10 +373,12 @@ class TopicSlice:
         self._loop = None
 
     async def _open(self) -> None:
-        from aiokafka import AIOKafkaConsumer
         from aiokafka.structs import TopicPartition
 
-        self._consumer = consumer = AIOKafkaConsumer(
+        from coalmine.chunks import chunked_consumer
+
+        # records of a fetch as chunks: aiokafka builds no ConsumerRecord for each
+        self._consumer = consumer = chunked_consumer(
             bootstrap_servers=self.bootstrap,
             group_id=None,
             enable_auto_commit=False,
@@ -418,17 +421,21 @@ class TopicSlice:
         """End offsets now. The embedded broker reports the last record *batch*'s first
         offset + 1 as the end: fetching from there finds the batch's true last offset (on Kafka
         the fetch just returns the last record again)."""
+        from coalmine.chunks import records
+
         consumer = self._consumer
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             if ends[tp] > 0:
                 consumer.seek(tp, ends[tp] - 1)
-                got = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
+                got = records((await consumer.getmany(tp, timeout_ms=1000)).get(tp, [[]]))
                 ends[tp] = max([ends[tp]] + [m.offset + 1 for m in got])
         return ends
 
     def _pull(self, tp) -> list[bytes] | None:
         """The next messages of one partition in the slice; None when it has no more."""
+        from coalmine.chunks import records
+
         assert self._loop is not None and self._consumer is not None
         state = self._state[tp]
         since, until = self.since, self.until
@@ -437,14 +444,14 @@ class TopicSlice:
         stalled = 0
         while state[0] < state[1]:
             batch = self._loop.run_until_complete(self._consumer.getmany(tp, timeout_ms=500))
-            records = batch.get(tp, [])
-            if not records:
+            fetched = records(batch.get(tp, [[]]))
+            if not fetched:
                 stalled += 1
                 if stalled > 60:
                     raise TimeoutError(f"{tp.topic}[{tp.partition}]: no message for 30 s")
                 continue
             out = []
-            for m in records:
+            for m in fetched:
                 if m.offset >= state[1] or (
                     state[2] is not None and m.offset >= state[2] and m.timestamp >= hi
                 ):

@@ -31,6 +31,14 @@ def _paint(kind: str, text: str) -> str:
 
 def _describe(topic: str, record: dict, t0: float) -> str:
     clock = f"[{time.monotonic() - t0:6.1f}s]"
+    if topic == topics.ALERTS and "_rejected" in record:  # not believed, so not described
+        alert = record["record"]
+        return _paint(
+            "dead",
+            f"{clock} ALERT REJECTED, not believed ({record['_rejected']}): "
+            f"{alert.get('state')} {alert.get('model')}/{alert.get('variant')} "
+            f"{alert.get('check')}",
+        )
     if topic == topics.ALERTS:
         what = f"{record['check']}" + (f" on {record['feature']}" if record.get("feature") else "")
         text = (
@@ -67,9 +75,8 @@ async def _watch(
     serving: simulator.Serving,
     verifier: Verifier | None = None,
 ):
-    check = verifier if topic == topics.COMMANDS else None
     async for record in tail(
-        bootstrap, topic, from_end=False, until_idle=None, stop=stop, verifier=check
+        bootstrap, topic, from_end=False, until_idle=None, stop=stop, verifier=verifier
     ):
         seen[topic] += 1
         log.append((topic, record))
@@ -89,9 +96,11 @@ def route(record: dict, serving: simulator.Serving) -> str:
 
 
 async def _attack(bootstrap: str, log: list) -> None:
-    """What anyone who can write to the commands topic could try: a forged, unsigned promote
-    and a replay of the first genuine command. The router must reject both."""
+    """What anyone who can write to the commands and alerts topics could try: a forged,
+    unsigned promote, a replay of the first genuine command, a forged alert and a replay of
+    the first genuine alert. The router and the alert display must reject them all."""
     genuine = next((r for t, r in log if t == topics.COMMANDS and "_rejected" not in r), None)
+    first_alert = next((r for t, r in log if t == topics.ALERTS and "_rejected" not in r), None)
     forged: dict = {
         "command_id": "forged-promote",
         "ts": max((r.get("ts", 0) for t, r in log if t == topics.COMMANDS), default=0) + 1,
@@ -109,6 +118,29 @@ async def _attack(bootstrap: str, log: list) -> None:
                 f"simulator: re-publishing genuine command {genuine['command_id'][:12]}", flush=True
             )
             await pub.publish(topics.COMMANDS, genuine)
+        print(
+            "simulator: publishing a forged alert (unsigned), replaying the first one", flush=True
+        )
+        await pub.publish(topics.ALERTS, _forged_alert(forged["ts"]))
+        if first_alert is not None:
+            await pub.publish(topics.ALERTS, first_alert)
+
+
+def _forged_alert(ts: int) -> dict:
+    """An alert that says all is well, from someone without the key."""
+    return {
+        "alert_id": "forged-resolved",
+        "ts": ts,
+        "model": "shuttle",
+        "variant": "canary",
+        "check": "canary_health",
+        "state": "resolved",
+        "statistic": "surprise",
+        "value": 0.0,
+        "threshold": 5.0,
+        "window": {"start_ts": ts - 10_000, "end_ts": ts, "n": 0},
+        "message": "not from coalmine",
+    }
 
 
 def _metric(worker: WorkerProcess, name: str) -> float:
@@ -174,7 +206,7 @@ BAD_CANARY = simulator.Version("v3", noise=1.5, error_rate=0.10, latency_scale=1
 
 
 async def _run(
-    bootstrap: str, worker: WorkerProcess, duration: float, rate: float, verifier: Verifier
+    bootstrap: str, worker: WorkerProcess, duration: float, rate: float, verify_key: str
 ) -> int:
     t0 = time.monotonic()
     serving = simulator.Serving(
@@ -189,9 +221,15 @@ async def _run(
     seen: Counter = Counter()
     log: list = []
     stop = asyncio.Event()
+    # the router and the alert display each hold the public key, with a sequence of their own
+    verifiers = {
+        topics.ALERTS: Verifier.parse(verify_key, kind="alert"),
+        topics.COMMANDS: Verifier.parse(verify_key),
+        topics.DEADLETTER: None,
+    }
     watchers = [
         asyncio.create_task(_watch(bootstrap, t, seen, log, t0, stop, serving, verifier))
-        for t in (topics.ALERTS, topics.COMMANDS, topics.DEADLETTER)
+        for t, verifier in verifiers.items()
     ]
 
     async def progress():
@@ -218,7 +256,7 @@ async def _run(
     stop.set()
     ticker.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
-    alerts = Counter(r["state"] for t, r in log if t == topics.ALERTS)
+    alerts = Counter(r["state"] for t, r in log if t == topics.ALERTS and "_rejected" not in r)
     print("\nsummary")
     print(f"  sent: {sent}; folded by the worker: {_metric(worker, 'coalmine_events_total'):,.0f}")
     print(
@@ -231,11 +269,16 @@ async def _run(
         if t == topics.COMMANDS and "_rejected" not in r
     ]
     rejected = [r["_rejected"] for t, r in log if t == topics.COMMANDS and "_rejected" in r]
+    fake_alerts = [r["_rejected"] for t, r in log if t == topics.ALERTS and "_rejected" in r]
     print(
         "  commands (signed with Ed25519, verified by the router): "
         + (", ".join(commands) or "none")
     )
     print(f"  rejected by the router: {len(rejected)}" + "".join(f"\n    {r}" for r in rejected))
+    print(
+        f"  alerts rejected (signed alerts verified): {len(fake_alerts)}"
+        + "".join(f"\n    {r}" for r in fake_alerts)
+    )
     print(
         f"  serving now: champion {serving.champion.name}, canary "
         f"{serving.canary.name if serving.canary else 'none'}"
@@ -269,7 +312,6 @@ def run_demo(duration: float = 60.0, rate: float = 300.0) -> int:
                     flush=True,
                 )
                 worker.wait_ready(timeout=90)
-                verifier = Verifier.parse(verify_key)
-                return asyncio.run(_run(broker.bootstrap, worker, duration, rate, verifier))
+                return asyncio.run(_run(broker.bootstrap, worker, duration, rate, verify_key))
         finally:
             print(f"stopped the worker and the broker; files in {workdir}")

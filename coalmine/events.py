@@ -328,6 +328,9 @@ def _command_rule(d: dict) -> None:
 
 
 _WINDOW = _Shape({"start_ts": _millis, "end_ts": _millis, "n": _count})
+_SIGNATURE = _matching(
+    "[0-9a-f]{64}([0-9a-f]{64})?", "128 (Ed25519) or 64 (HMAC-SHA256) lowercase hex digits"
+)
 
 _SHAPES = {
     "prediction": _Shape(
@@ -375,8 +378,9 @@ _SHAPES = {
             "p_value": _bounded(0, 1),
             "window": lambda v: _WINDOW.check(v, "window."),
             "message": _text,
+            "signature": _SIGNATURE,
         },
-        optional=("feature", "p_value"),
+        optional=("feature", "p_value", "signature"),
     ),
     "command": _Shape(
         {
@@ -390,10 +394,7 @@ _SHAPES = {
             "alert_ids": _list_of_ids,
             "evidence": _object,
             "stage": _one_of(*STAGES),
-            "signature": _matching(
-                "[0-9a-f]{64}([0-9a-f]{64})?",
-                "128 (Ed25519) or 64 (HMAC-SHA256) lowercase hex digits",
-            ),
+            "signature": _SIGNATURE,
         },
         optional=("weight", "evidence", "stage", "signature"),
         rule=_command_rule,

@@ -1,6 +1,8 @@
-"""Signed rollout commands, so that a router acts only on commands from a holder of the key.
+"""Signed rollout commands and alerts, so that a router acts only on commands, and a
+subscriber believes only alerts, from a holder of the key.
 
-Two algorithms, over a command's canonical JSON (every field but ``signature``, keys sorted):
+Two algorithms, over a record's canonical JSON (every field but ``signature``, keys sorted):
+the signature is an envelope around the record, which stays as it is unsigned (its id too).
 
 * Ed25519 (recommended): the worker holds the private key, subscribers (routers, ``coalmine
   status``, ``coalmine tail``) only the public key, so no subscriber can forge a command. The
@@ -15,12 +17,16 @@ prints a new Ed25519 key pair. The statistics in :mod:`coalmine.streams` take th
 argument and never read the environment.
 
 A signature alone does not stop an attacker who re-publishes a genuine old command (a
-``rollback``, say). The :class:`Verifier` therefore also checks, from fields inside the signed
-body, so that replays of a topic stay deterministic:
+``rollback``, say) or alert (a ``resolved`` that hides a firing). The :class:`Verifier`
+(one per topic: ``kind`` "command" or "alert") therefore also checks, from fields inside the
+signed body, so that replays of a topic stay deterministic:
 
-* the sequence: per model, a command's ``(ts, command_id)`` must come after the last one it
-  accepted (a later ``ts``, or the same ``ts`` with a command id not seen at that ``ts``);
-* the expiry, for live consumers: a command is void once the wall clock passes its ``ts`` plus
+* the sequence: per model, a record's ``(ts, command_id)`` (``(ts, alert_id)`` for an alert)
+  must come after the last one it accepted (a later ``ts``, or the same ``ts`` with an id not
+  seen at that ``ts``). Stage 2 evaluates a model's buckets in order, so its commands and
+  alerts come in that order; an alert that resolves and fires again does so at a later ``ts``,
+  under a new id;
+* the expiry, for live consumers: a record is void once the wall clock passes its ``ts`` plus
   ``$COALMINE_COMMAND_VALIDITY_S`` (default one hour). Reading history (``coalmine status``)
   checks signatures and sequence, not expiry.
 """
@@ -91,7 +97,7 @@ def _key_bytes(text: str, name: str) -> bytes:
 
 
 class Signer:
-    """Signs commands with one key: ``signer(command)`` returns the command with its
+    """Signs commands and alerts with one key: ``signer(record)`` returns the record with its
     ``signature``. ``key`` is an HMAC secret (bytes) or an Ed25519 private key.
 
     >>> private, public = generate_ed25519()
@@ -138,8 +144,9 @@ class Signer:
 
 
 class Verifier:
-    """Accepts a command only when it is signed with the key, was not altered, comes after the
-    last command it accepted for its model and, with a clock, has not expired.
+    """Accepts a record (a command, or with ``kind="alert"`` an alert) only when it is signed
+    with the key, was not altered, comes after the last record it accepted for its model and,
+    with a clock, has not expired.
 
     ``key`` is an HMAC secret (bytes) or an Ed25519 public key; ``clock`` gives the wall clock
     in seconds (None: no expiry check, for reading history); ``validity_s`` defaults to
@@ -159,12 +166,13 @@ class Verifier:
         *,
         clock: Callable[[], float] | None = time.time,
         validity_s: float | None = None,
+        kind: str = "command",
     ):
-        self.key, self.clock = key, clock
+        self.key, self.clock, self.kind = key, clock, kind
         if validity_s is None:
             validity_s = float(os.environ.get("COALMINE_COMMAND_VALIDITY_S") or DEFAULT_VALIDITY_S)
         self.validity_ms = int(validity_s * 1000)
-        self.last: dict[str, tuple[int, set[str]]] = {}  # model -> (ts, command ids at that ts)
+        self.last: dict[str, tuple[int, set[str]]] = {}  # model -> (ts, record ids at that ts)
 
     @classmethod
     def parse(cls, text: str, **kwargs) -> Verifier:
@@ -177,7 +185,7 @@ class Verifier:
     @classmethod
     def from_env(cls, **kwargs) -> Verifier | None:
         """``$COALMINE_VERIFY_KEY``'s verifier, else the one of ``$COALMINE_SIGNING_KEY``,
-        else None (nothing configured: commands cannot be verified)."""
+        else None (nothing configured: commands and alerts cannot be verified)."""
         if key := os.environ.get("COALMINE_VERIFY_KEY"):
             return cls.parse(key, **kwargs)
         signer = Signer.from_env()
@@ -195,26 +203,27 @@ class Verifier:
             return True
         return verify_command(command, self.key)
 
-    def check(self, command: dict) -> str | None:
-        """None when the command is to be believed (and then remembered as its model's
+    def check(self, record: dict) -> str | None:
+        """None when the record is to be believed (and then remembered as its model's
         latest), else why not."""
-        if not isinstance(command.get("signature"), str):
+        if not isinstance(record.get("signature"), str):
             return "unsigned"
-        if not self.valid_signature(command):
+        if not self.valid_signature(record):
             return "bad signature (altered, or signed with another key)"
-        model, ts, cid = command.get("model"), command.get("ts"), command.get("command_id")
-        if not (isinstance(model, str) and type(ts) is int and isinstance(cid, str)):
-            return "signed, but without a model, an integer ts and a command id"
+        kind = self.kind
+        model, ts, rid = record.get("model"), record.get("ts"), record.get(f"{kind}_id")
+        if not (isinstance(model, str) and type(ts) is int and isinstance(rid, str)):
+            return f"signed, but without a model, an integer ts and {kind}_id"
         last_ts, seen = self.last.get(model, (-1, set()))
         if ts < last_ts:
             return (
-                f"replayed: ts {ts} is before model {model}'s last accepted command (ts {last_ts})"
+                f"replayed: ts {ts} is before model {model}'s last accepted {kind} (ts {last_ts})"
             )
-        if ts == last_ts and cid in seen:
-            return f"replayed: command {cid} of model {model} at ts {ts} was already accepted"
+        if ts == last_ts and rid in seen:
+            return f"replayed: {kind} {rid} of model {model} at ts {ts} was already accepted"
         if self.clock is not None and ts + self.validity_ms < self.clock() * 1000:
             return f"expired: ts {ts} is more than {self.validity_ms / 1000:g} s ago"
-        self.last[model] = (ts, seen | {cid} if ts == last_ts else {cid})
+        self.last[model] = (ts, seen | {rid} if ts == last_ts else {rid})
         return None
 
 

@@ -48,25 +48,17 @@ def summarize(
     recent: list[dict],
     verifier: Verifier | None = None,
     notes: list[str] | None = None,
+    alert_verifier: Verifier | None = None,
 ) -> dict[str, ModelStatus]:
     """Fold the three topics into a status per model (pure, for tests).
 
     Commands and alerts come in topic order. A record that is not a valid command or alert is
-    left out, and so is a command ``verifier`` rejects (forged, altered or replayed); each
-    leaves a line in ``notes``.
+    left out, and so is a command ``verifier`` rejects, or an alert ``alert_verifier``
+    rejects (forged, altered or replayed); each leaves a line in ``notes``.
     """
     notes = notes if notes is not None else []
-    commands = _valid("command", commands, notes)
-    alerts = _valid("alert", alerts, notes)
-    if verifier is not None:
-        believed = []
-        for c in commands:
-            why = verifier.check(c)
-            if why is None:
-                believed.append(c)
-            else:
-                notes.append(f"rejected command {c['command_id'][:12]} ({c['model']}): {why}")
-        commands = believed
+    commands = _believed("command", _valid("command", commands, notes), verifier, notes)
+    alerts = _believed("alert", _valid("alert", alerts, notes), alert_verifier, notes)
     out: dict[str, ModelStatus] = defaultdict(ModelStatus)
     for p in sorted(recent, key=lambda e: e.get("ts", 0)):
         out[p["model"]].serving[p["variant"]] = p["version"]
@@ -133,10 +125,12 @@ async def _recent(bootstrap: str) -> list[dict]:
 
 
 async def collect(bootstrap: str) -> tuple[dict[str, ModelStatus], list[str]]:
-    """The status per model and notes (records left out, whether commands were verified).
+    """The status per model and notes (records left out, whether commands and alerts were
+    verified).
 
-    Commands are verified with ``$COALMINE_VERIFY_KEY`` (or ``$COALMINE_SIGNING_KEY``) when
-    one is set: signature and sequence, not expiry, since this reads their history."""
+    Commands and alerts are verified with ``$COALMINE_VERIFY_KEY`` (or
+    ``$COALMINE_SIGNING_KEY``) when one is set: signature and sequence, not expiry, since
+    this reads their history."""
 
     async def read(topic):
         return [r async for r in tail(bootstrap, topic, until_idle=1.0)]
@@ -148,9 +142,11 @@ async def collect(bootstrap: str) -> tuple[dict[str, ModelStatus], list[str]]:
     notes = []
     if verifier is None:
         notes.append(
-            "commands not verified: set $COALMINE_VERIFY_KEY to leave out forged and replayed ones"
+            "commands and alerts not verified: set $COALMINE_VERIFY_KEY to leave out forged and "
+            "replayed ones"
         )
-    return summarize(commands, alerts, recent, verifier, notes), notes
+    alert_verifier = Verifier.from_env(clock=None, kind="alert")
+    return summarize(commands, alerts, recent, verifier, notes, alert_verifier), notes
 
 
 def _valid(kind: str, records: list[dict], notes: list[str]) -> list[dict]:
@@ -163,6 +159,22 @@ def _valid(kind: str, records: list[dict], notes: list[str]) -> list[dict]:
             bad.append(str(exc))
     if bad:
         notes.append(f"skipped {len(bad)} malformed {kind} record(s), the first: {bad[0]}")
+    return out
+
+
+def _believed(
+    kind: str, records: list[dict], verifier: Verifier | None, notes: list[str]
+) -> list[dict]:
+    """The records ``verifier`` believes (all without one); a note for each it rejects."""
+    if verifier is None:
+        return records
+    out = []
+    for r in records:
+        why = verifier.check(r)
+        if why is None:
+            out.append(r)
+        else:
+            notes.append(f"rejected {kind} {r[kind + '_id'][:12]} ({r['model']}): {why}")
     return out
 
 

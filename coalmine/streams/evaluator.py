@@ -169,11 +169,11 @@ class Evaluator:
         out.alerts.extend(
             self.alerts.observe_gone(end, set(windows), Window(ring[0].start, end, 0))
         )
-        commands = self.judge.decide(end, self.versions, verdicts, self.alerts.ids)
+        out.commands.extend(self.judge.decide(end, self.versions, verdicts, self.alerts.ids))
         if self.signer is not None:
-            for command in commands:
-                command.signature = self.signer(command.to_json())["signature"]
-        out.commands.extend(commands)
+            signed: list[Alert | Command] = [*out.alerts, *out.commands]
+            for record in signed:
+                record.signature = self.signer(record.to_json())["signature"]
         return out
 
 

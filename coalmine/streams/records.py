@@ -73,7 +73,8 @@ class Evaluation:
 
 @dataclass(slots=True)
 class Alert:
-    """A state change (``firing`` or ``resolved``) of one model's (variant, check, feature)."""
+    """A state change (``firing`` or ``resolved``) of one model's (variant, check, feature);
+    ``signature``, when a signer is configured, covers every other field."""
 
     alert_id: str
     ts: int
@@ -88,6 +89,7 @@ class Alert:
     message: str
     feature: str | None = None
     p_value: float | None = None
+    signature: str | None = None
 
     def to_json(self) -> dict:
         out = {
@@ -107,6 +109,8 @@ class Alert:
             out["feature"] = self.feature
         if self.p_value is not None:
             out["p_value"] = self.p_value
+        if self.signature is not None:
+            out["signature"] = self.signature
         return out
 
 
