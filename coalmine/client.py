@@ -373,12 +373,10 @@ class TopicSlice:
         self._loop = None
 
     async def _open(self) -> None:
+        from aiokafka import AIOKafkaConsumer
         from aiokafka.structs import TopicPartition
 
-        from coalmine.chunks import chunked_consumer
-
-        # records of a fetch as chunks: aiokafka builds no ConsumerRecord for each
-        self._consumer = consumer = chunked_consumer(
+        self._consumer = consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=None,
             enable_auto_commit=False,
@@ -421,21 +419,17 @@ class TopicSlice:
         """End offsets now. The embedded broker reports the last record *batch*'s first
         offset + 1 as the end: fetching from there finds the batch's true last offset (on Kafka
         the fetch just returns the last record again)."""
-        from coalmine.chunks import records
-
         consumer = self._consumer
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             if ends[tp] > 0:
                 consumer.seek(tp, ends[tp] - 1)
-                got = records((await consumer.getmany(tp, timeout_ms=1000)).get(tp, [[]]))
+                got = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
                 ends[tp] = max([ends[tp]] + [m.offset + 1 for m in got])
         return ends
 
     def _pull(self, tp) -> list[bytes] | None:
         """The next messages of one partition in the slice; None when it has no more."""
-        from coalmine.chunks import records
-
         assert self._loop is not None and self._consumer is not None
         state = self._state[tp]
         since, until = self.since, self.until
@@ -444,14 +438,14 @@ class TopicSlice:
         stalled = 0
         while state[0] < state[1]:
             batch = self._loop.run_until_complete(self._consumer.getmany(tp, timeout_ms=500))
-            fetched = records(batch.get(tp, [[]]))
-            if not fetched:
+            records = batch.get(tp, [])
+            if not records:
                 stalled += 1
                 if stalled > 60:
                     raise TimeoutError(f"{tp.topic}[{tp.partition}]: no message for 30 s")
                 continue
             out = []
-            for m in fetched:
+            for m in records:
                 if m.offset >= state[1] or (
                     state[2] is not None and m.offset >= state[2] and m.timestamp >= hi
                 ):
