@@ -6,6 +6,7 @@ are (a file, a topic)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache, partial
 
 from coalmine.cache import FileCalibrationCache
@@ -32,12 +33,20 @@ def build_baselines(
     wanted = [m for m in config.models.values() if m.reference is None]
     if wanted and first_events is None:
         raise ValueError(f"model {wanted[0].name}: reference_first_events needs a source of events")
-    built = {}
-    # models sharing a reference file read it once (ReferenceData is never modified)
+    built: dict[str, Baseline] = {}
+    # models sharing a reference file read it once (ReferenceData is never modified), and
+    # those that also share every setting but their name share one baseline, renamed
     read = lru_cache(maxsize=None)(load_reference)
+    alike: dict[ModelConfig, Baseline] = {}
     for name, m in config.models.items():
-        if m.reference is not None:
-            built[name] = _baseline(m, partial(read, m.reference, m.features), cache)
+        if m.reference is None:
+            continue
+        if (twin := alike.get(unnamed := replace(m, name=""))) is not None:
+            built[name] = twin.renamed(m)
+        else:
+            built[name] = alike[unnamed] = _baseline(
+                m, partial(read, m.reference, m.features), cache
+            )
     found = first_events(wanted) if wanted and first_events is not None else {}
     for m in wanted:
         rows = event_rows(found[m.name])

@@ -4,7 +4,9 @@ layout, stage 2 judges windows against it."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -24,10 +26,10 @@ from coalmine.streams.reference import (
 )
 from coalmine.streams.rollout_judge import variants_watched
 from coalmine.streams.sequential import (
-    CusumThresholds,
     JointCUSUM,
     ThresholdTable,
     joint_cusum_threshold,
+    shared_cusum_thresholds,
 )
 from coalmine.streams.settings import ModelSettings
 from coalmine.streams.sketch import NUMERIC, Layout
@@ -112,7 +114,7 @@ class Baseline:
         ]
         # budgeted for twice the reference mean's sampling variance (half the rows), as the joint
         # CUSUM's noncentrality is: on average over references, with a margin for an unlucky one
-        self.cusum_h = CusumThresholds(
+        self.cusum_h = shared_cusum_thresholds(
             cfg.false_alarm_every_events * self.tests,
             cfg.shift_to_detect_sd / 2,
             reference_events=min(present, default=0) / 2 or None,
@@ -130,6 +132,14 @@ class Baseline:
             if self.joint_columns
             else None
         )
+
+    def renamed(self, settings: ModelSettings) -> Baseline:
+        """This baseline for another model whose settings differ from this one's in the name
+        only: everything else it holds follows from the reference and those settings."""
+        assert replace(settings, name="") == replace(self.settings, name=""), "not a twin"
+        twin = copy.copy(self)
+        twin.settings = settings
+        return twin
 
     def _derived_columns(self, ref: ReferenceData) -> list[DerivedColumn]:
         """The derived columns the configured checks watch or need: the PCA reconstruction

@@ -6,6 +6,7 @@ few tenths of a standard deviation; a CUSUM accumulates the evidence and needs h
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -92,17 +93,24 @@ def cusum_threshold(
 
 
 class ThresholdTable:
-    """A threshold as a function of the bucket size, solved on a grid of sizes at start-up and
-    interpolated in log size: the events per bucket follow the traffic."""
+    """A threshold as a function of the bucket size, solved on a grid of sizes and
+    interpolated in log size: the events per bucket follow the traffic. Each grid level is
+    solved when a bucket size first needs it (a model's traffic keeps to a few sizes)."""
 
     def __init__(self, level_at: Callable[[float], float]):
-        self.levels = np.array([level_at(n) for n in _BUCKET_GRID])
+        self.level_at = level_at
+        self.levels = np.full(len(_BUCKET_GRID), np.nan)
 
     def __call__(self, bucket_events: float) -> float:
         x = math.log2(min(max(bucket_events, 1.0), _BUCKET_GRID[-1]))
         j = min(int(x), len(_BUCKET_GRID) - 2)
-        lo, hi = float(self.levels[j]), float(self.levels[j + 1])
+        lo, hi = self._level(j), self._level(j + 1)
         return lo + (hi - lo) * (x - j)
+
+    def _level(self, j: int) -> float:
+        if math.isnan(level := float(self.levels[j])):
+            level = self.levels[j] = self.level_at(float(_BUCKET_GRID[j]))
+        return level
 
 
 class CusumThresholds(ThresholdTable):
@@ -115,6 +123,19 @@ class CusumThresholds(ThresholdTable):
 
     def __init__(self, arl0: float, k: float, reference_events: float | None = None):
         super().__init__(lambda n: cusum_threshold(arl0, k, n, reference_events))
+
+
+@functools.cache
+def shared_cusum_thresholds(
+    arl0: float, k: float, reference_events: float | None = None
+) -> CusumThresholds:
+    """One :class:`CusumThresholds` per settings, shared: many models with the same
+    false-alarm budget, shift to detect and reference size solve their table once.
+
+    >>> shared_cusum_thresholds(1e8, 0.15, 5000) is shared_cusum_thresholds(1e8, 0.15, 5000)
+    True
+    """
+    return CusumThresholds(arl0, k, reference_events)
 
 
 def joint_cusum_threshold(
