@@ -21,10 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from coalmine import topics
+from coalmine import simulator, topics
 from coalmine.broker import EmbeddedBroker, ensure_topics, free_port, parse_broker_url
 from coalmine.client import Publisher, tail
+from coalmine.launch import Namespace, wait_until
 from coalmine.security import ENV, Security, client_kwargs
+from coalmine.signing import Verifier, generate_ed25519
 
 # ------------------------------------------------------------------ settings (no broker)
 
@@ -255,3 +257,78 @@ def test_plain_text_to_a_tls_port_is_not_silent(tls_broker):
 
     with pytest.raises(Exception, match="(?i)unable to bootstrap|connect"):
         asyncio.run(asyncio.wait_for(connect(), 60))
+
+
+class _OverTLS:
+    """The TLS broker as :class:`~coalmine.launch.Namespace` sees a broker: every client it
+    makes (topic creation, publisher, tail, the worker) is given the ``ssl://`` URL."""
+
+    def __init__(self, broker: EmbeddedBroker):
+        self.bootstrap = self.url = f"ssl://{broker.bootstrap}"
+
+
+@pytest.mark.integration
+def test_a_worker_runs_end_to_end_over_tls(tls_broker, pki, clean_env, tmp_path):
+    """Events in, evaluations, signed alerts and a command out, every client of the test and
+    of the worker (stage 1, the Faust app, its state topic) through the TLS listener."""
+    for name, path in (("CAFILE", "ca"), ("CERTFILE", "client_cert"), ("KEYFILE", "client_key")):
+        clean_env.setenv(f"COALMINE_SSL_{name}", pki[path])  # the worker inherits them
+    simulator.write_reference(tmp_path / "reference.jsonl", n=5000)
+    simulator.write_demo_config(
+        tmp_path / "monitor.toml", tmp_path / "reference.jsonl", window="10s", rollout=True
+    )
+    private, public = generate_ed25519()
+    ns = Namespace(_OverTLS(tls_broker))
+    worker = ns.worker(
+        tmp_path / "monitor.toml",
+        log=tmp_path / "worker.log",
+        env={"COALMINE_SIGNING_KEY": private},
+        args=("--publish-evaluations",),
+    )
+    with worker:
+        worker.wait_ready()
+        serving = simulator.Serving(
+            simulator.Version("v1"),
+            canary=simulator.Version("v3", noise=1.5, error_rate=0.10),
+            canary_weight=10,
+        )
+        rate = 300
+        ns.publish(serving.events(0, 30 * rate, simulator.Scenario().start_ts_ms, rate, seed=8))
+
+        def commanded() -> bool:
+            try:
+                return worker.metric("coalmine_commands_total") >= 1
+            except OSError:  # /metrics slow to answer on a busy machine: ask again
+                return False
+
+        wait_until(commanded, 120, "a command", interval=0.5)
+        assert worker.metric("coalmine_events_total") > 0
+        evaluations, alerts = ns.read("evaluations"), ns.read("alerts")
+        commands = ns.read("commands")
+    assert evaluations and all(e["model"] == "shuttle" for e in evaluations)
+    assert [(c["action"], c["version"]) for c in commands] == [("rollback", "v3")]
+    firing = [a for a in alerts if a["state"] == "firing"]
+    assert any(a["check"] == "canary_health" for a in firing), alerts
+    verifier = Verifier.parse(public, clock=None, kind="alert")
+    assert [verifier.check(a) for a in alerts] == [None] * len(alerts)
+
+
+def test_a_plain_text_client_to_the_tls_port_fails_clearly_without_secrets(tls_broker):
+    """SASL over plain text, as asked by name, to a TLS listener: an error, without the
+    password of the URL or of the environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV.values()}
+    env["COALMINE_SASL_PASSWORD"] = "s3cret-env"
+    done = subprocess.run(
+        [sys.executable, "-m", "coalmine", "tail", "alerts", "--until-idle", "1"]
+        + ["--broker", f"SASL_PLAINTEXT://alice:s3cret@{tls_broker.bootstrap}"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"cannot reach the broker at SASL_PLAINTEXT://***@{tls_broker.bootstrap}" in (
+        done.stderr
+    ), done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
