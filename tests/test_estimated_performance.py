@@ -16,19 +16,21 @@ SHIFT_AT = 40  # bucket (second) from which x0 crowds the decision boundary
 LABEL_DELAY = 30  # buckets (seconds): labels arrive that late
 
 
-def draw(rng, n, shifted=False):
+def draw(rng, n, shifted=False, sure=False):
     """A calibrated binary model: P(y = 1 | x) = sigmoid(3 x0), which it scores; x0 ~ N(0, 1),
-    or N(0, 0.3) once shifted (events near the boundary, where the model is unsure)."""
+    or N(0, 0.3) once shifted (events near the boundary, where the model is unsure); ``sure``:
+    only events with |x0| > 1.5, where the model is at least 98% sure."""
     x0 = rng.standard_normal(n) * (0.3 if shifted else 1.0)
+    if sure:
+        x0 = np.sign(x0) * (1.5 + np.abs(x0))
     x1 = rng.standard_normal(n)
     p = 1 / (1 + np.exp(-3 * x0))
     y = (rng.random(n) < p).astype(int)
     return x0, x1, p, y
 
 
-@pytest.fixture(scope="module")
-def estimated():
-    x0, x1, p, y = draw(np.random.default_rng(21), 5000)
+def baseline(sure=False, checks=("performance", "estimated_performance")):
+    x0, x1, p, y = draw(np.random.default_rng(21), 5000, sure=sure)
     ref = ReferenceData(
         {"x0": x0, "x1": x1, "prediction": (p > 0.5).astype(float), "scores.1": p},
         np.array(y.tolist(), dtype=object),
@@ -37,21 +39,28 @@ def estimated():
         name="m",
         bucket_ms=1000,
         window_ms=20_000,
-        checks=("performance", "estimated_performance"),
+        checks=checks,
     )
     return Baseline(settings, ref)
 
 
-def run(baseline, buckets, shift_at=None, seed=22):
-    """Predictions a bucket at a time, each bucket's labels LABEL_DELAY buckets later; the
-    evaluations, alerts, and every prediction's (ts, correct)."""
+@pytest.fixture(scope="module")
+def estimated():
+    return baseline()
+
+
+def run(baseline, buckets, shift_at=None, seed=22, sure=False):
+    """Predictions a bucket at a time (``sure`` ones until the shift), each bucket's labels
+    LABEL_DELAY buckets later; the evaluations, alerts, and every prediction's (ts, correct,
+    label, score)."""
     rng = np.random.default_rng(seed)
     sketcher, evaluator = Sketcher({"m": baseline}), Evaluator(baseline)
     evaluations, alerts, truth, labels = [], [], [], {}
     for k in range(buckets + LABEL_DELAY):
         preds = []
         if k < buckets:
-            x0, x1, p, y = draw(rng, PER_BUCKET, shift_at is not None and k >= shift_at)
+            shifted = shift_at is not None and k >= shift_at
+            x0, x1, p, y = draw(rng, PER_BUCKET, shifted, sure=sure and not shifted)
             ts = k * 1000 + np.arange(PER_BUCKET) * 4
             preds = [
                 {
@@ -68,7 +77,7 @@ def run(baseline, buckets, shift_at=None, seed=22):
                 }
                 for j in range(PER_BUCKET)
             ]
-            truth.append(np.column_stack([ts, (p > 0.5) == y]))
+            truth.append(np.column_stack([ts, (p > 0.5) == y, y, p]))
             labels[k] = [
                 {
                     "event_id": f"l{k}-{j}",
@@ -94,8 +103,72 @@ def test_the_calibration_is_histogram_binning_on_the_margin_bins(estimated):
     assert [d.name for d in estimated.derived] == [ScoreMargin.name]
     assert estimated.layout.names == ("x0", "x1", "scores.1", ScoreMargin.name)
     cal = estimated.accuracy
-    assert cal is not None and cal.accuracy[0] < 0.6 < 0.95 < cal.accuracy[-1]
+    assert cal is not None and cal.rates()[0] < 0.6 < 0.95 < cal.rates()[-1]
     assert cal.level == pytest.approx(1 - estimated.ref_error_rate, abs=0.005)
+
+
+def test_where_the_reference_was_always_sure_the_estimate_follows_the_score():
+    """The reference holds only events the model is 98% sure of; from bucket 40 the events
+    crowd the boundary, where the reference has no row. Their accuracy is what their scores
+    say (~0.64): the estimate follows it within its interval and alerts, where bins on the
+    reference's margins alone would put them all in the lowest, 98% right."""
+    sure = baseline(sure=True)
+    assert estimated_bins_reach(sure) < 0.5  # bins of their own below the reference's margins
+    evaluations, alerts, truth = run(sure, 70, shift_at=SHIFT_AT, sure=True)
+    firing = [a for a in alerts if a.state == "firing" and a.check == "estimated_performance"]
+    assert firing and SHIFT_AT * 1000 < firing[0].ts <= (SHIFT_AT + 8) * 1000
+    shifted = [
+        e
+        for e in evaluations
+        if e.check == "estimated_performance" and e.window.start_ts >= SHIFT_AT * 1000
+    ]
+    inside = []
+    for e in shifted:
+        realised = truth[(truth[:, 0] >= e.window.start_ts) & (truth[:, 0] < e.window.end_ts), 1]
+        low, high = e.evidence["interval"]
+        inside.append(low <= realised.mean() <= high)
+        assert e.evidence["estimated_accuracy"] == pytest.approx(realised.mean(), abs=0.05)
+    assert np.mean(inside) >= 0.8
+
+
+def estimated_bins_reach(b):
+    """The lowest inner edge of the margin's bins."""
+    return float(b.layout.edges[ScoreMargin.name][0])
+
+
+def test_a_binary_model_gets_estimated_f1_and_roc_auc_beside_the_realised():
+    """Beside the accuracy: F1 and ROC AUC expected from the positive score's bins, close to
+    what the window's labels will show, before and after the shift; once labels come, the
+    realised F1 of the labelled events sits beside the estimate."""
+    evaluations, _, truth = run(baseline(sure=True), 95, shift_at=SHIFT_AT, sure=True)
+    estimates = [e for e in evaluations if e.check == "estimated_performance"]
+    for e in estimates[::5]:
+        mine = truth[(truth[:, 0] >= e.window.start_ts) & (truth[:, 0] < e.window.end_ts)]
+        y, p = mine[:, 2], mine[:, 3]
+        said = p > 0.5
+        f1 = 2 * (said & (y == 1)).sum() / (said.sum() + y.sum())
+        assert e.evidence["estimated_f1"] == pytest.approx(f1, abs=0.05)
+        low, high = e.evidence["f1_interval"]
+        assert low < e.evidence["estimated_f1"] < high
+        pos, neg = p[y == 1], p[y == 0]
+        auc = (pos[:, None] > neg[None]).mean() + (pos[:, None] == neg[None]).mean() / 2
+        assert e.evidence["estimated_roc_auc"] == pytest.approx(auc, abs=0.05)
+        low, high = e.evidence["roc_auc_interval"]
+        assert low < e.evidence["estimated_roc_auc"] < high
+    assert estimates[0].evidence["realised_f1"] is None
+    # the labels joined in a window are of the predictions LABEL_DELAY earlier
+    by_ts = {e.ts: e.evidence for e in estimates}
+    for ts in ((SHIFT_AT - 5) * 1000, (SHIFT_AT + 20) * 1000):
+        labelled = by_ts[ts + LABEL_DELAY * 1000]["realised_f1"]
+        assert labelled == pytest.approx(by_ts[ts]["estimated_f1"], abs=0.08)
+
+
+def test_models_without_the_estimate_keep_their_bins():
+    """The score grid is added to the calibrated columns only: a model watching its
+    uncertainty without estimating its performance bins it on the reference's quantiles."""
+    watched = baseline(sure=True, checks=("uncertainty_drift",))
+    assert estimated_bins_reach(watched) > 0.9
+    assert watched.positive_class is None and watched.binary is None
 
 
 def test_the_estimate_tracks_the_realised_accuracy_and_fires_before_the_labels(estimated):

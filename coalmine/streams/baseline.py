@@ -13,9 +13,16 @@ import numpy as np
 
 from coalmine.streams import calibration, drift
 from coalmine.streams.columns import ColumnModel, NumericBlock
-from coalmine.streams.derived import UNCERTAINTY, DerivedColumn, is_derived, with_derived
+from coalmine.streams.derived import (
+    UNCERTAINTY,
+    DerivedColumn,
+    ScoreEntropy,
+    ScoreMargin,
+    is_derived,
+    with_derived,
+)
 from coalmine.streams.drift_checks import alarming_tests
-from coalmine.streams.estimated import AccuracyCalibration
+from coalmine.streams.estimated import SCORE_GRID, AccuracyCalibration, BinaryCalibration
 from coalmine.streams.multivariate import ReconstructionError
 from coalmine.streams.reference import (
     PREDICTION,
@@ -70,6 +77,15 @@ class Baseline:
         self.uncertainty = next(
             (d.name for d in self.derived if d.check == UNCERTAINTY_CHECK), None
         )
+        estimating = (
+            "estimated_performance" in cfg.checks
+            and self.uncertainty is not None
+            and ref.labels is not None
+            and PREDICTION in ref.columns
+        )
+        #: a binary model's positive class, on whose score estimated_performance estimates F1
+        #: and ROC AUC (None: not binary, or no estimate)
+        self.positive_class = self._positive_class(ref) if estimating else None
         if "prediction_drift" not in cfg.checks:
             # the class scores stay when the uncertainty column needs them: folded, not watched
             ref = ReferenceData(
@@ -82,9 +98,18 @@ class Baseline:
             )
         ref = ReferenceData(with_derived(ref.columns, self.derived), ref.labels)
         self.reference = ref
-        self.layout = Layout.from_reference(ref, cfg.bins)
-        #: estimated_performance's accuracy per bin of the uncertainty column (None: not run)
-        self.accuracy = self._accuracy_calibration(reference)
+        # the calibrated columns get bins over the scores' whole range, reached by the
+        # reference or not
+        calibrated = [self.uncertainty, self.positive_score] if estimating else []
+        self.layout = Layout.from_reference(
+            ref, cfg.bins, {name: SCORE_GRID for name in calibrated if name is not None}
+        )
+        #: estimated_performance's accuracy per bin of the uncertainty column, and a binary
+        #: model's rates of positive labels and answers per bin of its positive score (None:
+        #: not run)
+        calibrations = self._calibrations(reference) if estimating else (None, None)
+        self.accuracy: AccuracyCalibration | None = calibrations[0]
+        self.binary: BinaryCalibration | None = calibrations[1]
         self.ref_summary = self.layout.fold(ref.columns)
         rng = np.random.default_rng(seed)
         key = self._calibration_key(seed)
@@ -166,28 +191,50 @@ class Baseline:
             out.append(UNCERTAINTY[self.settings.uncertainty](classes))
         return out
 
-    def _accuracy_calibration(self, ref: ReferenceData) -> AccuracyCalibration | None:
-        """Accuracy per bin of the uncertainty column over the reference's labelled rows, for
-        ``estimated_performance``; None without the check, scores, labels or predictions."""
-        name = self.uncertainty
-        if (
-            "estimated_performance" not in self.settings.checks
-            or name is None
-            or ref.labels is None
-            or PREDICTION not in ref.columns
-        ):
-            return None
+    @staticmethod
+    def _positive_class(ref: ReferenceData) -> str | None:
+        """A binary model's positive class: its only scored class, or the later of two in
+        sorting order ("1" of "0" and "1", "true", "yes", "spam"); None with more classes."""
+        classes = sorted(n[len(SCORES) :] for n in ref.columns if n.startswith(SCORES))
+        return classes[-1] if len(classes) in (1, 2) else None
+
+    @property
+    def positive_score(self) -> str | None:
+        """The column of the positive class's score (None: no binary estimate)."""
+        return None if self.positive_class is None else SCORES + self.positive_class
+
+    def _calibrations(
+        self, ref: ReferenceData
+    ) -> tuple[AccuracyCalibration, BinaryCalibration | None]:
+        """``estimated_performance``'s calibrations over the reference's labelled rows: the
+        accuracy per bin of the uncertainty column, and for a binary model the rates of
+        positive labels and answers per bin of its positive score."""
+        assert ref.labels is not None and self.uncertainty is not None
         labelled = np.array([v is not None for v in ref.labels])
+        answers, labels = ref.columns[PREDICTION], ref.labels
         correct = np.array(
-            [
-                has and same_answer(p, y)
-                for has, p, y in zip(labelled, ref.columns[PREDICTION], ref.labels)
-            ],
+            [has and same_answer(p, y) for has, p, y in zip(labelled, answers, labels)],
             dtype=float,
         )
-        return AccuracyCalibration.fit(
-            self.reference.columns[name], correct, labelled, self.layout.edges[name]
+        measure = next(d for d in self.derived if isinstance(d, (ScoreMargin, ScoreEntropy)))
+        accuracy = AccuracyCalibration.fit(
+            self.reference.columns[self.uncertainty],
+            correct,
+            labelled,
+            self.layout.edges[self.uncertainty],
+            measure.top_score,
         )
+        if (score := self.positive_score) is None:
+            return accuracy, None
+        positive = self.positive_class
+        binary = BinaryCalibration.fit(
+            self.reference.columns[score],
+            np.array([has and same_answer(y, positive) for has, y in zip(labelled, labels)]),
+            np.array([same_answer(p, positive) for p in answers]),
+            labelled,
+            self.layout.edges[score],
+        )
+        return accuracy, binary
 
     def with_derived(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch's columns with this model's derived columns added: what stage 1 folds."""

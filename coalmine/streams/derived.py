@@ -65,6 +65,11 @@ def _score_matrix(columns: dict[str, np.ndarray], classes: list[str]) -> np.ndar
     return np.column_stack([scores, 1 - scores]) if len(classes) == 1 else scores
 
 
+def _n_classes(classes: list[str]) -> int:
+    """Classes a model chooses from: a single class score is a binary model's."""
+    return max(len(classes), 2)
+
+
 class ScoreMargin:
     r"""The top class score's margin over the runner-up: :math:`m = s_{(1)} - s_{(2)}`, in
     :math:`[0, 1]`, 1 for a model sure of its answer, 0 for a tie. With one class score
@@ -96,6 +101,18 @@ class ScoreMargin:
     def __call__(self, columns: dict[str, np.ndarray]) -> np.ndarray:
         top2 = -np.partition(-_score_matrix(columns, self.classes), 1, axis=1)[:, :2]
         return top2[:, 0] - top2[:, 1]
+
+    def top_score(self, margin: np.ndarray) -> np.ndarray:
+        """The top class score a margin implies (what ``estimated_performance`` falls back
+        to where the reference has no labelled rows): exact for a binary model,
+        :math:`(1 + m) / 2`; with :math:`K` classes, that of the runner-ups tied,
+        :math:`(1 + (K - 1) m) / K`.
+
+        >>> ScoreMargin(["1"]).top_score(np.array([0.0, 0.6, 1.0])).tolist()
+        [0.5, 0.8, 1.0]
+        """
+        k = _n_classes(self.classes)
+        return (1 + (k - 1) * margin) / k
 
 
 class ScoreEntropy:
@@ -133,6 +150,22 @@ class ScoreEntropy:
         # a NaN score makes the whole event's entropy NaN, as it has no scores to speak of
         terms[np.isnan(p)] = np.nan
         return terms.sum(axis=1) / np.log2(p.shape[1])
+
+    def top_score(self, entropy: np.ndarray) -> np.ndarray:
+        """The top class score an entropy implies (what ``estimated_performance`` falls back
+        to where the reference has no labelled rows): exact for a binary model; with more
+        classes, that of the runner-ups tied.
+
+        >>> ScoreEntropy(["1"]).top_score(np.array([0.0, 0.469, 1.0])).round(2).tolist()
+        [1.0, 0.9, 0.5]
+        """
+        k = _n_classes(self.classes)
+        top = np.linspace(1 / k, 1, 1001)
+        rest = (1 - top) / (k - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = -(top * np.log2(top) + np.where(rest > 0, (1 - top) * np.log2(rest), 0.0))
+        # h falls as the top score rises: interpolate on the reversed table
+        return np.interp(entropy, h[::-1] / np.log2(k), top[::-1])
 
 
 #: the uncertainty measures by their setting (ModelSettings.uncertainty)

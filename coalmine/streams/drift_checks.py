@@ -21,7 +21,7 @@ from scipy import special
 
 from coalmine.streams import drift
 from coalmine.streams.columns import ColumnModel
-from coalmine.streams.estimated import EstimatedAccuracy
+from coalmine.streams.estimated import EstimatedAccuracy, estimated_binary
 from coalmine.streams.records import Evaluation, Window
 from coalmine.streams.reference import PREDICTION
 from coalmine.streams.sequential import CUSUM, JointCUSUM
@@ -135,20 +135,19 @@ class DriftJudge:
             out.append(self._performance(make, window, q))
         if base.accuracy is not None:
             assert base.uncertainty is not None  # the accuracy is calibrated on its bins
-            counts = window.counts[base.layout.bins_of(base.uncertainty)]
-            if counts.sum() >= least:
-                out.append(self._estimated_performance(make, window, counts, q))
+            bins = base.layout.bins_of(base.uncertainty)
+            if window.counts[bins].sum() >= least:
+                out.append(self._estimated_performance(make, window, bins, q))
         return out
 
-    def _estimated_performance(
-        self, make, window: Summary, counts: np.ndarray, q: float
-    ) -> Evaluation:
-        """The window's accuracy estimated from its uncertainty-bin counts, against the
-        reference's level less the tolerance: one-sided z; the labels' accuracy beside it."""
+    def _estimated_performance(self, make, window: Summary, bins: slice, q: float) -> Evaluation:
+        """The window's accuracy estimated from its uncertainty ``bins``, against the
+        reference's level less the tolerance: one-sided z; the labels' accuracy beside it
+        (and a binary model's estimated F1 and ROC AUC, :func:`estimated_binary`)."""
         base = self.baseline
         assert base.accuracy is not None
         est = EstimatedAccuracy(base.accuracy, base.settings.estimated_accuracy_tolerance)
-        est.update(counts)
+        est.update(window.counts[bins], window.sums[bins])
         low, high = est.interval
         return make(
             "estimated_performance",
@@ -168,6 +167,7 @@ class DriftJudge:
                 if window.labelled
                 else None,
                 "labelled": window.labelled,
+                **estimated_binary(base, window),
             },
         )
 

@@ -1,95 +1,186 @@
 """Estimated performance before the labels come (check ``estimated_performance``).
 
-The model's uncertainty column (:class:`~coalmine.streams.derived.ScoreMargin` or
-:class:`~coalmine.streams.derived.ScoreEntropy`) is binned on the reference's quantiles like any
-column. On the reference's labelled rows, each bin's accuracy is counted once
-(:class:`AccuracyCalibration`, histogram binning); a window's expected accuracy is then the
-average of its bins' accuracies weighted by the window's counts in them
-(:class:`EstimatedAccuracy`). Those counts are the window summary's, so the estimate merges
-across partitions and needs no label: a covariate shift that moves traffic to where the model is
-unsure lowers it at once. What it cannot see is a change of the labels given the scores
-(concept drift): that is the label-based ``performance`` check's.
+Confidence-based performance estimation (CBPE) with histogram binning on the layout's bins, so
+that a window's estimate follows from its summary's bin counts and value sums and merges across
+partitions like any other statistic:
+
+* accuracy, for any classifier with class scores: on the bins of its uncertainty column
+  (:class:`~coalmine.streams.derived.ScoreMargin` or
+  :class:`~coalmine.streams.derived.ScoreEntropy`), the share of the reference's labelled rows
+  the model got right (:class:`AccuracyCalibration`, :class:`EstimatedAccuracy`);
+* F1 and ROC AUC, for a binary model: on the bins of its positive class's score, the share of
+  positive labels and of positive predictions, whence the expected confusion matrix and the
+  expected ROC curve (:class:`BinaryCalibration`, :class:`EstimatedBinary`).
+
+The calibrated columns are binned on the reference's quantiles plus the fixed edges of
+:data:`SCORE_GRID`, so production scores where the reference had none (a model sure of every
+reference row, unsure after a covariate shift) get bins of their own; a bin's rate is shrunk
+towards what the window's own scores in it imply (:class:`BinnedRate`), and follows the score
+where the reference has too few labelled rows. What no estimate from scores can see is a
+change of the labels given the scores (concept drift): that is the label-based
+``performance`` check's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 from scipy import special
 
-#: the two-sided level of the interval reported with the estimate
+if TYPE_CHECKING:
+    from coalmine.streams.baseline import Baseline
+    from coalmine.streams.sketch import Summary
+
+#: the two-sided level of the intervals reported with the estimates
 INTERVAL = 0.95
+#: fixed inner edges added to a calibrated column's quantile edges (scores, margins and
+#: entropies all lie in [0, 1]); 0.5 among them keeps a binary model's answer the same
+#: throughout a bin of its positive score
+SCORE_GRID = np.round(np.linspace(0, 1, 21)[1:-1], 2)
+#: pseudo-rows of a bin's score-implied rate: a bin's own reference rate outweighs its
+#: score's once it has more labelled rows than this
+PRIOR_ROWS = 10
+#: expected positives and negatives a window needs for its ROC AUC to be reported
+MIN_EXPECTED = 5
 
 
-class AccuracyCalibration:
-    r"""Histogram-binning calibration: the accuracy of the reference's labelled rows in each bin
-    of the uncertainty column, shrunk towards the overall accuracy by one pseudo-row,
+def _normal_interval(estimate: float, sd: float) -> tuple[float, float]:
+    """The :data:`INTERVAL` normal interval, clipped to [0, 1]."""
+    half = float(special.ndtri(0.5 + INTERVAL / 2)) * sd
+    return max(estimate - half, 0.0), min(estimate + half, 1.0)
 
-    .. math:: \hat a_b = \frac{c_b + \bar a}{m_b + 1},
 
-    with :math:`c_b` correct of :math:`m_b` labelled rows in bin :math:`b` and :math:`\bar a`
-    their overall accuracy (a bin without labelled rows gets :math:`\bar a`).
+class BinnedRate:
+    r"""How often a yes/no outcome (the model right, the label positive, the answer positive)
+    happens in each bin of a score column: histogram binning on the reference's labelled rows,
+    shrunk towards the rate the score itself implies,
+
+    .. math:: \hat r_b = \frac{h_b + k\, s(\bar x_b)}{m_b + k} ,
+
+    with :math:`h_b` hits of :math:`m_b` labelled rows in bin :math:`b`, :math:`k` =
+    :data:`PRIOR_ROWS`, :math:`\bar x_b` the mean score of the bin's events (the window's own
+    when it has some there, else the reference's, else the bin's middle) and :math:`s` the
+    rate it implies (``implied``: the top class score for accuracy, the score itself for a
+    positive label). A bin the reference barely reached follows the score.
 
     Parameters
     ----------
-    correct, labelled
-        Per bin, the reference's correct and labelled rows.
-    ref_counts
-        Per bin, every reference row with a value (labelled or not): the reference level is
-        :math:`\sum_b p_b \hat a_b` with :math:`p_b` their shares.
+    hits, labelled
+        Per bin, the reference's labelled rows with the outcome, and all its labelled rows.
+    ref_counts, ref_sums
+        Per bin, every reference row with a value (labelled or not) and their values' sum.
+    edges
+        The column's inner bin edges.
+    implied
+        The outcome's rate implied by a mean score (vectorised).
 
     Examples
     --------
-    >>> cal = AccuracyCalibration(np.array([1, 9]), np.array([4, 10]), np.array([5, 10]))
-    >>> cal.accuracy.round(3).tolist(), round(cal.level, 3)
-    ([0.343, 0.883], 0.703)
+    A bin with 100 labelled rows keeps its own rate; one without any takes its score's:
+
+    >>> rate = BinnedRate(np.array([0, 90]), np.array([0, 100]), np.array([0, 100]),
+    ...                   np.array([0.0, 95.0]), np.array([0.5]), lambda x: x)
+    >>> rate.rates().round(3).tolist()
+    [0.25, 0.905]
+    >>> rate.rates(np.array([10, 0]), np.array([1.0, 0.0])).round(3).tolist()
+    [0.1, 0.905]
     """
 
-    def __init__(self, correct: np.ndarray, labelled: np.ndarray, ref_counts: np.ndarray):
-        overall = correct.sum() / max(labelled.sum(), 1)
-        self.accuracy = (correct + overall) / (labelled + 1)
-        self.labelled = labelled
-        self.ref_counts = ref_counts
-        p = ref_counts / max(ref_counts.sum(), 1)
-        self.level = float(p @ self.accuracy)
-        #: the standard deviation of a reference event's calibrated accuracy
-        self.spread = float(np.sqrt(p @ (self.accuracy - self.level) ** 2))
+    def __init__(
+        self,
+        hits: np.ndarray,
+        labelled: np.ndarray,
+        ref_counts: np.ndarray,
+        ref_sums: np.ndarray,
+        edges: np.ndarray,
+        implied: Callable[[np.ndarray], np.ndarray],
+    ):
+        self.hits, self.labelled, self.ref_counts = hits, labelled, ref_counts
+        self.implied = implied
+        low = np.concatenate([[min(0.0, edges[0])], edges])
+        high = np.concatenate([edges, [max(1.0, edges[-1])]])
+        self.ref_means = self._means(ref_counts, ref_sums, (low + high) / 2)
+
+    @staticmethod
+    def _means(counts: np.ndarray, sums: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        return np.divide(sums, counts, out=fallback.astype(float), where=counts > 0)
 
     @classmethod
     def fit(
-        cls, values: np.ndarray, correct: np.ndarray, labelled: np.ndarray, edges: np.ndarray
-    ) -> AccuracyCalibration:
-        """From the reference's uncertainty ``values`` (NaN: none), which rows are
-        ``labelled`` and which of those the model got ``correct``, on the column's inner bin
-        ``edges``."""
+        cls,
+        values: np.ndarray,
+        outcome: np.ndarray,
+        labelled: np.ndarray,
+        edges: np.ndarray,
+        implied: Callable[[np.ndarray], np.ndarray],
+    ) -> Self:
+        """From the reference's score ``values`` (NaN: none), which rows are ``labelled`` and
+        which of those had the ``outcome``, on the column's inner bin ``edges``."""
         present = ~np.isnan(values)
         bins = np.searchsorted(edges, values[present], side="right")
         width = len(edges) + 1
         has = labelled[present]
         return cls(
-            np.bincount(bins[has], weights=correct[present][has], minlength=width),
+            np.bincount(bins[has], weights=outcome[present][has], minlength=width),
             np.bincount(bins[has], minlength=width),
             np.bincount(bins, minlength=width),
+            np.bincount(bins, weights=values[present], minlength=width),
+            edges,
+            implied,
         )
+
+    def rates(self, counts: np.ndarray | None = None, sums: np.ndarray | None = None) -> np.ndarray:
+        """Each bin's rate, for a window's bin ``counts`` and value ``sums`` (default: the
+        reference's)."""
+        if counts is None or sums is None:
+            return self._rates(self.ref_means)
+        return self._rates(self._means(counts, sums, self.ref_means))
+
+    def _rates(self, means: np.ndarray) -> np.ndarray:
+        return (self.hits + PRIOR_ROWS * self.implied(means)) / (self.labelled + PRIOR_ROWS)
+
+
+class AccuracyCalibration(BinnedRate):
+    r"""The model's accuracy per bin of its uncertainty column (a :class:`BinnedRate` of being
+    right, implied by the top class score), and the reference's level
+    :math:`L = \sum_b p_b \hat r_b` with :math:`p_b` the reference rows' shares, and spread
+    :math:`\sigma_a`: the standard deviation of a reference row's calibrated accuracy.
+
+    Examples
+    --------
+    >>> cal = AccuracyCalibration.fit(np.array([0.1, 0.2, 0.9, 0.95]),
+    ...     np.array([0.0, 1, 1, 1]), np.ones(4, bool), np.array([0.5]), lambda m: (1 + m) / 2)
+    >>> cal.rates().round(3).tolist(), round(cal.level, 3)
+    ([0.562, 0.969], 0.766)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        accuracy = self.rates()
+        p = self.ref_counts / max(self.ref_counts.sum(), 1)
+        self.level = float(p @ accuracy)
+        self.spread = float(np.sqrt(p @ (accuracy - self.level) ** 2))
 
 
 class EstimatedAccuracy:
-    r"""A window's accuracy estimated from its uncertainty-bin counts :math:`n_b` (CBPE with
-    histogram binning), and a one-sided test of it against the reference's level.
+    r"""A window's accuracy estimated from its uncertainty-bin counts :math:`n_b` and value
+    sums, and a one-sided test of it against the reference's level.
 
-    The estimate is :math:`\hat A = \sum_b w_b \hat a_b` with :math:`w_b = n_b / n`. Its
+    The estimate is :math:`\hat A = \sum_b w_b \hat r_b` with :math:`w_b = n_b / n`. Its
     interval is for the accuracy the labels will show on the same events: each event is right
-    with probability :math:`a_b`, and each :math:`\hat a_b` is itself estimated from
-    :math:`m_b` labelled rows, so
+    with probability :math:`r_b`, and each :math:`\hat r_b` is itself estimated from
+    :math:`m_b` labelled rows and :math:`k` pseudo-rows, so
 
-    .. math:: \operatorname{Var} = \sum_b \frac{w_b \hat a_b (1 - \hat a_b)}{n}
-        + \sum_b \frac{w_b^2 \hat a_b (1 - \hat a_b)}{m_b + 1} .
+    .. math:: \operatorname{Var} = \sum_b \frac{w_b \hat r_b (1 - \hat r_b)}{n}
+        + \sum_b \frac{w_b^2 \hat r_b (1 - \hat r_b)}{m_b + k} .
 
     The test asks whether the window's traffic is confidently worse for the model than the
     reference's by more than ``tolerance``. With no change, the window's estimate differs from
     the reference level :math:`L` only by which bins its events fell in, a mean of :math:`n`
-    draws of :math:`\hat a_B` (standard deviation :math:`\sigma_a` over the reference), and
+    draws of :math:`\hat r_B` (standard deviation :math:`\sigma_a` over the reference), and
     the level itself is such a mean over the reference's :math:`M` rows:
 
     .. math:: z = \frac{L - \text{tolerance} - \hat A}{\sigma_a \sqrt{1/n + 1/M}} ,
@@ -98,13 +189,14 @@ class EstimatedAccuracy:
 
     Examples
     --------
-    >>> cal = AccuracyCalibration(np.array([20, 90]), np.array([40, 100]), np.array([400, 1000]))
-    >>> same = EstimatedAccuracy(cal, 0.02).update(np.array([40, 100]))
+    >>> cal = AccuracyCalibration(np.array([20, 90]), np.array([40, 100]), np.array([400, 1000]),
+    ...                           np.array([100.0, 900.0]), np.array([0.5]), lambda m: (1 + m) / 2)
+    >>> same = EstimatedAccuracy(cal, 0.02).update(np.array([40, 100]), np.array([10.0, 90.0]))
     >>> round(same.estimate, 3), round(same.statistic, 1)
-    (0.787, -1.3)
-    >>> worse = EstimatedAccuracy(cal, 0.02).update(np.array([100, 40]))
+    (0.796, -1.3)
+    >>> worse = EstimatedAccuracy(cal, 0.02).update(np.array([100, 40]), np.array([25.0, 36.0]))
     >>> round(worse.estimate, 3), [round(x, 3) for x in worse.interval], round(worse.statistic, 1)
-    (0.619, [0.485, 0.753], 9.4)
+    (0.633, [0.509, 0.758], 9.4)
 
     References
     ----------
@@ -120,16 +212,17 @@ class EstimatedAccuracy:
         self.sd = math.nan
         self.statistic = -math.inf
 
-    def update(self, counts: np.ndarray) -> EstimatedAccuracy:
-        """Take a window's counts in the uncertainty column's bins."""
+    def update(self, counts: np.ndarray, sums: np.ndarray) -> EstimatedAccuracy:
+        """Take a window's counts and value sums in the uncertainty column's bins."""
         cal = self.calibration
         self.n = n = int(counts.sum())
         if not n:
             return self
         w = counts / n
-        a = cal.accuracy
+        a = cal.rates(counts, sums)
         self.estimate = float(w @ a)
-        self.sd = math.sqrt(w @ (a * (1 - a)) / n + (w**2) @ (a * (1 - a) / (cal.labelled + 1)))
+        var = a * (1 - a)
+        self.sd = math.sqrt(w @ var / n + (w**2) @ (var / (cal.labelled + PRIOR_ROWS)))
         se = cal.spread * math.sqrt(1 / n + 1 / max(cal.ref_counts.sum(), 1)) or 1e-12
         self.statistic = (cal.level - self.tolerance - self.estimate) / se
         return self
@@ -137,9 +230,140 @@ class EstimatedAccuracy:
     @property
     def interval(self) -> tuple[float, float]:
         """The :data:`INTERVAL` interval of the window's accuracy, clipped to [0, 1]."""
-        half = float(special.ndtri(0.5 + INTERVAL / 2)) * self.sd
-        return max(self.estimate - half, 0.0), min(self.estimate + half, 1.0)
+        return _normal_interval(self.estimate, self.sd)
 
     @property
     def p_value(self) -> float:
         return float(special.ndtr(-self.statistic))
+
+
+class BinaryCalibration:
+    """A binary model's calibration on the bins of its positive class's score: the rate of
+    positive labels (implied by the score itself) and of positive answers (implied by the
+    score reaching 0.5, where the reference shows no other threshold).
+
+    Parameters
+    ----------
+    positive, answered
+        The two :class:`BinnedRate`.
+    """
+
+    def __init__(self, positive: BinnedRate, answered: BinnedRate):
+        self.positive, self.answered = positive, answered
+
+    @classmethod
+    def fit(
+        cls,
+        scores: np.ndarray,
+        label_positive: np.ndarray,
+        answer_positive: np.ndarray,
+        labelled: np.ndarray,
+        edges: np.ndarray,
+    ) -> BinaryCalibration:
+        """From the reference's positive scores (NaN: none), which rows are ``labelled``, and
+        per row whether its label and the model's answer are the positive class."""
+        return cls(
+            BinnedRate.fit(scores, label_positive, labelled, edges, lambda p: p),
+            BinnedRate.fit(
+                scores, answer_positive, labelled, edges, lambda p: (p >= 0.5).astype(float)
+            ),
+        )
+
+
+class EstimatedBinary:
+    r"""A binary model's F1 and ROC AUC on a window, expected from its positive-score bins.
+
+    With :math:`\pi_b` a bin's calibrated rate of positive labels and :math:`\rho_b` of
+    positive answers, an event of bin :math:`b` is a true positive with probability
+    :math:`\rho_b \pi_b`, a false positive with :math:`\rho_b (1 - \pi_b)`, a false negative
+    with :math:`(1 - \rho_b) \pi_b`; summed over the window's :math:`n_b`, the expected
+    confusion matrix gives :math:`F_1 = 2\,TP / (2\,TP + FP + FN)`, its variance by the delta
+    method over the events' independent outcomes. The expected ROC curve ranks the bins by
+    score, with :math:`n_b \pi_b` positives and :math:`n_b (1 - \pi_b)` negatives each (ties
+    within a bin count half), and its AUC's variance is Hanley and McNeil's. Both intervals are
+    for the value the labels will show on the same events. F1 is reported when the expected
+    :math:`2\,TP + FP + FN` is positive, the AUC when the window expects :data:`MIN_EXPECTED`
+    positives and negatives; else NaN.
+
+    Examples
+    --------
+    >>> edges = np.array([0.5])
+    >>> rate = lambda hits: BinnedRate(np.array(hits), np.array([100, 100]), np.array([100, 100]),
+    ...                                np.array([20.0, 80.0]), edges, lambda p: p)
+    >>> cal = BinaryCalibration(rate([10, 90]), rate([0, 100]))
+    >>> est = EstimatedBinary(cal).update(np.array([500, 500]), np.array([100.0, 400.0]))
+    >>> round(est.f1, 3), round(est.roc_auc, 3)
+    (0.877, 0.891)
+    >>> [round(x, 3) for x in est.f1_interval + est.roc_auc_interval]
+    [0.856, 0.897, 0.87, 0.912]
+
+    References
+    ----------
+    NannyML, Confidence-based Performance Estimation (CBPE: expected confusion matrix and ROC
+    curve from calibrated probabilities); Hanley, McNeil (1982), The meaning and use of the
+    area under a receiver operating characteristic (ROC) curve.
+    """
+
+    def __init__(self, calibration: BinaryCalibration):
+        self.calibration = calibration
+        self.f1 = self.f1_sd = self.roc_auc = self.roc_auc_sd = math.nan
+
+    def update(self, counts: np.ndarray, sums: np.ndarray) -> EstimatedBinary:
+        """Take a window's counts and value sums in the positive score's bins."""
+        cal = self.calibration
+        pi, rho = cal.positive.rates(counts, sums), cal.answered.rates(counts, sums)
+        self._f1(counts, pi * rho, (1 - pi) * rho + pi * (1 - rho))
+        self._roc_auc(counts * pi, counts * (1 - pi))
+        return self
+
+    def _f1(self, counts: np.ndarray, p_tp: np.ndarray, p_miss: np.ndarray) -> None:
+        """F1 from each bin's chance of a true positive and of a false one of either kind."""
+        tp, miss = float(counts @ p_tp), float(counts @ p_miss)
+        d = 2 * tp + miss
+        if d <= 0:
+            return
+        self.f1 = 2 * tp / d
+        # an event moves F1 by g_tp as a true positive, g_miss as a false positive or negative
+        g_tp, g_miss = 2 * miss / d**2, -2 * tp / d**2
+        mean = g_tp * p_tp + g_miss * p_miss
+        second = g_tp**2 * p_tp + g_miss**2 * p_miss
+        self.f1_sd = math.sqrt(max(float(counts @ (second - mean**2)), 0.0))
+
+    def _roc_auc(self, positives: np.ndarray, negatives: np.ndarray) -> None:
+        """AUC of bins ranked by score, each with its expected positives and negatives."""
+        n_pos, n_neg = float(positives.sum()), float(negatives.sum())
+        if min(n_pos, n_neg) < MIN_EXPECTED:
+            return
+        above = n_pos - np.cumsum(positives)  # positives in higher bins
+        a = self.roc_auc = float(negatives @ (above + positives / 2)) / (n_pos * n_neg)
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (
+            n_pos * n_neg
+        )
+        self.roc_auc_sd = math.sqrt(max(var, 0.0))
+
+    @property
+    def f1_interval(self) -> tuple[float, float]:
+        return _normal_interval(self.f1, self.f1_sd)
+
+    @property
+    def roc_auc_interval(self) -> tuple[float, float]:
+        return _normal_interval(self.roc_auc, self.roc_auc_sd)
+
+
+def estimated_binary(baseline: Baseline, window: Summary) -> dict:
+    """A binary model's estimated F1 and ROC AUC on ``window``, with their intervals, and the
+    F1 of the labels joined in it (None until some come, or where an estimate is not
+    defined): evidence beside the estimated accuracy. Empty for other models."""
+    if baseline.binary is None or baseline.positive_score is None:
+        return {}
+    bins = baseline.layout.bins_of(baseline.positive_score)
+    est = EstimatedBinary(baseline.binary).update(window.counts[bins], window.sums[bins])
+    answered = window.answer_positives + window.label_positives
+    return {
+        "estimated_f1": None if math.isnan(est.f1) else est.f1,
+        "f1_interval": None if math.isnan(est.f1) else list(est.f1_interval),
+        "realised_f1": 2 * window.true_positives / answered if answered else None,
+        "estimated_roc_auc": None if math.isnan(est.roc_auc) else est.roc_auc,
+        "roc_auc_interval": None if math.isnan(est.roc_auc) else list(est.roc_auc_interval),
+    }

@@ -53,7 +53,13 @@ class Layout:
     size: int = 0
 
     @classmethod
-    def from_columns(cls, columns: dict[str, np.ndarray], bins: int = 32) -> Layout:
+    def from_columns(
+        cls,
+        columns: dict[str, np.ndarray],
+        bins: int = 32,
+        fixed_edges: dict[str, np.ndarray] | None = None,
+    ) -> Layout:
+        """Bins on each numeric column's quantiles (and on its ``fixed_edges``, if given)."""
         kinds, edges, vocab, offsets, size = {}, {}, {}, {}, 0
         for name, values in columns.items():
             offsets[name] = size
@@ -65,12 +71,16 @@ class Layout:
             else:
                 kinds[name] = NUMERIC
                 edges[name] = quantile_edges(values[~np.isnan(values)], bins)
+                if fixed_edges and name in fixed_edges:
+                    edges[name] = np.union1d(edges[name], fixed_edges[name])
                 size += len(edges[name]) + 1
         return cls(tuple(columns), kinds, edges, vocab, offsets, size)
 
     @classmethod
-    def from_reference(cls, ref: ReferenceData, bins: int = 32) -> Layout:
-        return cls.from_columns(ref.columns, bins)
+    def from_reference(
+        cls, ref: ReferenceData, bins: int = 32, fixed_edges: dict[str, np.ndarray] | None = None
+    ) -> Layout:
+        return cls.from_columns(ref.columns, bins, fixed_edges)
 
     def bins_of(self, name: str) -> slice:
         """The slice of the flat arrays that holds ``name``'s bins."""
@@ -171,7 +181,8 @@ def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
 class Summary:
     """Sufficient statistics of a set of events; ``+`` merges two sets exactly (counts) or to
     floating-point rounding (sums). Besides the column histograms: serving errors, a latency
-    histogram (:data:`coalmine.streams.latency.LATENCY_EDGES_MS`), labelled errors, outcome
+    histogram (:data:`coalmine.streams.latency.LATENCY_EDGES_MS`), labelled errors (and a
+    binary model's confusion counts when it estimates its performance), outcome
     moments for A/B tests, and, on the shadow variant, its pairing with the champion: paired
     requests, agreements, and the discordant cells of the paired correctness table (b:
     champion right, shadow wrong; c: the reverse)."""
@@ -184,6 +195,11 @@ class Summary:
     errors: int = 0
     labelled: int = 0
     label_errors: int = 0
+    # a binary model's labelled events (estimated_performance only): positive label, positive
+    # answer, both
+    label_positives: int = 0
+    answer_positives: int = 0
+    true_positives: int = 0
     abs_error_sum: float = 0.0
     abs_error_sumsq: float = 0.0
     outcome_n: int = 0

@@ -467,6 +467,11 @@ class Sketcher:
             right[variant] = same_answer(pred, truth)
             s.labelled += 1
             s.label_errors += not right[variant]
+            if (positive := self.baselines[model].positive_class) is not None:
+                said, was = same_answer(pred, positive), same_answer(truth, positive)
+                s.answer_positives += said
+                s.label_positives += was
+                s.true_positives += said and was
             if isinstance(pred, (int, float)) and isinstance(truth, (int, float)):
                 error = min(abs(pred - truth), MAX_MAGNITUDE)  # 1e308 - -1e308 is inf
                 s.abs_error_sum += error
