@@ -4,7 +4,10 @@ message is dead-lettered with a reason, every valid event is counted exactly onc
 valid events, which are valid, are dropped as duplicates), no stage stops, and the worker's
 memory stays flat; prints a table of the kinds and what became of them.
 
-usage: python benchmarks/hostile.py [--valid N] [--hostile N]
+usage: python benchmarks/hostile.py [--valid N] [--hostile N] [--rounds N]
+
+With ``--rounds N`` the mix is repeated N times with fresh event ids and times, and the
+worker's resident memory is printed after each round with its slope (memory flat: about 0).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from coalmine import simulator
@@ -75,33 +79,71 @@ def _feature(e: dict, value) -> bytes:
     return _dump({**e, "features": {**e["features"], "f1": value}})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--valid", type=int, default=30_000)
-    parser.add_argument("--hostile", type=int, default=10_400)
-    args = parser.parse_args()
-    scenario = simulator.Scenario(n_events=args.valid, rate_per_s=RATE, label_fraction=0, seed=9)
-    valid = [e for kind, e in simulator.generate(scenario) if kind == "prediction"]
+def round_stream(valid: list[dict], r: int, hostile: int) -> tuple[list[bytes], Counter]:
+    """Round ``r`` of the mix: the valid events with fresh ids and times (each round after the
+    last, so that nothing is late or a retry of an earlier round), hostile messages among them,
+    and 499 retries of valid events; returns the messages and the hostile ones sent by kind."""
     names = list(KINDS)
+    span = valid[-1]["ts"] - valid[0]["ts"] + 1000
+    fresh = [
+        {
+            **e,
+            "event_id": f"{e['event_id']}-r{r}",
+            "request_id": f"{e['request_id']}-r{r}",
+            "ts": e["ts"] + r * span,
+        }
+        for e in valid
+    ]
     # after the first 2,000 valid events (a late event needs a watermark to be late by), one
     # hostile message after every few valid ones, the kinds in turn; the 600 KB ones kept few
     start = 2_000
-    every = max((len(valid) - start) // args.hostile, 1)
-    stream: list[tuple[str, bytes]] = [("prediction", _dump(e)) for e in valid[:start]]
+    every = max((len(fresh) - start) // hostile, 1)
+    stream = [_dump(e) for e in fresh[:start]]
     sent: Counter = Counter()
-    for i, e in enumerate(valid[start:]):
-        stream.append(("prediction", _dump(e)))
+    for i, e in enumerate(fresh[start:]):
+        stream.append(_dump(e))
         if 3_000 <= i < 3_499:  # a producer's retry, right after the original: valid
-            stream.append(("prediction", _dump(e)))
+            stream.append(_dump(e))
         if i % every == 0:
             name = names[(i // every) % len(names)]
             if name == "600 KB not JSON" and sent[name] >= 20:
                 name = "not JSON"
             # an id of its own: with its valid twin's, a message that passes would be a retry
-            mine = {**e, "event_id": f"hostile-{i}"}
-            stream.append(("hostile", KINDS[name](mine)))
+            mine = {**e, "event_id": f"hostile-{i}-r{r}"}
+            stream.append(KINDS[name](mine))
             sent[name] += 1
-    hostile = sum(sent.values())
+    return stream, sent
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now (VmRSS), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return (
+        next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        / 1024
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--valid", type=int, default=30_000)
+    parser.add_argument("--hostile", type=int, default=10_400)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the mix, with fresh ids and times, N times"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config default (TOML), e.g. --set label_ttl='\"30s\"' --set dedup_events=5000",
+    )
+    args = parser.parse_args()
+    scenario = simulator.Scenario(n_events=args.valid, rate_per_s=RATE, label_fraction=0, seed=9)
+    valid = [e for kind, e in simulator.generate(scenario) if kind == "prediction"]
+    names = list(KINDS)
+    sent: Counter = Counter()
+    rss: list[float] = []
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         config = Path(tmp) / "monitor.toml"
@@ -109,39 +151,47 @@ def main() -> None:
         simulator.write_demo_config(
             config, Path(tmp) / "reference.jsonl", bucket="1s", window="10s"
         )
+        settings = "".join(f"{line}\n" for line in args.set)
+        config.write_text(config.read_text().replace("[defaults]\n", "[defaults]\n" + settings))
         ns = Namespace(broker)
         worker = ns.worker(config, log=Path(tmp) / "worker.log").start().wait_ready()
         try:
             t0 = time.monotonic()
-            half = len(stream) // 2
-            first = sum(kind == "hostile" for kind, _ in stream[:half])
-            ns.publish(("prediction", raw) for _, raw in stream[:half])
-            wait_until(
-                lambda: worker.metric("coalmine_deadletters_total") >= first, 300, "the first half"
-            )
-            rss_half = worker.peak_rss_mb()
-            ns.publish(("prediction", raw) for _, raw in stream[half:])
-            wait_until(
-                lambda: (
-                    worker.metric("coalmine_events_total") >= len(valid)
-                    and worker.metric("coalmine_deadletters_total") >= hostile
-                ),
-                300,
-                "every event counted or dead-lettered",
-                interval=1,
-            )
+            for r in range(args.rounds):
+                stream, sent_now = round_stream(valid, r, args.hostile)
+                sent += sent_now
+                ns.publish(("prediction", raw) for raw in stream)
+                hostile, counted = sum(sent.values()), (r + 1) * len(valid)
+                wait_until(
+                    lambda n=counted, h=hostile: (
+                        worker.metric("coalmine_events_total") >= n
+                        and worker.metric("coalmine_deadletters_total") >= h
+                    ),
+                    300,
+                    f"round {r + 1}: every event counted or dead-lettered",
+                    interval=1,
+                )
+                rss.append(rss_mb(worker.pid))
+                print(
+                    f"round {r + 1}: {len(stream):,} messages, worker RSS {rss[-1]:.0f} MB "
+                    f"({time.monotonic() - t0:.0f} s)",
+                    flush=True,
+                )
             time.sleep(3)  # anything counted twice would show now
             elapsed = time.monotonic() - t0
             dead = ns.read("deadletter")
             counted = worker.metric("coalmine_events_total")
             duplicates = worker.metric("coalmine_duplicates_total")
+            entries = worker.metric("coalmine_label_join_entries")
             alive = worker.proc.poll() is None and bool(worker.get("/health"))
-            rss_end = worker.peak_rss_mb()
+            peak = worker.peak_rss_mb()
         finally:
             worker.stop()
+    rounds = args.rounds
     reasons = Counter(reason_kind(d["reason"]) for d in dead)
     print(
-        f"{len(valid):,} valid events (+499 retried), {hostile:,} hostile messages of {len(sent)} kinds"
+        f"{rounds} round(s) of {len(valid):,} valid events (+499 retried), "
+        f"{hostile // rounds:,} hostile messages of {len(sent)} kinds"
     )
     print(f"{'kind':<28} {'sent':>6}")
     for name in names:
@@ -153,13 +203,22 @@ def main() -> None:
         f"dead-lettered: {len(dead):,} of {hostile:,} hostile, all with a reason: {all(d['reason'] for d in dead)}"
     )
     print(
-        f"valid events counted: {counted:,.0f} of {len(valid):,}; duplicates dropped: {duplicates:,.0f}"
+        f"valid events counted: {counted:,.0f} of {rounds * len(valid):,}; "
+        f"duplicates dropped: {duplicates:,.0f}; label-join entries at the end: {entries:,.0f}"
     )
+    slope = np.polyfit(np.arange(1, rounds), rss[1:], 1)[0] if rounds > 2 else float("nan")
     print(
-        f"worker alive and /health answers: {alive}; peak RSS {rss_half:.0f} MB at half, {rss_end:.0f} MB at the end"
+        f"worker alive and /health answers: {alive}; RSS after each round (MB): "
+        + " ".join(f"{x:.0f}" for x in rss)
+        + f"; slope after round 1: {slope:+.1f} MB a round; peak {peak:.0f} MB"
     )
     print(f"{elapsed:.0f} s")
-    ok = len(dead) == hostile and counted == len(valid) and duplicates == 499 and alive
+    ok = (
+        len(dead) == hostile
+        and counted == rounds * len(valid)
+        and duplicates == rounds * 499
+        and alive
+    )
     print("OK" if ok else "FAILED")
 
 
