@@ -276,15 +276,13 @@ def cmd_tail(args) -> int:
 def _signed_verifier(args):
     """The commands or alerts topic's verifier when a key is configured (expiry only for a
     live feed: reading from the beginning shows history); says on stderr when there is none."""
-    from coalmine.signing import Verifier
+    from coalmine.client import env_verifier
 
-    kind = {topics.COMMANDS: "command", topics.ALERTS: "alert"}.get(topics.resolve(args.topic))
-    if kind is None:
-        return None
-    verifier = Verifier.from_env(kind=kind, **({} if args.from_end else {"clock": None}))
-    if verifier is None:
+    topic = topics.resolve(args.topic)
+    verifier = env_verifier(topic, live=args.from_end)
+    if verifier is None and topic in (topics.COMMANDS, topics.ALERTS):
         print(
-            f"coalmine tail: {kind}s are not verified (set $COALMINE_VERIFY_KEY to reject "
+            f"coalmine tail: {args.topic} are not verified (set $COALMINE_VERIFY_KEY to reject "
             "forged and replayed ones)",
             file=sys.stderr,
         )

@@ -25,6 +25,10 @@ from coalmine.security import client_kwargs
 if TYPE_CHECKING:
     from coalmine.signing import Verifier
 
+#: what a tail verifies, by default, when a key is configured: the signed kinds of topic
+FROM_ENV: Literal["env"] = "env"
+_SIGNED = {"commands": "command", "alerts": "alert"}
+
 #: which field keys the messages of each kind of topic, named by its last dotted part so that
 #: namespaced topics are keyed alike (predictions and labels by request: they co-partition)
 _KEY_FIELD = {
@@ -160,14 +164,17 @@ async def tail(
     from_end: bool = False,
     until_idle: float | None = None,
     stop: asyncio.Event | None = None,
-    verifier: Verifier | None = None,
+    verifier: Verifier | None | Literal["env"] = FROM_ENV,
 ) -> AsyncIterator[dict]:
     """Yield the JSON records of a topic, every partition, from the beginning (or the end).
 
-    With a ``verifier`` (:class:`coalmine.signing.Verifier`, of kind "command" for the
-    commands topic, "alert" for the alerts topic) a record it rejects (unsigned, altered,
-    replayed, expired) comes as ``{"_rejected": why, "record": record}``, so that the reader
-    can say so and must neither act on it nor believe it.
+    On the commands and alerts topics (whatever their namespace), records are verified with
+    ``$COALMINE_VERIFY_KEY`` (or ``$COALMINE_SIGNING_KEY``) when one is set, expiry included
+    with ``from_end`` (a live feed), not when reading history; or with the ``verifier``
+    given (:class:`coalmine.signing.Verifier`, of kind "command" for the commands topic,
+    "alert" for the alerts topic); ``verifier=None`` reads them unverified. A record
+    rejected (unsigned, altered, replayed, expired) comes as ``{"_rejected": why, "record":
+    record}``, so that the reader can say so and must neither act on it nor believe it.
 
     With ``from_end``, what was published before the first ``__anext__`` is skipped. Stops
     after ``until_idle`` seconds without a message, or once ``stop`` is set; a message that is
@@ -178,6 +185,8 @@ async def tail(
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
+    if isinstance(verifier, str):  # FROM_ENV
+        verifier = env_verifier(topic, live=from_end)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=parse_broker_url(bootstrap),
         enable_auto_commit=False,
@@ -214,6 +223,17 @@ async def tail(
                     yield record if why is None else {"_rejected": why, "record": record}
     finally:
         await consumer.stop()
+
+
+def env_verifier(topic: str, live: bool) -> Verifier | None:
+    """The configured key's verifier for a commands or alerts topic (with expiry when
+    ``live``), else None (another topic, or no key)."""
+    from coalmine.signing import Verifier
+
+    kind = _SIGNED.get(topic.rpartition(".")[2])
+    if kind is None:
+        return None
+    return Verifier.from_env(kind=kind, **({} if live else {"clock": None}))
 
 
 # ------------------------------------------------------------------ slices by message time

@@ -269,7 +269,7 @@ def test_status_leaves_out_forged_altered_and_replayed_alerts(keys):
     assert "shuttle" not in summarize([], alerts, [])
 
 
-def test_tail_and_the_cli_verify_alerts(namespace, keys):
+def test_tail_and_the_cli_verify_alerts(namespace, keys, monkeypatch):
     private, public = keys
     signer = Signer.parse(private)
     topic = namespace.topic["alerts"]
@@ -277,18 +277,22 @@ def test_tail_and_the_cli_verify_alerts(namespace, keys):
     genuine = signer(alert(1, ts=now))
     published = [genuine, alert(2, "resolved", ts=now + 1), genuine]
 
-    async def publish_and_read() -> list[dict]:
+    async def publish() -> None:
         async with Publisher(namespace.broker.bootstrap) as pub:
             for record in published:
                 await pub.publish(topic, record)
-        verifier = Verifier.parse(public, kind="alert")
-        return [
-            r async for r in tail(namespace.broker.url, topic, until_idle=1.0, verifier=verifier)
-        ]
 
-    got = asyncio.run(publish_and_read())
-    assert got[0] == genuine
-    assert [r["_rejected"].split(" ")[0] for r in got[1:]] == ["unsigned", "replayed:"]
+    async def read(**kwargs) -> list[dict]:
+        return [r async for r in tail(namespace.broker.url, topic, until_idle=1.0, **kwargs)]
+
+    asyncio.run(publish())
+    monkeypatch.delenv("COALMINE_SIGNING_KEY", raising=False)
+    monkeypatch.setenv("COALMINE_VERIFY_KEY", public)
+    by_key = asyncio.run(read())  # the configured key verifies, unasked
+    assert by_key == asyncio.run(read(verifier=Verifier.parse(public, kind="alert")))
+    assert by_key[0] == genuine
+    assert [r["_rejected"].split(" ")[0] for r in by_key[1:]] == ["unsigned", "replayed:"]
+    assert asyncio.run(read(verifier=None)) == published
 
     env = {**os.environ, "COALMINE_NAMESPACE": namespace.prefix, "COALMINE_VERIFY_KEY": public}
     env.pop("COALMINE_SIGNING_KEY", None)
