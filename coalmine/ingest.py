@@ -50,10 +50,14 @@ class PartitionIngest:
         baselines: dict[str, Baseline],
         source: int = 0,
         clock: Callable[[], int] | None = None,
+        wait_for_labels: bool = False,
     ):
         self.models = set(baselines)
-        # clock: a worker's wall clock, ms; replays have none (see Sketcher)
-        self.sketcher = Sketcher(baselines, source=source, clock=clock)
+        # clock: a worker's wall clock, ms; replays have none; wait_for_labels: a worker's
+        # (see Sketcher)
+        self.sketcher = Sketcher(
+            baselines, source=source, clock=clock, wait_for_labels=wait_for_labels
+        )
         self.predictions = PredictionDecoder(baselines)
         # kind -> [(event times, offsets)] of folded events whose bucket may still be open
         self._held: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in KINDS}
@@ -82,10 +86,10 @@ class PartitionIngest:
 
     def fold_labels(self, labels: list[dict], offsets: list[int] | None = None) -> Fed:
         """Fold valid label events (``dead`` positions index ``labels``)."""
-        rejected = self.sketcher.add_labels(labels)
+        rejected, counted = self.sketcher.join_labels(labels)
         kept = _drop(labels, rejected)
-        if offsets is not None:
-            self._hold("label", values_of(kept, "ts"), _drop(offsets, rejected))
+        if offsets is not None:  # held by the bucket each counted in, not its own ts
+            self._hold("label", counted, _drop(offsets, rejected))
         counts = Counter(zip(values_of(kept, "model"), repeat("")))
         return Fed(rejected, counts, max(values_of(kept, "ts"), default=None), len(rejected))
 

@@ -81,12 +81,6 @@ def test_replay_writes_the_commands_the_closed_loop_issued(config, tmp_path):
     ]
 
 
-@pytest.mark.xfail(
-    reason="open (issue 13 note): on the broker the shadow's labelled pairs can reach their "
-    "minimum a bucket later than in replay, so the recorded stream's canary traffic arrives "
-    "before the live shadow passed and the live worker skips 'shadow passed'",
-    strict=False,
-)
 def test_replay_writes_the_commands_a_worker_publishes(namespace, start_worker, tmp_path, config):
     """On the broker: the same served events published to a worker's topics; the commands it
     publishes are those the replay writes."""
@@ -106,12 +100,11 @@ def test_replay_writes_the_commands_a_worker_publishes(namespace, start_worker, 
     wait_for(worker, "coalmine_evaluations_total", span - 4)
     published = namespace.read("commands")
     assert len(published) >= len(expected) - 1
-    expected = expected[: len(published)]
-
-    # a label-based figure behind a decision (label_errors_vs_champion, say) may differ: on
-    # the broker, a label read before or after its bucket closed is counted in that bucket
-    # or the next open one; the decisions, ids and times may not
+    # labels count in the bucket of their event time however late the labels topic is read:
+    # the label-based figures behind each decision are replay's too. Not the count of paired
+    # answers: a champion answer waits for its shadow only once the shadow has answered on
+    # its partition, and a worker has a few partitions where replay has one
     def decision(c: dict) -> dict:
-        return {**c, "evidence": sorted(c["evidence"])}
+        return {**c, "evidence": {k: v for k, v in c["evidence"].items() if k != "paired"}}
 
-    assert [decision(c) for c in published] == [decision(c) for c in expected]
+    assert [decision(c) for c in published] == [decision(c) for c in expected[: len(published)]]

@@ -37,6 +37,12 @@ LABEL_JOIN_EVICTIONS = PromCounter(
     "coalmine_label_join_evictions_total",
     "Label-join entries dropped, oldest first, to keep the table under label_join_max",
 )
+LATE_LABELS = PromCounter(
+    "coalmine_late_labels_total",
+    "Labels read after the bucket of their (and their prediction's) event time had closed: "
+    "counted in the first open bucket",
+    ["model"],
+)
 LATE_PARTIALS = PromCounter(
     "coalmine_late_partials_total",
     "Bucket partials stage 2 received after it evaluated the bucket without them (idle source)",

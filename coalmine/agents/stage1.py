@@ -154,19 +154,36 @@ class Stage1(Service):
             ingest = self.ingests.get(tp.partition)
             if ingest is None:
                 ingest = self.ingests[tp.partition] = PartitionIngest(
-                    self.baselines, source=tp.partition, clock=wall_clock_ms
+                    self.baselines, source=tp.partition, clock=wall_clock_ms, wait_for_labels=True
                 )
             dead = self._feed(ingest, kind, records, 0)
             self.positions[tp] = records[-1].offset + 1
             for i, reason in dead:
                 await self._dead_letter(records[i], reason)
+            labels = TopicPartition(topics.LABELS, tp.partition)
+            if (labels not in batch or kind == "label") and await self._labels_caught_up(labels):
+                ingest.sketcher.labels_caught_up()
             partials = ingest.close()
-            if ingest.sketcher.evicted:  # counted here, then started afresh
-                metrics.LABEL_JOIN_EVICTIONS.inc(ingest.sketcher.evicted)
-                ingest.sketcher.evicted = 0
+            _count_label_join(ingest)
             for partial in partials:
                 for part in encode_partial(partial):
                     await self._send(topics.PARTIALS, partial["model"].encode(), part)
+
+    async def _labels_caught_up(self, labels: TopicPartition) -> bool:
+        """Every label published before the predictions read so far on this partition was
+        read: the labels partition's position is at its end as of a fetch no older than the
+        predictions' latest (buckets wait for the labels side until then: see Sketcher)."""
+        assert self.consumer is not None
+        if labels not in self.consumer.assignment():
+            return True
+        end, polled = self.consumer.highwater(labels), self.consumer.last_poll_timestamp(labels)
+        predictions = TopicPartition(topics.PREDICTIONS, labels.partition)
+        return (
+            end is not None
+            and polled is not None
+            and polled >= (self.consumer.last_poll_timestamp(predictions) or 0)
+            and await self.consumer.position(labels) >= end
+        )
 
     def _feed(self, ingest: PartitionIngest, kind: str, records: list, at: int) -> list:
         """Feed ``records`` (from position ``at`` of their batch); ``(position, reason)`` of
@@ -298,6 +315,17 @@ class Stage1(Service):
             sum(len(t) for s in sketchers for t in s.joins.values())
         )
         metrics.LABEL_JOIN.labels("labels").set(sum(len(s.early_labels) for s in sketchers))
+
+
+def _count_label_join(ingest: PartitionIngest) -> None:
+    """Export the label join's evictions and late labels, counted here, then started afresh."""
+    sketcher = ingest.sketcher
+    if sketcher.evicted:
+        metrics.LABEL_JOIN_EVICTIONS.inc(sketcher.evicted)
+        sketcher.evicted = 0
+    for model, n in sketcher.late_labels.items():
+        metrics.LATE_LABELS.labels(model).inc(n)
+    sketcher.late_labels.clear()
 
 
 def _smaller(topic: str, value: bytes) -> bytes:

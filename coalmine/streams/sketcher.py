@@ -5,8 +5,10 @@ A :class:`Sketcher` folds events into per-(model, variant, event-time bucket)
 :class:`~coalmine.streams.sketch.Summary` partials, joins labels to their predictions, pairs
 shadow answers with the champion's, keeps a watermark (largest prediction event time seen less
 the allowed lateness) and hands out a bucket's partial once the watermark passes the bucket's
-end. Predictions later than that are returned as late, never dropped silently; a label counts
-in the bucket open when it meets its prediction.
+end. Predictions later than that are returned as late, never dropped silently. A label counts
+in the bucket of the later of its own and its prediction's event time, whatever order the two
+are read in: a reader that may read labels behind predictions (a worker's consumer) keeps
+buckets open until the labels side has passed them too (``wait_for_labels``).
 """
 
 from __future__ import annotations
@@ -178,11 +180,18 @@ class Sketcher:
         baselines: dict[str, Baseline],
         source: int = 0,
         clock: Callable[[], int] | None = None,
+        wait_for_labels: bool = False,
     ):
         self.baselines, self.source = baselines, source
         # wall clock in ms (a worker's): events too far ahead of it are refused; replays have
         # none, so their results depend on the events alone
         self.clock = clock
+        # a model that joins labels closes a bucket only once the labels side passed it too:
+        # the largest label ts read, or the partition's time when the reader says it has read
+        # every label there is (labels_caught_up); replays read labels merged by ts, no need
+        self.wait_for_labels = wait_for_labels
+        self.labels_ts: int | None = None
+        self.late_labels: Counter = Counter()  # model -> labels whose bucket had closed
         self.max_ts: dict[str, int] = {}  # model -> largest event time folded
         self.partition_ts: int | None = None  # the largest of them
         # model -> (recent event ids' hashes, the generation before): duplicates are dropped
@@ -218,6 +227,8 @@ class Sketcher:
 
     def _watermark(self, model: str) -> int | None:
         now = self.clock_of(model)
+        if now is not None and self.wait_for_labels and self.baselines[model].joins_needed:
+            now = None if self.labels_ts is None else min(now, self.labels_ts)
         if now is None:
             return None
         settings = self.baselines[model].settings
@@ -440,30 +451,51 @@ class Sketcher:
         return s
 
     def add_labels(self, events: list[dict]) -> list[tuple[int, str]]:
-        """Join labels to their predictions (by request_id) and count labelled errors in the
-        current bucket. A label that comes before its prediction waits for it (until the
-        label TTL, then it is counted as unjoined)."""
-        rejected = []
+        """Join labels to their predictions (by request_id) and count them (see
+        :meth:`join_labels`); return ``(index, reason)`` of those refused (unknown model)."""
+        return self.join_labels(events)[0]
+
+    def join_labels(self, events: list[dict]) -> tuple[list[tuple[int, str]], list[int]]:
+        """Join labels to their predictions (by request_id) and count each in the bucket of
+        the later of its ts and its prediction's. A label that comes before its prediction
+        waits for it (until the label TTL, then it is counted as unjoined). Returns the
+        refused ``(index, reason)`` and, for each label kept, the event time of the bucket it
+        counted in (its own ts while it waits)."""
+        rejected, counted = [], []
         for i, e in enumerate(events):
             if e["model"] not in self.baselines:
                 rejected.append((i, f"unknown model {e['model']!r}"))
                 continue
+            # the labels' own clock: with wait_for_labels, buckets wait for it (labels never
+            # move the predictions' watermark: a labels topic read ahead would make them late)
+            self.labels_ts = e["ts"] if self.labels_ts is None else max(self.labels_ts, e["ts"])
             joined = self._pop_joined(e["request_id"])
             if joined:
-                self._score(joined, e)
+                counted.append(self._score(joined, e))
             else:
                 self.early_labels[e["request_id"]] = e
-        # labels do not move the watermark: they are late by nature (seconds to hours), and a
-        # labels topic read ahead of the predictions topic would make predictions look late
-        return rejected
+                counted.append(e["ts"])
+        return rejected, counted
 
-    def _score(self, entry: dict[str, tuple], label: dict) -> None:
-        """Count a label against every variant's answer to its request; outcomes count for
-        the variants that served it (not the shadow), the paired table on the shadow."""
+    def labels_caught_up(self) -> None:
+        """The reader has read every label published before the predictions folded so far:
+        the labels side is at least at the partition's event time."""
+        if self.partition_ts is not None:
+            self.labels_ts = max(self.labels_ts or 0, self.partition_ts)
+
+    def _score(self, entry: dict[str, tuple], label: dict) -> int:
+        """Count a label against every variant's answer to its request, in the bucket of the
+        later of its ts and theirs (the first open one if that one closed: a late label,
+        counted in :attr:`late_labels`); return that event time. Outcomes count for the
+        variants that served it (not the shadow), the paired table on the shadow."""
         truth = label["label"]
         right = {}
-        for variant, (model, pred, pred_ts, _) in entry.items():
-            s = self._open_summary(model, variant, max(label["ts"], pred_ts))
+        ts = max(label["ts"], *(answer[2] for answer in entry.values()))
+        model = next(iter(entry.values()))[0]
+        if ts < self.closed_through[model]:
+            self.late_labels[model] += 1
+        for variant, (model, pred, _, _) in entry.items():
+            s = self._open_summary(model, variant, ts)
             right[variant] = same_answer(pred, truth)
             s.labelled += 1
             s.label_errors += not right[variant]
@@ -482,10 +514,11 @@ class Sketcher:
                 s.outcome_sum += outcome
                 s.outcome_sumsq += outcome**2
         if "champion" in right and "shadow" in right:
-            s = self._open_summary(entry["shadow"][0], "shadow", label["ts"])
+            s = self._open_summary(model, "shadow", ts)
             s.paired_labelled += 1
             s.b += right["champion"] and not right["shadow"]
             s.c += right["shadow"] and not right["champion"]
+        return max(ts, self.closed_through[model])
 
     def _advance(self, model: str, ts: int) -> None:
         self.max_ts[model] = max(self.max_ts.get(model, ts), ts)
@@ -524,6 +557,7 @@ class Sketcher:
         end = max(ends) + max(b.settings.allowed_lateness_ms for b in self.baselines.values())
         for model in self.baselines:
             self._advance(model, end)
+        self.labels_caught_up()
         return self.close()
 
     def _expire(self) -> None:
