@@ -16,6 +16,7 @@ events accepted, and the reasons given, are those of the schema.
 
 from __future__ import annotations
 
+from itertools import chain
 from operator import attrgetter
 from typing import Any, Literal
 
@@ -101,12 +102,13 @@ class _Model:
         columns: dict[str, np.ndarray] = {}
         if self.numeric:
             grab = attrgetter(*(f for f, _ in self.numeric))
-            rows = (
-                map(grab, features)
+            # one flat list: numpy reads it twice as fast as a list of rows (None -> NaN)
+            flat = (
+                list(chain.from_iterable(map(grab, features)))
                 if len(self.numeric) > 1
-                else ((v,) for v in map(grab, features))
+                else list(map(grab, features))
             )
-            matrix = np.array(list(rows), dtype=float).reshape(n, len(self.numeric))
+            matrix = np.array(flat, dtype=float).reshape(n, len(self.numeric))
             columns.update((name, matrix[:, j]) for j, (_, name) in enumerate(self.numeric))
         for field, name in self.categorical:
             columns[name] = _categories(map(attrgetter(field), features))

@@ -60,6 +60,22 @@ def decode_partial(raw: bytes) -> dict:
     return _decoder.decode(raw)
 
 
+def encode_heartbeat(model: str, source: int, behind: bool) -> bytes:
+    """A message for the partials topic that holds no buckets: whether stage 1 of ``source``
+    has messages it has not read yet (``behind``), so that stage 2 never evaluates a window
+    without a source that is catching up, however long it sends no partial.
+
+    >>> decode_partial(encode_heartbeat("m", 2, True))
+    {'model': 'm', 'source': 2, 'behind': True}
+    """
+    return _encoder.encode({"model": model, "source": source, "behind": behind})
+
+
+def is_heartbeat(partial: dict) -> bool:
+    """Whether a decoded message of the partials topic is a heartbeat (:func:`encode_heartbeat`)."""
+    return "buckets" not in partial
+
+
 def readable_partial(raw: bytes) -> dict:
     """A partial message for people (``coalmine tail partials``): arrays as lists."""
     from coalmine.streams.sketch import Summary

@@ -145,10 +145,11 @@ def test_nothing_lost_or_double_counted_when_a_worker_is_killed(
 
 
 def _counted_once(partials: list[dict], end_ts: int) -> int:
-    """Events in buckets before ``end_ts``, each (source, bucket) taken once, first come."""
+    """Events in buckets before ``end_ts``, each (source, bucket) taken once, first come
+    (heartbeats hold no buckets)."""
     seen, total = set(), 0
     for p in partials:
-        for start, variants in p["buckets"].items():
+        for start, variants in p.get("buckets", {}).items():
             if int(start) < end_ts and (p["source"], start) not in seen:
                 seen.add((p["source"], start))
                 total += sum(v["n"] for v in variants.values())

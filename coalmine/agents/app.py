@@ -20,22 +20,24 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faust
 import faust.web
+from aiokafka.structs import TopicPartition
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.agents import metrics
-from coalmine.agents.stage1 import Stage1
+from coalmine.agents.stage1 import Stage1, dead_letter
 from coalmine.agents.state import ModelState, StateTopic, partition_of, restore
 from coalmine.broker import parse_broker_url
 from coalmine.health import REPEATS, BrokerWatch, report
-from coalmine.partials import decode_partial
+from coalmine.partials import decode_partial, is_heartbeat
 from coalmine.security import Security
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
@@ -46,12 +48,50 @@ log = logging.getLogger("coalmine.worker")
 
 BATCH = 2000
 BATCH_WITHIN_S = 0.2
-#: a source partition that sent nothing for this long (wall clock) stops holding windows back;
+#: a source partition that sent nothing for this long (wall clock) stops holding windows back,
+#: unless its stage 1 said it has a backlog (:func:`coalmine.partials.encode_heartbeat`);
 #: longer than a rebalance after a crash (session timeout 10 s + catch-up), so that the
 #: partials a new owner re-sends are not late
 IDLE_SOURCE_S = 45.0
 #: how long a partial of a newly assigned partition waits for the partition's state to be read
 RESUME_WAIT_S = 60.0
+
+
+class Sources:
+    """What stage 2 knows of each model's source partitions: when it last heard from each, and
+    whether its stage 1 last said it is behind (a backlog it has not read). A source is idle,
+    and windows are evaluated without it, once it has been silent for :data:`IDLE_SOURCE_S`,
+    and never while it is behind."""
+
+    def __init__(self, partitions: int, clock: Callable[[], float] = time.monotonic):
+        self.partitions, self.clock = partitions, clock
+        self.started = clock()
+        self.heard: dict[str, dict[int, float]] = defaultdict(dict)  # model -> source -> time
+        self.behind: dict[str, dict[int, bool]] = defaultdict(dict)
+
+    def resume(self, model: str) -> None:
+        """A model evaluated here from now on: every source counts as just heard, its
+        backlog as unknown (the sources' stage 1 repeats it while it lasts)."""
+        self.heard[model] = dict.fromkeys(range(self.partitions), self.clock())
+        self.behind[model] = {}
+
+    def known(self, model: str) -> bool:
+        return bool(self.heard[model])
+
+    def hear(self, partial: dict) -> None:
+        """A partial or a heartbeat came from its source."""
+        model, source = partial["model"], partial["source"]
+        self.heard[model][source] = self.clock()
+        if is_heartbeat(partial):
+            self.behind[model][source] = bool(partial["behind"])
+
+    def idle(self, model: str) -> set[int]:
+        now, last, behind = self.clock(), self.heard[model], self.behind[model]
+        return {
+            s
+            for s in range(self.partitions)
+            if not behind.get(s) and now - last.get(s, self.started) > IDLE_SOURCE_S
+        }
 
 
 def create_app(
@@ -101,11 +141,11 @@ def create_app(
     evaluators = {
         name: Evaluator(b, sources=partitions, signer=signer) for name, b in baselines.items()
     }
-    heard: dict[str, dict[int, float]] = defaultdict(dict)  # model -> source -> wall time
-    started = time.monotonic()
+    sources = Sources(partitions)
     stage1: list[Stage1] = []  # the running instance, once Faust has started it
     states = {name: ModelState() for name in baselines}  # what was last written of each
     owned: set[int] = set()  # partials partitions this worker evaluates
+    resumed: dict[int, asyncio.Event] = defaultdict(asyncio.Event)  # set while in owned
     partition = {name: partition_of(name, partitions) for name in baselines}
     state_topic = StateTopic(parse_broker_url(broker_url))
 
@@ -122,17 +162,10 @@ def create_app(
             )
             stage1.append(self)
 
-    async def dead_letter(message, reason: str) -> None:
-        record = contract.deadletter_record(
-            message.value,
-            reason,
-            message.topic,
-            message.partition,
-            message.offset,
-            int(time.time() * 1000),
-        )
-        await dead_topic.send(key=message.key, value=contract.encode(record))
-        metrics.DEADLETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
+    async def send_dead_letter(message, reason: str) -> None:
+        tp = TopicPartition(message.topic, message.partition)
+        key, value = dead_letter(tp, message.offset, message.key, message.value, reason)
+        await dead_topic.send(key=key, value=value)
 
     async def publish(model: str, out) -> None:
         for alert in out.alerts:
@@ -177,29 +210,32 @@ def create_app(
                 if restored is None:
                     restored = Evaluator(baselines[model], partitions, signer), ModelState()
                 evaluators[model], states[model] = restored
-                heard[model] = dict.fromkeys(range(partitions), time.monotonic())
+                sources.resume(model)
                 log.info("stage 2 of %s resumes at bucket %s", model, evaluators[model].next_bucket)
+        for p in owned - mine:
+            resumed[p].clear()
         owned.clear()
         owned.update(mine)
+        for p in mine:
+            resumed[p].set()
 
     @app.on_partitions_revoked.connect
     async def hand_over(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         """Revoked partitions stop being evaluated (and written) here at once."""
         revoked = args[0] if args else kwargs["revoked"]
-        owned.difference_update(tp.partition for tp in revoked if tp.topic == topics.PARTIALS)
+        for p in {tp.partition for tp in revoked if tp.topic == topics.PARTIALS}:
+            owned.discard(p)
+            resumed[p].clear()
 
     async def owns(partition: int) -> bool:
         """Whether this worker evaluates ``partition``; Faust may resume a newly assigned one
         before its state is read (:func:`resume`): wait for that, not for a revoked one."""
-        deadline = time.monotonic() + RESUME_WAIT_S
-        while partition not in owned and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if partition not in owned:
+            try:
+                await asyncio.wait_for(resumed[partition].wait(), RESUME_WAIT_S)
+            except TimeoutError:
+                pass
         return partition in owned
-
-    def idle_sources(model: str) -> set[int]:
-        now = time.monotonic()
-        last = heard[model]
-        return {s for s in range(partitions) if now - last.get(s, started) > IDLE_SOURCE_S}
 
     @app.agent(partials_topic)
     async def evaluate(stream):
@@ -213,9 +249,12 @@ def create_app(
                 try:
                     partial = decode_partial(event.message.value)
                     model = partial["model"]
-                    heard[model][partial["source"]] = time.monotonic()
+                    sources.hear(partial)
+                    if is_heartbeat(partial):
+                        await stream.ack(event)
+                        continue
                     late = evaluators[model].late_partials
-                    out = evaluators[model].add(partial, idle_sources(model))
+                    out = evaluators[model].add(partial, sources.idle(model))
                     metrics.LATE_PARTIALS.labels(model).inc(evaluators[model].late_partials - late)
                     await publish(model, out)
                     if out.evaluations:
@@ -224,7 +263,7 @@ def create_app(
                     waiting.append((model, last, event))
                 except Exception as exc:
                     log.exception("stage 2 failed on a partial")
-                    await dead_letter(event.message, f"internal error: {exc!r}")
+                    await send_dead_letter(event.message, f"internal error: {exc!r}")
                     await stream.ack(event)
             # the state first, then the acknowledgements: what a new owner does not find in
             # the state, Kafka delivers again
@@ -245,9 +284,9 @@ def create_app(
     async def release_idle_sources():
         """Quiet partitions must not hold the window back: evaluate without them."""
         for model, evaluator in evaluators.items():
-            if heard[model] and partition[model] in owned:
+            if sources.known(model) and partition[model] in owned:
                 try:
-                    out = evaluator.poll(idle_sources(model))
+                    out = evaluator.poll(sources.idle(model))
                     await publish(model, out)
                     if out.evaluations:
                         await save({model})

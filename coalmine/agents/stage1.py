@@ -16,6 +16,7 @@ assignor hands partition p of both topics to the same member, so joins stay loca
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import time
@@ -27,11 +28,11 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 from mode import Service
 
+from coalmine import chunks, topics
 from coalmine import events as contract
-from coalmine import topics
 from coalmine.agents import metrics
 from coalmine.ingest import PartitionIngest
-from coalmine.partials import encode_partial
+from coalmine.partials import encode_heartbeat, encode_partial
 from coalmine.security import client_kwargs
 from coalmine.streams.baseline import Baseline
 
@@ -46,10 +47,36 @@ COMMIT_EVERY_S = 1.0
 SEND_ATTEMPTS = 3
 #: a dead letter's key (the original's) longer than this is replaced by its SHA-256
 MAX_KEY = 1024
+#: container allocations between young-generation collections (CPython's default: 700). A
+#: batch's tens of thousands of records and columns, freed by reference counting, are
+#: otherwise traversed by collection after collection, with the worker's whole heap
+#: (measured: aiokafka's record objects cost 3x more with the default)
+GC_YOUNG = 100_000
+#: while a partition is behind, each model's stage 2 hears so at least this often
+HEARTBEAT_S = 5.0
 
 
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
+
+
+def dead_letter(
+    tp: TopicPartition, offset: int, key: bytes | None, value: bytes | None, reason: str
+) -> tuple[bytes | None, bytes]:
+    """The dead letter of the message at ``offset`` of ``tp``, counted in the metrics: its key
+    (the original's, hashed when longer than :data:`MAX_KEY`) and value, to send."""
+    if reason.startswith("late event"):
+        try:
+            metrics.LATE.labels(orjson.loads(value or b"")["model"]).inc()
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            pass
+    metrics.DEADLETTERS.labels(tp.topic, metrics.reason_kind(reason)).inc()
+    letter = contract.deadletter_record(
+        value, reason, tp.topic, tp.partition, offset, wall_clock_ms()
+    )
+    if key is not None and len(key) > MAX_KEY:
+        key = hashlib.sha256(key).hexdigest().encode()
+    return key, contract.encode(letter)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -83,8 +110,12 @@ class Stage1(Service):
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.failure: str | None = None  # why stage 1 stopped, for /health
+        self.said: dict[int, bool] = {}  # per partition, whether stage 2 was told it is behind
+        self.spoke: dict[tuple[int, str], float] = {}  # (partition, model) -> last message sent
 
     async def on_start(self) -> None:
+        gc.freeze()  # what start-up made lives on: no collection traverses it again
+        gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
         security = client_kwargs(self.bootstrap)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
@@ -94,7 +125,7 @@ class Stage1(Service):
             **security,
         )
         await self.producer.start()
-        self.consumer = AIOKafkaConsumer(
+        self.consumer = chunks.chunked_consumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -134,32 +165,40 @@ class Stage1(Service):
             async with self.lock:
                 if batch:
                     t0 = time.perf_counter()
-                    await self._process(batch)
+                    n = await self._process(batch)
                     metrics.PROCESSING.labels("sketch").observe(time.perf_counter() - t0)
-                    metrics.BATCH_EVENTS.labels("sketch").observe(sum(map(len, batch.values())))
+                    metrics.BATCH_EVENTS.labels("sketch").observe(n)
                 if time.monotonic() - last_commit >= COMMIT_EVERY_S:
                     await self._commit()
                     last_commit = time.monotonic()
                     self._report()
+                    await self._heartbeats()
 
-    async def _process(self, batch: dict) -> None:
+    async def _process(self, batch: dict[TopicPartition, list[chunks.Chunk]]) -> int:
+        """Fold a fetch's records (:func:`coalmine.chunks.chunked_consumer`); how many."""
         assert self.consumer is not None
         assigned = self.consumer.assignment()
+        n = 0
         # per partition, predictions first: their labels then find them in the join
         for tp in sorted(batch, key=lambda tp: (tp.partition, tp.topic == topics.LABELS)):
             if tp not in assigned:
                 continue  # revoked while this batch was fetched: its new owner reads it
-            records = batch[tp]
+            records = chunks.records(batch[tp])
+            n += len(records)
             kind = "label" if tp.topic == topics.LABELS else "prediction"
             ingest = self.ingests.get(tp.partition)
             if ingest is None:
                 ingest = self.ingests[tp.partition] = PartitionIngest(
                     self.baselines, source=tp.partition, clock=wall_clock_ms, wait_for_labels=True
                 )
-            dead = self._feed(ingest, kind, records, 0)
+            dead = self._feed(ingest, tp, kind, records, 0)
             self.positions[tp] = records[-1].offset + 1
             for i, reason in dead:
-                await self._dead_letter(records[i], reason)
+                record = records[i]
+                await self._send(
+                    topics.DEADLETTER,
+                    *dead_letter(tp, record.offset, record.key, record.value, reason),
+                )
             labels = TopicPartition(topics.LABELS, tp.partition)
             if (labels not in batch or kind == "label") and await self._labels_caught_up(labels):
                 ingest.sketcher.labels_caught_up()
@@ -168,6 +207,8 @@ class Stage1(Service):
             for partial in partials:
                 for part in encode_partial(partial):
                     await self._send(topics.PARTIALS, partial["model"].encode(), part)
+                self.spoke[tp.partition, partial["model"]] = time.monotonic()
+        return n
 
     async def _labels_caught_up(self, labels: TopicPartition) -> bool:
         """Every label published before the predictions read so far on this partition was
@@ -185,7 +226,9 @@ class Stage1(Service):
             and await self.consumer.position(labels) >= end
         )
 
-    def _feed(self, ingest: PartitionIngest, kind: str, records: list, at: int) -> list:
+    def _feed(
+        self, ingest: PartitionIngest, tp: TopicPartition, kind: str, records: list, at: int
+    ) -> list:
         """Feed ``records`` (from position ``at`` of their batch); ``(position, reason)`` of
         those to dead-letter. A batch that raises is halved until the events that cause the
         error are alone: only they are dead-lettered (an internal error), never the batch."""
@@ -193,39 +236,51 @@ class Stage1(Service):
             fed = ingest.feed(kind, [r.value for r in records], [r.offset for r in records])
         except Exception as exc:  # a worker never dies on one batch
             if len(records) == 1:
-                record = records[0]
-                log.exception(
-                    "stage 1 failed on %s[%s]@%s", record.topic, record.partition, record.offset
-                )
+                log.exception("stage 1 failed on %s[%s]@%s", *tp, records[0].offset)
                 return [(at, f"internal error: {exc!r}")]
             mid = len(records) // 2
-            return self._feed(ingest, kind, records[:mid], at) + self._feed(
-                ingest, kind, records[mid:], at + mid
+            return self._feed(ingest, tp, kind, records[:mid], at) + self._feed(
+                ingest, tp, kind, records[mid:], at + mid
             )
         metrics.count_events(kind, fed.counts)
         for model, n in fed.duplicates.items():
             metrics.DUPLICATES.labels(model).inc(n)
         return [(at + i, reason) for i, reason in fed.dead]
 
-    async def _dead_letter(self, record, reason: str) -> None:
-        if reason.startswith("late event"):
-            try:
-                metrics.LATE.labels(orjson.loads(record.value)["model"]).inc()
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                pass
-        letter = contract.deadletter_record(
-            record.value,
-            reason,
-            record.topic,
-            record.partition,
-            record.offset,
-            int(time.time() * 1000),
-        )
-        key = record.key
-        if key is not None and len(key) > MAX_KEY:
-            key = hashlib.sha256(key).hexdigest().encode()
-        await self._send(topics.DEADLETTER, key, contract.encode(letter))
-        metrics.DEADLETTERS.labels(record.topic, metrics.reason_kind(reason)).inc()
+    async def _heartbeats(self) -> None:
+        """Tell each model's stage 2 whether each partition here is behind (has messages not
+        read yet): when that changes, and every :data:`HEARTBEAT_S` while it lasts unless a
+        partial went meanwhile. Stage 2 never evaluates a window without a source behind,
+        however long its partials take (a new owner catching up after a rebalance)."""
+        assert self.consumer is not None
+        now = time.monotonic()
+        for partition in sorted({tp.partition for tp in self.consumer.assignment()}):
+            behind = await self._behind(partition)
+            if behind is None:
+                continue
+            changed = self.said.get(partition) != behind
+            self.said[partition] = behind
+            for model in self.baselines:
+                quiet = now - self.spoke.get((partition, model), -HEARTBEAT_S) >= HEARTBEAT_S
+                if changed or (behind and quiet):
+                    heartbeat = encode_heartbeat(model, partition, behind)
+                    await self._send(topics.PARTIALS, model.encode(), heartbeat)
+                    self.spoke[partition, model] = now
+
+    async def _behind(self, partition: int) -> bool | None:
+        """Whether ``partition`` has messages not read yet (None: not fetched from yet)."""
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        for topic in (topics.PREDICTIONS, topics.LABELS):
+            tp = TopicPartition(topic, partition)
+            if tp not in assigned:
+                continue
+            end = self.consumer.highwater(tp)
+            if end is None:
+                return None
+            if await self.consumer.position(tp) < end:
+                return True
+        return False
 
     async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Queue a message; its delivery is awaited before the next commit (:meth:`_flush`).
@@ -298,6 +353,8 @@ class Stage1(Service):
                 log.warning("stage 1: commit on revocation failed", exc_info=True)
             for partition in gone:
                 self.ingests.pop(partition, None)
+                self.said.pop(partition, None)
+            self.spoke = {k: t for k, t in self.spoke.items() if k[0] not in gone}
             for tp in revoked:
                 self.positions.pop(tp, None)
 
@@ -315,6 +372,7 @@ class Stage1(Service):
             sum(len(t) for s in sketchers for t in s.joins.values())
         )
         metrics.LABEL_JOIN.labels("labels").set(sum(len(s.early_labels) for s in sketchers))
+        metrics.LABEL_JOIN_BYTES.set(sum(s.join_bytes() for s in sketchers))
 
 
 def _count_label_join(ingest: PartitionIngest) -> None:
