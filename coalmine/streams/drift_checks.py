@@ -60,6 +60,15 @@ class DriftJudge:
         self.baseline = baseline
         self.cusums: dict[str, tuple[CUSUM, CUSUM] | None] = {}
         self.joint_cusums: dict[str, JointCUSUM | None] = {}
+        checks = baseline.settings.checks
+        #: (index, column, check, feature) of every column a configured check watches
+        self.watched = [
+            (j, col, check, None if col.name == PREDICTION else col.name)
+            for j, col in enumerate(baseline.columns)
+            if (check := baseline.check_of(col.name)) in checks
+        ]
+        block = baseline.numeric_block
+        self.numeric_names = [c.name for c in block.columns] if block is not None else []
 
     def forget(self, variant: str) -> None:
         """``variant`` is served by a new version: its CUSUMs start afresh."""
@@ -97,17 +106,13 @@ class DriftJudge:
         sequential: dict = {}
         bucket_ranks: dict = {}
         if block is not None and (cusums := self.cusums[variant]) is not None:
-            names = [c.name for c in block.columns]
+            names = self.numeric_names
             if current is not None and current.n:
                 bucket_ranks = dict(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
             sequential = dict(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
             if window_tests and ("drift" in checks or "prediction_drift" in checks or base.derived):
                 numeric = block.statistics(window, q)
-        for j, col in enumerate(base.columns):
-            check = base.check_of(col.name)
-            feature = None if col.name == PREDICTION else col.name
-            if check not in checks:
-                continue
+        for j, col, check, feature in self.watched:
             of_column = partial(make, check, feature)
             if col.kind == NUMERIC:
                 n, *statistics = numeric.get(col.name, (0,))
@@ -116,7 +121,7 @@ class DriftJudge:
                 location, spread = sequential[col.name]
                 out.append(of_column("cusum", location, cusum_h))
                 out.append(of_column("cusum_spread", spread, cusum_h))
-            elif (n := int(window.counts[col.bins].sum())) >= least:
+            elif window_tests and (n := int(window.counts[col.bins].sum())) >= least:
                 out += _categorical_drift(of_column, col, window.counts[col.bins], n, q)
             if "missing_rate" in checks and check == "drift" and window.n >= least:
                 out.append(self._missing(make, col, feature, int(window.missing[j]), window.n, q))

@@ -161,9 +161,7 @@ class Evaluator:
         for group in groups.values():
             if not group:  # a rollout check that did not run: held window tests are none
                 continue
-            exceeded = any(e.exceeded for e in group)
-            worst = max(group, key=_over_threshold)
-            alert = self.alerts.observe(end, exceeded, worst)
+            alert = self.alerts.observe(end, *_worst(group))
             if alert:
                 out.alerts.append(alert)
         out.alerts.extend(
@@ -201,10 +199,19 @@ def _group(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
     return groups
 
 
-def _over_threshold(e: Evaluation) -> float:
-    """How far over its threshold an evaluation is: the worst of a group speaks for it."""
-    assert e.threshold is not None, "only evaluations with a threshold are grouped"
-    return e.value / max(e.threshold, 1e-12)
+def _worst(group: list[Evaluation]) -> tuple[bool, Evaluation]:
+    """Whether any evaluation of a group is over its threshold, and the one furthest over it
+    (the first of equals): the worst of a group speaks for it. One pass: this runs for every
+    group of every bucket."""
+    worst = group[0]
+    assert worst.threshold is not None, "only evaluations with a threshold are grouped"
+    exceeded, top = worst.value > worst.threshold, worst.value / max(worst.threshold, 1e-12)
+    for e in group[1:]:
+        assert e.threshold is not None
+        exceeded = exceeded or e.value > e.threshold
+        if (ratio := e.value / max(e.threshold, 1e-12)) > top:
+            worst, top = e, ratio
+    return exceeded, worst
 
 
 def _is_window_test(e: Evaluation) -> bool:

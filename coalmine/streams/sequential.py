@@ -99,7 +99,7 @@ class ThresholdTable:
 
     def __init__(self, level_at: Callable[[float], float]):
         self.level_at = level_at
-        self.levels = np.full(len(_BUCKET_GRID), np.nan)
+        self.levels: list[float | None] = [None] * len(_BUCKET_GRID)
 
     def __call__(self, bucket_events: float) -> float:
         x = math.log2(min(max(bucket_events, 1.0), _BUCKET_GRID[-1]))
@@ -108,7 +108,7 @@ class ThresholdTable:
         return lo + (hi - lo) * (x - j)
 
     def _level(self, j: int) -> float:
-        if math.isnan(level := float(self.levels[j])):
+        if (level := self.levels[j]) is None:
             level = self.levels[j] = self.level_at(float(_BUCKET_GRID[j]))
         return level
 
@@ -281,8 +281,9 @@ class CUSUM:
     def update(self, n, total) -> CUSUM:
         z = (total - n * self.mean) / self.sd
         cap, slack = 2 * self.threshold, self.k * np.asarray(n)
-        self.upper = np.clip(self.upper + z - slack, 0.0, cap)
-        self.lower = np.clip(self.lower - z - slack, 0.0, cap)
+        # np.minimum(np.maximum()) is np.clip without its per-call dispatch overhead
+        self.upper = np.minimum(np.maximum(self.upper + z - slack, 0.0), cap)
+        self.lower = np.minimum(np.maximum(self.lower - z - slack, 0.0), cap)
         return self
 
     @property

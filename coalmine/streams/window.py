@@ -4,7 +4,7 @@ drops out."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from coalmine.streams.sketch import Summary
@@ -33,20 +33,26 @@ class SlidingWindow:
         self.buckets: deque[Bucket] = deque(maxlen=size)
         self.bucket_ms = bucket_ms
         self.sums: dict[str, Summary] = {}
+        #: variant -> buckets of the ring it has traffic in (its sum goes when none is left)
+        self.present: Counter[str] = Counter()
 
     def append(self, bucket: Bucket) -> dict[str, Summary]:
         """Slide by ``bucket``; return the window of every variant present, by variant name."""
         out = self.buckets[0] if len(self.buckets) == self.size else None
         self.buckets.append(bucket)
+        self.present.update(bucket.variants.keys())
+        if out is not None:
+            self.present.subtract(out.variants.keys())
         if bucket.start // self.bucket_ms % self.size == 0:
             self._add_up()
         else:
             for variant, s in bucket.variants.items():
                 accumulate(self.sums, variant, s)
             for variant, s in out.variants.items() if out is not None else ():
-                self.sums[variant] = self.sums[variant] - s
-                if not any(variant in b.variants for b in self.buckets):
-                    del self.sums[variant]
+                if self.present[variant]:
+                    self.sums[variant] = self.sums[variant] - s
+                else:
+                    del self.sums[variant], self.present[variant]
         return {v: self.sums[v] for v in sorted(self.sums)}
 
     def forget(self, variant: str) -> None:
@@ -54,10 +60,12 @@ class SlidingWindow:
         for b in self.buckets:
             b.variants.pop(variant, None)
         self.sums.pop(variant, None)
+        self.present.pop(variant, None)
 
     def clear(self) -> None:
         self.buckets.clear()
         self.sums.clear()
+        self.present.clear()
 
     def _add_up(self) -> None:
         self.sums = {}
