@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -64,15 +65,22 @@ class TailFit:
     def threshold(self, n, q: float):
         """Level that the standardized statistic exceeds with probability ``q`` in a window
         of ``n`` events; a stacked fit takes an array of ``n``, one per column."""
-        x = np.log(np.clip(n, GRID_N[0], GRID_N[-1]))
-        j = np.clip(np.searchsorted(_LOG_GRID, x, side="right"), 1, len(GRID_N) - 1) - 1
+        # np.minimum(np.maximum()): np.clip without its dispatch overhead (a window test's hot path)
+        x = np.log(np.minimum(np.maximum(n, GRID_N[0]), GRID_N[-1]))
+        j = np.minimum(np.maximum(np.searchsorted(_LOG_GRID, x, side="right"), 1), len(GRID_N) - 1)
+        j -= 1
         w = (x - _LOG_GRID[j]) / (_LOG_GRID[j + 1] - _LOG_GRID[j])
-        at = (np.arange(len(j)), j) if self.a.ndim == 2 else (j,)
-        after = (at[0], j + 1) if self.a.ndim == 2 else (j + 1,)
-        a, b, floor = (v[at] * (1 - w) + v[after] * w for v in (self.a, self.b, self.floor))
+        at = (slice(None), np.arange(len(j)), j) if self.a.ndim == 2 else (slice(None), j)
+        after = (*at[:-1], j + 1)
+        a, b, floor = self._stacked[at] * (1 - w) + self._stacked[after] * w
         t = np.maximum(a - math.log(q), 0.0) / np.where(b > 0, b, 1.0)
         level = np.where(b > 0, np.maximum(floor, t ** (1 / self.power)), floor)
         return float(level) if level.ndim == 0 else level
+
+    @cached_property
+    def _stacked(self) -> np.ndarray:
+        """``a``, ``b`` and ``floor`` in one array: one gather interpolates all three."""
+        return np.stack([self.a, self.b, self.floor])
 
 
 _LOG_GRID = np.log(GRID_N)
