@@ -17,7 +17,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "slow: needs seconds of work outside coalmine (a wheel build, a browser, a second report"
-        " render); `make unit` leaves it out, `make test` runs it",
+        " render) or a long stream; `make unit` leaves it out, `make test` runs it",
     )
 
 
