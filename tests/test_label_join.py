@@ -11,6 +11,7 @@ import orjson
 
 from coalmine.ingest import PartitionIngest
 from coalmine.streams import Baseline, ModelSettings, ReferenceData
+from coalmine.streams.label_join import JoinTable, request_keys
 
 T0 = 1_700_000_000_000
 STEP_MS = 50  # between predictions: 20 a one-second bucket
@@ -113,3 +114,54 @@ def test_a_label_is_held_for_commit_by_the_bucket_it_counted_in():
     ingest.sketcher.labels_caught_up()
     ingest.close()  # closed through T0 + 5000: the label's own bucket, not its prediction's
     assert ingest.committable() == {"prediction": 0, "label": 0}
+
+
+def test_request_keys_are_stable_and_do_not_depend_on_the_batch():
+    ids = ["r1", "a-much-longer-request-id-0123456789", "é☃", "x" * 500]
+    keys = request_keys(ids).tolist()
+    assert keys == [request_keys([i])[0] for i in ids] == request_keys(ids[::-1]).tolist()[::-1]
+    assert len(set(keys)) == 4 and len(set(request_keys([f"r{i}" for i in range(10**5)]))) == 10**5
+    assert keys[0] == 0x6C8E37EB25FBA26A  # the same in every process: a state topic reads it back
+
+
+def test_answers_come_out_of_the_table_as_they_went_in():
+    table = JoinTable(["m", "n"], capacity=4)
+    predictions = [1, 2.5, "cat", True, None, 2**60, -0.0, 7]
+    latency = np.array([1.5, np.nan, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    keys = request_keys([f"r{i}" for i in range(8)])
+    table.add("n", keys, np.arange(8) + T0, latency, predictions)
+    answers = [table.pop(int(k)) for k in keys]
+    assert [(a.model, a.prediction, type(a.prediction), a.ts) for a in answers] == [
+        ("n", p, type(p), T0 + i) for i, p in enumerate(predictions)
+    ]
+    assert [a.latency for a in answers[:3]] == [1.5, None, 3.0]
+    assert len(table) == 0 and table.pop(int(keys[0])) is None
+
+
+def test_the_table_drops_its_oldest_first_and_keeps_the_rest_findable():
+    table, n = JoinTable(["m"], capacity=8), 1000
+    keys = request_keys([f"r{i}" for i in range(n)])
+    for start in range(0, n, 100):  # grows and compacts as it fills
+        span = slice(start, start + 100)
+        table.add("m", keys[span], T0 + np.arange(n)[span], np.zeros(100), list(range(100)))
+        for k in keys[span][::2].tolist():  # every other one labelled
+            assert table.pop(k) is not None
+    assert len(table) == 500
+    assert table.expire({"m": T0 + 301}) == 150  # odd ones up to 299
+    assert table.evict(100) == 100 and len(table) == 250
+    # 301 to 499 evicted, the even ones labelled
+    assert [table.pop(int(k)) is not None for k in keys[499:503]] == [False, False, True, False]
+    assert table.nbytes() > 250 * 8
+
+
+def test_the_label_join_is_bounded_evictions_are_counted_and_joined_labels_still_score():
+    b = performance_baseline(label_join_max=300)
+    ingest = PartitionIngest({"m": b})
+    ingest.feed("prediction", [prediction(i, T0 + i) for i in range(1000)])
+    ingest.close()
+    sketcher = ingest.sketcher
+    assert len(sketcher.joins["champion"]) == 300 and sketcher.evicted == 700
+    ingest.feed("label", [label(i, T0 + 1000) for i in (0, 699, 700, 999)])
+    partials = ingest.flush()
+    labelled = sum(p["buckets"][b]["champion"]["labelled"] for p in partials for b in p["buckets"])
+    assert labelled == 2 and sketcher.expired_unjoined_labels + len(sketcher.early_labels) == 2

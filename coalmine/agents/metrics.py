@@ -126,6 +126,10 @@ LABEL_JOIN = Gauge(
     "Predictions waiting for their label and labels waiting for their prediction",
     ["kind"],
 )
+LABEL_JOIN_BYTES = Gauge(
+    "coalmine_label_join_bytes",
+    "Memory of the predictions waiting for their label (columns and index)",
+)
 CANARY_WEIGHT = Gauge(
     "coalmine_canary_weight_percent",
     "Traffic weight the latest command gave a version (set_weight; 100 once promoted, 0 rolled back)",

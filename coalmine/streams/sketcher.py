@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice, repeat
+from itertools import islice
 
 import numpy as np
 
 from coalmine.streams.baseline import Baseline
+from coalmine.streams.label_join import Answer, JoinTable, request_keys
 from coalmine.streams.latency import latency_bins
 from coalmine.streams.reference import same_answer
 from coalmine.streams.settings import MAX_TS, VARIANTS
@@ -201,10 +202,10 @@ class Sketcher:
         self.evicted = 0  # label-join entries dropped to keep the table under join_max
         self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in baselines}
         self.closed_through: dict[str, int] = {m: -1 for m in baselines}
-        # variant -> request_id -> (model, prediction, ts, latency): for labels and shadow pairing
-        self.joins: dict[str, dict[str, tuple]] = {}
-        # request_id -> the label that came before its prediction
-        self.early_labels: dict[str, dict] = {}
+        # variant -> the answers waiting for their labels
+        self.joins: dict[str, JoinTable] = {}
+        # request key (request_keys) -> the label that came before its prediction
+        self.early_labels: dict[int, dict] = {}
         # model -> (bucket start, variant) -> version serving it (the first one seen there)
         self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in baselines}
         self.shadow_seen: dict[str, int] = {}  # model -> latest shadow answer's ts
@@ -370,40 +371,49 @@ class Sketcher:
         """Keep predictions for their labels (one table per variant, filled a batch at a time);
         pair shadow answers with the champion's."""
         model = batch.model
-        # NaN: none; clipped, so that a sum of latency differences stays finite
-        latency = [
-            None if v != v else v for v in np.minimum(batch.latency_ms, MAX_LATENCY_MS).tolist()
-        ]
-        entries = zip(repeat(model), batch.prediction, batch.ts.tolist(), latency)
+        # clipped, so that a sum of latency differences stays finite
+        latency = np.minimum(batch.latency_ms, MAX_LATENCY_MS)
+        keys = request_keys(batch.request_id)
         variants = set(batch.variant)
-        if len(variants) == 1:
-            self.joins.setdefault(variants.pop(), {}).update(zip(batch.request_id, entries))
-        else:
-            for rid, variant, entry in zip(batch.request_id, batch.variant, entries):
-                self.joins.setdefault(variant, {})[rid] = entry
+        for variant in variants:
+            mine = (
+                slice(None)
+                if len(variants) == 1
+                else np.array([v == variant for v in batch.variant])
+            )
+            if variant not in self.joins:
+                self.joins[variant] = JoinTable(list(self.baselines))
+            predictions = batch.prediction
+            if len(variants) > 1:
+                predictions = [p for p, v in zip(predictions, batch.variant) if v == variant]
+            self.joins[variant].add(model, keys[mine], batch.ts[mine], latency[mine], predictions)
         if "shadow" in baseline.settings.checks:
             timeout = baseline.policy.shadow_timeout_ms
-            for rid, variant in zip(batch.request_id, batch.variant):
-                self._pair_shadow(baseline, model, rid, variant, timeout)
+            for rid, variant, prediction, ts, lat in zip(
+                batch.request_id,
+                batch.variant,
+                batch.prediction,
+                batch.ts.tolist(),
+                latency.tolist(),
+            ):
+                answer = Answer(model, prediction, ts, None if lat != lat else lat)
+                self._pair_shadow(baseline, rid, variant, answer, timeout)
         if self.early_labels:
-            for rid in self.early_labels.keys() & set(batch.request_id):
-                self._score(self._pop_joined(rid), self.early_labels.pop(rid))
+            for key in self.early_labels.keys() & set(keys.tolist()):
+                self._score(self._pop_joined(key), self.early_labels.pop(key))
 
-    def _pop_joined(self, request_id: str) -> dict[str, tuple]:
-        """Every variant's answer to ``request_id`` still waiting for its label, taken out."""
-        return {
-            variant: table.pop(request_id)
-            for variant, table in self.joins.items()
-            if request_id in table
-        }
+    def _pop_joined(self, key: int) -> dict[str, Answer]:
+        """Every variant's answer to the request keyed ``key`` (:func:`request_keys`) still
+        waiting for its label, taken out."""
+        found = {variant: table.pop(key) for variant, table in self.joins.items()}
+        return {variant: answer for variant, answer in found.items() if answer is not None}
 
     def _pair_shadow(
-        self, baseline: Baseline, model: str, rid: str, variant: str, timeout: int
+        self, baseline: Baseline, rid: str, variant: str, mine: Answer, timeout: int
     ) -> None:
         """Pair champion and shadow answers of one request, in whichever order they come; while
         a shadow serves, a champion answer waits for its shadow at most ``timeout``."""
-        mine = self.joins[variant][rid]
-        ts = mine[2]
+        model, ts = mine.model, mine.ts
         if variant == "shadow":
             self.shadow_seen[model] = max(self.shadow_seen.get(model, 0), ts)
         elif variant != "champion" or ts - self.shadow_seen.get(model, -timeout - 1) > timeout:
@@ -462,18 +472,19 @@ class Sketcher:
         refused ``(index, reason)`` and, for each label kept, the event time of the bucket it
         counted in (its own ts while it waits)."""
         rejected, counted = [], []
-        for i, e in enumerate(events):
+        keys = request_keys(values_of(events, "request_id")).tolist() if events else []
+        for i, (e, key) in enumerate(zip(events, keys)):
             if e["model"] not in self.baselines:
                 rejected.append((i, f"unknown model {e['model']!r}"))
                 continue
             # the labels' own clock: with wait_for_labels, buckets wait for it (labels never
             # move the predictions' watermark: a labels topic read ahead would make them late)
             self.labels_ts = e["ts"] if self.labels_ts is None else max(self.labels_ts, e["ts"])
-            joined = self._pop_joined(e["request_id"])
+            joined = self._pop_joined(key)
             if joined:
                 counted.append(self._score(joined, e))
             else:
-                self.early_labels[e["request_id"]] = e
+                self.early_labels[key] = e
                 counted.append(e["ts"])
         return rejected, counted
 
@@ -483,15 +494,15 @@ class Sketcher:
         if self.partition_ts is not None:
             self.labels_ts = max(self.labels_ts or 0, self.partition_ts)
 
-    def _score(self, entry: dict[str, tuple], label: dict) -> int:
+    def _score(self, entry: dict[str, Answer], label: dict) -> int:
         """Count a label against every variant's answer to its request, in the bucket of the
         later of its ts and theirs (the first open one if that one closed: a late label,
         counted in :attr:`late_labels`); return that event time. Outcomes count for the
         variants that served it (not the shadow), the paired table on the shadow."""
         truth = label["label"]
         right = {}
-        ts = max(label["ts"], *(answer[2] for answer in entry.values()))
-        model = next(iter(entry.values()))[0]
+        ts = max(label["ts"], *(answer.ts for answer in entry.values()))
+        model = next(iter(entry.values())).model
         if ts < self.closed_through[model]:
             self.late_labels[model] += 1
         for variant, (model, pred, _, _) in entry.items():
@@ -573,22 +584,29 @@ class Sketcher:
             if (clock := self.clock_of(m)) is not None
         }
         for table in self.joins.values():
-            self.expired_unlabelled += _drop_oldest(table, lambda v: v[2] < oldest[v[0]])
+            self.expired_unlabelled += table.expire(oldest)
         self.expired_unjoined_labels += _drop_oldest(
             self.early_labels, lambda e: e["ts"] < oldest[e["model"]]
         )
         self._bound_joins()
 
+    def join_bytes(self) -> int:
+        """Memory the tables of answers waiting for their labels hold."""
+        return sum(table.nbytes() for table in self.joins.values())
+
     def _bound_joins(self) -> None:
         """Keep the label joins under ``label_join_max`` entries: beyond, the oldest of the
         largest table go first (counted in :attr:`evicted`)."""
-        tables: list[dict] = [*self.joins.values(), self.early_labels]
+        tables: list[JoinTable | dict] = [*self.joins.values(), self.early_labels]
         excess = sum(map(len, tables)) - self.join_max
         while excess > 0:
             table = max(tables, key=len)
             n = min(excess, len(table))
-            for key in list(islice(table, n)):
-                del table[key]
+            if isinstance(table, JoinTable):
+                table.evict(n)
+            else:
+                for key in list(islice(table, n)):
+                    del table[key]
             self.evicted += n
             excess -= n
 

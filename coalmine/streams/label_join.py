@@ -1,0 +1,215 @@
+"""Stage 1's table of predictions waiting for their labels, in columns.
+
+A dict of tuples keyed by request id costs ~250 bytes a waiting prediction (the id's string,
+a tuple, boxed numbers); here a prediction is a row of numpy columns found through a dict from
+a 64-bit key of its request id (:func:`request_keys`, the same in every process, so a table
+can be written to the state topic and read back by another worker) to its row: ~180 bytes,
+two thirds of them the dict's (``benchmarks/label_join_memory.py``).
+Rows are appended in arrival order, so the oldest go first (expiry, eviction) by moving a
+head; the columns are compacted (or grown) when they fill up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from typing import NamedTuple
+
+import numpy as np
+
+#: request ids longer than this are keyed one by one (hashlib), not in the vectorised pass
+_LONG = 128
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+_FLOAT, _INT, _OBJECT = 0, 1, 2  # how a prediction is kept: float, int (as float), object
+_EXACT_INT = 2**53
+
+
+class Answer(NamedTuple):
+    """One variant's answer waiting for its label."""
+
+    model: str
+    prediction: object
+    ts: int
+    latency: float | None
+
+
+def request_keys(request_ids: list[str]) -> np.ndarray:
+    """Stable 64-bit keys of request ids: FNV-1a over their code points, then SplitMix64's
+    finaliser. Two ids of a partition's 10^6 waiting share a key with odds ~3e-8."""
+    n = len(request_ids)
+    keys = np.empty(n, dtype=np.uint64)
+    lengths = np.fromiter(map(len, request_ids), dtype=np.int64, count=n)
+    long = lengths > _LONG
+    short = np.flatnonzero(~long)
+    if len(short):
+        ids = request_ids if len(short) == n else [request_ids[i] for i in short]
+        points = np.array(ids, dtype=f"<U{max(1, int(lengths[short].max()))}")
+        points = points.view(np.uint32).reshape(len(ids), -1).astype(np.uint64)
+        h = np.full(len(ids), _FNV_OFFSET)
+        width = lengths[short]
+        with np.errstate(over="ignore"):
+            for j, column in enumerate(points.T):  # a shorter id's padding does not count
+                h = np.where(j < width, (h ^ column) * _FNV_PRIME, h)
+            keys[short] = _mix(h ^ width.astype(np.uint64))
+    for i in np.flatnonzero(long).tolist():
+        digest = hashlib.blake2b(request_ids[i].encode(), digest_size=8).digest()
+        keys[i] = int.from_bytes(digest, "little")
+    return keys
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+class JoinTable:
+    """One variant's predictions waiting for their labels, oldest first.
+
+    ``models``: the model names (a row keeps its model's position in it).
+    """
+
+    COLUMNS = {
+        "key": np.uint64,
+        "ts": np.int64,
+        "latency": np.float64,  # NaN: none
+        "number": np.float64,  # the prediction, when a number
+        "kind": np.int8,
+        "model": np.int32,
+        "live": np.bool_,
+    }
+
+    def __init__(self, models: list[str], capacity: int = 1024):
+        self.models = list(models)
+        self._model_code = {m: i for i, m in enumerate(self.models)}
+        self.index: dict[int, int] = {}  # key -> row
+        self.columns: dict[str, np.ndarray] = {
+            name: np.zeros(capacity, dtype) for name, dtype in self.COLUMNS.items()
+        }
+        self.objects = np.full(capacity, None, dtype=object)  # other predictions
+        self.head = self.end = 0  # rows before head are gone; end: the next free row
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, request_id: str) -> bool:
+        return int(request_keys([request_id])[0]) in self.index
+
+    def nbytes(self) -> int:
+        """Memory the table holds: its columns, and its index at a dict entry, key and row
+        each (predictions other than numbers are not counted)."""
+        columns = sum(c.nbytes for c in self.columns.values()) + self.objects.nbytes
+        return columns + sys.getsizeof(self.index) + len(self.index) * (36 + 28)
+
+    def add(
+        self, model: str, keys: np.ndarray, ts: np.ndarray, latency: np.ndarray, predictions
+    ) -> None:
+        """Append one model's answers: their requests' keys (:func:`request_keys`), event
+        times, latencies (NaN: none) and predictions. A later answer to the same request
+        replaces one waiting."""
+        n = len(keys)
+        self._reserve(n)
+        rows = np.arange(self.end, self.end + n)
+        c = self.columns
+        c["key"][rows], c["ts"][rows], c["latency"][rows] = keys, ts, latency
+        c["model"][rows], c["live"][rows] = self._model_code[model], True
+        number, kind, objects = _split(predictions)
+        c["number"][rows], c["kind"][rows] = number, kind
+        if objects:
+            for i, value in objects:
+                self.objects[self.end + i] = value
+        before = len(self.index)
+        self.index.update(zip(keys.tolist(), rows.tolist()))
+        self.end += n
+        if len(self.index) < before + n:  # rare: a request answered again; the last counts
+            live = c["live"][self.head : self.end]
+            live[:] = False
+            live[np.fromiter(self.index.values(), np.int64, len(self.index)) - self.head] = True
+
+    def pop(self, key: int) -> Answer | None:
+        """The answer waiting under ``key`` (from :func:`request_keys`), taken out."""
+        row = self.index.pop(key, None)
+        if row is None:
+            return None
+        c = self.columns
+        c["live"][row] = False
+        kind, number = int(c["kind"][row]), float(c["number"][row])
+        prediction = (number, int(number), self.objects[row])[kind]
+        self.objects[row] = None
+        latency = float(c["latency"][row])
+        return Answer(
+            self.models[c["model"][row]],
+            prediction,
+            int(c["ts"][row]),
+            None if latency != latency else latency,
+        )
+
+    def expire(self, oldest: dict[str, int]) -> int:
+        """Drop the answers, from the oldest, with an event time before their model's
+        ``oldest``, up to the first that is not; how many were live."""
+        c, span = self.columns, slice(self.head, self.end)
+        bounds = np.array([oldest.get(m, np.iinfo(np.int64).min) for m in self.models])
+        keep = c["live"][span] & (c["ts"][span] >= bounds[c["model"][span]])
+        stop = self.head + (int(np.argmax(keep)) if keep.any() else self.end - self.head)
+        return self._drop(stop)
+
+    def evict(self, n: int) -> int:
+        """Drop the ``n`` oldest answers."""
+        live = np.flatnonzero(self.columns["live"][self.head : self.end])
+        return self._drop(self.head + int(live[n - 1]) + 1) if n > 0 else 0
+
+    def _drop(self, stop: int) -> int:
+        """Drop every row before ``stop``; how many were live."""
+        span = slice(self.head, stop)
+        gone = np.flatnonzero(self.columns["live"][span])
+        for key in self.columns["key"][span][gone].tolist():
+            del self.index[key]
+        self.columns["live"][span] = False
+        self.objects[span] = None
+        self.head = stop
+        return len(gone)
+
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` more rows: the live rows moved to the front, in a table half as
+        large again when they would fill more than three quarters of it (so that a row is
+        moved three times at most, on average, before it leaves)."""
+        capacity = len(self.objects)
+        if self.end + n <= capacity:
+            return
+        live = self.head + np.flatnonzero(self.columns["live"][self.head : self.end])
+        size = capacity
+        while len(live) + n > size * 3 // 4:
+            size += size // 2
+        columns: dict[str, np.ndarray] = {
+            name: np.zeros(size, dtype) for name, dtype in self.COLUMNS.items()
+        }
+        for name, column in self.columns.items():
+            columns[name][: len(live)] = column[live]
+        objects = np.full(size, None, dtype=object)
+        objects[: len(live)] = self.objects[live]
+        self.columns, self.objects = columns, objects
+        self.index.update(zip(columns["key"][: len(live)].tolist(), range(len(live))))
+        self.head, self.end = 0, len(live)
+
+
+def _split(predictions: list) -> tuple[np.ndarray, np.ndarray, list[tuple[int, object]]]:
+    """Predictions as numbers (floats, and ints that floats hold exactly) and the others
+    (strings, booleans, None), with each one's kind."""
+    types = set(map(type, predictions))
+    if types <= {int, float}:
+        number = np.array(predictions, dtype=float)
+        if float in types and int not in types:
+            return number, np.full(len(number), _FLOAT, np.int8), []
+        if int not in types or np.abs(number).max() < _EXACT_INT:
+            kind = np.array([type(p) is int for p in predictions], dtype=np.int8)
+            return number, kind, []
+    number = np.zeros(len(predictions))
+    kind = np.full(len(predictions), _OBJECT, np.int8)
+    objects = []
+    for i, p in enumerate(predictions):
+        if type(p) is float or (type(p) is int and abs(p) < _EXACT_INT):
+            number[i], kind[i] = p, _INT if type(p) is int else _FLOAT
+        else:
+            objects.append((i, p))
+    return number, kind, objects
