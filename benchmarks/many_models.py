@@ -1,7 +1,8 @@
 """Many models, little traffic each: file replay of M models at R events/s each (of event time),
 beside orjson parsing the same file. Stage 2 costs a fixed amount per model and bucket, so this
 is where it shows. Start-up (every model's baseline; one shared reference, so calibration runs
-once and is cached) is timed apart and included in the end-to-end rate.
+once and is cached) is timed apart and included in the end-to-end rate; stage 2's own CPU time
+(every call of ``Evaluator.evaluate``) gives its cost per bucket and model.
 
 usage: python benchmarks/many_models.py [--models M] [--rate R] [--seconds S]
 """
@@ -12,6 +13,8 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ import orjson
 from coalmine.baselines import build_baselines
 from coalmine.config import load_config
 from coalmine.replay import bulk_gc, replay_files
+from coalmine.streams.evaluator import Evaluator
 
 try:  # run as a script from the repository root, or as benchmarks.many_models
     from replay_speed import FEATURES, orjson_rate, write_stream
@@ -59,6 +63,26 @@ def write_models_stream(path: Path, models: int, rate: float, seconds: float, se
     return n
 
 
+@contextmanager
+def stage2_cpu() -> Iterator[list[float]]:
+    """CPU seconds and calls of ``Evaluator.evaluate`` (one bucket of one model) while inside."""
+    spent, evaluate = [0.0, 0.0], Evaluator.evaluate
+
+    def timed(self, bucket):
+        t0 = time.process_time()
+        try:
+            return evaluate(self, bucket)
+        finally:
+            spent[0] += time.process_time() - t0
+            spent[1] += 1
+
+    Evaluator.evaluate = timed  # type: ignore[method-assign]
+    try:
+        yield spent
+    finally:
+        Evaluator.evaluate = evaluate  # type: ignore[method-assign]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,7 +109,8 @@ def main() -> None:
     with bulk_gc():
         parse = orjson_rate(work / "stream.jsonl")
     t0 = time.perf_counter()
-    run = replay_files(config, work / "stream.jsonl", progress=False)
+    with stage2_cpu() as spent:
+        run = replay_files(config, work / "stream.jsonl", progress=False)
     replay = time.perf_counter() - t0
     model_seconds = args.models * args.seconds
     print(
@@ -95,6 +120,11 @@ def main() -> None:
     print("| measure | value |")
     print("|---|---:|")
     print(f"| start-up (baselines; calibration once, cached) | {startup:.1f} s |")
+    print(f"| start-up per model | {1000 * startup / args.models:.2f} ms |")
+    print(
+        f"| stage 2 CPU per bucket and model ({spent[1]:,.0f} evaluated) "
+        f"| {1000 * spent[0] / max(spent[1], 1):.3f} ms |"
+    )
     print(f"| replay, events/s (start-up excluded) | {run.counts['predictions'] / replay:,.0f} |")
     print(f"| end to end, events/s (start-up included) | {n / (startup + replay):,.0f} |")
     print(f"| orjson alone parsing the same file, events/s | {parse:,.0f} |")
