@@ -6,6 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
+from coalmine.cache import FileCalibrationCache
 from coalmine.streams import (
     VARIANTS,
     Baseline,
@@ -42,7 +43,8 @@ def monitor():
         window_ms=20_000,
         checks=("drift", "prediction_drift", "missing_rate"),
     )
-    return Baseline(settings, ref)
+    # the session's calibration cache: tests/test_state.py builds the same baseline
+    return Baseline(settings, ref, cache=FileCalibrationCache())
 
 
 def stream(buckets, shift_from=None, shift=0.0, seed=2, missing_from=None, scale=1.0):
@@ -276,7 +278,8 @@ def test_file_replay_is_byte_identical(tmp_path):
     from coalmine.config import load_config
     from coalmine.replay import replay_files, write_jsonl
 
-    simulator.write_reference(tmp_path / "ref.jsonl", n=3000)
+    # the reference of the other replay tests: its calibration is cached for the session
+    simulator.write_reference(tmp_path / "ref.jsonl", n=5000)
     simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
     s = simulator.Scenario(
         n_events=9000, rate_per_s=300, drift_at=4500, drift_size=0.8, bad_event_every=300
@@ -422,7 +425,7 @@ def test_replay_command_writes_alerts_and_every_evaluation(tmp_path, capsys):
     from coalmine.config import load_config
     from coalmine.replay import replay_files
 
-    simulator.write_reference(tmp_path / "ref.jsonl", n=3000)
+    simulator.write_reference(tmp_path / "ref.jsonl", n=5000)
     simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
     s = simulator.Scenario(n_events=9000, rate_per_s=300, drift_at=4500, drift_size=0.8)
     simulator.write_streams(s, tmp_path / "p.jsonl", tmp_path / "l.jsonl")
@@ -508,7 +511,9 @@ def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor)
     from dataclasses import replace
 
     fine = Baseline(
-        replace(monitor.settings, bucket_ms=250, shift_to_detect_sd=100.0), monitor.reference
+        replace(monitor.settings, bucket_ms=250, shift_to_detect_sd=100.0),
+        monitor.reference,
+        cache=FileCalibrationCache(),  # the bucket size and allowance are not part of it
     )
     sketcher, evaluator = Sketcher({"m": fine}), Evaluator(fine)
     evaluations, alerts = [], []

@@ -406,7 +406,8 @@ def test_published_alerts_and_dead_letters_follow_their_schemas(tmp_path):
     from coalmine.config import load_config
     from coalmine.replay import replay_files
 
-    simulator.write_reference(tmp_path / "ref.jsonl", n=3000)
+    # the reference of the other replay tests: its calibration is cached for the session
+    simulator.write_reference(tmp_path / "ref.jsonl", n=5000)
     simulator.write_demo_config(tmp_path / "m.toml", tmp_path / "ref.jsonl", window="10s")
     s = simulator.Scenario(
         n_events=12_000, rate_per_s=300, drift_at=6000, drift_size=1.0, bad_event_every=500

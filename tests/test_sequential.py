@@ -76,10 +76,12 @@ def test_joint_threshold_holds_the_run_length_without_wasting_it(columns, bucket
     bias = rng.standard_normal((chains, columns)) * math.sqrt(
         bucket_events / m
     )  # z's mean, per chain
+    # the sum of squares of z ~ N(bias, I), drawn as the noncentral chi-square it follows
+    noncentrality = (bias**2).sum(axis=1)
     s, alarms = np.zeros(chains), 0
     for _ in range(buckets):
-        z = rng.standard_normal((chains, columns)) + bias
-        s = np.maximum(0, s + (z**2).sum(axis=1) - columns - bucket_events * shift**2 / 2)
+        squares = rng.noncentral_chisquare(columns, noncentrality)
+        s = np.maximum(0, s + squares - columns - bucket_events * shift**2 / 2)
         hit = s > h
         alarms += int(hit.sum())
         s[hit] = 0
