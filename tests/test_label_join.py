@@ -58,7 +58,8 @@ def stream(n: int = 600, delay_ms: int = 1500) -> list[tuple[int, str, bytes]]:
     out = []
     for i in range(n):
         ts = T0 + i * STEP_MS
-        out += [(ts, "prediction", prediction(i, ts)), (ts + delay_ms, "label", label(i, ts))]
+        out += [(ts, "prediction", prediction(i, ts))]
+        out += [(ts + delay_ms, "label", label(i, ts + delay_ms))]
     return sorted(out, key=lambda e: (e[0], e[1] == "label"))
 
 
@@ -165,3 +166,29 @@ def test_the_label_join_is_bounded_evictions_are_counted_and_joined_labels_still
     partials = ingest.flush()
     labelled = sum(p["buckets"][b]["champion"]["labelled"] for p in partials for b in p["buckets"])
     assert labelled == 2 and sketcher.expired_unjoined_labels + len(sketcher.early_labels) == 2
+
+
+def test_a_new_owner_restores_the_label_join_and_its_labels_score_as_on_the_old_one():
+    """Predictions of closed buckets and labels waiting for their predictions go through the
+    state topic's records to a fresh stage 1: the labels that come next count there as they
+    do on the old one."""
+    events = stream(400, delay_ms=5000)
+    first, rest = events[:400], events[400:]
+    old, new = (PartitionIngest({"m": performance_baseline()}) for _ in "ab")
+    for kind in ("prediction", "label"):
+        old.feed(kind, [m for _, k, m in first if k == kind])
+    old.feed("label", [label(1000 + i, T0 + 20_000 + i) for i in range(30)])  # ahead
+    before = labelled_by_bucket(old.close())
+    for start, summaries in old.sketcher.open["m"].items():
+        before[start[0]] += summaries.labelled + 1000 * summaries.label_errors
+    records = old.sketcher.join_records(rows=40)
+    assert len(records) > 3 and len(old.sketcher.joins["champion"]) > 80
+    new.sketcher.restore_joins(records)
+    assert len(new.sketcher.joins["champion"]) == len(old.sketcher.joins["champion"])
+    for ingest in (old, new):
+        ingest.feed("prediction", [m for _, k, m in rest if k == "prediction"])
+        ingest.feed("prediction", [prediction(1000 + i, T0 + 20_000 + i) for i in range(30)])
+        ingest.feed("label", [m for _, k, m in rest if k == "label"])
+    after = labelled_by_bucket(old.flush())
+    after.subtract(before)
+    assert +after == labelled_by_bucket(new.flush()) and sum(after.values()) > 5020

@@ -12,10 +12,12 @@ head; the columns are compacted (or grown) when they fill up.
 from __future__ import annotations
 
 import hashlib
+import io
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 #: request ids longer than this are keyed one by one (hashlib), not in the vectorised pass
 _LONG = 128
@@ -108,17 +110,20 @@ class JoinTable:
         """Append one model's answers: their requests' keys (:func:`request_keys`), event
         times, latencies (NaN: none) and predictions. A later answer to the same request
         replaces one waiting."""
+        number, kind, objects = _split(predictions)
+        codes = np.full(len(keys), self._model_code[model], np.int32)
+        self._append(keys, ts, latency, number, kind, codes, objects)
+
+    def _append(self, keys, ts, latency, number, kind, models, objects) -> None:
         n = len(keys)
         self._reserve(n)
         rows = np.arange(self.end, self.end + n)
         c = self.columns
         c["key"][rows], c["ts"][rows], c["latency"][rows] = keys, ts, latency
-        c["model"][rows], c["live"][rows] = self._model_code[model], True
-        number, kind, objects = _split(predictions)
-        c["number"][rows], c["kind"][rows] = number, kind
-        if objects:
-            for i, value in objects:
-                self.objects[self.end + i] = value
+        c["number"][rows], c["kind"][rows], c["model"][rows] = number, kind, models
+        c["live"][rows] = True
+        for i, value in objects:
+            self.objects[self.end + i] = value
         before = len(self.index)
         self.index.update(zip(keys.tolist(), rows.tolist()))
         self.end += n
@@ -126,6 +131,47 @@ class JoinTable:
             live = c["live"][self.head : self.end]
             live[:] = False
             live[np.fromiter(self.index.values(), np.int64, len(self.index)) - self.head] = True
+
+    def dump(self, variant: str, rows: int) -> list[bytes]:
+        """The answers waiting, oldest first, as records of at most ``rows`` answers each (for
+        the state topic: numpy's format, read back without pickles, and a JSON header with
+        the variant, the model names and the predictions that are not numbers)."""
+        live = self.head + np.flatnonzero(self.columns["live"][self.head : self.end])
+        out = []
+        for start in range(0, len(live), rows):
+            at = live[start : start + rows]
+            objects = [[i, self.objects[row]] for i, row in enumerate(at.tolist())]
+            header = {
+                "variant": variant,
+                "models": self.models,
+                "objects": [o for o in objects if o[1] is not None],
+            }
+            out.append(
+                _npz(
+                    header,
+                    **{name: c[at] for name, c in self.columns.items() if name != "live"},
+                )
+            )
+        return out
+
+    def load(self, header: dict, arrays) -> None:
+        """Append the answers of a record :meth:`dump` wrote (of models this table knows)."""
+        codes = np.array([self._model_code.get(m, -1) for m in header["models"]], np.int32)
+        models = codes[arrays["model"]] if len(codes) else np.zeros(0, np.int32)
+        known = models >= 0
+        objects = [(i, value) for i, value in header["objects"]]
+        if not known.all():
+            renumber = np.cumsum(known) - 1
+            objects = [(int(renumber[i]), v) for i, v in objects if known[i]]
+        self._append(
+            arrays["key"][known],
+            arrays["ts"][known],
+            arrays["latency"][known],
+            arrays["number"][known],
+            arrays["kind"][known],
+            models[known],
+            objects,
+        )
 
     def pop(self, key: int) -> Answer | None:
         """The answer waiting under ``key`` (from :func:`request_keys`), taken out."""
@@ -191,6 +237,25 @@ class JoinTable:
         self.columns, self.objects = columns, objects
         self.index.update(zip(columns["key"][: len(live)].tolist(), range(len(live))))
         self.head, self.end = 0, len(live)
+
+
+def _npz(header: dict, **arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, header=np.frombuffer(orjson.dumps(header), np.uint8), **arrays)
+    return buffer.getvalue()
+
+
+def read_record(record: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """A record of :meth:`JoinTable.dump` or :func:`labels_record`: its header and arrays
+    (no pickles are read)."""
+    with np.load(io.BytesIO(record), allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    return orjson.loads(arrays.pop("header").tobytes()), arrays
+
+
+def labels_record(labels: list[dict]) -> bytes:
+    """A record of labels waiting for their prediction."""
+    return _npz({"labels": labels})
 
 
 def _split(predictions: list) -> tuple[np.ndarray, np.ndarray, list[tuple[int, object]]]:

@@ -21,7 +21,13 @@ from itertools import islice
 import numpy as np
 
 from coalmine.streams.baseline import Baseline
-from coalmine.streams.label_join import Answer, JoinTable, request_keys
+from coalmine.streams.label_join import (
+    Answer,
+    JoinTable,
+    labels_record,
+    read_record,
+    request_keys,
+)
 from coalmine.streams.latency import latency_bins
 from coalmine.streams.reference import same_answer
 from coalmine.streams.settings import MAX_TS, VARIANTS
@@ -35,6 +41,8 @@ MAX_MAGNITUDE = 1e100
 #: latencies are clipped to this (30 years), so that sums of their differences stay finite
 MAX_LATENCY_MS = 1e12
 _STATUS_FAILED = {"ok": False, "error": True}
+#: label-join entries a state record holds at most (~2.5 MB)
+JOIN_RECORD_ROWS = 50_000
 
 
 @dataclass
@@ -589,6 +597,28 @@ class Sketcher:
             self.early_labels, lambda e: e["ts"] < oldest[e["model"]]
         )
         self._bound_joins()
+
+    def join_records(self, rows: int = JOIN_RECORD_ROWS) -> list[bytes]:
+        """The label join (answers and labels waiting), as records of at most ``rows``
+        entries for the state topic: a partition's new owner reads them back
+        (:meth:`restore_joins`) and finds the predictions of buckets already closed, which
+        the events it reads again do not bring back."""
+        out = [r for variant, table in self.joins.items() for r in table.dump(variant, rows)]
+        labels = list(self.early_labels.values())
+        return out + [labels_record(labels[i : i + rows]) for i in range(0, len(labels), rows)]
+
+    def restore_joins(self, records: list[bytes]) -> None:
+        """Add the entries of :meth:`join_records`' records (of the models known here)."""
+        for record in records:
+            header, arrays = read_record(record)
+            if "labels" in header:
+                labels = [e for e in header["labels"] if e["model"] in self.baselines]
+                keys = request_keys(values_of(labels, "request_id")).tolist() if labels else []
+                self.early_labels.update(zip(keys, labels))
+            else:
+                if header["variant"] not in self.joins:
+                    self.joins[header["variant"]] = JoinTable(list(self.baselines))
+                self.joins[header["variant"]].load(header, arrays)
 
     def join_bytes(self) -> int:
         """Memory the tables of answers waiting for their labels hold."""
