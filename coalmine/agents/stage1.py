@@ -373,7 +373,6 @@ class Stage1(Service):
         )
         metrics.LABEL_JOIN.labels("labels").set(sum(len(s.early_labels) for s in sketchers))
         metrics.LABEL_JOIN_BYTES.set(sum(s.join_bytes() for s in sketchers))
-        metrics.LABEL_JOIN_BYTES.set(sum(s.join_bytes() for s in sketchers))
 
 
 def _count_label_join(ingest: PartitionIngest) -> None:
