@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 INTERVAL = 0.95
 #: fixed inner edges added to a calibrated column's quantile edges (scores, margins and
 #: entropies all lie in [0, 1]); 0.5 among them keeps a binary model's answer the same
-#: throughout a bin of its positive score
-SCORE_GRID = np.round(np.linspace(0, 1, 21)[1:-1], 2)
+#: throughout a bin of its positive score. Coarse is enough: where a bin follows the score, it
+#: does so from the window's own mean score in it, and every bin widens every numeric
+#: column's row in the statistics' block
+SCORE_GRID = np.round(np.linspace(0, 1, 11)[1:-1], 2)
 #: pseudo-rows of a bin's score-implied rate: a bin's own reference rate outweighs its
 #: score's once it has more labelled rows than this
 PRIOR_ROWS = 10

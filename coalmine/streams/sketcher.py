@@ -29,7 +29,7 @@ from coalmine.streams.label_join import (
     request_keys,
 )
 from coalmine.streams.latency import latency_bins
-from coalmine.streams.reference import same_answer
+from coalmine.streams.reference import normalized, same_answer
 from coalmine.streams.settings import MAX_TS, VARIANTS
 from coalmine.streams.sketch import LATENCY_BINS, Summary, column_arrays, values_of
 from coalmine.streams.window import accumulate
@@ -519,7 +519,8 @@ class Sketcher:
             s.labelled += 1
             s.label_errors += not right[variant]
             if (positive := self.baselines[model].positive_class) is not None:
-                said, was = same_answer(pred, positive), same_answer(truth, positive)
+                # same_answer's comparison, the positive class's side already a string
+                said, was = str(normalized(pred)) == positive, str(normalized(truth)) == positive
                 s.answer_positives += said
                 s.label_positives += was
                 s.true_positives += said and was
