@@ -168,27 +168,39 @@ def test_the_label_join_is_bounded_evictions_are_counted_and_joined_labels_still
     assert labelled == 2 and sketcher.expired_unjoined_labels + len(sketcher.early_labels) == 2
 
 
-def test_a_new_owner_restores_the_label_join_and_its_labels_score_as_on_the_old_one():
-    """Predictions of closed buckets and labels waiting for their predictions go through the
-    state topic's records to a fresh stage 1: the labels that come next count there as they
-    do on the old one."""
-    events = stream(400, delay_ms=5000)
-    first, rest = events[:400], events[400:]
-    old, new = (PartitionIngest({"m": performance_baseline()}) for _ in "ab")
-    for kind in ("prediction", "label"):
-        old.feed(kind, [m for _, k, m in first if k == kind])
-    old.feed("label", [label(1000 + i, T0 + 20_000 + i) for i in range(30)])  # ahead
-    before = labelled_by_bucket(old.close())
-    for start, summaries in old.sketcher.open["m"].items():
-        before[start[0]] += summaries.labelled + 1000 * summaries.label_errors
-    records = old.sketcher.join_records(rows=40)
-    assert len(records) > 3 and len(old.sketcher.joins["champion"]) > 80
+def test_a_new_owner_given_the_label_join_counts_every_label_as_an_uninterrupted_run():
+    """A partition's stage 1 stops after a commit; a new owner restores the label join from
+    its state records and reads again from the committed offsets: the buckets the old owner
+    closed and those the new one closes count the labels of one uninterrupted run."""
+    events = stream(600, delay_ms=5000)
+    events += [(T0 + 12_000 + i, "label", label(1000 + i, T0 + 12_000 + i)) for i in range(30)]
+    events += [
+        (T0 + 16_000 + i, "prediction", prediction(1000 + i, T0 + 16_000 + i)) for i in range(30)
+    ]
+    events.sort(key=lambda e: e[0])
+    messages = {kind: [m for _, k, m in events if k == kind] for kind in ("prediction", "label")}
+
+    def run(ingest, stop: float, start: dict | None = None) -> list[dict]:
+        """Feed the messages read before event time ``stop``, from offsets ``start``."""
+        partials, at = [], dict(start or {"prediction": 0, "label": 0})
+        for ts in range(T0, T0 + 30_000, 500):
+            if ts >= stop:
+                break
+            for kind, sent in messages.items():
+                stop_at = sum(1 for t, k, _ in events if k == kind and t < ts + 500)
+                if stop_at > at[kind]:
+                    ingest.feed(kind, sent[at[kind] : stop_at], list(range(at[kind], stop_at)))
+                    at[kind] = stop_at
+            partials += ingest.close()
+        return partials
+
+    uninterrupted = PartitionIngest({"m": performance_baseline()})
+    whole = labelled_by_bucket(run(uninterrupted, 1e20) + uninterrupted.flush())
+    old = PartitionIngest({"m": performance_baseline()})
+    closed = labelled_by_bucket(run(old, T0 + 14_000))
+    committed, records = old.committable(), old.sketcher.join_records(rows=40)
+    assert len(records) > 3 and old.sketcher.joined and old.sketcher.early_labels
+    new = PartitionIngest({"m": performance_baseline()})
     new.sketcher.restore_joins(records)
-    assert len(new.sketcher.joins["champion"]) == len(old.sketcher.joins["champion"])
-    for ingest in (old, new):
-        ingest.feed("prediction", [m for _, k, m in rest if k == "prediction"])
-        ingest.feed("prediction", [prediction(1000 + i, T0 + 20_000 + i) for i in range(30)])
-        ingest.feed("label", [m for _, k, m in rest if k == "label"])
-    after = labelled_by_bucket(old.flush())
-    after.subtract(before)
-    assert +after == labelled_by_bucket(new.flush()) and sum(after.values()) > 5020
+    after = labelled_by_bucket(run(new, 1e20, committed) + new.flush())
+    assert sum(whole.values()) > 20_000 and closed + after == whole

@@ -214,6 +214,9 @@ class Sketcher:
         self.joins: dict[str, JoinTable] = {}
         # request key (request_keys) -> the label that came before its prediction
         self.early_labels: dict[int, dict] = {}
+        # request key -> (event time of the bucket its label counted in, its answers), while
+        # that bucket is open
+        self.joined: dict[int, tuple[int, dict[str, Answer]]] = {}
         # model -> (bucket start, variant) -> version serving it (the first one seen there)
         self.versions: dict[str, dict[tuple[int, str], str]] = {m: {} for m in baselines}
         self.shadow_seen: dict[str, int] = {}  # model -> latest shadow answer's ts
@@ -408,7 +411,7 @@ class Sketcher:
                 self._pair_shadow(baseline, rid, variant, answer, timeout)
         if self.early_labels:
             for key in self.early_labels.keys() & set(keys.tolist()):
-                self._score(self._pop_joined(key), self.early_labels.pop(key))
+                self._count(key, self._pop_joined(key), self.early_labels.pop(key))
 
     def _pop_joined(self, key: int) -> dict[str, Answer]:
         """Every variant's answer to the request keyed ``key`` (:func:`request_keys`) still
@@ -490,7 +493,7 @@ class Sketcher:
             self.labels_ts = e["ts"] if self.labels_ts is None else max(self.labels_ts, e["ts"])
             joined = self._pop_joined(key)
             if joined:
-                counted.append(self._score(joined, e))
+                counted.append(self._count(key, joined, e))
             else:
                 self.early_labels[key] = e
                 counted.append(e["ts"])
@@ -501,6 +504,13 @@ class Sketcher:
         the labels side is at least at the partition's event time."""
         if self.partition_ts is not None:
             self.labels_ts = max(self.labels_ts or 0, self.partition_ts)
+
+    def _count(self, key: int, entry: dict[str, Answer], label: dict) -> int:
+        """Score a label (:meth:`_score`) and keep its answers while its bucket is open: a
+        new owner that reads the label again finds them in :meth:`join_records`."""
+        ts = self._score(entry, label)
+        self.joined[key] = (ts, entry)
+        return ts
 
     def _score(self, entry: dict[str, Answer], label: dict) -> int:
         """Count a label against every variant's answer to its request, in the bucket of the
@@ -594,6 +604,7 @@ class Sketcher:
         }
         for table in self.joins.values():
             self.expired_unlabelled += table.expire(oldest)
+        _drop_oldest(self.joined, lambda j: j[0] < self._closed_of(j[1]))
         self.expired_unjoined_labels += _drop_oldest(
             self.early_labels, lambda e: e["ts"] < oldest[e["model"]]
         )
@@ -605,8 +616,23 @@ class Sketcher:
         (:meth:`restore_joins`) and finds the predictions of buckets already closed, which
         the events it reads again do not bring back."""
         out = [r for variant, table in self.joins.items() for r in table.dump(variant, rows)]
+        for variant, table in self._joined_tables().items():
+            out += table.dump(variant, rows)
         labels = list(self.early_labels.values())
         return out + [labels_record(labels[i : i + rows]) for i in range(0, len(labels), rows)]
+
+    def _joined_tables(self) -> dict[str, JoinTable]:
+        """The answers of labels counted in buckets still open, as tables."""
+        tables: dict[str, JoinTable] = {}
+        for key, (_, entry) in self.joined.items():
+            for variant, a in entry.items():
+                if variant not in tables:
+                    tables[variant] = JoinTable(list(self.baselines))
+                latency = np.nan if a.latency is None else a.latency
+                keys = np.array([key], np.uint64)
+                ts, lat = np.array([a.ts]), np.array([latency])
+                tables[variant].add(a.model, keys, ts, lat, [a.prediction])
+        return tables
 
     def restore_joins(self, records: list[bytes]) -> None:
         """Add the entries of :meth:`join_records`' records (of the models known here)."""
@@ -620,6 +646,9 @@ class Sketcher:
                 if header["variant"] not in self.joins:
                     self.joins[header["variant"]] = JoinTable(list(self.baselines))
                 self.joins[header["variant"]].load(header, arrays)
+
+    def _closed_of(self, entry: dict[str, Answer]) -> int:
+        return self.closed_through[next(iter(entry.values())).model]
 
     def join_bytes(self) -> int:
         """Memory the tables of answers waiting for their labels hold."""
