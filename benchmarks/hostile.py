@@ -115,6 +115,14 @@ def round_stream(valid: list[dict], r: int, hostile: int) -> tuple[list[bytes], 
     return stream, sent
 
 
+def _metric(worker, name: str) -> float:
+    """A metric of the worker, or -1 while its /metrics is too busy to answer."""
+    try:
+        return worker.metric(name)
+    except OSError:
+        return -1.0
+
+
 def rss_mb(pid: int) -> float:
     """A process's resident memory now (VmRSS), in MB."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -164,8 +172,8 @@ def main() -> None:
                 hostile, counted = sum(sent.values()), (r + 1) * len(valid)
                 wait_until(
                     lambda n=counted, h=hostile: (
-                        worker.metric("coalmine_events_total") >= n
-                        and worker.metric("coalmine_deadletters_total") >= h
+                        _metric(worker, "coalmine_events_total") >= n
+                        and _metric(worker, "coalmine_deadletters_total") >= h
                     ),
                     300,
                     f"round {r + 1}: every event counted or dead-lettered",
