@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -369,7 +370,8 @@ def _event_times(values: list[bytes]) -> np.ndarray:
 
 class TopicSlice:
     """The messages of a topic (every partition) whose Kafka timestamp is in ``[since, until)``,
-    read synchronously, in its own event loop, by a consumer of its own.
+    read synchronously by a consumer of its own, which runs in an event loop of its own in a
+    thread: it fetches the next messages while the caller works on the last.
 
     Message timestamps are the ones producers set at send time (``CreateTime``), not the events'
     ``ts``. ``offsets_for_times`` gives each partition's first offset at or after ``since``
@@ -396,8 +398,12 @@ class TopicSlice:
 
     def __enter__(self) -> TopicSlice:
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"slice {self.topic}", daemon=True
+        )
+        self._thread.start()
         try:
-            self._loop.run_until_complete(self._open())
+            self._run(self._open())
         except BaseException:
             self.__exit__()
             raise
@@ -406,11 +412,20 @@ class TopicSlice:
     def __exit__(self, *exc) -> None:
         if self._loop is None:
             return
-        if self._consumer is not None:
-            self._loop.run_until_complete(self._consumer.stop())
-            self._consumer = None
-        self._loop.close()
-        self._loop = None
+        try:
+            if self._consumer is not None:
+                self._run(self._consumer.stop())
+                self._consumer = None
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+            self._loop = None
+
+    def _run(self, coroutine: Any) -> Any:
+        """Run a coroutine in the consumer's loop and wait for its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     async def _open(self) -> None:
         from aiokafka.structs import TopicPartition
@@ -483,7 +498,7 @@ class TopicSlice:
         hi = until if until is not None else -_MIN_KEY
         stalled = 0
         while state[0] < state[1]:
-            batch = self._loop.run_until_complete(self._consumer.getmany(tp, timeout_ms=500))
+            batch = self._run(self._consumer.getmany(tp, timeout_ms=500))
             fetched = records(batch.get(tp, [[]]))
             if not fetched:
                 stalled += 1

@@ -12,6 +12,7 @@ parsing a number at a time (JSON lists of bin counts cost more to parse than to 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgspec
@@ -20,12 +21,15 @@ import numpy as np
 
 def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
+        if _LITTLE and value.dtype.isnative and value.flags.c_contiguous:
+            return value.data  # the array's own bytes, not a copy (msgspec encodes any buffer)
         return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot encode {type(value).__name__} in a partial")
 
 
+_LITTLE = sys.byteorder == "little"
 _encoder = msgspec.msgpack.Encoder(enc_hook=_plain)
 _decoder = msgspec.msgpack.Decoder()
 
