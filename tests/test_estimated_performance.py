@@ -227,3 +227,36 @@ def test_settings_are_validated_naming_the_field():
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             model(**{key: value})
+
+
+def test_a_multiclass_model_gets_the_accuracy_alone():
+    """Three classes: no positive class, so no F1 or ROC AUC; the accuracy is calibrated on
+    the margin, and a margin the reference never had takes the top score it implies with the
+    runner-ups tied, (1 + 2 m) / 3."""
+    rng = np.random.default_rng(23)
+    logits = rng.standard_normal((6000, 3)) * 3
+    scores = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    top2 = -np.sort(-scores, axis=1)[:, :2]
+    logits, scores = logits[top2[:, 0] - top2[:, 1] > 0.5], scores[top2[:, 0] - top2[:, 1] > 0.5]
+    labels = [str(rng.choice(3, p=s)) for s in scores]
+    ref = ReferenceData(
+        {
+            "x0": logits[:, 0],
+            "prediction": np.array([str(k) for k in scores.argmax(axis=1)], dtype=object),
+            **{f"scores.{k}": scores[:, k] for k in range(3)},
+        },
+        np.array(labels, dtype=object),
+    )
+    settings = ModelSettings(name="m", checks=("estimated_performance",))
+    b = Baseline(settings, ref)
+    assert b.positive_class is None and b.binary is None
+    realised = np.mean([str(k) == y for k, y in zip(scores.argmax(axis=1), labels)])
+    assert b.accuracy is not None and b.accuracy.level == pytest.approx(realised, abs=0.01)
+    margins = b.reference.columns[ScoreMargin.name]
+    empty = np.flatnonzero(b.accuracy.labelled == 0)
+    assert len(empty) and margins.min() > 0.5  # bins the reference never reached
+    counts = np.zeros_like(b.accuracy.labelled)
+    counts[empty[0]] = 10
+    sums = counts * 0.0
+    sums[empty[0]] = 10 * 0.3  # ten events of margin 0.3 there
+    assert b.accuracy.rates(counts, sums)[empty[0]] == pytest.approx((1 + 2 * 0.3) / 3)
