@@ -87,3 +87,19 @@ def test_joint_threshold_holds_the_run_length_without_wasting_it(columns, bucket
         s[hit] = 0
     run_length = chains * buckets * bucket_events / max(alarms, 1)
     assert target < run_length < 60 * target
+
+
+def test_settings_without_a_joint_threshold_fail_at_start_up(tmp_path):
+    """The threshold tables are solved lazily, by bucket size: a reference too small for the
+    joint CUSUM over its ten features (its own sampling noise outweighs the shift's allowance)
+    is still reported at start-up, naming the model, not by stage 2 in the middle of a stream."""
+    from coalmine.baselines import build_baselines
+    from coalmine.config import parse_config
+
+    rng = np.random.default_rng(0)
+    names = [f"f{j}" for j in range(10)]
+    rows = "".join(",".join(f"{v:.4f}" for v in row) + "\n" for row in rng.normal(size=(200, 10)))
+    (tmp_path / "ref.csv").write_text(",".join(names) + "\n" + rows)
+    config = parse_config({"models": [{"name": "fraud", "reference": "ref.csv"}]}, tmp_path)
+    with pytest.raises(ValueError, match="^model fraud: .*cannot calibrate thresholds"):
+        build_baselines(config)

@@ -95,11 +95,14 @@ def cusum_threshold(
 class ThresholdTable:
     """A threshold as a function of the bucket size, solved on a grid of sizes and
     interpolated in log size: the events per bucket follow the traffic. Each grid level is
-    solved when a bucket size first needs it (a model's traffic keeps to a few sizes)."""
+    solved when a bucket size first needs it (a model's traffic keeps to a few sizes); the
+    first at once, so that settings that admit no threshold fail at start-up, not in stage 2
+    (whether a level exists does not depend on the bucket size)."""
 
     def __init__(self, level_at: Callable[[float], float]):
         self.level_at = level_at
         self.levels: list[float | None] = [None] * len(_BUCKET_GRID)
+        self._level(0)
 
     def __call__(self, bucket_events: float) -> float:
         x = math.log2(min(max(bucket_events, 1.0), _BUCKET_GRID[-1]))
