@@ -107,8 +107,9 @@ def run_worker(
     )
     if Signer.from_env() is None:  # also checks a key that is set: a bad one stops here
         log.warning(
-            "no $COALMINE_SIGNING_KEY: rollout commands are published unsigned, and routers "
-            "cannot tell them from forged ones (python -m coalmine.signing makes a key pair)"
+            "no $COALMINE_SIGNING_KEY: rollout commands and alerts are published unsigned, and "
+            "routers and subscribers cannot tell them from forged ones (python -m "
+            "coalmine.signing makes a key pair)"
         )
     # the URL's protocol and credentials, for clients that are given only host:port
     export_options(broker_url, {})
