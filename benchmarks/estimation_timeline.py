@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -32,21 +31,6 @@ import detection as D  # noqa: E402
 N, CHANGE = 60_000, 30_000
 #: seconds after the change at which a window is shown (negative: before it)
 SHOWN = (-10, 1, 3, 5, 10, 20, 40, 60, 80)
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC of scores ``p`` for labels ``y`` (ties count half): Mann-Whitney's U."""
-    pos = int(y.sum())
-    neg = len(y) - pos
-    if not pos or not neg:
-        return float("nan")
-    ranks = stats.rankdata(p)
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def _f1(y: np.ndarray, pred: np.ndarray) -> float:
-    said = int(pred.sum()) + int(y.sum())
-    return 2 * int((pred & y).sum()) / said if said else float("nan")
 
 
 def _cell(value, interval=None) -> str:
@@ -88,9 +72,9 @@ def timeline(path: Path) -> tuple[list[str], dict]:
             f"| {second:+d} | {_cell(ev['estimated_accuracy'], ev['interval'])} "
             f"| {(pred[i:j] == y[i:j]).mean():.3f} | {_cell(ev['realised_accuracy'])} "
             f"| {_cell(ev.get('estimated_f1'), ev.get('f1_interval'))} "
-            f"| {_f1(y[i:j], pred[i:j]):.3f} "
+            f"| {D.realised_f1(y[i:j], pred[i:j]):.3f} "
             f"| {_cell(ev.get('estimated_roc_auc'), ev.get('roc_auc_interval'))} "
-            f"| {_auc(y[i:j], p[i:j]):.3f} |"
+            f"| {D.realised_roc_auc(y[i:j], p[i:j]):.3f} |"
         )
     checks = r["by_check"]
     return rows, {

@@ -7,7 +7,8 @@ benchmarks/detection.py, run in NannyML's own environment (never coalmine's depe
 STREAM.npz and STREAM/reference.jsonl are what detection.py builds. Prints one JSON object:
 per method, the chunks NannyML alerted on before the change (false alarms), the delay in events
 from the change to the end of the first alerting chunk at or after it (a chunk's alert is
-known once it is complete), the estimate per chunk (CBPE) and the wall time.
+known once it is complete), the estimates per chunk (CBPE: accuracy, whose alert counts, F1
+and ROC AUC) and the wall time.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
         y_pred_proba="proba",
         y_pred="pred",
         y_true="y",
-        metrics=["accuracy"],
+        metrics=["accuracy", "f1", "roc_auc"],
         problem_type="classification_binary",
         chunk_size=chunk,
     )
@@ -83,6 +84,14 @@ def main() -> None:
         "lower": est[("accuracy", "lower_confidence_boundary")].round(4).tolist(),
         "upper": est[("accuracy", "upper_confidence_boundary")].round(4).tolist(),
         "threshold": float(est[("accuracy", "lower_threshold")].iloc[0]),
+        **{
+            metric: {
+                "estimate": est[(metric, "value")].round(4).tolist(),
+                "lower": est[(metric, "lower_confidence_boundary")].round(4).tolist(),
+                "upper": est[(metric, "upper_confidence_boundary")].round(4).tolist(),
+            }
+            for metric in ("f1", "roc_auc")
+        },
         "ends": (chunk_column(est, "end_index") + 1).tolist(),
     }
 

@@ -144,6 +144,11 @@ class BinnedRate:
     def _rates(self, means: np.ndarray) -> np.ndarray:
         return (self.hits + PRIOR_ROWS * self.implied(means)) / (self.labelled + PRIOR_ROWS)
 
+    def variances(self, rates: np.ndarray) -> np.ndarray:
+        """The sampling variance of each bin's rate, estimated from its labelled rows and
+        pseudo-rows."""
+        return rates * (1 - rates) / (self.labelled + PRIOR_ROWS)
+
 
 class AccuracyCalibration(BinnedRate):
     r"""The model's accuracy per bin of its uncertainty column (a :class:`BinnedRate` of being
@@ -223,8 +228,7 @@ class EstimatedAccuracy:
         w = counts / n
         a = cal.rates(counts, sums)
         self.estimate = float(w @ a)
-        var = a * (1 - a)
-        self.sd = math.sqrt(w @ var / n + (w**2) @ (var / (cal.labelled + PRIOR_ROWS)))
+        self.sd = math.sqrt(w @ (a * (1 - a)) / n + (w**2) @ cal.variances(a))
         se = cal.spread * math.sqrt(1 / n + 1 / max(cal.ref_counts.sum(), 1)) or 1e-12
         self.statistic = (cal.level - self.tolerance - self.estimate) / se
         return self
@@ -283,7 +287,9 @@ class EstimatedBinary:
     method over the events' independent outcomes. The expected ROC curve ranks the bins by
     score, with :math:`n_b \pi_b` positives and :math:`n_b (1 - \pi_b)` negatives each (ties
     within a bin count half), and its AUC's variance is Hanley and McNeil's. Both intervals are
-    for the value the labels will show on the same events. F1 is reported when the expected
+    for the value the labels will show on the same events, and both add the calibration's own
+    sampling error, :math:`\sum_b (\partial M / \partial r_b)^2 \operatorname{Var} \hat r_b`
+    over the rates :math:`r_b` the metric :math:`M` is computed from. F1 is reported when the expected
     :math:`2\,TP + FP + FN` is positive, the AUC when the window expects :data:`MIN_EXPECTED`
     positives and negatives; else NaN.
 
@@ -297,7 +303,7 @@ class EstimatedBinary:
     >>> round(est.f1, 3), round(est.roc_auc, 3)
     (0.877, 0.891)
     >>> [round(x, 3) for x in est.f1_interval + est.roc_auc_interval]
-    [0.856, 0.897, 0.87, 0.912]
+    [0.83, 0.924, 0.845, 0.937]
 
     References
     ----------
@@ -314,12 +320,21 @@ class EstimatedBinary:
         """Take a window's counts and value sums in the positive score's bins."""
         cal = self.calibration
         pi, rho = cal.positive.rates(counts, sums), cal.answered.rates(counts, sums)
-        self._f1(counts, pi * rho, (1 - pi) * rho + pi * (1 - rho))
-        self._roc_auc(counts * pi, counts * (1 - pi))
+        var_pi, var_rho = cal.positive.variances(pi), cal.answered.variances(rho)
+        self._f1(counts, pi, rho, var_pi, var_rho)
+        self._roc_auc(counts, pi, var_pi)
         return self
 
-    def _f1(self, counts: np.ndarray, p_tp: np.ndarray, p_miss: np.ndarray) -> None:
-        """F1 from each bin's chance of a true positive and of a false one of either kind."""
+    def _f1(
+        self,
+        counts: np.ndarray,
+        pi: np.ndarray,
+        rho: np.ndarray,
+        var_pi: np.ndarray,
+        var_rho: np.ndarray,
+    ) -> None:
+        """F1 from each bin's rates of positive labels and answers."""
+        p_tp, p_miss = pi * rho, (1 - pi) * rho + pi * (1 - rho)
         tp, miss = float(counts @ p_tp), float(counts @ p_miss)
         d = 2 * tp + miss
         if d <= 0:
@@ -329,20 +344,30 @@ class EstimatedBinary:
         g_tp, g_miss = 2 * miss / d**2, -2 * tp / d**2
         mean = g_tp * p_tp + g_miss * p_miss
         second = g_tp**2 * p_tp + g_miss**2 * p_miss
-        self.f1_sd = math.sqrt(max(float(counts @ (second - mean**2)), 0.0))
+        outcomes = float(counts @ (second - mean**2))
+        d_pi = counts * (g_tp * rho + g_miss * (1 - 2 * rho))
+        d_rho = counts * (g_tp * pi + g_miss * (1 - 2 * pi))
+        calibration = float(d_pi**2 @ var_pi + d_rho**2 @ var_rho)
+        self.f1_sd = math.sqrt(max(outcomes, 0.0) + calibration)
 
-    def _roc_auc(self, positives: np.ndarray, negatives: np.ndarray) -> None:
+    def _roc_auc(self, counts: np.ndarray, pi: np.ndarray, var_pi: np.ndarray) -> None:
         """AUC of bins ranked by score, each with its expected positives and negatives."""
+        positives, negatives = counts * pi, counts * (1 - pi)
         n_pos, n_neg = float(positives.sum()), float(negatives.sum())
         if min(n_pos, n_neg) < MIN_EXPECTED:
             return
         above = n_pos - np.cumsum(positives)  # positives in higher bins
+        below = np.cumsum(negatives) - negatives  # negatives in lower bins
         a = self.roc_auc = float(negatives @ (above + positives / 2)) / (n_pos * n_neg)
         q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-        var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (
+        outcomes = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (
             n_pos * n_neg
         )
-        self.roc_auc_sd = math.sqrt(max(var, 0.0))
+        # a bin's rate moves its positives up and negatives down by its count, each pair's
+        # share of the area and the number of pairs with them
+        d_area = counts * (below + negatives / 2 - above - positives / 2)
+        d_pi = (d_area - a * counts * (n_neg - n_pos)) / (n_pos * n_neg)
+        self.roc_auc_sd = math.sqrt(max(outcomes, 0.0) + float(d_pi**2 @ var_pi))
 
     @property
     def f1_interval(self) -> tuple[float, float]:
