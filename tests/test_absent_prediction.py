@@ -4,6 +4,7 @@ refused otherwise, by the schema, the exact validator and the fast decoder alike
 from __future__ import annotations
 
 import copy
+from functools import cache
 
 import orjson
 import pytest
@@ -55,7 +56,8 @@ def config(tmp_path_factory):
     return load_config(d / "m.toml")
 
 
-def _raws(slow: bool) -> list[bytes]:
+@cache  # four tests read the same messages: built once
+def _raws(slow: bool) -> tuple[bytes, ...]:
     """Prediction messages with 10% failed requests that leave ``prediction`` out; with
     ``slow``, each of those also holds a string with a "{" under a key the model does not
     watch, which the fast decoder cannot tell from structure: the exact validator judges it."""
@@ -68,7 +70,7 @@ def _raws(slow: bool) -> list[bytes]:
                 if slow:
                     e["features"]["note"] = "{not an object}"
             out.append(orjson.dumps(e))
-    return out
+    return tuple(out)
 
 
 @pytest.mark.parametrize("slow", [False, True], ids=["fast decoder", "exact validator"])
@@ -76,7 +78,7 @@ def test_a_replay_accepts_failed_requests_without_a_prediction(config, slow):
     raws = _raws(slow)
     failed = sum(b'"prediction"' not in r for r in raws)
     assert failed > 300
-    run = replay_chunks(config, [raws])
+    run = replay_chunks(config, [list(raws)])
     assert run.dead == [] and run.counts["predictions"] == len(raws)
 
 
@@ -86,7 +88,7 @@ def test_an_answered_request_still_needs_its_prediction(config, slow):
     del ok["prediction"]
     if slow:
         ok["features"]["note"] = "[x"
-    run = replay_chunks(config, [_raws(False)[:100] + [orjson.dumps(ok)]])
+    run = replay_chunks(config, [[*_raws(False)[:100], orjson.dumps(ok)]])
     assert [reason for _, _, reason in run.dead] == [
         "missing field: prediction (required unless status is error)"
     ]

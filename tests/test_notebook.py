@@ -56,6 +56,12 @@ def drifted():
     )
 
 
+@pytest.fixture(scope="module")
+def by_rows(reference, drifted):
+    """The drifted rows' alerts from a Monitor on the row clock (two tests compare with it)."""
+    return run(Monitor(reference, rows_per_second=RATE, **SETTINGS), drifted)
+
+
 def run(monitor, frame, batch=1000):
     """Feed ``frame`` in batches, then flush; every alert, as one data frame."""
     outs = [monitor.update(frame.iloc[i : i + batch]).alerts for i in range(0, len(frame), batch)]
@@ -88,7 +94,7 @@ def write_jsonl(path, records):
     return path
 
 
-def test_same_alerts_as_replay_of_the_same_rows(tmp_path, reference, drifted):
+def test_same_alerts_as_replay_of_the_same_rows(tmp_path, reference, drifted, by_rows):
     # the reference as exported prediction events (with their labels), the stream as the
     # prediction and label topics would carry it, and the equivalent [[models]] table
     ref_events = []
@@ -133,8 +139,7 @@ def test_same_alerts_as_replay_of_the_same_rows(tmp_path, reference, drifted):
     expected = [(a.alert_id, a.state) for a in replayed.alerts]
     assert {a.check for a in replayed.alerts} >= {"drift", "prediction_drift", "performance"}
 
-    from_frame = run(Monitor(reference, rows_per_second=RATE, **SETTINGS), drifted)
-    assert list(zip(from_frame.alert_id, from_frame.state, strict=True)) == expected
+    assert list(zip(by_rows.alert_id, by_rows.state, strict=True)) == expected
     # the same reference read from its file, fed in other batch sizes: the same alerts again
     from_file = run(Monitor(tmp_path / "reference.jsonl", **SETTINGS), drifted, batch=777)
     assert list(zip(from_file.alert_id, from_file.state, strict=True)) == expected
@@ -189,7 +194,7 @@ def test_bad_setting_raises_config_error_naming_the_field(reference, setting, fi
         Monitor(reference, **setting)
 
 
-def test_timestamp_column_is_the_clock(reference, drifted):
+def test_timestamp_column_is_the_clock(reference, drifted, by_rows):
     """Datetime timestamps, rows shuffled within each batch (within the allowed lateness):
     the same alerts as the row clock, moved by the start time."""
     start = pd.Timestamp("2024-03-01 12:00:00")
@@ -201,7 +206,6 @@ def test_timestamp_column_is_the_clock(reference, drifted):
         ]
     )
     by_time = run(Monitor(reference.assign(when=start), timestamp="when", **SETTINGS), shuffled)
-    by_rows = run(Monitor(reference, rows_per_second=RATE, **SETTINGS), drifted)
     assert not by_rows.empty
     offset = start.value // 1_000_000
     assert list(by_time.ts - offset) == list(by_rows.ts)

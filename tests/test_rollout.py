@@ -187,35 +187,31 @@ def test_always_valid_p_value_survives_peeking_where_a_repeated_t_test_does_not(
     assert always_valid <= alpha + 0.01  # not the always-valid one (Monte Carlo slack)
 
 
-def test_a_new_canary_after_a_promotion_is_judged_on_its_own_traffic(config):
-    """v2 goes through the steps and is promoted; then a bad v3 arrives at 10% and is rolled
-    back, with no sample-ratio alarm from the hand-over."""
+@pytest.fixture(scope="module")
+def promotion_then_bad_canary(config) -> tuple[Replay, sim.Serving]:
+    """A good shadow v2 stepped up and promoted; then a bad v3 arrives at 10% (at 30 s), which
+    is rolled back: 60 s, read by two tests."""
     serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
 
     def deploy_v3(s):
         assert s.champion.name == "v2", "v2 was promoted before v3 arrives"
         s.canary, s.canary_weight = sim.Version("v3", noise=1.5, error_rate=0.05), 10
 
-    run = closed_loop(config, serving, 60, changes={30: deploy_v3})
+    return closed_loop(config, serving, 60, changes={30: deploy_v3}), serving
+
+
+def test_a_new_canary_after_a_promotion_is_judged_on_its_own_traffic(promotion_then_bad_canary):
+    """v2 goes through the steps and is promoted; then a bad v3 arrives at 10% and is rolled
+    back, with no sample-ratio alarm from the hand-over."""
+    run, _ = promotion_then_bad_canary
     assert actions(run)[-1] == ("rollback", "v3", None)
     assert not [a for a in run.alerts if a.check == "srm"]
 
 
-def test_status_shows_stages_firing_checks_and_lineage(config):
+def test_status_shows_stages_firing_checks_and_lineage(promotion_then_bad_canary):
     from coalmine.status import render, summarize
 
-    serving = sim.Serving(sim.Version("v1"), shadow=sim.Version("v2"))
-    run = closed_loop(
-        config,
-        serving,
-        60,
-        changes={
-            30: lambda s: (
-                setattr(s, "canary", sim.Version("v3", noise=1.5, error_rate=0.05))
-                or setattr(s, "canary_weight", 10)
-            )
-        },
-    )
+    run, serving = promotion_then_bad_canary
     recent = [
         e for k, e in serving.events(60 * RATE, 61 * RATE, T0, RATE, seed=11) if k == "prediction"
     ]
