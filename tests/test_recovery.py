@@ -147,3 +147,51 @@ def _owns_model(partitions: list[int]) -> bool:
     from coalmine.agents.state import partition_of
 
     return partition_of("shuttle", 6) in partitions
+
+
+def test_killing_a_stage1_worker_loses_no_label(namespace, start_worker, shuttle_config, tmp_path):
+    """Labels 5 s late, two workers; the one that only sketches is SIGKILLed mid-stream: its
+    partitions' labels of predictions in buckets it had closed and committed find them in the
+    label join it wrote to the state topic, so every window's error rate is file replay's."""
+    scenario = simulator.Scenario(
+        n_events=24_000, rate_per_s=RATE, label_delay_ms=5000, label_fraction=0.5, seed=5
+    )
+    events = list(simulator.generate(scenario))
+    workers = [start_worker(shuttle_config, args=("--publish-evaluations",)) for _ in range(2)]
+    for group in (workers[0].app_id, f"{workers[0].app_id}-stage1"):
+        wait_until(
+            lambda g=group: group_members(namespace.broker.bootstrap, g) == 2,
+            90,
+            f"a stable group {group} of two",
+            interval=0.5,
+        )
+    namespace.publish(events[: len(events) // 3])
+    wait_until(
+        lambda: sum(w.metric("coalmine_evaluations_total") for w in workers) >= 15,
+        120,
+        "evaluations under way",
+        interval=0.5,
+    )
+    health = {id(w): orjson.loads(w.get("/health")) for w in workers}
+    target = next(w for w in workers if not _owns_model(health[id(w)]["partitions_evaluated"]))
+    assert health[id(target)]["partitions_sketched"]
+    target.kill()
+    namespace.publish(events[len(events) // 3 :])
+    preds, labels = tmp_path / "p.jsonl", tmp_path / "l.jsonl"
+    simulator.write_streams(scenario, preds, labels)
+    evaluations: list = []
+    replay_files(load_config(shuttle_config), preds, labels, on_evaluations=evaluations.extend)
+    expected = {(e.ts, e.variant): e.value for e in evaluations if e.check == "performance"}
+
+    def live() -> dict:
+        return {
+            (e["ts"], e["variant"]): e["value"]
+            for bucket in namespace.read("evaluations", idle=1.0)
+            for e in bucket["evaluations"]
+            if e["check"] == "performance"
+        }
+
+    wait_until(lambda: len(live()) >= len(expected) - 10, 300, "every bucket", interval=2)
+    found = live()
+    differ = [(k, found[k], v) for k, v in sorted(expected.items()) if k in found and found[k] != v]
+    assert len(expected) > 50 and not differ, f"(bucket, live, replay): {differ[:5]}"

@@ -20,6 +20,7 @@ import gc
 import hashlib
 import logging
 import time
+from collections import defaultdict
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -30,7 +31,7 @@ from mode import Service
 
 from coalmine import chunks, topics
 from coalmine import events as contract
-from coalmine.agents import metrics
+from coalmine.agents import metrics, state
 from coalmine.ingest import PartitionIngest
 from coalmine.partials import encode_heartbeat, encode_partial
 from coalmine.security import client_kwargs
@@ -50,6 +51,9 @@ COMMIT_EVERY_S = 1.0
 SEND_ATTEMPTS = 3
 #: a dead letter's key (the original's) longer than this is replaced by its SHA-256
 MAX_KEY = 1024
+#: the label join is written to the state topic with the commits at most this fast (a large
+#: one less often than every commit: the offsets wait for it)
+JOIN_STATE_BYTES_PER_S = 2 << 20
 #: container allocations between young-generation collections (CPython's default: 700). A
 #: batch's tens of thousands of records and columns, freed by reference counting, are
 #: otherwise traversed by collection after collection, with the worker's whole heap
@@ -90,7 +94,7 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.stage1.revoke(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        pass
+        await self.stage1.assign(assigned)
 
 
 class Stage1(Service):
@@ -115,6 +119,11 @@ class Stage1(Service):
         self.failure: str | None = None  # why stage 1 stopped, for /health
         self.said: dict[int, bool] = {}  # per partition, whether stage 2 was told it is behind
         self.spoke: dict[tuple[int, str], float] = {}  # (partition, model) -> last message sent
+        # the label join goes to the state topic with the commits: records written per
+        # partition, and when the last write was and how long the next may wait
+        self.state_topic = state.StateTopic(bootstrap)
+        self.join_written: dict[int, int] = {}
+        self.join_saved, self.join_wait = 0.0, 0.0
 
     async def on_start(self) -> None:
         gc.freeze()  # what start-up made lives on: no collection traverses it again
@@ -150,6 +159,7 @@ class Stage1(Service):
             await self.consumer.stop()
         if self.producer is not None:
             await self.producer.stop()
+        await self.state_topic.close()
 
     @Service.task
     async def _consume(self) -> None:
@@ -189,11 +199,7 @@ class Stage1(Service):
             records = chunks.records(batch[tp])
             n += len(records)
             kind = "label" if tp.topic == topics.LABELS else "prediction"
-            ingest = self.ingests.get(tp.partition)
-            if ingest is None:
-                ingest = self.ingests[tp.partition] = PartitionIngest(
-                    self.baselines, source=tp.partition, clock=wall_clock_ms, wait_for_labels=True
-                )
+            ingest = self._ingest(tp.partition)
             dead = self._feed(ingest, tp, kind, records, 0)
             self.positions[tp] = records[-1].offset + 1
             for i, reason in dead:
@@ -327,11 +333,22 @@ class Stage1(Service):
                 await self._send(topic, key, _smaller(topic, value))
         return False
 
+    def _ingest(self, partition: int) -> PartitionIngest:
+        ingest = self.ingests.get(partition)
+        if ingest is None:
+            ingest = self.ingests[partition] = PartitionIngest(
+                self.baselines, source=partition, clock=wall_clock_ms, wait_for_labels=True
+            )
+        return ingest
+
     async def _commit(self, only: set[int] | None = None) -> None:
-        """Commit, per input partition, the first offset whose events may still be needed."""
+        """Commit, per input partition, the first offset whose events may still be needed,
+        once the label join those offsets leave behind was written (:meth:`_save_joins`)."""
         assert self.consumer is not None
         if not await self._flush():
             log.error("stage 1: %d messages not delivered; offsets wait", len(self.pending))
+            return
+        if not await self._save_joins(only):
             return
         offsets = {}
         for partition, ingest in self.ingests.items():
@@ -345,6 +362,52 @@ class Stage1(Service):
         if offsets:
             await self.consumer.commit(offsets)
 
+    async def _save_joins(self, only: set[int] | None) -> bool:
+        """Write the label join of the partitions (``only``: those) to the state topic: a new
+        owner reads the events after the committed offsets again, and finds the predictions
+        and labels from before them waiting there. A large join is written less often (at
+        most :data:`JOIN_STATE_BYTES_PER_S`), and offsets wait for it. False: not written."""
+        if only is None and time.monotonic() - self.join_saved < self.join_wait:
+            return False
+        started = time.monotonic()
+        try:
+            partitions = await self.state_topic.partitions()
+            records: dict[int, list] = defaultdict(list)
+            size = 0
+            for p, ingest in self.ingests.items():
+                if only is None or p in only:
+                    saved = ingest.sketcher.join_records()
+                    size += sum(map(len, saved))
+                    records[p % partitions] += state.join_state(
+                        p, saved, self.join_written.get(p, 0)
+                    )
+                    self.join_written[p] = len(saved)
+            await self.state_topic.write(records)
+        except KafkaError:
+            log.error("stage 1: the label join was not written; offsets wait", exc_info=True)
+            return False
+        if only is None:
+            self.join_saved, self.join_wait = started, size / JOIN_STATE_BYTES_PER_S
+        return True
+
+    async def assign(self, assigned) -> None:
+        """Partitions come to this worker: each starts from the label join its last owner
+        wrote with its last commit (:meth:`_save_joins`)."""
+        async with self.lock:
+            new = sorted({tp.partition for tp in assigned} - set(self.ingests))
+            if not new:
+                return
+            try:
+                partitions = await self.state_topic.partitions()
+                for sp in sorted({p % partitions for p in new}):
+                    records = await self.state_topic.read(sp)
+                    for p in [p for p in new if p % partitions == sp]:
+                        saved = state.join_records_of(records, p)
+                        self._ingest(p).sketcher.restore_joins(saved)
+                        self.join_written[p] = len(saved)
+            except KafkaError:  # labels of closed buckets will count as unjoined
+                log.error("stage 1: the label join was not read back", exc_info=True)
+
     async def revoke(self, revoked) -> None:
         """Partitions leave this worker: commit what is safe and forget their state (the new
         owner re-reads the events of their open buckets)."""
@@ -356,6 +419,7 @@ class Stage1(Service):
                 log.warning("stage 1: commit on revocation failed", exc_info=True)
             for partition in gone:
                 self.ingests.pop(partition, None)
+                self.join_written.pop(partition, None)
                 self.said.pop(partition, None)
             self.spoke = {k: t for k, t in self.spoke.items() if k[0] not in gone}
             for tp in revoked:

@@ -12,6 +12,10 @@ and one per bucket in the window, written once (again only when a version hand-o
 it), deleted (a tombstone) when it leaves the window. The model's baseline, settings and
 signer are never written: they are the worker's own, referenced by name.
 
+Stage 1's label join (answers and labels waiting, per input partition) is written there too,
+with each of stage 1's commits, in the state partition numbered as the input partition (modulo
+the state topic's partitions): :func:`join_state`.
+
 Only the classes of coalmine's statistics, numpy arrays and plain containers are read back:
 a forged record cannot run code.
 """
@@ -43,6 +47,8 @@ _ALLOWED = {
     ("builtins", "set"),
     ("builtins", "frozenset"),
     ("builtins", "complex"),
+    ("builtins", "slice"),
+    ("collections", "Counter"),
     ("collections", "deque"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -55,6 +61,35 @@ _ALLOWED = {
 
 def key(model: str, what: bytes) -> bytes:
     return model.encode() + _SEP + what
+
+
+def join_state(
+    partition: int, records: list[bytes], written: int
+) -> list[tuple[bytes, bytes | None]]:
+    """Stage 1's label join of input ``partition`` (:meth:`Sketcher.join_records`) as state
+    records, and tombstones for those of the last write beyond them (``written`` of them).
+    Keyed as no model's records are (no model is named the empty string), so stage 2's
+    :func:`restore` passes them by."""
+    out: list[tuple[bytes, bytes | None]] = [
+        (_join_key(partition, i), r) for i, r in enumerate(records)
+    ]
+    return out + [(_join_key(partition, i), None) for i in range(len(records), written)]
+
+
+def join_records_of(records: dict[bytes, bytes], partition: int) -> list[bytes]:
+    """Stage 1's label-join records of input ``partition`` among a state partition's latest
+    records, in the order they were written."""
+    prefix = _join_prefix(partition)
+    found = {int(k[len(prefix) :]): v for k, v in records.items() if k.startswith(prefix)}
+    return [found[i] for i in sorted(found)]
+
+
+def _join_prefix(partition: int) -> bytes:
+    return key("", b"stage1 join %d " % partition)
+
+
+def _join_key(partition: int, chunk: int) -> bytes:
+    return _join_prefix(partition) + b"%d" % chunk
 
 
 def model_of(record_key: bytes) -> tuple[str, bytes]:
@@ -184,8 +219,7 @@ class StateTopic:
             await self.producer.stop()
             self.producer = None
 
-    async def write(self, records: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
-        """Partition -> records; returns once the broker has them all."""
+    async def _producer(self) -> AIOKafkaProducer:
         if self.producer is None:
             self.producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
@@ -195,8 +229,17 @@ class StateTopic:
                 **client_kwargs(self.bootstrap),
             )
             await self.producer.start()
+        return self.producer
+
+    async def partitions(self) -> int:
+        """How many partitions the state topic has."""
+        return len(await (await self._producer()).partitions_for(topics.STATE))
+
+    async def write(self, records: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
+        """Partition -> records; returns once the broker has them all."""
+        producer = await self._producer()
         sent = [
-            await self.producer.send(topics.STATE, value, key=k, partition=p)
+            await producer.send(topics.STATE, value, key=k, partition=p)
             for p, batch in records.items()
             for k, value in batch
         ]
