@@ -11,7 +11,7 @@ import orjson
 
 from coalmine.ingest import PartitionIngest
 from coalmine.streams import Baseline, ModelSettings, ReferenceData
-from coalmine.streams.label_join import JoinTable, request_keys
+from coalmine.streams.label_join import JoinTable, read_record, request_keys
 
 T0 = 1_700_000_000_000
 STEP_MS = 50  # between predictions: 20 a one-second bucket
@@ -130,6 +130,12 @@ def test_answers_come_out_of_the_table_as_they_went_in():
     predictions = [1, 2.5, "cat", True, None, 2**60, -0.0, 7]
     latency = np.array([1.5, np.nan, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     keys = request_keys([f"r{i}" for i in range(8)])
+    table.add("n", keys, np.arange(8) + T0, latency, predictions)
+    # through state records (3 answers each) to a table whose models are in another order
+    restored = JoinTable(["n", "m"])
+    for record in table.dump("champion", 3):
+        restored.load(*read_record(record))
+    assert [restored.pop(int(k)) for k in keys] == [table.pop(int(k)) for k in keys[::-1]][::-1]
     table.add("n", keys, np.arange(8) + T0, latency, predictions)
     answers = [table.pop(int(k)) for k in keys]
     assert [(a.model, a.prediction, type(a.prediction), a.ts) for a in answers] == [

@@ -155,7 +155,7 @@ class Stage1(Service):
     async def on_stop(self) -> None:
         if self.consumer is not None:
             async with self.lock:
-                await self._commit()
+                await self._commit(only=set(self.ingests))  # the label join written now
             await self.consumer.stop()
         if self.producer is not None:
             await self.producer.stop()

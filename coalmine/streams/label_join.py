@@ -140,11 +140,11 @@ class JoinTable:
         out = []
         for start in range(0, len(live), rows):
             at = live[start : start + rows]
-            objects = [[i, self.objects[row]] for i, row in enumerate(at.tolist())]
+            others = np.flatnonzero(self.columns["kind"][at] == _OBJECT).tolist()
             header = {
                 "variant": variant,
                 "models": self.models,
-                "objects": [o for o in objects if o[1] is not None],
+                "objects": [[i, self.objects[at[i]]] for i in others],
             }
             out.append(
                 _npz(

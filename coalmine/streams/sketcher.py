@@ -623,15 +623,21 @@ class Sketcher:
 
     def _joined_tables(self) -> dict[str, JoinTable]:
         """The answers of labels counted in buckets still open, as tables."""
-        tables: dict[str, JoinTable] = {}
+        groups: dict[tuple[str, str], list[tuple[int, Answer]]] = {}
         for key, (_, entry) in self.joined.items():
-            for variant, a in entry.items():
-                if variant not in tables:
-                    tables[variant] = JoinTable(list(self.baselines))
-                latency = np.nan if a.latency is None else a.latency
-                keys = np.array([key], np.uint64)
-                ts, lat = np.array([a.ts]), np.array([latency])
-                tables[variant].add(a.model, keys, ts, lat, [a.prediction])
+            for variant, answer in entry.items():
+                groups.setdefault((variant, answer.model), []).append((key, answer))
+        tables: dict[str, JoinTable] = {}
+        for (variant, model), rows in groups.items():
+            if variant not in tables:
+                tables[variant] = JoinTable(list(self.baselines))
+            tables[variant].add(
+                model,
+                np.array([key for key, _ in rows], np.uint64),
+                np.array([a.ts for _, a in rows], np.int64),
+                np.array([np.nan if a.latency is None else a.latency for _, a in rows]),
+                [a.prediction for _, a in rows],
+            )
         return tables
 
     def restore_joins(self, records: list[bytes]) -> None:
