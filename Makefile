@@ -20,8 +20,11 @@ demo: install  ## embedded broker + worker + traffic simulator, alerts and comma
 test: lint  ## lint first, then the whole suite: unit, slow and integration (embedded broker)
 	$(PY) -m pytest -q $(ARGS)
 
-unit: install  ## the suite without the integration (broker, workers) and slow (wheel build, browser) tests, on every core
-	$(PY) -m pytest -q -n auto -m "not integration and not slow" $(ARGS)
+# bytecode caches on even where PYTHONDONTWRITEBYTECODE is set: each xdist worker otherwise
+# compiles coalmine and rewrites the tests again (~3 s CPU a worker); worksteal: a worker left
+# with the multi-second replay tests hands them to the idle one
+unit: install  ## the suite without the integration (broker, workers) and slow (wheel build, browser, long stream) tests, on every core
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n auto --dist worksteal -m "not integration and not slow" $(ARGS)
 
 lint: install  ## ruff (lint and format check) and mypy; `make test` runs it first
 	$(VENV)/bin/ruff check coalmine tests benchmarks conftest.py
