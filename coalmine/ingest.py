@@ -19,7 +19,7 @@ from coalmine import events as contract
 from coalmine.decode import PredictionDecoder
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.sketch import values_of
-from coalmine.streams.sketcher import PredictionBatch, Sketcher, batches_from_events
+from coalmine.streams.sketcher import PredictionBatch, Sketcher, batches_from_events, without
 
 KINDS = ("prediction", "label")
 
@@ -87,9 +87,9 @@ class PartitionIngest:
     def fold_labels(self, labels: list[dict], offsets: list[int] | None = None) -> Fed:
         """Fold valid label events (``dead`` positions index ``labels``)."""
         rejected, counted = self.sketcher.join_labels(labels)
-        kept = _drop(labels, rejected)
+        kept = without(labels, rejected)
         if offsets is not None:  # held by the bucket each counted in, not its own ts
-            self._hold("label", counted, _drop(offsets, rejected))
+            self._hold("label", counted, without(offsets, rejected))
         counts = Counter(zip(values_of(kept, "model"), repeat("")))
         return Fed(rejected, counts, max(values_of(kept, "ts"), default=None), len(rejected))
 
@@ -154,11 +154,3 @@ def _valid_positions(n: int, invalid: list[tuple[int, str]]) -> list[int]:
     """Positions in a batch of ``n`` of the messages not in ``invalid``, in order."""
     bad = {i for i, _ in invalid}
     return [i for i in range(n) if i not in bad]
-
-
-def _drop(items: list, rejected: list[tuple[int, str]]) -> list:
-    """``items`` less those at the positions ``rejected`` names."""
-    if not rejected:
-        return items
-    refused = {i for i, _ in rejected}
-    return [x for i, x in enumerate(items) if i not in refused]

@@ -135,14 +135,16 @@ def test_answers_come_out_of_the_table_as_they_went_in():
     restored = JoinTable(["n", "m"])
     for record in table.dump("champion", 3):
         restored.load(*read_record(record))
-    assert [restored.pop(int(k)) for k in keys] == [table.pop(int(k)) for k in keys[::-1]][::-1]
+    assert restored.pop_many(keys) == table.pop_many(keys[::-1])[::-1]
     table.add("n", keys, np.arange(8) + T0, latency, predictions)
-    answers = [table.pop(int(k)) for k in keys]
+    answers = table.pop_many(np.concatenate([keys, keys[:1]]))
+    assert answers[-1] is None  # a key repeated: taken once
+    answers = answers[:-1]
     assert [(a.model, a.prediction, type(a.prediction), a.ts) for a in answers] == [
         ("n", p, type(p), T0 + i) for i, p in enumerate(predictions)
     ]
     assert [a.latency for a in answers[:3]] == [1.5, None, 3.0]
-    assert len(table) == 0 and table.pop(int(keys[0])) is None
+    assert len(table) == 0 and table.pop_many(keys[:1]) == [None]
 
 
 def test_the_table_drops_its_oldest_first_and_keeps_the_rest_findable():
@@ -151,13 +153,12 @@ def test_the_table_drops_its_oldest_first_and_keeps_the_rest_findable():
     for start in range(0, n, 100):  # grows and compacts as it fills
         span = slice(start, start + 100)
         table.add("m", keys[span], T0 + np.arange(n)[span], np.zeros(100), list(range(100)))
-        for k in keys[span][::2].tolist():  # every other one labelled
-            assert table.pop(k) is not None
+        assert None not in table.pop_many(keys[span][::2])  # every other one labelled
     assert len(table) == 500
     assert table.expire({"m": T0 + 301}) == 150  # odd ones up to 299
     assert table.evict(100) == 100 and len(table) == 250
     # 301 to 499 evicted, the even ones labelled
-    assert [table.pop(int(k)) is not None for k in keys[499:503]] == [False, False, True, False]
+    assert [a is not None for a in table.pop_many(keys[499:503])] == [False, False, True, False]
     assert table.nbytes() > 250 * 8
 
 

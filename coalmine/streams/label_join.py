@@ -1,10 +1,10 @@
 """Stage 1's table of predictions waiting for their labels, in columns.
 
 A dict of tuples keyed by request id costs ~250 bytes a waiting prediction (the id's string,
-a tuple, boxed numbers); here a prediction is a row of numpy columns found through a dict from
-a 64-bit key of its request id (:func:`request_keys`, the same in every process, so a table
-can be written to the state topic and read back by another worker) to its row: ~180 bytes,
-two thirds of them the dict's (``benchmarks/label_join_memory.py``).
+a tuple, boxed numbers); here a prediction is a row of numpy columns found through an
+open-addressing index of a 64-bit key of its request id (:func:`request_keys`, the same in
+every process, so a table can be written to the state topic and read back by another worker):
+~90 bytes (``benchmarks/label_join_memory.py``). Labels are looked up a batch at a time.
 Rows are appended in arrival order, so the oldest go first (expiry, eviction) by moving a
 head; the columns are compacted (or grown) when they fill up.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -85,24 +84,63 @@ class JoinTable:
     def __init__(self, models: list[str], capacity: int = 1024):
         self.models = list(models)
         self._model_code = {m: i for i, m in enumerate(self.models)}
-        self.index: dict[int, int] = {}  # key -> row
         self.columns: dict[str, np.ndarray] = {
             name: np.zeros(capacity, dtype) for name, dtype in self.COLUMNS.items()
         }
         self.objects = np.full(capacity, None, dtype=object)  # other predictions
         self.head = self.end = 0  # rows before head are gone; end: the next free row
+        self.size = 0  # live rows
+        self._index(capacity)
+
+    def _index(self, capacity: int) -> None:
+        """An empty index for ``capacity`` rows: open addressing, linear probing, at most two
+        thirds full. Slots are never emptied: one whose row has gone is passed over, and the
+        index is built again whenever the rows move (:meth:`_reserve`)."""
+        slots = 1 << (capacity + capacity // 2 - 1).bit_length()
+        self.slot_key = np.zeros(slots, np.uint64)
+        self.slot_row = np.full(slots, -1, np.int32)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.size
 
     def __contains__(self, request_id: str) -> bool:
-        return int(request_keys([request_id])[0]) in self.index
+        return bool(self._rows(request_keys([request_id]))[0] >= 0)
 
     def nbytes(self) -> int:
-        """Memory the table holds: its columns, and its index at a dict entry, key and row
-        each (predictions other than numbers are not counted)."""
-        columns = sum(c.nbytes for c in self.columns.values()) + self.objects.nbytes
-        return columns + sys.getsizeof(self.index) + len(self.index) * (36 + 28)
+        """Memory the table holds: its columns and index (predictions other than numbers
+        are not counted)."""
+        arrays = [*self.columns.values(), self.objects, self.slot_key, self.slot_row]
+        return sum(a.nbytes for a in arrays)
+
+    def _rows(self, keys: np.ndarray) -> np.ndarray:
+        """The live row of each key, or -1 (vectorised :meth:`_row`)."""
+        mask, live = np.uint64(len(self.slot_row) - 1), self.columns["live"]
+        at = (keys & mask).astype(np.int64)
+        out = np.full(len(keys), -1, np.int64)
+        pending = np.arange(len(keys))
+        while len(pending):
+            slot = at[pending]
+            row = self.slot_row[slot]
+            hit = (row >= 0) & (self.slot_key[slot] == keys[pending]) & live[row]
+            out[pending[hit]] = row[hit]
+            pending = pending[(row >= 0) & ~hit]
+            at[pending] = (at[pending] + 1) & int(mask)
+        return out
+
+    def _insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Put ``rows`` in the index under their ``keys``."""
+        mask = len(self.slot_row) - 1
+        at = (keys & np.uint64(mask)).astype(np.int64)
+        pending = np.arange(len(keys))
+        while len(pending):
+            slot = at[pending]
+            free = np.flatnonzero(self.slot_row[slot] < 0)
+            _, first = np.unique(slot[free], return_index=True)  # one key a free slot
+            placed = free[first]
+            won = pending[placed]
+            self.slot_key[at[won]], self.slot_row[at[won]] = keys[won], rows[won]
+            pending = np.delete(pending, placed)
+            at[pending] = (at[pending] + 1) & mask
 
     def add(
         self, model: str, keys: np.ndarray, ts: np.ndarray, latency: np.ndarray, predictions
@@ -124,13 +162,16 @@ class JoinTable:
         c["live"][rows] = True
         for i, value in objects:
             self.objects[self.end + i] = value
-        before = len(self.index)
-        self.index.update(zip(keys.tolist(), rows.tolist()))
+        # a request answered again (rare): the last answer counts
+        old = self._rows(keys)
+        c["live"][old[old >= 0]] = False
+        _, last = np.unique(keys[::-1], return_index=True)
+        if len(last) < n:
+            c["live"][rows] = False
+            c["live"][rows[n - 1 - last]] = True
+        self.size += len(last) - int(np.count_nonzero(old >= 0))
+        self._insert(keys, rows)
         self.end += n
-        if len(self.index) < before + n:  # rare: a request answered again; the last counts
-            live = c["live"][self.head : self.end]
-            live[:] = False
-            live[np.fromiter(self.index.values(), np.int64, len(self.index)) - self.head] = True
 
     def dump(self, variant: str, rows: int) -> list[bytes]:
         """The answers waiting, oldest first, as records of at most ``rows`` answers each (for
@@ -173,23 +214,34 @@ class JoinTable:
             objects,
         )
 
-    def pop(self, key: int) -> Answer | None:
-        """The answer waiting under ``key`` (from :func:`request_keys`), taken out."""
-        row = self.index.pop(key, None)
-        if row is None:
-            return None
-        c = self.columns
-        c["live"][row] = False
-        kind, number = int(c["kind"][row]), float(c["number"][row])
-        prediction = (number, int(number), self.objects[row])[kind]
-        self.objects[row] = None
-        latency = float(c["latency"][row])
-        return Answer(
-            self.models[c["model"][row]],
-            prediction,
-            int(c["ts"][row]),
-            None if latency != latency else latency,
-        )
+    def pop_many(self, keys: np.ndarray) -> list[Answer | None]:
+        """The answers waiting under ``keys`` (from :func:`request_keys`), taken out (None
+        where none waits, and for a key repeated after its first)."""
+        rows = self._rows(keys)
+        _, first = np.unique(keys, return_index=True)
+        if len(first) < len(keys):
+            repeated = np.ones(len(keys), bool)
+            repeated[first] = False
+            rows[repeated] = -1
+        out: list[Answer | None] = [None] * len(keys)
+        found = np.flatnonzero(rows >= 0)
+        if not len(found):
+            return out
+        at, c = rows[found], self.columns
+        kind = c["kind"][at]
+        predictions: list = c["number"][at].tolist()
+        for i in np.flatnonzero(kind == _INT).tolist():
+            predictions[i] = int(predictions[i])
+        for i in np.flatnonzero(kind == _OBJECT).tolist():
+            predictions[i] = self.objects[at[i]]
+        models = [self.models[m] for m in c["model"][at].tolist()]
+        answers = zip(models, predictions, c["ts"][at].tolist(), c["latency"][at].tolist())
+        for i, (model, prediction, ts, latency) in zip(found.tolist(), answers):
+            out[i] = Answer(model, prediction, ts, None if latency != latency else latency)
+        c["live"][at] = False
+        self.objects[at] = None
+        self.size -= len(at)
+        return out
 
     def expire(self, oldest: dict[str, int]) -> int:
         """Drop the answers, from the oldest, with an event time before their model's
@@ -209,8 +261,7 @@ class JoinTable:
         """Drop every row before ``stop``; how many were live."""
         span = slice(self.head, stop)
         gone = np.flatnonzero(self.columns["live"][span])
-        for key in self.columns["key"][span][gone].tolist():
-            del self.index[key]
+        self.size -= len(gone)
         self.columns["live"][span] = False
         self.objects[span] = None
         self.head = stop
@@ -235,7 +286,8 @@ class JoinTable:
         objects = np.full(size, None, dtype=object)
         objects[: len(live)] = self.objects[live]
         self.columns, self.objects = columns, objects
-        self.index.update(zip(columns["key"][: len(live)].tolist(), range(len(live))))
+        self._index(size)
+        self._insert(columns["key"][: len(live)], np.arange(len(live)))
         self.head, self.end = 0, len(live)
 
 
@@ -262,11 +314,11 @@ def _split(predictions: list) -> tuple[np.ndarray, np.ndarray, list[tuple[int, o
     """Predictions as numbers (floats, and ints that floats hold exactly) and the others
     (strings, booleans, None), with each one's kind."""
     types = set(map(type, predictions))
-    if types <= {int, float}:
+    if types and types <= {int, float}:
         number = np.array(predictions, dtype=float)
-        if float in types and int not in types:
-            return number, np.full(len(number), _FLOAT, np.int8), []
         if int not in types or np.abs(number).max() < _EXACT_INT:
+            if len(types) == 1:  # the common batch: one type
+                return number, np.full(len(number), _INT if int in types else _FLOAT, np.int8), []
             kind = np.array([type(p) is int for p in predictions], dtype=np.int8)
             return number, kind, []
     number = np.zeros(len(predictions))

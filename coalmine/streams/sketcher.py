@@ -410,14 +410,18 @@ class Sketcher:
                 answer = Answer(model, prediction, ts, None if lat != lat else lat)
                 self._pair_shadow(baseline, rid, variant, answer, timeout)
         if self.early_labels:
-            for key in self.early_labels.keys() & set(keys.tolist()):
-                self._count(key, self._pop_joined(key), self.early_labels.pop(key))
+            waited = sorted(self.early_labels.keys() & set(keys.tolist()))
+            for key, entry in zip(waited, self._pop_joined(np.array(waited, np.uint64))):
+                self._count(key, entry, self.early_labels.pop(key))
 
-    def _pop_joined(self, key: int) -> dict[str, Answer]:
-        """Every variant's answer to the request keyed ``key`` (:func:`request_keys`) still
-        waiting for its label, taken out."""
-        found = {variant: table.pop(key) for variant, table in self.joins.items()}
-        return {variant: answer for variant, answer in found.items() if answer is not None}
+    def _pop_joined(self, keys: np.ndarray) -> list[dict[str, Answer]]:
+        """Per request key (:func:`request_keys`), every variant's answer still waiting for
+        its label, taken out (for a key repeated, at its first)."""
+        found = {variant: table.pop_many(keys) for variant, table in self.joins.items()}
+        return [
+            {v: a for v, answers in found.items() if (a := answers[i]) is not None}
+            for i in range(len(keys))
+        ]
 
     def _pair_shadow(
         self, baseline: Baseline, rid: str, variant: str, mine: Answer, timeout: int
@@ -482,16 +486,18 @@ class Sketcher:
         waits for it (until the label TTL, then it is counted as unjoined). Returns the
         refused ``(index, reason)`` and, for each label kept, the event time of the bucket it
         counted in (its own ts while it waits)."""
-        rejected, counted = [], []
-        keys = request_keys(values_of(events, "request_id")).tolist() if events else []
-        for i, (e, key) in enumerate(zip(events, keys)):
-            if e["model"] not in self.baselines:
-                rejected.append((i, f"unknown model {e['model']!r}"))
-                continue
+        rejected = [
+            (i, f"unknown model {e['model']!r}")
+            for i, e in enumerate(events)
+            if e["model"] not in self.baselines
+        ]
+        labels = without(events, rejected)
+        keys = request_keys(values_of(labels, "request_id")) if labels else np.zeros(0, np.uint64)
+        counted = []
+        for e, key, joined in zip(labels, keys.tolist(), self._pop_joined(keys)):
             # the labels' own clock: with wait_for_labels, buckets wait for it (labels never
             # move the predictions' watermark: a labels topic read ahead would make them late)
             self.labels_ts = e["ts"] if self.labels_ts is None else max(self.labels_ts, e["ts"])
-            joined = self._pop_joined(key)
             if joined:
                 counted.append(self._count(key, joined, e))
             else:
@@ -686,6 +692,14 @@ def _run_around_median(ts: np.ndarray, gap: int) -> tuple[int, int]:
     start = int(below[-1]) + 1 if len(below) else 0
     end = int(above[0]) if len(above) else len(ts) - 1
     return int(ts[start]), int(ts[end])
+
+
+def without(items: list, rejected: list[tuple[int, str]]) -> list:
+    """``items`` less those at the positions ``rejected`` names."""
+    if not rejected:
+        return items
+    refused = {i for i, _ in rejected}
+    return [x for i, x in enumerate(items) if i not in refused]
 
 
 def _drop_oldest(table: dict, expired) -> int:
