@@ -94,7 +94,7 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.stage1.revoke(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        await self.stage1.assign(assigned)
+        pass
 
 
 class Stage1(Service):
@@ -199,7 +199,7 @@ class Stage1(Service):
             records = chunks.records(batch[tp])
             n += len(records)
             kind = "label" if tp.topic == topics.LABELS else "prediction"
-            ingest = self._ingest(tp.partition)
+            ingest = await self._ingest(tp.partition)
             dead = self._feed(ingest, tp, kind, records, 0)
             self.positions[tp] = records[-1].offset + 1
             for i, reason in dead:
@@ -333,12 +333,25 @@ class Stage1(Service):
                 await self._send(topic, key, _smaller(topic, value))
         return False
 
-    def _ingest(self, partition: int) -> PartitionIngest:
+    async def _ingest(self, partition: int) -> PartitionIngest:
+        """The partition's stage 1; a partition new here starts from the label join its last
+        owner wrote with its last commit (:meth:`_save_joins`), read before its first events
+        are folded (so in the batch loop: a rebalance listener may run after a fetch)."""
         ingest = self.ingests.get(partition)
         if ingest is None:
-            ingest = self.ingests[partition] = PartitionIngest(
+            ingest = PartitionIngest(
                 self.baselines, source=partition, clock=wall_clock_ms, wait_for_labels=True
             )
+            try:
+                records = await self.state_topic.read(
+                    partition % await self.state_topic.partitions()
+                )
+                saved = state.join_records_of(records, partition)
+                ingest.sketcher.restore_joins(saved)
+                self.join_written[partition] = len(saved)
+            except KafkaError:  # labels of closed buckets will count as unjoined
+                log.error("stage 1: the label join was not read back", exc_info=True)
+            self.ingests[partition] = ingest
         return ingest
 
     async def _commit(self, only: set[int] | None = None) -> None:
@@ -389,24 +402,6 @@ class Stage1(Service):
         if only is None:
             self.join_saved, self.join_wait = started, size / JOIN_STATE_BYTES_PER_S
         return True
-
-    async def assign(self, assigned) -> None:
-        """Partitions come to this worker: each starts from the label join its last owner
-        wrote with its last commit (:meth:`_save_joins`)."""
-        async with self.lock:
-            new = sorted({tp.partition for tp in assigned} - set(self.ingests))
-            if not new:
-                return
-            try:
-                partitions = await self.state_topic.partitions()
-                for sp in sorted({p % partitions for p in new}):
-                    records = await self.state_topic.read(sp)
-                    for p in [p for p in new if p % partitions == sp]:
-                        saved = state.join_records_of(records, p)
-                        self._ingest(p).sketcher.restore_joins(saved)
-                        self.join_written[p] = len(saved)
-            except KafkaError:  # labels of closed buckets will count as unjoined
-                log.error("stage 1: the label join was not read back", exc_info=True)
 
     async def revoke(self, revoked) -> None:
         """Partitions leave this worker: commit what is safe and forget their state (the new
