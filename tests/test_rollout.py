@@ -312,7 +312,7 @@ def test_a_worse_shadow_with_late_labels_is_never_promoted_and_is_rolled_back(co
     """Labels 30 s behind their predictions: agreement alone passed this shadow at 20 s, before
     its first label; now it waits for labelled pairs, and McNemar finds it worse."""
     serving = sim.Serving(sim.Version("v1"), shadow=WORSE_SHADOW)
-    run = closed_loop(config, serving, 90, label_delay_ms=30_000)
+    run = closed_loop(config, serving, 50, label_delay_ms=30_000)  # rolled back at 37 s
     assert actions(run) == [("rollback", "v2", None)]
     rollback = run.commands[0]
     assert rollback.evidence["paired_labelled"] > 0 and rollback.alert_ids
@@ -332,8 +332,8 @@ def test_a_shadow_found_worse_after_it_passed_is_rolled_back_from_the_canary(con
     assert 'min_duration = "40s"' in text
     (config.source.parent / "no_perf.toml").write_text(text)
     serving = sim.Serving(sim.Version("v1"), shadow=WORSE_SHADOW)
-    run = closed_loop(
-        load_config(config.source.parent / "no_perf.toml"), serving, 90, label_delay_ms=30_000
+    run = closed_loop(  # rolled back at 37 s, before its next step at 47 s
+        load_config(config.source.parent / "no_perf.toml"), serving, 50, label_delay_ms=30_000
     )
     assert [a for a, _, _ in actions(run)][0] == "set_weight"
     assert actions(run)[-1] == ("rollback", "v2", None) and "promote" not in str(actions(run))
