@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from coalmine.cache import FileCalibrationCache
 from coalmine.config import ConfigError, parse_config
 from coalmine.streams import Baseline, Evaluator, ModelSettings, ReferenceData, Sketcher
 from coalmine.streams.derived import ScoreMargin
@@ -41,7 +42,7 @@ def baseline(sure=False, checks=("performance", "estimated_performance")):
         window_ms=20_000,
         checks=checks,
     )
-    return Baseline(settings, ref)
+    return Baseline(settings, ref, cache=FileCalibrationCache())
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +249,7 @@ def test_a_multiclass_model_gets_the_accuracy_alone():
         np.array(labels, dtype=object),
     )
     settings = ModelSettings(name="m", checks=("estimated_performance",))
-    b = Baseline(settings, ref)
+    b = Baseline(settings, ref, cache=FileCalibrationCache())
     assert b.positive_class is None and b.binary is None
     realised = np.mean([str(k) == y for k, y in zip(scores.argmax(axis=1), labels)])
     assert b.accuracy is not None and b.accuracy.level == pytest.approx(realised, abs=0.01)

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from coalmine import events
+from coalmine.cache import FileCalibrationCache
 from coalmine.ingest import PartitionIngest
 from coalmine.streams import Baseline, Evaluator, ModelSettings, ReferenceData
 
@@ -26,7 +27,9 @@ def baseline(name: str = "m", **settings) -> Baseline:
     )
     checks = ("drift", "prediction_drift", "missing_rate")
     return Baseline(
-        ModelSettings(name=name, bucket_ms=1000, window_ms=20_000, checks=checks, **settings), ref
+        ModelSettings(name=name, bucket_ms=1000, window_ms=20_000, checks=checks, **settings),
+        ref,
+        cache=FileCalibrationCache(),  # the session's: the same fits serve every test here
     )
 
 
@@ -191,6 +194,7 @@ def test_the_label_join_is_bounded_and_counts_its_evictions():
     b = Baseline(
         ModelSettings(**{**settings.__dict__, "checks": (*settings.checks, "performance")}),
         b.reference,
+        cache=FileCalibrationCache(),
     )
     ingest = PartitionIngest({"m": b})
     ingest.feed("prediction", wire([event(i, T0 + i) for i in range(1000)]))
