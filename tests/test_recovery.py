@@ -194,4 +194,9 @@ def test_killing_a_stage1_worker_loses_no_label(namespace, start_worker, shuttle
     wait_until(lambda: len(live()) >= len(expected) - 10, 300, "every bucket", interval=2)
     found = live()
     differ = [(k, found[k], v) for k, v in sorted(expected.items()) if k in found and found[k] != v]
-    assert len(expected) > 50 and not differ, f"(bucket, live, replay): {differ[:5]}"
+    survivor = next(w for w in workers if w is not target)
+    counters = {
+        name: survivor.metric(name)
+        for name in ("coalmine_late_labels_total", "coalmine_late_partials_total")
+    }
+    assert len(expected) > 50 and not differ, f"(bucket, live, replay): {differ[:3]}; {counters}"
