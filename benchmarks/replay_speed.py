@@ -2,11 +2,13 @@
 replay's peak memory. Target (issue 4): >= 100,000 events/s and >= 1/3 of orjson's rate.
 
 usage: python benchmarks/replay_speed.py [--events N] [--repeat K] [--bucket DURATION]
+                                        [--rate R] [--checks drift,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import tempfile
@@ -22,6 +24,7 @@ from coalmine.replay import bulk_gc, replay_files
 
 FEATURES = 10
 EVENTS_PER_S = 1000
+CHECKS = ("drift", "prediction_drift", "missing_rate")
 
 
 def write_stream(path: Path, n: int, seed: int, rate: float = EVENTS_PER_S) -> None:
@@ -44,6 +47,8 @@ def write_stream(path: Path, n: int, seed: int, rate: float = EVENTS_PER_S) -> N
                             "ts": 1_700_000_000_000 + int((start + i) * 1000 / rate),
                             "features": dict(zip(names, row)),
                             "prediction": int(row[0] > 0),
+                            # a confidence that follows the evidence, for the uncertainty check
+                            "scores": {"1": round(1 / (1 + math.exp(-2 * row[0])), 5)},
                             "status": "ok",
                             "latency_ms": 3.0,
                         }
@@ -88,6 +93,12 @@ def main() -> None:
         help="events per second of event time (default %(default)s): stage 2's work is per "
         "bucket, so low rates cost more per event",
     )
+    ap.add_argument(
+        "--checks",
+        default=",".join(CHECKS),
+        help="the model's checks (default %(default)s); e.g. add multivariate_drift and "
+        "uncertainty_drift to measure the label-free checks",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="coalmine-replay-bench-"))
     write_stream(work / "reference.jsonl", 5000, seed=1)
@@ -97,7 +108,7 @@ def main() -> None:
         + (f'bucket = "{args.bucket}"\n' if args.bucket else "")
         + 'window = "60s"\n\n'
         '[[models]]\nname = "bench"\n'
-        'reference = "reference.jsonl"\nchecks = ["drift", "prediction_drift", "missing_rate"]\n'
+        f'reference = "reference.jsonl"\nchecks = {orjson.dumps(args.checks.split(",")).decode()}\n'
     )
     config = load_config(work / "monitor.toml")
     os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")  # a cold start: calibration measured
@@ -113,7 +124,8 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"# file replay, {args.events:,} events ({args.rate:,.0f}/s of event time), {FEATURES} numeric features, "
-        f"bucket {config.models['bench'].bucket_ms} ms, one core, best of {args.repeat}"
+        f"bucket {config.models['bench'].bucket_ms} ms, checks {args.checks}, one core, "
+        f"best of {args.repeat}"
     )
     print("| measure | value | target |")
     print("|---|---|---|")
