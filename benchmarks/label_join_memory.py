@@ -21,7 +21,7 @@ from coalmine.ingest import PartitionIngest
 from coalmine.streams import Baseline, ModelSettings, ReferenceData
 
 T0 = 1_700_000_000_000
-#: bytes a waiting prediction may cost (~90 measured; a dict of tuples: ~250)
+#: bytes a waiting prediction may cost (~100 measured; a dict of tuples: ~250)
 CEILING = 120
 
 

@@ -6,11 +6,13 @@ import re
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from coalmine.cache import FileCalibrationCache
 from coalmine.config import ConfigError, parse_config
 from coalmine.streams import Baseline, Evaluator, ModelSettings, ReferenceData, Sketcher
 from coalmine.streams.derived import ScoreMargin
+from coalmine.streams.label_join import request_keys
 
 PER_BUCKET = 200
 SHIFT_AT = 40  # bucket (second) from which x0 crowds the decision boundary
@@ -162,6 +164,71 @@ def test_a_binary_model_gets_estimated_f1_and_roc_auc_beside_the_realised():
     for ts in ((SHIFT_AT - 5) * 1000, (SHIFT_AT + 20) * 1000):
         labelled = by_ts[ts + LABEL_DELAY * 1000]["realised_f1"]
         assert labelled == pytest.approx(by_ts[ts]["estimated_f1"], abs=0.08)
+
+
+def test_the_realised_roc_auc_is_the_mann_whitney_statistic_of_the_labelled_score_bins():
+    """Once labels come, the realised ROC AUC sits beside the estimate: that of the labels
+    joined in the window (those of the predictions LABEL_DELAY earlier), on the positive
+    score's bins, ties within a bin counting one half."""
+    b = baseline(sure=True)
+    evaluations, _, truth = run(b, 95, shift_at=SHIFT_AT, sure=True)
+    estimates = [e for e in evaluations if e.check == "estimated_performance"]
+    assert estimates[0].evidence["realised_roc_auc"] is None
+    edges, compared = b.layout.edges["scores.1"], 0
+    for e in estimates[LABEL_DELAY::5]:
+        labelled_at = truth[:, 0] + LABEL_DELAY * 1000
+        mine = truth[(labelled_at >= e.window.start_ts) & (labelled_at < e.window.end_ts)]
+        bins = np.searchsorted(edges, mine[:, 3], side="right")
+        pos, neg = bins[mine[:, 2] == 1], bins[mine[:, 2] == 0]
+        u = stats.mannwhitneyu(pos, neg).statistic
+        assert e.evidence["realised_roc_auc"] == pytest.approx(u / (len(pos) * len(neg)))
+        compared += 1
+    assert compared >= 10
+
+
+def test_models_without_the_estimate_count_no_score_bins():
+    """A binary model checking its performance from labels alone, without the estimate, keeps
+    its partials as they were: no score bins, no realised ROC AUC."""
+    evaluations, _, _ = run(baseline(checks=("performance",)), 40)
+    assert evaluations and all("realised_roc_auc" not in e.evidence for e in evaluations)
+    sketcher = Sketcher({"m": baseline(checks=("performance",))})
+    assert sketcher.add_predictions([prediction(0, 0.9)]) == []
+    assert sketcher.add_labels([label(0)]) == []
+    [summary] = sketcher.flush()[0]["buckets"]["0"].values()
+    assert "score_positives" not in summary and summary["labelled"] == 1
+
+
+def test_the_label_join_state_keeps_the_positive_score():
+    """A partition's new owner reads the label join back with each answer's positive score,
+    whether its label is still awaited or counted in a bucket still open."""
+    scores = np.linspace(0.05, 0.95, 10)
+    old = Sketcher({"m": baseline(sure=True)})
+    assert old.add_predictions([prediction(j, p) for j, p in enumerate(scores)]) == []
+    assert old.add_labels([label(j) for j in range(4)]) == []  # counted, the bucket open
+    new = Sketcher({"m": baseline(sure=True)})
+    new.restore_joins(old.join_records(rows=3))
+    keys = request_keys([f"r{j}" for j in range(10)])
+    answers = new.joins["champion"].pop_many(keys)
+    assert [a.score for a in answers] == pytest.approx(scores.tolist())
+
+
+def prediction(j: int, score: float) -> dict:
+    return {
+        "event_id": f"e{j}",
+        "request_id": f"r{j}",
+        "model": "m",
+        "version": "1",
+        "variant": "champion",
+        "ts": j,
+        "features": {"x0": 0.0, "x1": 0.0},
+        "prediction": int(score > 0.5),
+        "scores": {"1": score},
+        "status": "ok",
+    }
+
+
+def label(j: int) -> dict:
+    return {"event_id": f"l{j}", "request_id": f"r{j}", "model": "m", "ts": j, "label": j % 2}
 
 
 def test_models_without_the_estimate_keep_their_bins():

@@ -130,13 +130,14 @@ def test_answers_come_out_of_the_table_as_they_went_in():
     predictions = [1, 2.5, "cat", True, None, 2**60, -0.0, 7]
     latency = np.array([1.5, np.nan, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     keys = request_keys([f"r{i}" for i in range(8)])
-    table.add("n", keys, np.arange(8) + T0, latency, predictions)
+    scores = np.array([0.25, np.nan, 0.5, 0.75, 1.0, 0.0, 0.1, 0.9])  # NaN: none
+    table.add("n", keys, np.arange(8) + T0, latency, predictions, scores)
     # through state records (3 answers each) to a table whose models are in another order
     restored = JoinTable(["n", "m"])
     for record in table.dump("champion", 3):
         restored.load(*read_record(record))
     assert restored.pop_many(keys) == table.pop_many(keys[::-1])[::-1]
-    table.add("n", keys, np.arange(8) + T0, latency, predictions)
+    table.add("n", keys, np.arange(8) + T0, latency, predictions, scores)
     answers = table.pop_many(np.concatenate([keys, keys[:1]]))
     assert answers[-1] is None  # a key repeated: taken once
     answers = answers[:-1]
@@ -144,6 +145,7 @@ def test_answers_come_out_of_the_table_as_they_went_in():
         ("n", p, type(p), T0 + i) for i, p in enumerate(predictions)
     ]
     assert [a.latency for a in answers[:3]] == [1.5, None, 3.0]
+    assert [a.score for a in answers[:3]] == [0.25, None, 0.5]
     assert len(table) == 0 and table.pop_many(keys[:1]) == [None]
 
 

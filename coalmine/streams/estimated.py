@@ -358,7 +358,7 @@ class EstimatedBinary:
             return
         above = n_pos - np.cumsum(positives)  # positives in higher bins
         below = np.cumsum(negatives) - negatives  # negatives in lower bins
-        a = self.roc_auc = float(negatives @ (above + positives / 2)) / (n_pos * n_neg)
+        a = self.roc_auc = binned_roc_auc(positives, negatives)
         q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
         outcomes = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (
             n_pos * n_neg
@@ -378,10 +378,22 @@ class EstimatedBinary:
         return _normal_interval(self.roc_auc, self.roc_auc_sd)
 
 
+def binned_roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """The ROC AUC of positives and negatives counted in bins ranked by score, ties within a
+    bin counting one half: the Mann-Whitney statistic :math:`U / (n_+ n_-)` on the bins.
+
+    >>> binned_roc_auc(np.array([0, 1, 3]), np.array([2, 1, 0]))
+    0.9583333333333334
+    """
+    below = np.cumsum(negatives) - negatives  # negatives in lower bins
+    return float(positives @ (below + negatives / 2) / (positives.sum() * negatives.sum()))
+
+
 def estimated_binary(baseline: Baseline, window: Summary) -> dict:
     """A binary model's estimated F1 and ROC AUC on ``window``, with their intervals, and the
-    F1 of the labels joined in it (None until some come, or where an estimate is not
-    defined): evidence beside the estimated accuracy. Empty for other models."""
+    F1 and ROC AUC (on the positive score's bins) of the labels joined in it (None until
+    some come, or where a value is not defined): evidence beside the estimated accuracy.
+    Empty for other models."""
     if baseline.binary is None or baseline.positive_score is None:
         return {}
     bins = baseline.layout.bins_of(baseline.positive_score)
@@ -393,4 +405,14 @@ def estimated_binary(baseline: Baseline, window: Summary) -> dict:
         "realised_f1": 2 * window.true_positives / answered if answered else None,
         "estimated_roc_auc": None if math.isnan(est.roc_auc) else est.roc_auc,
         "roc_auc_interval": None if math.isnan(est.roc_auc) else list(est.roc_auc_interval),
+        "realised_roc_auc": _realised_roc_auc(window),
     }
+
+
+def _realised_roc_auc(window: Summary) -> float | None:
+    """The ROC AUC of the window's labelled events on their positive score's bins (None
+    without a positive and a negative label)."""
+    positives, negatives = window.score_positives, window.score_negatives
+    if not (positives.sum() and negatives.sum()):
+        return None
+    return binned_roc_auc(positives, negatives)

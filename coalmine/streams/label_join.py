@@ -4,7 +4,7 @@ A dict of tuples keyed by request id costs ~250 bytes a waiting prediction (the 
 a tuple, boxed numbers); here a prediction is a row of numpy columns found through an
 open-addressing index of a 64-bit key of its request id (:func:`request_keys`, the same in
 every process, so a table can be written to the state topic and read back by another worker):
-~90 bytes (``benchmarks/label_join_memory.py``). Labels are looked up a batch at a time.
+~100 bytes (``benchmarks/label_join_memory.py``). Labels are looked up a batch at a time.
 Rows are appended in arrival order, so the oldest go first (expiry, eviction) by moving a
 head; the columns are compacted (or grown) when they fill up.
 """
@@ -32,6 +32,8 @@ class Answer(NamedTuple):
     prediction: object
     ts: int
     latency: float | None
+    #: a binary model's positive score, kept for its realised ROC AUC (None: not kept)
+    score: float | None = None
 
 
 def request_keys(request_ids: list[str]) -> np.ndarray:
@@ -79,6 +81,7 @@ class JoinTable:
         "kind": np.int8,
         "model": np.int32,
         "live": np.bool_,
+        "score": np.float64,  # a binary model's positive score (NaN: none)
     }
 
     def __init__(self, models: list[str], capacity: int = 1024):
@@ -143,23 +146,30 @@ class JoinTable:
             at[pending] = (at[pending] + 1) & mask
 
     def add(
-        self, model: str, keys: np.ndarray, ts: np.ndarray, latency: np.ndarray, predictions
+        self,
+        model: str,
+        keys: np.ndarray,
+        ts: np.ndarray,
+        latency: np.ndarray,
+        predictions,
+        scores: np.ndarray | None = None,
     ) -> None:
         """Append one model's answers: their requests' keys (:func:`request_keys`), event
-        times, latencies (NaN: none) and predictions. A later answer to the same request
-        replaces one waiting."""
+        times, latencies (NaN: none), predictions and positive scores (NaN or None: none). A
+        later answer to the same request replaces one waiting."""
         number, kind, objects = _split(predictions)
         codes = np.full(len(keys), self._model_code[model], np.int32)
-        self._append(keys, ts, latency, number, kind, codes, objects)
+        score = np.full(len(keys), np.nan) if scores is None else scores
+        self._append(keys, ts, latency, number, kind, codes, score, objects)
 
-    def _append(self, keys, ts, latency, number, kind, models, objects) -> None:
+    def _append(self, keys, ts, latency, number, kind, models, scores, objects) -> None:
         n = len(keys)
         self._reserve(n)
         rows = np.arange(self.end, self.end + n)
         c = self.columns
         c["key"][rows], c["ts"][rows], c["latency"][rows] = keys, ts, latency
         c["number"][rows], c["kind"][rows], c["model"][rows] = number, kind, models
-        c["live"][rows] = True
+        c["score"][rows], c["live"][rows] = scores, True
         for i, value in objects:
             self.objects[self.end + i] = value
         # a request answered again (rare): the last answer counts
@@ -196,7 +206,8 @@ class JoinTable:
         return out
 
     def load(self, header: dict, arrays) -> None:
-        """Append the answers of a record :meth:`dump` wrote (of models this table knows)."""
+        """Append the answers of a record :meth:`dump` wrote (of models this table knows; a
+        record written before scores were kept has none)."""
         codes = np.array([self._model_code.get(m, -1) for m in header["models"]], np.int32)
         models = codes[arrays["model"]] if len(codes) else np.zeros(0, np.int32)
         known = models >= 0
@@ -211,6 +222,7 @@ class JoinTable:
             arrays["number"][known],
             arrays["kind"][known],
             models[known],
+            arrays.get("score", np.full(len(known), np.nan))[known],
             objects,
         )
 
@@ -235,9 +247,15 @@ class JoinTable:
         for i in np.flatnonzero(kind == _OBJECT).tolist():
             predictions[i] = self.objects[at[i]]
         models = [self.models[m] for m in c["model"][at].tolist()]
-        answers = zip(models, predictions, c["ts"][at].tolist(), c["latency"][at].tolist())
-        for i, (model, prediction, ts, latency) in zip(found.tolist(), answers):
-            out[i] = Answer(model, prediction, ts, None if latency != latency else latency)
+        answers = zip(
+            models,
+            predictions,
+            c["ts"][at].tolist(),
+            c["latency"][at].tolist(),
+            c["score"][at].tolist(),
+        )
+        for i, (model, prediction, ts, latency, score) in zip(found.tolist(), answers):
+            out[i] = Answer(model, prediction, ts, _none_if_nan(latency), _none_if_nan(score))
         c["live"][at] = False
         self.objects[at] = None
         self.size -= len(at)
@@ -289,6 +307,10 @@ class JoinTable:
         self._index(size)
         self._insert(columns["key"][: len(live)], np.arange(len(live)))
         self.head, self.end = 0, len(live)
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if value != value else value
 
 
 def _npz(header: dict, **arrays: Any) -> bytes:

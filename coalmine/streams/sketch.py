@@ -24,6 +24,8 @@ array([24.75, 49.5 , 74.25])
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from itertools import chain
 from operator import itemgetter
@@ -182,7 +184,8 @@ class Summary:
     """Sufficient statistics of a set of events; ``+`` merges two sets exactly (counts) or to
     floating-point rounding (sums). Besides the column histograms: serving errors, a latency
     histogram (:data:`coalmine.streams.latency.LATENCY_EDGES_MS`), labelled errors (and a
-    binary model's confusion counts when it estimates its performance), outcome
+    binary model's confusion counts and labels per positive-score bin when it estimates its
+    performance), outcome
     moments for A/B tests, and, on the shadow variant, its pairing with the champion: paired
     requests, agreements, and the discordant cells of the paired correctness table (b:
     champion right, shadow wrong; c: the reverse)."""
@@ -200,6 +203,10 @@ class Summary:
     label_positives: int = 0
     answer_positives: int = 0
     true_positives: int = 0
+    # and per bin of its positive score, its labelled events' positive and negative labels
+    # (empty for other models, and left out of the wire form)
+    score_positives: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    score_negatives: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     abs_error_sum: float = 0.0
     abs_error_sumsq: float = 0.0
     outcome_n: int = 0
@@ -220,17 +227,37 @@ class Summary:
         )
 
     def __add__(self, other: Summary) -> Summary:
-        a, b = self.__dict__, other.__dict__
-        return Summary(**{name: a[name] + b[name] for name in _FIELDS})
+        return self._combine(other, operator.add)
 
     def __sub__(self, other: Summary) -> Summary:
         """The summary of a set less a subset of it (a sliding window's oldest bucket)."""
+        return self._combine(other, operator.sub)
+
+    def _combine(self, other: Summary, op: Callable[[Any, Any], Any]) -> Summary:
         a, b = self.__dict__, other.__dict__
-        return Summary(**{name: a[name] - b[name] for name in _FIELDS})
+        return Summary(
+            **{
+                name: op(*_same_length(a[name], b[name]))
+                if name in _SCORE_BINS
+                else op(a[name], b[name])
+                for name in _FIELDS
+            }
+        )
+
+    def count_label(self, score_bin: int, positive: bool, bins: int) -> None:
+        """Count a labelled event of a binary model in its positive score's bin (of ``bins``)."""
+        if not len(self.score_positives):
+            self.score_positives, self.score_negatives = np.zeros((2, bins), dtype=np.int64)
+        (self.score_positives if positive else self.score_negatives)[score_bin] += 1
 
     def to_dict(self) -> dict:
-        """Plain form for the wire (orjson serialises the arrays)."""
-        return dict(self.__dict__)
+        """Plain form for the wire (orjson serialises the arrays); the score bins only where
+        counted."""
+        d = dict(self.__dict__)
+        for name in _SCORE_BINS:
+            if not len(d[name]):
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
@@ -240,7 +267,24 @@ class Summary:
 
 
 #: the array fields and their dtype (little-endian on the wire)
-_ARRAYS = {"counts": "<i8", "sums": "<f8", "missing": "<i8", "latency": "<i8"}
+_ARRAYS = {
+    "counts": "<i8",
+    "sums": "<f8",
+    "missing": "<i8",
+    "latency": "<i8",
+    "score_positives": "<i8",
+    "score_negatives": "<i8",
+}
+#: the array fields a summary holds only for a binary model that estimates its performance
+_SCORE_BINS = ("score_positives", "score_negatives")
+
+
+def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two bin-count arrays, an empty one (a summary without those bins) as zeros like the
+    other."""
+    if len(a) == len(b):
+        return a, b
+    return (np.zeros_like(b), b) if not len(a) else (a, np.zeros_like(a))
 
 
 def _array(name: str, value) -> np.ndarray:

@@ -13,6 +13,7 @@ buckets open until the labels side has passed them too (``wait_for_labels``).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from coalmine.streams.label_join import (
     request_keys,
 )
 from coalmine.streams.latency import latency_bins
-from coalmine.streams.reference import normalized, same_answer
+from coalmine.streams.reference import SCORES, normalized, same_answer
 from coalmine.streams.settings import MAX_TS, VARIANTS
 from coalmine.streams.sketch import LATENCY_BINS, Summary, column_arrays, values_of
 from coalmine.streams.window import accumulate
@@ -385,6 +386,7 @@ class Sketcher:
         # clipped, so that a sum of latency differences stays finite
         latency = np.minimum(batch.latency_ms, MAX_LATENCY_MS)
         keys = request_keys(batch.request_id)
+        score = baseline.positive_score  # kept for the realised ROC AUC
         variants = set(batch.variant)
         for variant in variants:
             mine = (
@@ -397,7 +399,14 @@ class Sketcher:
             predictions = batch.prediction
             if len(variants) > 1:
                 predictions = [p for p, v in zip(predictions, batch.variant) if v == variant]
-            self.joins[variant].add(model, keys[mine], batch.ts[mine], latency[mine], predictions)
+            self.joins[variant].add(
+                model,
+                keys[mine],
+                batch.ts[mine],
+                latency[mine],
+                predictions,
+                None if score is None else batch.columns[score][mine],
+            )
         if "shadow" in baseline.settings.checks:
             timeout = baseline.policy.shadow_timeout_ms
             for rid, variant, prediction, ts, lat in zip(
@@ -446,7 +455,7 @@ class Sketcher:
         serves). Shadow answers whose champion never came are dropped."""
         clocks = {m: c for m in self.baselines if (c := self.clock_of(m)) is not None}
         expired = []
-        for rid, (variant, (model, _, ts, _)) in self.unpaired.items():
+        for rid, (variant, (model, _, ts, _, _)) in self.unpaired.items():
             if ts >= clocks[model] - self.baselines[model].policy.shadow_timeout_ms:
                 break  # arrival order: the rest are younger
             expired.append((rid, variant, model, ts))
@@ -458,7 +467,7 @@ class Sketcher:
                 s.shadow_missing += 1
 
     def _pair(self, baseline: Baseline, champion: tuple, shadow: tuple, ts: int) -> None:
-        (model, champ, _, champ_lat), (_, shadow_pred, _, shadow_lat) = champion, shadow
+        (model, champ, _, champ_lat, _), (_, shadow_pred, _, shadow_lat, _) = champion, shadow
         s = self._open_summary(model, "shadow", ts)
         s.paired += 1
         s.agree += _agree(champ, shadow_pred, baseline.policy.shadow_tolerance)
@@ -529,7 +538,7 @@ class Sketcher:
         model = next(iter(entry.values())).model
         if ts < self.closed_through[model]:
             self.late_labels[model] += 1
-        for variant, (model, pred, _, _) in entry.items():
+        for variant, (model, pred, _, _, score) in entry.items():
             s = self._open_summary(model, variant, ts)
             right[variant] = same_answer(pred, truth)
             s.labelled += 1
@@ -540,6 +549,9 @@ class Sketcher:
                 s.answer_positives += said
                 s.label_positives += was
                 s.true_positives += said and was
+                if score is not None:
+                    edges = self.baselines[model].layout.edges[SCORES + positive]
+                    s.count_label(bisect_right(edges, score), was, len(edges) + 1)
             if isinstance(pred, (int, float)) and isinstance(truth, (int, float)):
                 error = min(abs(pred - truth), MAX_MAGNITUDE)  # 1e308 - -1e308 is inf
                 s.abs_error_sum += error
@@ -643,6 +655,7 @@ class Sketcher:
                 np.array([a.ts for _, a in rows], np.int64),
                 np.array([np.nan if a.latency is None else a.latency for _, a in rows]),
                 [a.prediction for _, a in rows],
+                np.array([np.nan if a.score is None else a.score for _, a in rows]),
             )
         return tables
 
