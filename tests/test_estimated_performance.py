@@ -184,6 +184,11 @@ def test_the_realised_roc_auc_is_the_mann_whitney_statistic_of_the_labelled_scor
         assert e.evidence["realised_roc_auc"] == pytest.approx(u / (len(pos) * len(neg)))
         compared += 1
     assert compared >= 10
+    # and lies within the interval estimated before the labels came, before and after the shift
+    by_ts = {e.ts: e.evidence for e in estimates}
+    for ts in ((SHIFT_AT - 5) * 1000, (SHIFT_AT + 20) * 1000):
+        low, high = by_ts[ts]["roc_auc_interval"]
+        assert low <= by_ts[ts + LABEL_DELAY * 1000]["realised_roc_auc"] <= high
 
 
 def test_models_without_the_estimate_count_no_score_bins():
