@@ -30,6 +30,7 @@ from coalmine.streams.label_join import (
     request_keys,
 )
 from coalmine.streams.latency import latency_bins
+from coalmine.streams.recent_ids import RecentIds
 from coalmine.streams.reference import SCORES, normalized, same_answer
 from coalmine.streams.settings import MAX_TS, VARIANTS
 from coalmine.streams.sketch import LATENCY_BINS, Summary, column_arrays, values_of
@@ -204,8 +205,8 @@ class Sketcher:
         self.late_labels: Counter = Counter()  # model -> labels whose bucket had closed
         self.max_ts: dict[str, int] = {}  # model -> largest event time folded
         self.partition_ts: int | None = None  # the largest of them
-        # model -> (recent event ids' hashes, the generation before): duplicates are dropped
-        self.seen: dict[str, tuple[set[int], set[int]]] = {m: (set(), set()) for m in baselines}
+        # model -> its recent event ids' hashes: duplicates are dropped
+        self.seen = {m: RecentIds(b.settings.dedup_events) for m, b in baselines.items()}
         self.duplicates: Counter = Counter()  # model -> duplicates dropped
         self.join_max = max((b.settings.label_join_max for b in baselines.values()), default=1)
         self.evicted = 0  # label-join entries dropped to keep the table under join_max
@@ -285,7 +286,7 @@ class Sketcher:
             batch = batch.take(ok)
             if not len(batch):
                 return rejected, batch
-        first = self._first_seen(model, batch.event_id)
+        first = self.seen[model].first_seen(batch.event_id)
         if first is not None:
             self.duplicates[model] += len(batch) - int(first.sum())
             batch = batch.take(first)
@@ -356,28 +357,6 @@ class Sketcher:
                 )
             rejected.append((batch.positions[i], why))
         return ~bad, rejected
-
-    def _first_seen(self, model: str, event_ids: list[str]) -> np.ndarray | None:
-        """Mask of the events whose id was not seen among the model's recent events (the last
-        ``dedup_events`` to twice that, in two generations of hashes); None when none was."""
-        if not event_ids:
-            return None
-        hashes = list(map(hash, event_ids))
-        current, older = self.seen[model]
-        fresh = set(hashes)
-        keep = None
-        if len(fresh) < len(hashes) or not current.isdisjoint(fresh) or not older.isdisjoint(fresh):
-            keep = np.ones(len(hashes), dtype=bool)  # rare: a retry; find which, one by one
-            fresh = set()
-            for i, h in enumerate(hashes):
-                if h in current or h in older or h in fresh:
-                    keep[i] = False
-                else:
-                    fresh.add(h)
-        current |= fresh
-        if len(current) >= self.baselines[model].settings.dedup_events:
-            self.seen[model] = (set(), current)
-        return keep
 
     def _join_predictions(self, baseline: Baseline, batch: PredictionBatch) -> None:
         """Keep predictions for their labels (one table per variant, filled a batch at a time);
