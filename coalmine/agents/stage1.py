@@ -196,7 +196,9 @@ class Stage1(Service):
         for tp in sorted(batch, key=lambda tp: (tp.partition, tp.topic == topics.LABELS)):
             if tp not in assigned:
                 continue  # revoked while this batch was fetched: its new owner reads it
-            records = chunks.records(batch[tp])
+            records = await self._in_sequence(tp, chunks.records(batch[tp]))
+            if not records:
+                continue
             n += len(records)
             kind = "label" if tp.topic == topics.LABELS else "prediction"
             ingest = await self._ingest(tp.partition)
@@ -218,6 +220,30 @@ class Stage1(Service):
                     await self._send(topics.PARTIALS, partial["model"].encode(), part)
                 self.spoke[tp.partition, partial["model"]] = time.monotonic()
         return n
+
+    async def _in_sequence(self, tp: TopicPartition, records: chunks.Chunk) -> chunks.Chunk:
+        """The records that continue where this worker's reading of ``tp`` stands (for a
+        partition new here: its committed offset). A fetch made before a rebalance took the
+        partition away and gave it back would otherwise be folded ahead of the events before
+        it, which the consumer then reads again from the committed offset: skipped, and the
+        consumer sent back to where it must go on."""
+        assert self.consumer is not None
+        expected = self.positions.get(tp)
+        if expected is None:
+            expected = await self.consumer.committed(tp)
+            if expected is None:  # nothing committed yet: the log's start, whatever it is
+                return records
+        if records[0].offset > expected:
+            log.info(
+                "stage 1: %s fetched from %d, not %d: read again", tp, records[0].offset, expected
+            )
+            self.consumer.seek(tp, expected)
+            return []
+        return (
+            records
+            if records[0].offset == expected
+            else [r for r in records if r.offset >= expected]
+        )
 
     async def _labels_caught_up(self, labels: TopicPartition) -> bool:
         """Every label published before the predictions read so far on this partition was
