@@ -31,6 +31,7 @@ class RecentIds:
         self.older = _EMPTY  # sorted
         self.current = _EMPTY  # sorted, less the tail
         self.tail: set[int] = set()
+        self.tail_chunks: list[np.ndarray] = []  # the tail as arrays, for the merge
 
     def __len__(self) -> int:
         return len(self.older) + len(self.current) + len(self.tail)
@@ -52,28 +53,38 @@ class RecentIds:
         if not event_ids:
             return None
         hashes = list(map(hash, event_ids))
-        distinct, first = np.unique(np.array(hashes, dtype=np.int64), return_index=True)
-        seen = _contains(self.older, distinct) | _contains(self.current, distinct)
-        if not self.tail.isdisjoint(hashes):
-            in_tail = map(self.tail.__contains__, distinct.tolist())
-            seen |= np.fromiter(in_tail, dtype=bool, count=len(distinct))
-        self._add(distinct[~seen])
-        if len(distinct) == len(hashes) and not seen.any():
-            return None
+        values = np.array(hashes, dtype=np.int64)
+        fresh = set(hashes)
+        if len(fresh) == len(hashes) and self.tail.isdisjoint(fresh):
+            ordered = np.sort(values)  # sorted needles: the binary searches stay in cache
+            if not self._held(ordered).any():
+                self._add(ordered, fresh)
+                return None
+        # rare: a retry; keep each id's first occurrence unless it was seen before the batch
+        seen = self._held(values)
+        seen |= np.fromiter(map(self.tail.__contains__, hashes), dtype=bool, count=len(hashes))
         keep = np.zeros(len(hashes), dtype=bool)
-        keep[first[~seen]] = True  # each id's first occurrence, unless seen before the batch
+        keep[np.unique(values, return_index=True)[1]] = True
+        keep &= ~seen
+        new = values[keep]
+        self._add(new, set(new.tolist()))
         return keep
 
-    def _add(self, new: np.ndarray) -> None:
-        """Hold sorted hashes not held yet; close the generation once it is full."""
-        held = len(self.current) + len(self.tail) + len(new)
-        if len(self.tail) + len(new) < TAIL and held < self.capacity:
-            self.tail.update(new.tolist())
+    def _held(self, values: np.ndarray) -> np.ndarray:
+        """Mask of the ``values`` in either generation's sorted array."""
+        return _contains(self.older, values) | _contains(self.current, values)
+
+    def _add(self, new: np.ndarray, new_set: set[int]) -> None:
+        """Hold distinct hashes not held yet (as an array and a set); close the generation
+        once it is full."""
+        self.tail |= new_set
+        self.tail_chunks.append(new)
+        held = len(self.current) + len(self.tail)
+        if len(self.tail) < TAIL and held < self.capacity:
             return
-        tail = np.fromiter(self.tail, dtype=np.int64, count=len(self.tail))
-        new = np.sort(np.concatenate((new, tail)))
-        self.current = np.insert(self.current, self.current.searchsorted(new), new)
-        self.tail = set()
+        tail = np.sort(np.concatenate(self.tail_chunks))
+        self.current = np.insert(self.current, self.current.searchsorted(tail), tail)
+        self.tail, self.tail_chunks = set(), []
         if held >= self.capacity:
             self.older, self.current = self.current, _EMPTY
 
