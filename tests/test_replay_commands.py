@@ -100,6 +100,7 @@ def test_replay_writes_the_commands_a_worker_publishes(namespace, start_worker, 
     wait_for(worker, "coalmine_evaluations_total", span - 4)
     published = namespace.read("commands")
     assert len(published) >= len(expected) - 1
+
     # labels count in the bucket of their event time however late the labels topic is read:
     # the label-based figures behind each decision are replay's too. Not the count of paired
     # answers: a champion answer waits for its shadow only once the shadow has answered on
