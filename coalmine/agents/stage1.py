@@ -119,10 +119,12 @@ class Stage1(Service):
         self.failure: str | None = None  # why stage 1 stopped, for /health
         self.said: dict[int, bool] = {}  # per partition, whether stage 2 was told it is behind
         self.spoke: dict[tuple[int, str], float] = {}  # (partition, model) -> last message sent
-        # the label join goes to the state topic with the commits: records written per
-        # partition, and when the last write was and how long the next may wait
+        # the label join goes to the state topic with the commits: per partition, the hash of
+        # each record last written (an unchanged one, the older part of a join that only grew,
+        # is not written again: the compacted topic keeps it), and when the last write was
+        # and how long the next may wait
         self.state_topic = state.StateTopic(bootstrap)
-        self.join_written: dict[int, int] = {}
+        self.join_hashes: dict[int, list[int]] = {}
         self.join_saved, self.join_wait = 0.0, 0.0
 
     async def on_start(self) -> None:
@@ -374,7 +376,7 @@ class Stage1(Service):
                 )
                 saved = state.join_records_of(records, partition)
                 ingest.sketcher.restore_joins(saved)
-                self.join_written[partition] = len(saved)
+                self.join_hashes[partition] = list(map(hash, saved))
             except KafkaError:  # labels of closed buckets will count as unjoined
                 log.error("stage 1: the label join was not read back", exc_info=True)
             self.ingests[partition] = ingest
@@ -416,11 +418,16 @@ class Stage1(Service):
             for p, ingest in self.ingests.items():
                 if only is None or p in only:
                     saved = ingest.sketcher.join_records()
-                    size += sum(map(len, saved))
-                    records[p % partitions] += state.join_state(
-                        p, saved, self.join_written.get(p, 0)
-                    )
-                    self.join_written[p] = len(saved)
+                    hashes = list(map(hash, saved))
+                    written = self.join_hashes.get(p, [])
+                    changed = [
+                        record
+                        for i, record in enumerate(state.join_state(p, saved, len(written)))
+                        if i >= len(saved) or i >= len(written) or hashes[i] != written[i]
+                    ]
+                    size += sum(len(value or b"") for _, value in changed)
+                    records[p % partitions] += changed
+                    self.join_hashes[p] = hashes
             await self.state_topic.write(records)
         except KafkaError:
             log.error("stage 1: the label join was not written; offsets wait", exc_info=True)
@@ -440,7 +447,7 @@ class Stage1(Service):
                 log.warning("stage 1: commit on revocation failed", exc_info=True)
             for partition in gone:
                 self.ingests.pop(partition, None)
-                self.join_written.pop(partition, None)
+                self.join_hashes.pop(partition, None)
                 self.said.pop(partition, None)
             self.spoke = {k: t for k, t in self.spoke.items() if k[0] not in gone}
             for tp in revoked:
