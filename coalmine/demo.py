@@ -184,11 +184,12 @@ async def _settle(worker: WorkerProcess, sent: dict[str, int], timeout: float = 
 
 def _plan(duration: float):
     """The story: a shadow judged and promoted through the canary steps; a bad canary once
-    that is done (at 40% of the run at the earliest, 50% at the latest), rolled back; a drift
-    in f1 from 60% to 75% of the run."""
+    that is done (at 40% of the run at the earliest, 58% at the latest: the shadow waits for
+    its labelled pairs, and a canary deployed earlier would replace v2 before its promotion),
+    rolled back; a drift in f1 from 60% to 75% of the run."""
 
     def plan(t: float, serving: simulator.Serving):
-        v2_done = serving.champion.name == "v2" or t >= 0.5 * duration
+        v2_done = serving.champion.name == "v2" or t >= 0.58 * duration
         if t >= 0.4 * duration and v2_done and "v3" not in serving.candidates:
             serving.candidates["v3"] = serving.canary = BAD_CANARY
             serving.canary_weight = 10.0
