@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from coalmine.agents.state import ModelState, key, restore
+from coalmine.agents.state import ModelState, join_records_of, join_state, key, restore
 from coalmine.streams import Evaluator, Sketcher
 from tests.test_monitor import monitor, stream  # noqa: F401 (the fixture)
 
@@ -69,3 +69,27 @@ def test_a_forged_state_record_cannot_run_code(monitor):  # noqa: F811
     forged = {key("m", b"head"): pickle.dumps(Evil())}
     with pytest.raises(pickle.UnpicklingError, match="os.system|posix.system"):
         restore(forged, monitor, None)
+
+
+def test_a_label_join_write_sends_only_what_changed_and_reads_back_whole():
+    """A join that grew rewrites its newest record only (the compacted topic keeps the
+    others); one that shrank tombstones the records beyond it; a reader of the topic's latest
+    records gets the join as last written."""
+    topic: dict[bytes, bytes] = {}
+
+    def write(records, written):
+        out, hashes = join_state(3, records, written)
+        for k, v in out:
+            if v is None:
+                topic.pop(k, None)
+            else:
+                topic[k] = v
+        return out, hashes
+
+    first, written = write([b"a", b"b"], [])
+    assert [v for _, v in first] == [b"a", b"b"]
+    grown, written = write([b"a", b"b2", b"c"], written)
+    assert [v for _, v in grown] == [b"b2", b"c"]
+    shrunk, written = write([b"x"], written)
+    assert [v for _, v in shrunk] == [b"x", None, None]
+    assert join_records_of(topic, 3) == [b"x"] and join_records_of(topic, 4) == []

@@ -119,10 +119,9 @@ class Stage1(Service):
         self.failure: str | None = None  # why stage 1 stopped, for /health
         self.said: dict[int, bool] = {}  # per partition, whether stage 2 was told it is behind
         self.spoke: dict[tuple[int, str], float] = {}  # (partition, model) -> last message sent
-        # the label join goes to the state topic with the commits: per partition, the hash of
-        # each record last written (an unchanged one, the older part of a join that only grew,
-        # is not written again: the compacted topic keeps it), and when the last write was
-        # and how long the next may wait
+        # the label join goes to the state topic with the commits: per partition, the hashes
+        # of the records last written (state.join_state writes only those that changed), and
+        # when the last write was and how long the next may wait
         self.state_topic = state.StateTopic(bootstrap)
         self.join_hashes: dict[int, list[int]] = {}
         self.join_saved, self.join_wait = 0.0, 0.0
@@ -376,7 +375,7 @@ class Stage1(Service):
                 )
                 saved = state.join_records_of(records, partition)
                 ingest.sketcher.restore_joins(saved)
-                self.join_hashes[partition] = list(map(hash, saved))
+                self.join_hashes[partition] = state.join_hashes(saved)
             except KafkaError:  # labels of closed buckets will count as unjoined
                 log.error("stage 1: the label join was not read back", exc_info=True)
             self.ingests[partition] = ingest
@@ -417,17 +416,11 @@ class Stage1(Service):
             size = 0
             for p, ingest in self.ingests.items():
                 if only is None or p in only:
-                    saved = ingest.sketcher.join_records()
-                    hashes = list(map(hash, saved))
-                    written = self.join_hashes.get(p, [])
-                    changed = [
-                        record
-                        for i, record in enumerate(state.join_state(p, saved, len(written)))
-                        if i >= len(saved) or i >= len(written) or hashes[i] != written[i]
-                    ]
+                    changed, self.join_hashes[p] = state.join_state(
+                        p, ingest.sketcher.join_records(), self.join_hashes.get(p, [])
+                    )
                     size += sum(len(value or b"") for _, value in changed)
                     records[p % partitions] += changed
-                    self.join_hashes[p] = hashes
             await self.state_topic.write(records)
         except KafkaError:
             log.error("stage 1: the label join was not written; offsets wait", exc_info=True)

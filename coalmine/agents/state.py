@@ -64,16 +64,28 @@ def key(model: str, what: bytes) -> bytes:
 
 
 def join_state(
-    partition: int, records: list[bytes], written: int
-) -> list[tuple[bytes, bytes | None]]:
-    """Stage 1's label join of input ``partition`` (:meth:`Sketcher.join_records`) as state
-    records, and tombstones for those of the last write beyond them (``written`` of them).
-    Keyed as no model's records are (no model is named the empty string), so stage 2's
-    :func:`restore` passes them by."""
+    partition: int, records: list[bytes], written: list[int]
+) -> tuple[list[tuple[bytes, bytes | None]], list[int]]:
+    """Stage 1's label join of input ``partition`` (:meth:`Sketcher.join_records`) as the state
+    records to write, given the hashes of the last write's records (``written``): those that
+    changed (an unchanged one stays in the compacted topic: a join that only grew rewrites its
+    newest), and tombstones for the last write's beyond them. Returns them and the hashes of
+    ``records``, for the next write. Keyed as no model's records are (no model is named the
+    empty string), so stage 2's :func:`restore` passes them by."""
+    hashes = join_hashes(records)
     out: list[tuple[bytes, bytes | None]] = [
-        (_join_key(partition, i), r) for i, r in enumerate(records)
+        (_join_key(partition, i), r)
+        for i, (r, h) in enumerate(zip(records, hashes))
+        if i >= len(written) or h != written[i]
     ]
-    return out + [(_join_key(partition, i), None) for i in range(len(records), written)]
+    out += [(_join_key(partition, i), None) for i in range(len(records), len(written))]
+    return out, hashes
+
+
+def join_hashes(records: list[bytes]) -> list[int]:
+    """What :func:`join_state` remembers of records written (or read back) to tell a changed
+    one: their hashes."""
+    return list(map(hash, records))
 
 
 def join_records_of(records: dict[bytes, bytes], partition: int) -> list[bytes]:
