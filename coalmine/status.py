@@ -15,7 +15,7 @@ import orjson
 
 from coalmine import events as contract
 from coalmine import topics
-from coalmine.client import tail
+from coalmine.client import env_verifier, tail
 from coalmine.security import client_kwargs
 from coalmine.signing import Verifier
 
@@ -139,14 +139,14 @@ async def collect(bootstrap: str) -> tuple[dict[str, ModelStatus], list[str]]:
     commands, alerts, recent = await asyncio.gather(
         read(topics.COMMANDS), read(topics.ALERTS), _recent(bootstrap)
     )
-    verifier = Verifier.from_env(clock=None)
+    verifier = env_verifier(topics.COMMANDS, live=False)
     notes = []
     if verifier is None:
         notes.append(
             "commands and alerts not verified: set $COALMINE_VERIFY_KEY to leave out forged and "
             "replayed ones"
         )
-    alert_verifier = Verifier.from_env(clock=None, kind="alert")
+    alert_verifier = env_verifier(topics.ALERTS, live=False)
     return summarize(commands, alerts, recent, verifier, notes, alert_verifier), notes
 
 
