@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 RATE = 300  # events per second of event time: 300 per 1 s bucket
 
 
-def wait_for(worker, name: str, target: float, timeout: float = 90) -> None:
+def wait_for(worker, name: str, target: float, timeout: float = 180) -> None:
     """Until the worker's metric ``name`` reaches ``target``."""
     try:
         wait_until(
