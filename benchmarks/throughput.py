@@ -4,17 +4,23 @@ same topic on the same broker, in the same run.
 A backlog of prediction events of a 10-numeric-feature model (default checks) is published
 first; then, in turn, the raw consumer and 1 (and 2) workers read it from the start. Both are
 timed in steady state: from the moment 10% of the backlog has been consumed to 90%, so neither
-the consumer-group join nor start-up counts. Runs are interleaved and repeated; the best of
-each counts (the machine is shared). Prints events/s, the ratio, batch latency and the
-workers' peak memory.
+the consumer-group join nor start-up counts. Runs are interleaved and repeated; each run prints
+both rates and their ratio, and the CPU time an event of each (the raw consumer's process, the
+workers' processes): on a shared machine the rates swing with the load from run to run, the
+CPU time far less. Then the best of each run, with the workers' peak memory. ``--profile
+DIR`` samples each worker with py-spy in steady state (collapsed stacks, DIR/<app>-<i>.txt).
 
-usage: python benchmarks/throughput.py [--events N] [--workers 1 2] [--repeat K]
+usage: python benchmarks/throughput.py [--events N] [--workers 1 2] [--repeat K] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +36,15 @@ except ImportError:
     from benchmarks.replay_speed import write_stream
 
 STEADY = (0.1, 0.9)  # the share of the backlog between which rates are timed
+#: how often the workers' /metrics are read: each read costs a worker ~3 ms of its event
+#: loop (read every 20 ms, a sixth of its time went there); the moment a share was crossed
+#: is interpolated between reads
+POLL_S = 0.25
 
 
-async def raw_rate(bootstrap: str, topic: str, n: int) -> float:
-    """Steady-state messages/s of a plain aiokafka consumer reading ``n`` messages."""
+async def raw_rate(bootstrap: str, topic: str, n: int) -> dict:
+    """Steady-state messages/s of a plain aiokafka consumer reading ``n`` messages, and its CPU
+    time a message (this process's)."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -53,14 +64,20 @@ async def raw_rate(bootstrap: str, topic: str, n: int) -> float:
             got += sum(len(v) for v in batch.values())
             for share in STEADY:
                 if got >= share * n and share not in marks:
-                    marks[share] = time.perf_counter()
+                    marks[share] = time.perf_counter(), time.process_time()
     finally:
         await consumer.stop()
-    return (STEADY[1] - STEADY[0]) * n / (marks[STEADY[1]] - marks[STEADY[0]])
+    (t0, cpu0), (t1, cpu1) = marks[STEADY[0]], marks[STEADY[1]]
+    steady = (STEADY[1] - STEADY[0]) * n
+    return {"rate": steady / (t1 - t0), "cpu_us": (cpu1 - cpu0) / steady * 1e6}
 
 
-def worker_rate(ns: Namespace, config: Path, n: int, k: int, log_dir: Path) -> dict:
-    """Steady-state events/s of ``k`` workers (one app id) folding the ``n``-event backlog."""
+def worker_rate(
+    ns: Namespace, config: Path, n: int, k: int, log_dir: Path, profile: Path | None = None
+) -> dict:
+    """Steady-state events/s of ``k`` workers (one app id) folding the ``n``-event backlog,
+    their CPU time an event and peak memory; with ``profile``, py-spy samples each worker in
+    steady state into a file there."""
     app_id = f"{ns.prefix}bench{time.time_ns()}"
     workers = [
         ns.worker(config, app_id=app_id, log=log_dir / f"{app_id}-{i}.log") for i in range(k)
@@ -72,6 +89,7 @@ def worker_rate(ns: Namespace, config: Path, n: int, k: int, log_dir: Path) -> d
             w.wait_ready()
 
         last = [0.0] * k
+        seen: list[tuple[float, float, float]] = []  # (time, events folded, CPU s) a poll
 
         def folded() -> float:
             for i, w in enumerate(workers):
@@ -79,18 +97,59 @@ def worker_rate(ns: Namespace, config: Path, n: int, k: int, log_dir: Path) -> d
                     last[i] = w.metric("coalmine_events_total")
                 except OSError:
                     pass
+            seen.append((time.perf_counter(), sum(last), sum(map(_cpu_s, workers))))
             return sum(last)
 
-        marks = {}
+        spies = []
         for share in STEADY:
-            wait_until(lambda s=share: folded() >= s * n, 900, f"{share:.0%} folded", interval=0.02)
-            marks[share] = time.perf_counter()
-        wait_until(lambda: folded() >= n, 900, "everything folded", interval=0.1)
-        rate = (STEADY[1] - STEADY[0]) * n / (marks[STEADY[1]] - marks[STEADY[0]])
-        return {"rate": rate, "rss": [w.peak_rss_mb() for w in workers]}
+            wait_until(
+                lambda s=share: folded() >= s * n, 900, f"{share:.0%} folded", interval=POLL_S
+            )
+            if profile is not None and share == STEADY[0]:
+                spies = [_spy(w.pid, profile / f"{app_id}-{i}") for i, w in enumerate(workers)]
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled
+            spy.wait()
+        wait_until(lambda: folded() >= n, 900, "everything folded", interval=POLL_S)
+        (t0, cpu0), (t1, cpu1) = (_crossed(seen, share * n) for share in STEADY)
+        steady = (STEADY[1] - STEADY[0]) * n
+        return {
+            "rate": steady / (t1 - t0),
+            "cpu_us": (cpu1 - cpu0) / steady * 1e6,
+            "rss": [w.peak_rss_mb() for w in workers],
+        }
     finally:
         for w in workers:
             w.stop()
+
+
+def _cpu_s(worker) -> float:
+    """CPU seconds the worker's process has used (user and system, every thread)."""
+    fields = Path(f"/proc/{worker.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _crossed(seen: list[tuple[float, float, float]], count: float) -> tuple[float, float]:
+    """When the count polled in ``seen`` reached ``count``, and the CPU time then,
+    interpolated between polls."""
+    i = next(i for i, (_, c, _) in enumerate(seen) if c >= count)
+    if i == 0:
+        return seen[0][0], seen[0][2]
+    (t0, c0, cpu0), (t1, c1, cpu1) = seen[i - 1], seen[i]
+    share = (count - c0) / (c1 - c0)
+    return t0 + (t1 - t0) * share, cpu0 + (cpu1 - cpu0) * share
+
+
+def _spy(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling ``pid`` until interrupted, into ``out``.txt (collapsed stacks: one line
+    a stack, then its samples)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    return subprocess.Popen(
+        [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "100"]
+        + ["--output", f"{out}.txt"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main() -> None:
@@ -100,7 +159,10 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=300_000, help="backlog size (default 300,000)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each; the best counts")
+    ap.add_argument("--profile", type=Path, help="py-spy each worker in steady state, to here")
     args = ap.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     n = args.events
     work = Path(tempfile.mkdtemp(prefix="coalmine-throughput-"))
     write_stream(work / "reference.jsonl", 5000, seed=1)
@@ -114,26 +176,37 @@ def main() -> None:
         t0 = time.perf_counter()
         ns.publish(events)
         print(f"backlog of {n:,} events published in {time.perf_counter() - t0:.1f} s")
-        raw, best = 0.0, {k: {"rate": 0.0, "rss": []} for k in args.workers}
-        for _ in range(args.repeat):
-            raw = max(raw, asyncio.run(raw_rate(broker.bootstrap, ns.topic["predictions"], n)))
+        raw: dict = {"rate": 0.0}
+        best: dict[int, dict] = {k: {"rate": 0.0} for k in args.workers}
+        for i in range(args.repeat):
+            this = asyncio.run(raw_rate(broker.bootstrap, ns.topic["predictions"], n))
+            raw = max(raw, this, key=lambda r: r["rate"])
             for k in args.workers:
-                run = worker_rate(ns, work / "monitor.toml", n, k, work)
-                if run["rate"] > best[k]["rate"]:
-                    best[k] = run
+                run = worker_rate(ns, work / "monitor.toml", n, k, work, args.profile)
+                print(
+                    f"run {i + 1}: raw {this['rate']:,.0f}/s ({this['cpu_us']:.1f} us CPU an "
+                    f"event), {k} worker(s) {run['rate']:,.0f}/s ({run['cpu_us']:.1f} us): "
+                    f"{run['rate'] / this['rate']:.0%} of raw's rate, "
+                    f"{this['cpu_us'] / run['cpu_us']:.0%} of its CPU efficiency",
+                    flush=True,
+                )
+                best[k] = max(best[k], run, key=lambda r: r["rate"])
     size = sum(len(e) for _, e in events) / n
     print(
         f"\n# steady state on a backlog of {n:,} events ({size:.0f} B, 10 numeric features, "
         f"default checks, 6 partitions), best of {args.repeat}"
     )
-    print("| reader | events/s | share of raw | peak memory per process |")
-    print("|---|---:|---:|---:|")
-    print(f"| raw aiokafka consumer (the ceiling) | {raw:,.0f} | 100% | |")
+    print("| reader | events/s | share of raw | CPU an event | peak memory per process |")
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| raw aiokafka consumer (the ceiling) | {raw['rate']:,.0f} | 100% "
+        f"| {raw['cpu_us']:.1f} us | |"
+    )
     for k, run in best.items():
         rss = " / ".join(f"{r:.0f} MB" for r in run["rss"])
         print(
             f"| coalmine, {k} worker{'s' if k > 1 else ''} | {run['rate']:,.0f} "
-            f"| {run['rate'] / raw:.0%} | {rss} |"
+            f"| {run['rate'] / raw['rate']:.0%} | {run['cpu_us']:.1f} us | {rss} |"
         )
 
 
