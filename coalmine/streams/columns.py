@@ -63,8 +63,8 @@ class NumericBlock:
     spread_scores: np.ndarray  # (columns, bins)
     ks: drift.KolmogorovSmirnov
     wasserstein: drift.Wasserstein
-    ks_fits: calibration.TailFit  # stacked, one row per column
-    wasserstein_fits: calibration.TailFit
+    #: KS's fits stacked one row per column, then Wasserstein's: one pass thresholds both
+    window_fits: calibration.TailFit
 
     @classmethod
     def stack(cls, columns: list[ColumnModel]) -> NumericBlock:
@@ -89,13 +89,14 @@ class NumericBlock:
                 ref,
                 np.array([c.sd for c in columns]),
             ),
-            calibration.TailFit.stack([c.fits["ks"] for c in columns]),
-            calibration.TailFit.stack([c.fits["wasserstein"] for c in columns]),
+            calibration.TailFit.stack(
+                [c.fits["ks"] for c in columns] + [c.fits["wasserstein"] for c in columns]
+            ),
         )
 
     def _gather(self, flat: np.ndarray) -> np.ndarray:
         """(columns, bins) from a summary's flat array; padding reads the appended 0."""
-        return np.append(flat, 0)[self.bins]
+        return np.concatenate((flat, _ZERO[flat.dtype.kind]))[self.bins]
 
     def statistics(self, window: Summary, q: float) -> dict[str, tuple]:
         """Column name -> (events with a value, KS, its p-value, its threshold, Wasserstein-1 /
@@ -111,13 +112,16 @@ class NumericBlock:
         psi = drift.psi_statistic(self.ks.ref_counts, counts)
         # the fits are of sqrt(n_eff) x statistic: back to the statistic's own scale
         scale = np.sqrt(np.maximum(drift.effective_n(self.ks.ref_counts.sum(axis=1), n), 1e-12))
+        ks_threshold, w_threshold = (
+            self.window_fits.threshold(np.tile(n, 2), q).reshape(2, -1) / scale
+        ).tolist()
         rows = zip(
             n.tolist(),
             _per_column(ks.statistic),
             _per_column(ks.p_value),
-            (self.ks_fits.threshold(n, q) / scale).tolist(),
+            ks_threshold,
             _per_column(w.normalized),
-            (self.wasserstein_fits.threshold(n, q) / scale).tolist(),
+            w_threshold,
             psi.tolist(),
         )
         return dict(zip((c.name for c in self.columns), rows))
@@ -155,6 +159,10 @@ class NumericBlock:
         location.update(n, ranks)
         spread.update(n, (counts * self.spread_scores).sum(axis=1))
         return n, ranks
+
+
+#: a 0 of a summary's integer or float arrays' type, to pad them (np.append costs twice as much)
+_ZERO = {"i": np.zeros(1, dtype=np.int64), "f": np.zeros(1)}
 
 
 def _per_column(values: np.ndarray | float) -> list[float]:

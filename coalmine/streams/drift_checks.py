@@ -110,7 +110,10 @@ class DriftJudge:
             if current is not None and current.n:
                 bucket_ranks = dict(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
             sequential = dict(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
-            if window_tests and ("drift" in checks or "prediction_drift" in checks or base.derived):
+            # a column has at most the window's events: none can reach ``least`` when it does not
+            if window.n >= least and (
+                "drift" in checks or "prediction_drift" in checks or base.derived
+            ):
                 numeric = block.statistics(window, q)
         for j, col, check, feature in self.watched:
             of_column = partial(make, check, feature)
@@ -121,7 +124,7 @@ class DriftJudge:
                 location, spread = sequential[col.name]
                 out.append(of_column("cusum", location, cusum_h))
                 out.append(of_column("cusum_spread", spread, cusum_h))
-            elif window_tests and (n := int(window.counts[col.bins].sum())) >= least:
+            elif window.n >= least and (n := int(window.counts[col.bins].sum())) >= least:
                 out += _categorical_drift(of_column, col, window.counts[col.bins], n, q)
             if "missing_rate" in checks and check == "drift" and window.n >= least:
                 out.append(self._missing(make, col, feature, int(window.missing[j]), window.n, q))

@@ -149,7 +149,7 @@ class Evaluator:
             ring, end, spans, windows, bucket.variants, self.versions, q
         )
         out.evaluations.extend(rollout_evs)
-        groups = _group(out.evaluations)
+        groups, exceeded = _group(out.evaluations)
         if window_tests:
             self.held = {
                 key: [e for e in group if _is_window_test(e)] for key, group in groups.items()
@@ -158,8 +158,11 @@ class Evaluator:
             for key, held in self.held.items():
                 if key[0] in windows:
                     groups.setdefault(key, []).extend(held)
-        for group in groups.values():
-            if not group:  # a rollout check that did not run: held window tests are none
+                    exceeded.update(e.key for e in held if e.exceeded)
+        for key, group in groups.items():
+            # a rollout check that did not run has an empty group (held window tests are none);
+            # a group neither over its threshold nor firing changes no alert
+            if not group or (key not in exceeded and key not in self.alerts.quiet):
                 continue
             alert = self.alerts.observe(end, *_worst(group))
             if alert:
@@ -189,14 +192,17 @@ class Emitted(NamedTuple):
         self.commands.extend(other.commands)
 
 
-def _group(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
+def _group(evs: list[Evaluation]) -> tuple[dict[tuple, list[Evaluation]], set[tuple]]:
     """Evaluations grouped by (variant, check, feature): one alert per group, on any of its
-    statistics."""
+    statistics; and the keys of the groups with an evaluation over its threshold."""
     groups: dict[tuple, list[Evaluation]] = {}
+    exceeded: set[tuple] = set()
     for e in evs:
         if e.threshold is not None:  # PSI and JS are reported, not alarmed on
             groups.setdefault(e.key, []).append(e)
-    return groups
+            if e.value > e.threshold:
+                exceeded.add(e.key)
+    return groups, exceeded
 
 
 def _worst(group: list[Evaluation]) -> tuple[bool, Evaluation]:

@@ -235,14 +235,12 @@ class Summary:
 
     def _combine(self, other: Summary, op: Callable[[Any, Any], Any]) -> Summary:
         a, b = self.__dict__, other.__dict__
-        return Summary(
-            **{
-                name: op(*_same_length(a[name], b[name]))
-                if name in _SCORE_BINS
-                else op(a[name], b[name])
-                for name in _FIELDS
-            }
-        )
+        out = object.__new__(Summary)  # the fields set at once: stage 2 merges every bucket
+        out.__dict__ = {
+            name: op(*_same_length(a[name], b[name])) if score_bins else op(a[name], b[name])
+            for name, score_bins in _COMBINED
+        }
+        return out
 
     def count_label(self, score_bin: int, positive: bool, bins: int) -> None:
         """Count a labelled event of a binary model in its positive score's bin (of ``bins``)."""
@@ -293,7 +291,8 @@ def _array(name: str, value) -> np.ndarray:
     return np.asarray(value, dtype=_ARRAYS[name])
 
 
-_FIELDS = tuple(f.name for f in fields(Summary))
+#: each field, and whether it is one of :data:`_SCORE_BINS`
+_COMBINED = tuple((f.name, f.name in _SCORE_BINS) for f in fields(Summary))
 
 
 def values_of(events: list[dict], name: str) -> list:
