@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from coalmine.cache import code_fingerprint
-
 
 def _calibration_root(config: pytest.Config, tmp_path_factory) -> Path:
     """``.pytest_cache/coalmine`` in the checkout (git ignores it), kept between runs: the fits
@@ -30,6 +28,8 @@ def cache_dir(request, tmp_path_factory):
     """Calibration caches go under the test cache (above), never the user's home; worker
     subprocesses inherit it. Fits of older code are removed. Tests of the cache itself pass
     their own folder."""
+    from coalmine.cache import code_fingerprint  # here: the xdist controller needs no scipy
+
     root = _calibration_root(request.config, tmp_path_factory)
     for stale in (root / "calibration").glob("*"):
         if stale.name != code_fingerprint():

@@ -1,15 +1,17 @@
-"""Shared fixtures: one embedded broker per test session, workers as real subprocesses."""
+"""Shared fixtures: one embedded broker per test session, workers as real subprocesses.
+coalmine is imported in the fixtures: the xdist controller, which loads this file too, runs no
+test."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from coalmine import simulator, topics
-from coalmine.broker import EmbeddedBroker, ensure_topics
-from coalmine.launch import Namespace, WorkerProcess
+if TYPE_CHECKING:
+    from coalmine.launch import Namespace, WorkerProcess
 
 
 def pytest_configure(config):
@@ -31,6 +33,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def broker():
+    from coalmine import topics
+    from coalmine.broker import EmbeddedBroker, ensure_topics
+
     with EmbeddedBroker() as b:
         asyncio.run(ensure_topics(b.bootstrap, topics.all_topics()))
         yield b
@@ -39,6 +44,8 @@ def broker():
 @pytest.fixture
 def namespace(broker) -> Namespace:
     """A test's own set of coalmine topics on the shared broker ($COALMINE_NAMESPACE)."""
+    from coalmine.launch import Namespace
+
     return Namespace(broker)
 
 
@@ -64,6 +71,8 @@ def start_worker(namespace, tmp_path):
 @pytest.fixture(scope="session")
 def shuttle_config(tmp_path_factory):
     """A monitor config for the simulator's model, 1 s buckets, 10 s windows."""
+    from coalmine import simulator
+
     d = tmp_path_factory.mktemp("config")
     simulator.write_reference(d / "reference.jsonl", n=5000)
     simulator.write_demo_config(

@@ -110,14 +110,21 @@ def test_the_calibration_is_histogram_binning_on_the_margin_bins(estimated):
     assert cal.level == pytest.approx(1 - estimated.ref_error_rate, abs=0.005)
 
 
-def test_where_the_reference_was_always_sure_the_estimate_follows_the_score():
+@pytest.fixture(scope="module")
+def sure_run():
+    """A baseline whose reference was always sure, and its run over 95 buckets that crowd the
+    boundary from SHIFT_AT (three tests read it)."""
+    sure = baseline(sure=True)
+    return sure, run(sure, 95, shift_at=SHIFT_AT, sure=True)
+
+
+def test_where_the_reference_was_always_sure_the_estimate_follows_the_score(sure_run):
     """The reference holds only events the model is 98% sure of; from bucket 40 the events
     crowd the boundary, where the reference has no row. Their accuracy is what their scores
     say (~0.64): the estimate follows it within its interval and alerts, where bins on the
     reference's margins alone would put them all in the lowest, 98% right."""
-    sure = baseline(sure=True)
+    sure, (evaluations, alerts, truth) = sure_run
     assert estimated_bins_reach(sure) < 0.5  # bins of their own below the reference's margins
-    evaluations, alerts, truth = run(sure, 70, shift_at=SHIFT_AT, sure=True)
     firing = [a for a in alerts if a.state == "firing" and a.check == "estimated_performance"]
     assert firing and SHIFT_AT * 1000 < firing[0].ts <= (SHIFT_AT + 8) * 1000
     shifted = [
@@ -139,11 +146,11 @@ def estimated_bins_reach(b):
     return float(b.layout.edges[ScoreMargin.name][0])
 
 
-def test_a_binary_model_gets_estimated_f1_and_roc_auc_beside_the_realised():
+def test_a_binary_model_gets_estimated_f1_and_roc_auc_beside_the_realised(sure_run):
     """Beside the accuracy: F1 and ROC AUC expected from the positive score's bins, close to
     what the window's labels will show, before and after the shift; once labels come, the
     realised F1 of the labelled events sits beside the estimate."""
-    evaluations, _, truth = run(baseline(sure=True), 95, shift_at=SHIFT_AT, sure=True)
+    _, (evaluations, _, truth) = sure_run
     estimates = [e for e in evaluations if e.check == "estimated_performance"]
     for e in estimates[::5]:
         mine = truth[(truth[:, 0] >= e.window.start_ts) & (truth[:, 0] < e.window.end_ts)]
@@ -166,12 +173,11 @@ def test_a_binary_model_gets_estimated_f1_and_roc_auc_beside_the_realised():
         assert labelled == pytest.approx(by_ts[ts]["estimated_f1"], abs=0.08)
 
 
-def test_the_realised_roc_auc_is_the_mann_whitney_statistic_of_the_labelled_score_bins():
+def test_the_realised_roc_auc_is_the_mann_whitney_statistic_of_the_labelled_score_bins(sure_run):
     """Once labels come, the realised ROC AUC sits beside the estimate: that of the labels
     joined in the window (those of the predictions LABEL_DELAY earlier), on the positive
     score's bins, ties within a bin counting one half."""
-    b = baseline(sure=True)
-    evaluations, _, truth = run(b, 95, shift_at=SHIFT_AT, sure=True)
+    b, (evaluations, _, truth) = sure_run
     estimates = [e for e in evaluations if e.check == "estimated_performance"]
     assert estimates[0].evidence["realised_roc_auc"] is None
     edges, compared = b.layout.edges["scores.1"], 0

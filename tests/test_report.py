@@ -18,8 +18,6 @@ from coalmine.config import load_config
 from coalmine.replay import Replay, write_jsonl
 from coalmine.report import MAX_BINS, _decimate, episodes
 
-pytest.importorskip("matplotlib", reason="the report draws with matplotlib (coalmine[report])")
-
 RATE = 300
 T0 = 1_700_000_000_000
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -29,7 +27,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def backtest(tmp_path_factory) -> Path:
     """A replay's inputs and outputs: 80 s of traffic, a drift of f1 from 20 s to 35 s, a good
     shadow promoted through the canary steps, then a failing canary rolled back. The router
-    obeys the commands after each second, as in tests/test_rollout.py."""
+    obeys the commands after each second, as in tests/test_rollout.py. Skipped without
+    matplotlib (coalmine[report]), which the report draws with; checked here, not on import,
+    so that the unit tests above cost no matplotlib import."""
+    pytest.importorskip("matplotlib", reason="the report draws with matplotlib (coalmine[report])")
     d = tmp_path_factory.mktemp("report")
     sim.write_reference(d / "reference.jsonl", 5000)
     (d / "monitor.toml").write_text(
