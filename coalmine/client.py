@@ -7,13 +7,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
+import os
+import pickle
+import queue
 import re
+import subprocess
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -368,6 +377,10 @@ def _event_times(values: list[bytes]) -> np.ndarray:
         )
 
 
+#: fetches of a partition a :class:`TopicSlice` holds before it pauses that partition
+_FETCHES_AHEAD = 8
+
+
 class TopicSlice:
     """The messages of a topic (every partition) whose Kafka timestamp is in ``[since, until)``,
     read synchronously by a consumer of its own, which runs in an event loop of its own in a
@@ -437,8 +450,11 @@ class TopicSlice:
             bootstrap_servers=self.bootstrap,
             group_id=None,
             enable_auto_commit=False,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
+            # small fetches: every partition's first records come at once (the merge waits for
+            # them), and the broker answers the next while the last is merged
+            max_partition_fetch_bytes=256 * 1024,
+            fetch_max_bytes=256 * 1024,
+            fetch_max_wait_ms=20,  # what the slice reads is there: no long polls at the ends
             **self.security,
         )
         await consumer.start()
@@ -457,11 +473,15 @@ class TopicSlice:
             starts = await consumer.beginning_offsets(tps)
         stops = await self._offsets_at(tps, self.until, {}) if self.until is not None else {}
         self._state = {}
+        # per partition, the values fetched and not yet pulled
+        self._fetched: dict[Any, deque[list[bytes]]] = {tp: deque() for tp in tps}
         for tp in tps:
             start = min(starts[tp], ends[tp])
             consumer.seek(tp, start)
             self._state[tp] = [start, ends[tp], stops.get(tp)]  # next, end, until's offset
             self.total += ends[tp] - start
+            if start >= ends[tp]:
+                consumer.pause(tp)  # nothing to read
 
     async def _offsets_at(self, tps: list, ms: int, default: dict) -> dict:
         """Per partition the first offset whose timestamp is at or after ``ms``, else
@@ -480,50 +500,227 @@ class TopicSlice:
 
         consumer = self._consumer
         ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            if ends[tp] > 0:
-                consumer.seek(tp, ends[tp] - 1)
-                got = records((await consumer.getmany(tp, timeout_ms=1000)).get(tp, [[]]))
-                ends[tp] = max([ends[tp]] + [m.offset + 1 for m in got])
+        probe = [tp for tp in tps if ends[tp] > 0]
+        for tp in probe:  # every partition at once: one fetch for all
+            consumer.seek(tp, ends[tp] - 1)
+        while probe and (got := await consumer.getmany(*probe, timeout_ms=1000)):
+            for tp, chunks in got.items():
+                ends[tp] = max([ends[tp]] + [m.offset + 1 for m in records(chunks)])
+            probe = [tp for tp in probe if tp not in got]
         return ends
 
     def _pull(self, tp) -> list[bytes] | None:
         """The next messages of one partition in the slice; None when it has no more."""
+        fetched, state = self._fetched[tp], self._state[tp]
+        stalled = 0
+        while not fetched and state[0] < state[1]:
+            if self._run(self._fetch()):
+                stalled = 0
+            elif (stalled := stalled + 1) > 60:
+                raise TimeoutError(f"{tp.topic}[{tp.partition}]: no message for 30 s")
+        if not fetched:
+            return None
+        if len(fetched) == _FETCHES_AHEAD and state[0] < state[1]:
+            self._run(self._resume(tp))
+        return fetched.popleft()
+
+    async def _fetch(self) -> bool:
+        """Take every partition's fetched records into :attr:`_fetched` (so the consumer
+        fetches the next ones at once, all partitions in one request); a partition is paused
+        while ``_FETCHES_AHEAD`` of its fetches wait, and once read to its end. Whether any
+        records came."""
         from coalmine.chunks import records
 
-        assert self._loop is not None and self._consumer is not None
+        batch = await self._consumer.getmany(timeout_ms=500)
+        for tp, chunks in batch.items():
+            values = self._in_slice(tp, records(chunks))
+            if values:
+                self._fetched[tp].append(values)
+            if len(self._fetched[tp]) >= _FETCHES_AHEAD or self._state[tp][0] >= self._state[tp][1]:
+                self._consumer.pause(tp)
+        return bool(batch)
+
+    async def _resume(self, tp) -> None:
+        self._consumer.resume(tp)
+
+    def _in_slice(self, tp, fetched: list) -> list[bytes]:
+        """The values of a partition's fetched records that are in the slice (its reading
+        position moves past them; to its end at the first record at or after ``until``)."""
         state = self._state[tp]
-        since, until = self.since, self.until
-        lo = since if since is not None else _MIN_KEY
-        hi = until if until is not None else -_MIN_KEY
-        stalled = 0
-        while state[0] < state[1]:
-            batch = self._run(self._consumer.getmany(tp, timeout_ms=500))
-            fetched = records(batch.get(tp, [[]]))
-            if not fetched:
-                stalled += 1
-                if stalled > 60:
-                    raise TimeoutError(f"{tp.topic}[{tp.partition}]: no message for 30 s")
-                continue
-            stamps = [m.timestamp for m in fetched]
-            if fetched[-1].offset < state[1] and lo <= min(stamps) and max(stamps) < hi:
-                state[0] = fetched[-1].offset + 1  # the common fetch: all of it in the slice
-                return [m.value or b"" for m in fetched]
-            out = []
-            for m in fetched:
-                if m.offset >= state[1] or (
-                    state[2] is not None and m.offset >= state[2] and m.timestamp >= hi
-                ):
-                    state[0] = state[1]  # the end, or the first message at or after `until`
-                    break
-                state[0] = m.offset + 1
-                if lo <= m.timestamp < hi:
-                    out.append(m.value or b"")
-            if out:
-                return out
-        return None
+        lo = self.since if self.since is not None else _MIN_KEY
+        hi = self.until if self.until is not None else -_MIN_KEY
+        stamps = [m.timestamp for m in fetched]
+        if fetched[-1].offset < state[1] and lo <= min(stamps) and max(stamps) < hi:
+            state[0] = fetched[-1].offset + 1  # the common fetch: all of it in the slice
+            return [m.value or b"" for m in fetched]
+        out = []
+        for m in fetched:
+            if m.offset >= state[1] or (
+                state[2] is not None and m.offset >= state[2] and m.timestamp >= hi
+            ):
+                state[0] = state[1]  # the end, or the first message at or after `until`
+                break
+            state[0] = m.offset + 1
+            if lo <= m.timestamp < hi:
+                out.append(m.value or b"")
+        return out
 
     def merged(self) -> Iterator[list[bytes]]:
         """The slice's message values, every partition merged in event-time order (see
         :func:`merge_by_event_time`)."""
         return merge_by_event_time([partial(self._pull, tp) for tp in self._state])
+
+
+class SlicesProcess:
+    """:class:`TopicSlice` s of several topics read in one process of its own:
+    ``with SlicesProcess(bootstrap, [t1, t2], since, until) as (s1, s2)`` gives each topic's
+    :class:`ReceivedSlice`, with ``total`` and ``merged()`` as the slice's.
+
+    The child fetches, unpacks the records and merges the partitions by event time while the
+    caller works on what it sent before: none of that holds the caller's interpreter lock,
+    which is what lets topic replay keep up with file replay. It starts on entry and opens the
+    slices without the caller waiting (errors, such as a missing topic, come at the first
+    ``total`` or ``merged()``); it is stopped on leaving the ``with`` block, and (on Linux)
+    dies with its caller. It is a fresh interpreter running this module, not a fork nor
+    ``multiprocessing``'s spawn, which would run the caller's main script again.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: list[str],
+        since: int | None = None,
+        until: int | None = None,
+    ):
+        self._args = (bootstrap, topics, since, until)
+
+    def __enter__(self) -> list[ReceivedSlice]:
+        from multiprocessing.connection import Connection
+
+        from coalmine.broker import _die_with_parent
+
+        topics = self._args[1]
+        pipes = [os.pipe() for _ in topics]
+        for _, write_end in pipes:
+            with contextlib.suppress(AttributeError, OSError):  # Linux: 1 MB a wake-up, not 64 kB
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
+        ends = [write_end for _, write_end in pipes]
+        here = str(Path(__file__).resolve().parent.parent)  # where this coalmine is imported from
+        paths = [here, os.environ.get("PYTHONPATH", "")]
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", f"import coalmine.client as c; c._send_slices({ends})"],
+                stdin=subprocess.PIPE,
+                pass_fds=ends,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))},
+                preexec_fn=_die_with_parent(),
+            )
+        finally:
+            for end in ends:
+                os.close(end)
+        self._slices = [
+            ReceivedSlice(topic, Connection(read_end, writable=False), self._process)
+            for topic, (read_end, _) in zip(topics, pipes, strict=True)
+        ]
+        assert self._process.stdin is not None
+        with self._process.stdin as args:  # not on the command line: the URL may hold a password
+            args.write(pickle.dumps(self._args))
+        return self._slices
+
+    def __exit__(self, *exc) -> None:
+        for piece in self._slices:
+            piece.conn.close()  # a child still sending stops at its next message
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+class ReceivedSlice:
+    """One topic's slice as a :class:`SlicesProcess`'s child sends it."""
+
+    def __init__(self, topic: str, conn: Any, process: subprocess.Popen):
+        self.topic, self.conn, self._process = topic, conn, process
+        self._total: int | None = None
+
+    @property
+    def total(self) -> int:
+        """Messages between the start and end offsets (waits for the child to open the slice)."""
+        if self._total is None:
+            self._total = self._receive()
+        return self._total
+
+    def merged(self) -> Iterator[list[bytes]]:
+        """The slice's message values, every partition merged in event-time order."""
+        assert self.total is not None
+        while (values := self._receive()) is not None:
+            yield values
+
+    def _receive(self) -> Any:
+        try:
+            got = self.conn.recv()
+        except EOFError:
+            code = self._process.wait()
+            raise RuntimeError(f"reading {self.topic} stopped (exit code {code})") from None
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+
+def _send_slices(fds: list[int]) -> None:
+    """A :class:`SlicesProcess`'s child: reads the slices' arguments from stdin, then sends on
+    each topic's ``fd`` its slice's total, its merged values a fetch at a time, and None; or
+    the error that stopped it. Each slice is read up to ``_AHEAD`` merges ahead of what the
+    caller has taken."""
+    from multiprocessing.connection import Connection
+
+    bootstrap, topics, since, until = pickle.load(sys.stdin.buffer)
+    senders = []
+    for fd, topic in zip(fds, topics, strict=True):
+        ahead: queue.Queue = queue.Queue(maxsize=_AHEAD)
+        reader = threading.Thread(
+            target=_read_ahead, args=((bootstrap, topic, since, until), ahead), daemon=True
+        )
+        sender = threading.Thread(
+            target=_send_from, args=(ahead, Connection(fd, readable=False)), daemon=True
+        )
+        reader.start()
+        sender.start()
+        senders.append(sender)
+    try:
+        for sender in senders:
+            sender.join()
+    except KeyboardInterrupt:  # the caller was interrupted too
+        os._exit(0)
+
+
+#: merged pieces of a slice a :class:`SlicesProcess`'s child holds ahead of its caller
+_AHEAD = 4
+
+
+def _read_ahead(args: tuple, ahead: queue.Queue) -> None:
+    """Put a slice's total, its merged values and None (or the error that stopped it) in
+    ``ahead``."""
+    try:
+        with TopicSlice(*args) as piece:
+            ahead.put(piece.total)
+            for values in piece.merged():
+                ahead.put(values)
+        ahead.put(None)
+    except Exception as exc:
+        ahead.put(exc)
+
+
+def _send_from(ahead: queue.Queue, conn: Any) -> None:
+    """Send what :func:`_read_ahead` puts in ``ahead`` until its end."""
+    while True:
+        got = ahead.get()
+        try:
+            conn.send(got)
+        except BrokenPipeError:  # the caller left: no more to read, nothing to commit
+            os._exit(0)
+        except (pickle.PicklingError, TypeError, AttributeError):  # an error's own fields
+            conn.send(RuntimeError(f"{type(got).__name__}: {got}"))
+        if got is None or isinstance(got, BaseException):
+            return

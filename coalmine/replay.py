@@ -20,7 +20,7 @@ import orjson
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.baselines import FirstEvents, build_baselines
-from coalmine.client import TopicSlice
+from coalmine.client import ReceivedSlice, SlicesProcess, TopicSlice
 from coalmine.config import Config, ModelConfig
 from coalmine.ingest import PartitionIngest
 from coalmine.signing import Signer
@@ -42,7 +42,7 @@ def file_chunks(path: Path) -> Iterator[list[bytes]]:
             yield raw
 
 
-def topic_chunks(source: TopicSlice) -> Iterator[list[bytes]]:
+def topic_chunks(source: TopicSlice | ReceivedSlice) -> Iterator[list[bytes]]:
     """A topic slice's messages, every partition merged in event-time order, ``CHUNK`` at a
     time: the same chunks as :func:`file_chunks` of the same events in a file."""
     held: list[bytes] = []
@@ -209,15 +209,18 @@ def replay_topics(
     """Run the prediction and label topics' messages with Kafka timestamps in ``[since,
     until)`` (epoch ms; None: from the start, to the end offsets now) through the pipeline, as
     :func:`replay_files` runs files: the same events give byte-identical output. Reads with
-    a consumer of its own (:class:`~coalmine.client.TopicSlice`): commits nothing."""
-    preds = TopicSlice(bootstrap, predictions or topics.PREDICTIONS, since, until)
-    labs = TopicSlice(bootstrap, labels or topics.LABELS, since, until)
-    with preds, labs:
+    a consumer of its own (:class:`~coalmine.client.TopicSlice`) in a process of its own
+    (:class:`~coalmine.client.SlicesProcess`): commits nothing."""
+    topic_names = [predictions or topics.PREDICTIONS, labels or topics.LABELS]
+    with SlicesProcess(bootstrap, topic_names, since, until) as (preds, labs):
+        bar = _progress(f"replay {preds.topic}", None, progress)
+        if bar is not None:  # else the reading process starts while the baselines are built
+            bar.total = preds.total
         return replay_chunks(
             config,
             topic_chunks(preds),
             topic_chunks(labs),
-            progress=_progress(f"replay {preds.topic}", preds.total, progress),
+            progress=bar,
             on_evaluations=on_evaluations,
         )
 
