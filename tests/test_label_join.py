@@ -8,9 +8,11 @@ from functools import cache
 
 import numpy as np
 import orjson
+import pytest
 
+from coalmine.agents import state
 from coalmine.ingest import PartitionIngest
-from coalmine.streams import Baseline, ModelSettings, ReferenceData
+from coalmine.streams import Baseline, ModelSettings, ReferenceData, label_join
 from coalmine.streams.label_join import JoinTable, read_record, request_keys
 
 T0 = 1_700_000_000_000
@@ -177,10 +179,49 @@ def test_the_label_join_is_bounded_evictions_are_counted_and_joined_labels_still
     assert labelled == 2 and sketcher.expired_unjoined_labels + len(sketcher.early_labels) == 2
 
 
-def test_a_new_owner_given_the_label_join_counts_every_label_as_an_uninterrupted_run():
+def test_a_table_written_by_chunks_sends_only_the_chunks_that_changed(monkeypatch):
+    monkeypatch.setattr(label_join, "CHUNK_ROWS", 100)
+    table, topic = JoinTable(["m"], capacity=8), {}
+    keys = request_keys([f"r{i}" for i in range(1000)])
+
+    def write() -> list[int]:
+        """Write the changed chunks to a compacted topic; which were written."""
+        records = table.chunk_records("champion")
+        table.saved()
+        for chunk, record in records:
+            topic[chunk] = record
+        return [chunk for chunk, _ in records]
+
+    def add(span: slice) -> None:
+        n = len(keys[span])
+        table.add("m", keys[span], T0 + np.arange(1000)[span], np.zeros(n), list(range(n)))
+
+    for start in range(0, 1000, 50):
+        add(slice(start, start + 50))
+        assert write() == [start // 100]  # the newest chunk only
+    table.pop_many(keys[[5, 250, 260]])
+    assert write() == [0, 2]
+    assert table.expire({"m": T0 + 420}) == 417
+    assert write() == [0, 1, 2, 3, 4] and [topic[c] for c in range(4)] == [None] * 4
+    add(slice(600, 601))  # answered again: the last answer counts
+    assert write() == [6, 10] and write() == []
+    restored = JoinTable(["m"])
+    for chunk in sorted(c for c, record in topic.items() if record is not None):
+        restored.load(*read_record(topic[chunk]))
+    assert len(restored) == len(table) == 580
+    assert restored.pop_many(keys) == table.pop_many(keys)
+
+
+@pytest.mark.parametrize("written", ["at the stop", "by chunks after every batch"])
+def test_a_new_owner_given_the_label_join_counts_every_label_as_an_uninterrupted_run(
+    written, monkeypatch
+):
     """A partition's stage 1 stops after a commit; a new owner restores the label join from
     its state records and reads again from the committed offsets: the buckets the old owner
-    closed and those the new one closes count the labels of one uninterrupted run."""
+    closed and those the new one closes count the labels of one uninterrupted run. The
+    records are written at the stop, or as a worker writes them: after every batch, the
+    chunks of the tables that changed and the rest whole, to a compacted topic."""
+    monkeypatch.setattr(label_join, "CHUNK_ROWS", 16)
     events = stream(600, delay_ms=5000)
     events += [(T0 + 12_000 + i, "label", label(1000 + i, T0 + 12_000 + i)) for i in range(30)]
     events += [
@@ -188,6 +229,16 @@ def test_a_new_owner_given_the_label_join_counts_every_label_as_an_uninterrupted
     ]
     events.sort(key=lambda e: e[0])
     messages = {kind: [m for _, k, m in events if k == kind] for kind in ("prediction", "label")}
+
+    topic: dict[bytes, bytes | None] = {}
+    hashes: list[int] = []
+
+    def save(sketcher) -> None:
+        nonlocal hashes
+        rest, hashes = state.join_state(0, sketcher.join_records(rows=40, waiting=False), hashes)
+        topic.update(state.join_chunks(0, sketcher.joins) + rest)
+        for table in sketcher.joins.values():
+            table.saved()
 
     def run(ingest, stop: float, start: dict | None = None) -> list[dict]:
         """Feed the messages read before event time ``stop``, from offsets ``start``."""
@@ -201,6 +252,8 @@ def test_a_new_owner_given_the_label_join_counts_every_label_as_an_uninterrupted
                     ingest.feed(kind, sent[at[kind] : stop_at], list(range(at[kind], stop_at)))
                     at[kind] = stop_at
             partials += ingest.close()
+            if written != "at the stop":
+                save(ingest.sketcher)
         return partials
 
     uninterrupted = PartitionIngest({"m": performance_baseline()})
@@ -209,6 +262,10 @@ def test_a_new_owner_given_the_label_join_counts_every_label_as_an_uninterrupted
     closed = labelled_by_bucket(run(old, T0 + 14_000))
     committed, records = old.committable(), old.sketcher.join_records(rows=40)
     assert len(records) > 3 and old.sketcher.joined and old.sketcher.early_labels
+    if written != "at the stop":
+        chunks, rest = state.join_records_of({k: v for k, v in topic.items() if v}, 0)
+        assert len(chunks) > 3 and len(topic) > len(chunks) + len(rest), "some tombstoned"
+        records = chunks + rest
     new = PartitionIngest({"m": performance_baseline()})
     new.sketcher.restore_joins(records)
     after = labelled_by_bucket(run(new, 1e20, committed) + new.flush())

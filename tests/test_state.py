@@ -92,4 +92,4 @@ def test_a_label_join_write_sends_only_what_changed_and_reads_back_whole():
     assert [v for _, v in grown] == [b"b2", b"c"]
     shrunk, written = write([b"x"], written)
     assert [v for _, v in shrunk] == [b"x", None, None]
-    assert join_records_of(topic, 3) == [b"x"] and join_records_of(topic, 4) == []
+    assert join_records_of(topic, 3) == ([], [b"x"]) and join_records_of(topic, 4) == ([], [])

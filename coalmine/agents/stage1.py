@@ -120,8 +120,8 @@ class Stage1(Service):
         self.said: dict[int, bool] = {}  # per partition, whether stage 2 was told it is behind
         self.spoke: dict[tuple[int, str], float] = {}  # (partition, model) -> last message sent
         # the label join goes to the state topic with the commits: per partition, the hashes
-        # of the records last written (state.join_state writes only those that changed), and
-        # when the last write was and how long the next may wait
+        # of the records last written besides the tables' chunks (state.join_state writes
+        # only those that changed), and when the last write was and how long the next may wait
         self.state_topic = state.StateTopic(bootstrap)
         self.join_hashes: dict[int, list[int]] = {}
         self.join_saved, self.join_wait = 0.0, 0.0
@@ -373,9 +373,9 @@ class Stage1(Service):
                 records = await self.state_topic.read(
                     partition % await self.state_topic.partitions()
                 )
-                saved = state.join_records_of(records, partition)
-                ingest.sketcher.restore_joins(saved)
-                self.join_hashes[partition] = state.join_hashes(saved)
+                chunks, rest = state.join_records_of(records, partition)
+                ingest.sketcher.restore_joins(chunks + rest)
+                self.join_hashes[partition] = state.join_hashes(rest)
             except KafkaError:  # labels of closed buckets will count as unjoined
                 log.error("stage 1: the label join was not read back", exc_info=True)
             self.ingests[partition] = ingest
@@ -410,22 +410,27 @@ class Stage1(Service):
         if only is None and time.monotonic() - self.join_saved < self.join_wait:
             return False
         started = time.monotonic()
+        written = {p: i for p, i in self.ingests.items() if only is None or p in only}
+        hashes: dict[int, list[int]] = {}
         try:
             partitions = await self.state_topic.partitions()
             records: dict[int, list] = defaultdict(list)
-            size = 0
-            for p, ingest in self.ingests.items():
-                if only is None or p in only:
-                    changed, self.join_hashes[p] = state.join_state(
-                        p, ingest.sketcher.join_records(), self.join_hashes.get(p, [])
-                    )
-                    size += sum(len(value or b"") for _, value in changed)
-                    records[p % partitions] += changed
+            for p, ingest in written.items():
+                sketcher = ingest.sketcher
+                rest, hashes[p] = state.join_state(
+                    p, sketcher.join_records(waiting=False), self.join_hashes.get(p, [])
+                )
+                records[p % partitions] += state.join_chunks(p, sketcher.joins) + rest
             await self.state_topic.write(records)
-        except KafkaError:
+        except KafkaError:  # the next write sends these changes again
             log.error("stage 1: the label join was not written; offsets wait", exc_info=True)
             return False
+        self.join_hashes.update(hashes)
+        for ingest in written.values():
+            for table in ingest.sketcher.joins.values():
+                table.saved()
         if only is None:
+            size = sum(len(v or b"") for batch in records.values() for _, v in batch)
             self.join_saved, self.join_wait = started, size / JOIN_STATE_BYTES_PER_S
         return True
 

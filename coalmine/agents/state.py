@@ -14,7 +14,8 @@ signer are never written: they are the worker's own, referenced by name.
 
 Stage 1's label join (answers and labels waiting, per input partition) is written there too,
 with each of stage 1's commits, in the state partition numbered as the input partition (modulo
-the state topic's partitions): :func:`join_state`.
+the state topic's partitions): the tables of answers waiting by chunk (:func:`join_chunks`),
+the rest whole (:func:`join_state`), each write only what changed.
 
 Only the classes of coalmine's statistics, numpy arrays and plain containers are read back:
 a forged record cannot run code.
@@ -23,6 +24,7 @@ a forged record cannot run code.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import pickle
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from coalmine.security import client_kwargs
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
+from coalmine.streams.label_join import JoinTable
 from coalmine.streams.rollout import RolloutPolicy
 from coalmine.streams.settings import ModelSettings
 from coalmine.streams.window import Bucket
@@ -63,15 +66,25 @@ def key(model: str, what: bytes) -> bytes:
     return model.encode() + _SEP + what
 
 
+def join_chunks(partition: int, joins: dict[str, JoinTable]) -> list[tuple[bytes, bytes | None]]:
+    """The state records of the chunks of stage 1's tables of answers waiting (``Sketcher.joins``
+    of input ``partition``) that changed since the last call (a tombstone for a chunk with no
+    answer left): a write costs what changed, never the whole join."""
+    return [
+        (_chunk_key(partition, variant, chunk), record)
+        for variant, table in joins.items()
+        for chunk, record in table.chunk_records(variant)
+    ]
+
+
 def join_state(
     partition: int, records: list[bytes], written: list[int]
 ) -> tuple[list[tuple[bytes, bytes | None]], list[int]]:
-    """Stage 1's label join of input ``partition`` (:meth:`Sketcher.join_records`) as the state
+    """The rest of stage 1's label join of input ``partition`` (``Sketcher.join_records(
+    waiting=False)``: labels waiting, answers of labels counted in open buckets) as the state
     records to write, given the hashes of the last write's records (``written``): those that
-    changed (an unchanged one stays in the compacted topic: a join that only grew rewrites its
-    newest), and tombstones for the last write's beyond them. Returns them and the hashes of
-    ``records``, for the next write. Keyed as no model's records are (no model is named the
-    empty string), so stage 2's :func:`restore` passes them by."""
+    changed (an unchanged one stays in the compacted topic), and tombstones for the last
+    write's beyond them. Returns them and the hashes of ``records``, for the next write."""
     hashes = join_hashes(records)
     out: list[tuple[bytes, bytes | None]] = [
         (_join_key(partition, i), r)
@@ -88,20 +101,38 @@ def join_hashes(records: list[bytes]) -> list[int]:
     return list(map(hash, records))
 
 
-def join_records_of(records: dict[bytes, bytes], partition: int) -> list[bytes]:
+def join_records_of(records: dict[bytes, bytes], partition: int) -> tuple[list[bytes], list[bytes]]:
     """Stage 1's label-join records of input ``partition`` among a state partition's latest
-    records, in the order they were written."""
-    prefix = _join_prefix(partition)
-    found = {int(k[len(prefix) :]): v for k, v in records.items() if k.startswith(prefix)}
-    return [found[i] for i in sorted(found)]
+    records: the chunks (each table's in order, for ``Sketcher.restore_joins``), and the rest
+    in the order :func:`join_state` wrote them. Keyed as no model's records are (no model is
+    named the empty string), so stage 2's :func:`restore` passes them by."""
+    chunks, rest = _chunk_prefix(partition), _join_prefix(partition)
+    found = {}
+    for k, v in records.items():
+        if k.startswith(chunks):
+            variant, _, chunk = k[len(chunks) :].rpartition(b" ")
+            found[0, variant, int(chunk)] = v
+        elif k.startswith(rest):
+            found[1, b"", int(k[len(rest) :])] = v
+    ordered = [found[k] for k in sorted(found)]
+    n = sum(1 for k in found if k[0] == 0)
+    return ordered[:n], ordered[n:]
 
 
 def _join_prefix(partition: int) -> bytes:
     return key("", b"stage1 join %d " % partition)
 
 
-def _join_key(partition: int, chunk: int) -> bytes:
-    return _join_prefix(partition) + b"%d" % chunk
+def _join_key(partition: int, i: int) -> bytes:
+    return _join_prefix(partition) + b"%d" % i
+
+
+def _chunk_prefix(partition: int) -> bytes:
+    return key("", b"stage1 chunk %d " % partition)
+
+
+def _chunk_key(partition: int, variant: str, chunk: int) -> bytes:
+    return _chunk_prefix(partition) + variant.encode() + b" %d" % chunk
 
 
 def model_of(record_key: bytes) -> tuple[str, bytes]:
@@ -117,19 +148,31 @@ class _Pickler(pickle.Pickler):
         super().__init__(buffer, protocol=4)  # arrays come back writable (5: read-only views)
         self.buckets = buckets
 
-    def persistent_id(self, obj):  # noqa: D102 (pickle's hook)
-        if isinstance(obj, Baseline):
-            return ("baseline",)
-        if isinstance(obj, ModelSettings):
-            return ("settings",)
-        if isinstance(obj, RolloutPolicy):
-            return ("policy",)
-        if isinstance(obj, Signer):
-            return ("signer",)
-        if isinstance(obj, Bucket):
+    def persistent_id(self, obj):  # noqa: D102 (pickle's hook, called for every object)
+        kind = _own_kind(type(obj))
+        if kind is None:
+            return None
+        if kind == "bucket":
             self.buckets[obj.start] = obj
             return ("bucket", obj.start)
-        return None
+        return (kind,)
+
+
+#: the worker's own classes, written by name (a bucket: by its start)
+_OWN = (
+    (Baseline, "baseline"),
+    (ModelSettings, "settings"),
+    (RolloutPolicy, "policy"),
+    (Signer, "signer"),
+    (Bucket, "bucket"),
+)
+
+
+@functools.cache
+def _own_kind(cls: type) -> str | None:
+    """How :class:`_Pickler` writes an object of class ``cls``: one of :data:`_OWN`'s names,
+    or None (pickled). Cached: a head holds thousands of objects of a few classes."""
+    return next((kind for own, kind in _OWN if issubclass(cls, own)), None)
 
 
 class _Unpickler(pickle.Unpickler):

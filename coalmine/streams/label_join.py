@@ -7,6 +7,11 @@ every process, so a table can be written to the state topic and read back by ano
 ~100 bytes (``benchmarks/label_join_memory.py``). Labels are looked up a batch at a time.
 Rows are appended in arrival order, so the oldest go first (expiry, eviction) by moving a
 head; the columns are compacted (or grown) when they fill up.
+
+For the state topic a table is cut into chunks of :data:`CHUNK_ROWS` rows in arrival order,
+each a record of its own: a table remembers which chunks changed (rows came, were joined,
+expired) and :meth:`JoinTable.chunk_records` gives only those, so a write costs what changed
+since the last, never the whole table.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ _LONG = 128
 _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 _FLOAT, _INT, _OBJECT = 0, 1, 2  # how a prediction is kept: float, int (as float), object
 _EXACT_INT = 2**53
+#: rows of a table in one record of the state topic: the newest chunk is written again at
+#: each write until it fills (~45 bytes a row)
+CHUNK_ROWS = 4096
 
 
 class Answer(NamedTuple):
@@ -82,6 +90,7 @@ class JoinTable:
         "model": np.int32,
         "live": np.bool_,
         "score": np.float64,  # a binary model's positive score (NaN: none)
+        "chunk": np.int32,  # the row's chunk (arrival number // CHUNK_ROWS), never decreasing
     }
 
     def __init__(self, models: list[str], capacity: int = 1024):
@@ -93,6 +102,8 @@ class JoinTable:
         self.objects = np.full(capacity, None, dtype=object)  # other predictions
         self.head = self.end = 0  # rows before head are gone; end: the next free row
         self.size = 0  # live rows
+        self.appended = 0  # rows ever appended: the next one's arrival number
+        self.changed: set[int] = set()  # chunks changed since they were last saved()
         self._index(capacity)
 
     def _index(self, capacity: int) -> None:
@@ -131,18 +142,19 @@ class JoinTable:
         return out
 
     def _insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Put ``rows`` in the index under their ``keys``."""
+        """Put ``rows`` (distinct) in the index under their ``keys``."""
         mask = len(self.slot_row) - 1
         at = (keys & np.uint64(mask)).astype(np.int64)
         pending = np.arange(len(keys))
         while len(pending):
             slot = at[pending]
-            free = np.flatnonzero(self.slot_row[slot] < 0)
-            _, first = np.unique(slot[free], return_index=True)  # one key a free slot
-            placed = free[first]
-            won = pending[placed]
-            self.slot_key[at[won]], self.slot_row[at[won]] = keys[won], rows[won]
-            pending = np.delete(pending, placed)
+            free = self.slot_row[slot] < 0
+            # a free slot several keys reach goes to one of them (the row numpy wrote last);
+            # the others probe on
+            self.slot_row[slot[free]] = rows[pending[free]]
+            won = free & (self.slot_row[slot] == rows[pending])
+            self.slot_key[slot[won]] = keys[pending[won]]
+            pending = pending[~won]
             at[pending] = (at[pending] + 1) & mask
 
     def add(
@@ -162,19 +174,31 @@ class JoinTable:
         score = np.full(len(keys), np.nan) if scores is None else scores
         self._append(keys, ts, latency, number, kind, codes, score, objects)
 
-    def _append(self, keys, ts, latency, number, kind, models, scores, objects) -> None:
+    def _append(
+        self, keys, ts, latency, number, kind, models, scores, objects, chunks=None
+    ) -> None:
+        """Append rows; ``chunks``: theirs as read back from the state topic (they are there
+        already), else new ones."""
         n = len(keys)
+        if not n:
+            return
+        if chunks is None:
+            chunks = (self.appended + np.arange(n)) // CHUNK_ROWS
+            self.changed.update(range(int(chunks[0]), int(chunks[-1]) + 1))
+            self.appended += n
+        else:  # rows appended later go to chunks of their own
+            self.appended = max(self.appended, (int(chunks.max()) + 1) * CHUNK_ROWS)
         self._reserve(n)
         rows = np.arange(self.end, self.end + n)
         c = self.columns
         c["key"][rows], c["ts"][rows], c["latency"][rows] = keys, ts, latency
         c["number"][rows], c["kind"][rows], c["model"][rows] = number, kind, models
-        c["score"][rows], c["live"][rows] = scores, True
+        c["score"][rows], c["chunk"][rows], c["live"][rows] = scores, chunks, True
         for i, value in objects:
             self.objects[self.end + i] = value
         # a request answered again (rare): the last answer counts
         old = self._rows(keys)
-        c["live"][old[old >= 0]] = False
+        self._went(old[old >= 0])
         _, last = np.unique(keys[::-1], return_index=True)
         if len(last) < n:
             c["live"][rows] = False
@@ -183,31 +207,50 @@ class JoinTable:
         self._insert(keys, rows)
         self.end += n
 
+    def _went(self, rows: np.ndarray) -> None:
+        """Live ``rows`` leave the table (their chunks changed)."""
+        self.columns["live"][rows] = False
+        self.changed.update(np.unique(self.columns["chunk"][rows]).tolist())
+
     def dump(self, variant: str, rows: int) -> list[bytes]:
         """The answers waiting, oldest first, as records of at most ``rows`` answers each (for
         the state topic: numpy's format, read back without pickles, and a JSON header with
-        the variant, the model names and the predictions that are not numbers)."""
+        the variant, the model names and the predictions that are not numbers); read back,
+        they go to new chunks."""
         live = self.head + np.flatnonzero(self.columns["live"][self.head : self.end])
-        out = []
-        for start in range(0, len(live), rows):
-            at = live[start : start + rows]
-            others = np.flatnonzero(self.columns["kind"][at] == _OBJECT).tolist()
-            header = {
-                "variant": variant,
-                "models": self.models,
-                "objects": [[i, self.objects[at[i]]] for i in others],
-            }
-            out.append(
-                _npz(
-                    header,
-                    **{name: c[at] for name, c in self.columns.items() if name != "live"},
-                )
-            )
+        return [self._record(variant, live[i : i + rows], False) for i in range(0, len(live), rows)]
+
+    def chunk_records(self, variant: str) -> list[tuple[int, bytes | None]]:
+        """The chunks that changed since they were last :meth:`saved`, each as a record of its
+        answers still waiting (as :meth:`dump`'s, with their chunk), or None when none is
+        left."""
+        span = self.columns["chunk"][self.head : self.end]  # never decreasing
+        out: list[tuple[int, bytes | None]] = []
+        for chunk in sorted(self.changed):
+            start, stop = self.head + np.searchsorted(span, [chunk, chunk + 1])
+            live = start + np.flatnonzero(self.columns["live"][start:stop])
+            out.append((chunk, self._record(variant, live, True) if len(live) else None))
         return out
 
+    def saved(self) -> None:
+        """The last :meth:`chunk_records` were written: none has changed since."""
+        self.changed.clear()
+
+    def _record(self, variant: str, at: np.ndarray, chunks: bool) -> bytes:
+        others = np.flatnonzero(self.columns["kind"][at] == _OBJECT).tolist()
+        header = {
+            "variant": variant,
+            "models": self.models,
+            "objects": [[i, self.objects[at[i]]] for i in others],
+        }
+        skip = {"live"} if chunks else {"live", "chunk"}
+        return _npz(header, **{name: c[at] for name, c in self.columns.items() if name not in skip})
+
     def load(self, header: dict, arrays) -> None:
-        """Append the answers of a record :meth:`dump` wrote (of models this table knows; a
-        record written before scores were kept has none)."""
+        """Append the answers of a record :meth:`dump` or :meth:`chunk_records` wrote (of
+        models this table knows; a record written before scores were kept has none). A
+        chunk's rows keep their chunk, which is unchanged unless some of its rows were left
+        out here."""
         codes = np.array([self._model_code.get(m, -1) for m in header["models"]], np.int32)
         models = codes[arrays["model"]] if len(codes) else np.zeros(0, np.int32)
         known = models >= 0
@@ -224,7 +267,10 @@ class JoinTable:
             models[known],
             arrays.get("score", np.full(len(known), np.nan))[known],
             objects,
+            arrays["chunk"][known] if "chunk" in arrays else None,
         )
+        if "chunk" in arrays and not known.all():
+            self.changed.update(np.unique(arrays["chunk"][~known]).tolist())
 
     def pop_many(self, keys: np.ndarray) -> list[Answer | None]:
         """The answers waiting under ``keys`` (from :func:`request_keys`), taken out (None
@@ -256,7 +302,7 @@ class JoinTable:
         )
         for i, (model, prediction, ts, latency, score) in zip(found.tolist(), answers):
             out[i] = Answer(model, prediction, ts, _none_if_nan(latency), _none_if_nan(score))
-        c["live"][at] = False
+        self._went(at)
         self.objects[at] = None
         self.size -= len(at)
         return out
@@ -264,23 +310,39 @@ class JoinTable:
     def expire(self, oldest: dict[str, int]) -> int:
         """Drop the answers, from the oldest, with an event time before their model's
         ``oldest``, up to the first that is not; how many were live."""
-        c, span = self.columns, slice(self.head, self.end)
+        c = self.columns
         bounds = np.array([oldest.get(m, np.iinfo(np.int64).min) for m in self.models])
-        keep = c["live"][span] & (c["ts"][span] >= bounds[c["model"][span]])
-        stop = self.head + (int(np.argmax(keep)) if keep.any() else self.end - self.head)
+        stop = self.end
+        for span in self._from_head():
+            keep = c["live"][span] & (c["ts"][span] >= bounds[c["model"][span]])
+            if keep.any():
+                stop = span.start + int(np.argmax(keep))
+                break
         return self._drop(stop)
 
     def evict(self, n: int) -> int:
         """Drop the ``n`` oldest answers."""
-        live = np.flatnonzero(self.columns["live"][self.head : self.end])
-        return self._drop(self.head + int(live[n - 1]) + 1) if n > 0 else 0
+        for span in self._from_head():
+            live = np.cumsum(self.columns["live"][span])
+            if n <= 0 or live[-1] >= n:
+                break
+            n -= int(live[-1])
+        return self._drop(span.start + int(np.searchsorted(live, n)) + 1) if n > 0 else 0
+
+    def _from_head(self):
+        """The rows from the oldest on, in spans that double: a scan that stops at the first
+        row it keeps costs what it drops, not the whole table."""
+        start, size = self.head, 1024
+        while start < self.end:
+            yield slice(start, min(start + size, self.end))
+            start, size = start + size, 2 * size
 
     def _drop(self, stop: int) -> int:
         """Drop every row before ``stop``; how many were live."""
         span = slice(self.head, stop)
-        gone = np.flatnonzero(self.columns["live"][span])
+        gone = self.head + np.flatnonzero(self.columns["live"][span])
         self.size -= len(gone)
-        self.columns["live"][span] = False
+        self._went(gone)
         self.objects[span] = None
         self.head = stop
         return len(gone)

@@ -607,12 +607,17 @@ class Sketcher:
         )
         self._bound_joins()
 
-    def join_records(self, rows: int = JOIN_RECORD_ROWS) -> list[bytes]:
+    def join_records(self, rows: int = JOIN_RECORD_ROWS, waiting: bool = True) -> list[bytes]:
         """The label join (answers and labels waiting), as records of at most ``rows``
         entries for the state topic: a partition's new owner reads them back
         (:meth:`restore_joins`) and finds the predictions of buckets already closed, which
-        the events it reads again do not bring back."""
-        out = [r for variant, table in self.joins.items() for r in table.dump(variant, rows)]
+        the events it reads again do not bring back. ``waiting=False``: without the tables of
+        answers waiting (a worker writes those by chunk: ``JoinTable.chunk_records``)."""
+        out = [
+            r
+            for variant, table in (self.joins.items() if waiting else ())
+            for r in table.dump(variant, rows)
+        ]
         for variant, table in self._joined_tables().items():
             out += table.dump(variant, rows)
         labels = list(self.early_labels.values())
