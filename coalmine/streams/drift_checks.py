@@ -115,16 +115,19 @@ class DriftJudge:
                 "drift" in checks or "prediction_drift" in checks or base.derived
             ):
                 numeric = block.statistics(window, q)
+        model = settings.name
         for j, col, check, feature in self.watched:
-            of_column = partial(make, check, feature)
             if col.kind == NUMERIC:
                 n, *statistics = numeric.get(col.name, (0,))
                 if n >= least:
-                    out += _numeric_drift(of_column, *statistics)
+                    out += _numeric_drift(partial(make, check, feature), *statistics)
                 location, spread = sequential[col.name]
-                out.append(of_column("cusum", location, cusum_h))
-                out.append(of_column("cusum_spread", spread, cusum_h))
+                # two a column every bucket: built directly, not through ``make``
+                args = (model, ts, span, variant, check, feature)
+                out.append(Evaluation(*args, "cusum", location, cusum_h, None, {}))
+                out.append(Evaluation(*args, "cusum_spread", spread, cusum_h, None, {}))
             elif window.n >= least and (n := int(window.counts[col.bins].sum())) >= least:
+                of_column = partial(make, check, feature)
                 out += _categorical_drift(of_column, col, window.counts[col.bins], n, q)
             if "missing_rate" in checks and check == "drift" and window.n >= least:
                 out.append(self._missing(make, col, feature, int(window.missing[j]), window.n, q))

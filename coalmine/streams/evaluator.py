@@ -10,8 +10,9 @@ window (:class:`~coalmine.streams.window.SlidingWindow`) and asks its judges: th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
+from itertools import chain
 from typing import NamedTuple
 
 from coalmine.streams.alerts import AlertTracker
@@ -149,24 +150,24 @@ class Evaluator:
             ring, end, spans, windows, bucket.variants, self.versions, q
         )
         out.evaluations.extend(rollout_evs)
-        groups, exceeded = _group(out.evaluations)
         if window_tests:
-            self.held = {
-                key: [e for e in group if _is_window_test(e)] for key, group in groups.items()
-            }
+            self.held = _held(out.evaluations)
+            held = []
         else:  # a window test's verdict stands until it runs again
-            for key, held in self.held.items():
-                if key[0] in windows:
-                    groups.setdefault(key, []).extend(held)
-                    exceeded.update(e.key for e in held if e.exceeded)
-        for key, group in groups.items():
-            # a rollout check that did not run has an empty group (held window tests are none);
-            # a group neither over its threshold nor firing changes no alert
-            if not group or (key not in exceeded and key not in self.alerts.quiet):
-                continue
-            alert = self.alerts.observe(end, *_worst(group))
-            if alert:
-                out.alerts.append(alert)
+            held = [e for key, tests in self.held.items() if key[0] in windows for e in tests]
+        # only the groups over their threshold or firing can change an alert
+        alerting = {
+            e.key
+            for e in chain(out.evaluations, held)
+            if e.threshold is not None and e.value > e.threshold
+        }
+        alerting.update(self.alerts.quiet)
+        if alerting:
+            relevant = (e for e in chain(out.evaluations, held) if e.key in alerting)
+            for group in _group(relevant).values():
+                alert = self.alerts.observe(end, *_worst(group))
+                if alert:
+                    out.alerts.append(alert)
         out.alerts.extend(
             self.alerts.observe_gone(end, set(windows), Window(ring[0].start, end, 0))
         )
@@ -192,17 +193,20 @@ class Emitted(NamedTuple):
         self.commands.extend(other.commands)
 
 
-def _group(evs: list[Evaluation]) -> tuple[dict[tuple, list[Evaluation]], set[tuple]]:
+def _group(evs: Iterable[Evaluation]) -> dict[tuple, list[Evaluation]]:
     """Evaluations grouped by (variant, check, feature): one alert per group, on any of its
-    statistics; and the keys of the groups with an evaluation over its threshold."""
+    statistics."""
     groups: dict[tuple, list[Evaluation]] = {}
-    exceeded: set[tuple] = set()
     for e in evs:
         if e.threshold is not None:  # PSI and JS are reported, not alarmed on
             groups.setdefault(e.key, []).append(e)
-            if e.value > e.threshold:
-                exceeded.add(e.key)
-    return groups, exceeded
+    return groups
+
+
+def _held(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
+    """The window tests with a threshold, by (variant, check, feature): their verdicts stand
+    until the window tests run again."""
+    return _group(e for e in evs if _is_window_test(e))
 
 
 def _worst(group: list[Evaluation]) -> tuple[bool, Evaluation]:
