@@ -20,10 +20,10 @@ import orjson
 from coalmine import events as contract
 from coalmine import topics
 from coalmine.baselines import FirstEvents, build_baselines
-from coalmine.client import ReceivedSlice, SlicesProcess, TopicSlice
 from coalmine.config import Config, ModelConfig
 from coalmine.ingest import PartitionIngest
 from coalmine.signing import Signer
+from coalmine.slices import ReceivedSlice, SlicesProcess, TopicSlice
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
 from coalmine.streams.records import Alert, Command, Evaluation
@@ -209,8 +209,8 @@ def replay_topics(
     """Run the prediction and label topics' messages with Kafka timestamps in ``[since,
     until)`` (epoch ms; None: from the start, to the end offsets now) through the pipeline, as
     :func:`replay_files` runs files: the same events give byte-identical output. Reads with
-    a consumer of its own (:class:`~coalmine.client.TopicSlice`) in a process of its own
-    (:class:`~coalmine.client.SlicesProcess`): commits nothing."""
+    a consumer of its own (:class:`~coalmine.slices.TopicSlice`) in a process of its own
+    (:class:`~coalmine.slices.SlicesProcess`): commits nothing."""
     topic_names = [predictions or topics.PREDICTIONS, labels or topics.LABELS]
     with SlicesProcess(bootstrap, topic_names, since, until) as (preds, labs):
         bar = _progress(f"replay {preds.topic}", None, progress)
