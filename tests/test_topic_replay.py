@@ -212,3 +212,33 @@ def test_publish_then_tail_slice_gives_the_file_back(namespace, tmp_path):
         env=env,
     )
     assert len(everything.stdout.splitlines()) == 5040
+
+
+def test_replay_from_a_missing_topic_says_so_and_leaves_no_reading_process(
+    namespace, shuttle_config
+):
+    from coalmine.config import load_config
+    from coalmine.replay import replay_topics
+
+    def children() -> set[int]:
+        mine = f"PPid:\t{os.getpid()}\n"
+        return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _has(p, mine)}
+
+    before = children()
+    missing = namespace.prefix + "nowhere"
+    with pytest.raises(LookupError, match=f"topic {missing} does not exist"):
+        replay_topics(
+            load_config(shuttle_config),
+            namespace.broker.bootstrap,
+            predictions=namespace.topic["predictions"],
+            labels=missing,
+            progress=False,
+        )
+    assert children() == before  # the reading process (predictions read, labels failed) is gone
+
+
+def _has(proc: Path, line: str) -> bool:
+    try:
+        return line in (proc / "status").read_text()
+    except OSError:  # gone meanwhile
+        return False
