@@ -126,38 +126,40 @@ class NumericBlock:
         )
         return dict(zip((c.name for c in self.columns), rows))
 
-    def new_cusums(self, k: float) -> tuple[CUSUM, CUSUM]:
-        """A location and a spread CUSUM over the block's columns (:meth:`update_cusums`): on
+    def new_cusums(self, k: float) -> CUSUM:
+        """The location and spread CUSUMs of the block's columns, as one CUSUM whose first
+        rows are each column's location and the next its spread (:meth:`update_cusums`): on
         the events' smoothed reference ranks and on their squared distance from the median
         rank. Ranks bound each event's weight, so heavy tails do not page anyone; a location
         shift of d standard deviations moves the mean rank by about d rank standard deviations
         on normal data, and by more on features with many ties, where a small shift moves
-        values past whole steps of the reference CDF."""
+        values past whole steps of the reference CDF. One CUSUM for both: one numpy pass a
+        bucket, not two."""
         p = self.ks.ref_counts / np.maximum(self.ks.ref_counts.sum(axis=1, keepdims=True), 1)
         spread_mean = (p * self.spread_scores).sum(axis=1)
         spread_sd = np.sqrt((p * (self.spread_scores - spread_mean[:, None]) ** 2).sum(axis=1))
-        return (
-            CUSUM(
-                [c.rank_mean for c in self.columns], [c.rank_sd for c in self.columns], k, math.inf
-            ),
-            CUSUM(spread_mean, spread_sd, k, math.inf),
+        return CUSUM(
+            np.concatenate(([c.rank_mean for c in self.columns], spread_mean)),
+            np.concatenate(([c.rank_sd for c in self.columns], spread_sd)),
+            k,
+            math.inf,
         )
 
     def update_cusums(
-        self, cusums: tuple[CUSUM, CUSUM], bucket: Summary, threshold: float
+        self, cusums: CUSUM, bucket: Summary, threshold: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Feed a bucket to the rank CUSUMs: the location CUSUM takes each event's smoothed
-        reference rank (linear in the value within a bin, so the bin counts and sums give the
-        exact sum), the spread CUSUM its bin's squared distance from the median rank."""
+        """Feed a bucket to the rank CUSUMs (:meth:`new_cusums`): the location rows take each
+        event's smoothed reference rank (linear in the value within a bin, so the bin counts
+        and sums give the exact sum), the spread rows its bin's squared distance from the
+        median rank. Returns each column's events and sum of ranks."""
         counts = self._gather(bucket.counts)
         n = counts.sum(axis=1)
-        location, spread = cusums
-        location.threshold = spread.threshold = threshold
         ranks = (counts * self.rank_intercepts + self._gather(bucket.sums) * self.rank_slopes).sum(
             axis=1
         )
-        location.update(n, ranks)
-        spread.update(n, (counts * self.spread_scores).sum(axis=1))
+        spreads = (counts * self.spread_scores).sum(axis=1)
+        cusums.threshold = threshold
+        cusums.update(np.concatenate((n, n)), np.concatenate((ranks, spreads)))
         return n, ranks
 
 

@@ -58,7 +58,7 @@ class DriftJudge:
 
     def __init__(self, baseline: Baseline):
         self.baseline = baseline
-        self.cusums: dict[str, tuple[CUSUM, CUSUM] | None] = {}
+        self.cusums: dict[str, CUSUM | None] = {}
         self.joint_cusums: dict[str, JointCUSUM | None] = {}
         checks = baseline.settings.checks
         #: (index, column, check, feature) of every column a configured check watches
@@ -109,7 +109,8 @@ class DriftJudge:
             names = self.numeric_names
             if current is not None and current.n:
                 bucket_ranks = dict(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
-            sequential = dict(zip(names, zip(*(c.statistic.tolist() for c in cusums))))
+            statistic = cusums.statistic.tolist()  # location rows, then spread rows
+            sequential = dict(zip(names, zip(statistic, statistic[len(names) :])))
             # a column has at most the window's events: none can reach ``least`` when it does not
             if window.n >= least and (
                 "drift" in checks or "prediction_drift" in checks or base.derived
