@@ -234,7 +234,11 @@ def test_regression_performance_fires_when_absolute_error_grows():
     x = rng.standard_normal(5000)
     truth = 2 * x + rng.normal(0, 0.5, 5000)
     ref = ReferenceData({"x": x, "prediction": 2 * x}, np.array(truth, dtype=object))
-    mon = Baseline(ModelSettings(name="m", window_ms=10_000, checks=("performance",)), ref)
+    mon = Baseline(
+        ModelSettings(name="m", window_ms=10_000, checks=("performance",)),
+        ref,
+        cache=FileCalibrationCache(),
+    )
     sk, ev = Sketcher({"m": mon}), Evaluator(mon)
     alerts = []
     for b in range(60):
@@ -368,6 +372,7 @@ def test_score_drift_fires_prediction_drift_for_the_class_scores():
             name="m", bucket_ms=1000, window_ms=20_000, checks=("drift", "prediction_drift")
         ),
         ref,
+        cache=FileCalibrationCache(),
     )
     alerts = run(scored, scored_stream(120, unsure_from=60))
     assert all(a["ts"] > 60_000 for a in alerts), "silent over the first 60 buckets"
@@ -479,7 +484,9 @@ def test_a_correlation_break_fires_only_the_joint_cusum():
     base = rng.standard_normal(5000)
     ref = ReferenceData({"a": base, "b": 0.95 * base + 0.31 * rng.standard_normal(5000)}, None)
     mon = Baseline(
-        ModelSettings(name="m", bucket_ms=1000, window_ms=20_000, checks=("drift",)), ref
+        ModelSettings(name="m", bucket_ms=1000, window_ms=20_000, checks=("drift",)),
+        ref,
+        cache=FileCalibrationCache(),
     )
     events = []
     for b in range(120):

@@ -4,6 +4,7 @@ folded and watched like a feature, under the model's false-alarm budget."""
 import numpy as np
 import pytest
 
+from coalmine.cache import FileCalibrationCache
 from coalmine.streams import Baseline, Evaluator, ModelSettings, ReferenceData, Sketcher
 from coalmine.streams.multivariate import ReconstructionError
 
@@ -27,7 +28,7 @@ def multivariate():
     settings = ModelSettings(
         name="m", bucket_ms=1000, window_ms=20_000, checks=("multivariate_drift",)
     )
-    return Baseline(settings, ref)
+    return Baseline(settings, ref, cache=FileCalibrationCache())
 
 
 def events(buckets, apart_from=None, seed=12):
@@ -137,6 +138,7 @@ def test_the_budget_counts_the_derived_columns_and_the_estimated_accuracy():
             checks=(*checks, "estimated_performance"),
         ),
         ref,
+        cache=FileCalibrationCache(),  # the session's, kept between runs (conftest.py)
     )
     stream = events(25)
     for e in stream:

@@ -374,7 +374,7 @@ def test_schema_and_python_agree_on_random_events(kind, data):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=50, deadline=None)  # up to 80 events each
+@settings(max_examples=25, deadline=None)  # up to 80 events each: ~1000 events a kind
 @given(data=st.data())
 def test_each_event_of_a_mixed_batch_is_judged_as_alone(kind, data):
     """split_valid vouches for clean batches column by column and halves failed ones: in a
