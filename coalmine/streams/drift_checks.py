@@ -69,6 +69,10 @@ class DriftJudge:
         ]
         block = baseline.numeric_block
         self.numeric_names = [c.name for c in block.columns] if block is not None else []
+        #: the joint CUSUM's columns, as rows of the numeric block
+        self.joint_rows = np.array(
+            [self.numeric_names.index(c.name) for c in baseline.joint_columns], dtype=np.int64
+        )
 
     def forget(self, variant: str) -> None:
         """``variant`` is served by a new version: its CUSUMs start afresh."""
@@ -104,11 +108,11 @@ class DriftJudge:
         cusum_h = base.cusum_h(bucket_events)
         numeric: dict = {}
         sequential: dict = {}
-        bucket_ranks: dict = {}
+        bucket_n = bucket_ranks = None  # each numeric column's events and sum of ranks
         if block is not None and (cusums := self.cusums[variant]) is not None:
             names = self.numeric_names
             if current is not None and current.n:
-                bucket_ranks = dict(zip(names, zip(*block.update_cusums(cusums, current, cusum_h))))
+                bucket_n, bucket_ranks = block.update_cusums(cusums, current, cusum_h)
             statistic = cusums.statistic.tolist()  # location rows, then spread rows
             sequential = dict(zip(names, zip(statistic, statistic[len(names) :])))
             # a column has at most the window's events: none can reach ``least`` when it does not
@@ -136,8 +140,8 @@ class DriftJudge:
             # a joint CUSUM exists only over joint columns, and then so does its threshold table
             assert base.joint_h is not None
             joint.threshold = base.joint_h(bucket_events)
-            if bucket_ranks:
-                joint.update(*zip(*(bucket_ranks[c.name] for c in base.joint_columns)))
+            if bucket_n is not None and bucket_ranks is not None:
+                joint.update(bucket_n[self.joint_rows], bucket_ranks[self.joint_rows])
             out.append(make("drift", None, "cusum_joint", joint.statistic, joint.threshold))
         if "performance" in checks and base.ref_abs_errors is not None and window.labelled >= least:
             out.append(self._regression_performance(make, window, q))
