@@ -1,14 +1,15 @@
 """Live worker throughput on a backlog, beside its ceiling: a plain aiokafka consumer reading the
 same topic on the same broker, in the same run.
 
-A backlog of prediction events of a 10-numeric-feature model (default checks) is published
-first; then, in turn, the raw consumer and 1 (and 2) workers read it from the start. Both are
-timed in steady state: from the moment 10% of the backlog has been consumed to 90%, so neither
-the consumer-group join nor start-up counts. Runs are interleaved and repeated; each run prints
-both rates and their ratio, and the CPU time an event of each (the raw consumer's process, the
-workers' processes): on a shared machine the rates swing with the load from run to run, the
-CPU time far less. Then the best of each run, with the workers' peak memory. ``--profile
-DIR`` samples each worker with py-spy in steady state (collapsed stacks, DIR/<app>-<i>.txt).
+A backlog of prediction events of a 10-numeric-feature model (default checks) is published,
+to fresh topics for every run; then the raw consumer and 1 (or 2) workers read it from the
+start, in turn. Both are timed in steady state: from the moment 10% of the backlog has been
+consumed to 90%, so neither the consumer-group join nor start-up counts. Runs are repeated;
+each prints both rates and their ratio, the CPU time an event of each (the raw consumer's
+process, the workers' processes: on a shared machine the rates swing with the load from run
+to run, the CPU time less) and the windows stage 2 evaluated meanwhile. Then the best of each,
+with the workers' peak memory. ``--profile DIR`` samples each worker with py-spy in steady
+state (collapsed stacks, DIR/<app>-<i>.txt).
 
 usage: python benchmarks/throughput.py [--events N] [--workers 1 2] [--repeat K] [--profile DIR]
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 
 from coalmine.broker import EmbeddedBroker
-from coalmine.launch import Namespace, wait_until
+from coalmine.launch import Namespace, metric_total, wait_until
 
 try:  # run as a script from the repository root, or as benchmarks.throughput
     from replay_speed import write_stream
@@ -40,6 +41,9 @@ STEADY = (0.1, 0.9)  # the share of the backlog between which rates are timed
 #: loop (read every 20 ms, a sixth of its time went there); the moment a share was crossed
 #: is interpolated between reads
 POLL_S = 0.25
+#: read at each poll: events folded (stage 1), windows evaluated (stage 2, which evaluates
+#: none while a source says it is behind: whether it does within the timed span varies)
+METRICS = ("coalmine_events_total", "coalmine_evaluations_total")
 
 
 async def raw_rate(bootstrap: str, topic: str, n: int) -> dict:
@@ -88,17 +92,19 @@ def worker_rate(
         for w in workers:
             w.wait_ready()
 
-        last = [0.0] * k
-        seen: list[tuple[float, float, float]] = []  # (time, events folded, CPU s) a poll
+        last: list[tuple[float, ...]] = [(0.0, 0.0)] * k  # per worker: folded, evaluated
+        seen: list[tuple[float, float, float, float]] = []  # (time, folded, CPU s, evaluated)
 
         def folded() -> float:
             for i, w in enumerate(workers):
                 try:  # a busy worker may not answer within the timeout: ask again later
-                    last[i] = w.metric("coalmine_events_total")
+                    text = w.get("/metrics")
+                    last[i] = tuple(metric_total(text, m) for m in METRICS)
                 except OSError:
                     pass
-            seen.append((time.perf_counter(), sum(last), sum(map(_cpu_s, workers))))
-            return sum(last)
+            events, evaluated = (sum(c) for c in zip(*last))
+            seen.append((time.perf_counter(), events, sum(map(_cpu_s, workers)), evaluated))
+            return events
 
         spies = []
         for share in STEADY:
@@ -111,11 +117,12 @@ def worker_rate(
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled
             spy.wait()
         wait_until(lambda: folded() >= n, 900, "everything folded", interval=POLL_S)
-        (t0, cpu0), (t1, cpu1) = (_crossed(seen, share * n) for share in STEADY)
+        (t0, cpu0, ev0), (t1, cpu1, ev1) = (_crossed(seen, share * n) for share in STEADY)
         steady = (STEADY[1] - STEADY[0]) * n
         return {
             "rate": steady / (t1 - t0),
             "cpu_us": (cpu1 - cpu0) / steady * 1e6,
+            "evaluated": ev1 - ev0,
             "rss": [w.peak_rss_mb() for w in workers],
         }
     finally:
@@ -129,15 +136,15 @@ def _cpu_s(worker) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _crossed(seen: list[tuple[float, float, float]], count: float) -> tuple[float, float]:
-    """When the count polled in ``seen`` reached ``count``, and the CPU time then,
-    interpolated between polls."""
-    i = next(i for i, (_, c, _) in enumerate(seen) if c >= count)
+def _crossed(seen: list[tuple[float, ...]], count: float) -> tuple[float, ...]:
+    """When the events folded polled in ``seen`` reached ``count``, with the CPU time and the
+    windows evaluated then, interpolated between polls."""
+    i = next(i for i, (_, c, *_) in enumerate(seen) if c >= count)
     if i == 0:
-        return seen[0][0], seen[0][2]
-    (t0, c0, cpu0), (t1, c1, cpu1) = seen[i - 1], seen[i]
-    share = (count - c0) / (c1 - c0)
-    return t0 + (t1 - t0) * share, cpu0 + (cpu1 - cpu0) * share
+        return seen[0][0], seen[0][2], seen[0][3]
+    before, after = seen[i - 1], seen[i]
+    share = (count - before[1]) / (after[1] - before[1])
+    return tuple(b + (a - b) * share for j, (b, a) in enumerate(zip(before, after)) if j != 1)
 
 
 def _spy(pid: int, out: Path) -> subprocess.Popen:
@@ -172,22 +179,25 @@ def main() -> None:
     )
     events = [("prediction", line) for line in (work / "stream.jsonl").read_bytes().splitlines()]
     with EmbeddedBroker() as broker:
-        ns = Namespace(broker)
-        t0 = time.perf_counter()
-        ns.publish(events)
-        print(f"backlog of {n:,} events published in {time.perf_counter() - t0:.1f} s")
         raw: dict = {"rate": 0.0}
         best: dict[int, dict] = {k: {"rate": 0.0} for k in args.workers}
         for i in range(args.repeat):
-            this = asyncio.run(raw_rate(broker.bootstrap, ns.topic["predictions"], n))
-            raw = max(raw, this, key=lambda r: r["rate"])
             for k in args.workers:
+                # topics of its own for every run: a run in the topics of another would find
+                # its state (stage 2's evaluators, stage 1's label join) and partials there
+                ns = Namespace(broker)
+                t0 = time.perf_counter()
+                ns.publish(events)
+                print(f"backlog of {n:,} events published in {time.perf_counter() - t0:.1f} s")
+                this = asyncio.run(raw_rate(broker.bootstrap, ns.topic["predictions"], n))
+                raw = max(raw, this, key=lambda r: r["rate"])
                 run = worker_rate(ns, work / "monitor.toml", n, k, work, args.profile)
                 print(
                     f"run {i + 1}: raw {this['rate']:,.0f}/s ({this['cpu_us']:.1f} us CPU an "
                     f"event), {k} worker(s) {run['rate']:,.0f}/s ({run['cpu_us']:.1f} us): "
                     f"{run['rate'] / this['rate']:.0%} of raw's rate, "
-                    f"{this['cpu_us'] / run['cpu_us']:.0%} of its CPU efficiency",
+                    f"{this['cpu_us'] / run['cpu_us']:.0%} of its CPU efficiency; stage 2 "
+                    f"evaluated {run['evaluated']:.0f} windows meanwhile",
                     flush=True,
                 )
                 best[k] = max(best[k], run, key=lambda r: r["rate"])
