@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import pickle
 import queue
@@ -352,6 +351,7 @@ class SlicesProcess:
         self._args = (bootstrap, topics, since, until)
 
     def __enter__(self) -> list[ReceivedSlice]:
+        import fcntl  # POSIX, as the pipes passed to the child
         from multiprocessing.connection import Connection
 
         from coalmine.broker import _die_with_parent
