@@ -110,10 +110,17 @@ def wasserstein_statistic(
 ) -> np.ndarray:
     r"""Wasserstein-1 distance :math:`\int |F_{ref}(x) - F_{win}(x)|\,dx` between two
     discrete distributions: masses ``counts`` at ``positions`` (the bins' means)."""
-    x = np.concatenate(np.broadcast_arrays(ref_pos, win_pos), axis=-1)
-    w = np.concatenate(
-        np.broadcast_arrays(_proportions(ref_counts), -_proportions(win_counts)), axis=-1
-    )
+    return _wasserstein(ref_pos, _proportions(ref_counts), win_pos, win_counts)
+
+
+def _wasserstein(
+    ref_pos: np.ndarray, ref_p: np.ndarray, win_pos: np.ndarray, win_counts: np.ndarray
+) -> np.ndarray:
+    """:func:`wasserstein_statistic` with the reference's proportions ``ref_p`` given."""
+    pairs = [(ref_pos, win_pos), (ref_p, -_proportions(win_counts))]
+    if ref_pos.shape != win_pos.shape:  # one reference against a stack of windows
+        pairs = [np.broadcast_arrays(*pair) for pair in pairs]
+    x, w = (np.concatenate(pair, axis=-1) for pair in pairs)
     order = np.argsort(x, axis=-1, kind="stable")
     at = (
         (np.arange(len(x))[:, None], order) if x.ndim == 2 else order
@@ -258,14 +265,15 @@ class Wasserstein:
 
     def __init__(self, ref_pos: np.ndarray, ref_counts: np.ndarray, sd: float | np.ndarray):
         self.ref_pos, self.ref_counts = ref_pos, ref_counts
+        self._ref_p, self._ref_n = _proportions(ref_counts), ref_counts.sum(axis=-1)
         self.sd = np.where(np.asarray(sd) > 0, sd, 1.0)
         self.statistic: np.ndarray | float = 0.0
         self.normalized: np.ndarray | float = 0.0
         self.standardized: np.ndarray | float = 0.0
 
     def update(self, win_pos: np.ndarray, win_counts: np.ndarray) -> Wasserstein:
-        w = wasserstein_statistic(self.ref_pos, self.ref_counts, win_pos, win_counts)
-        n_eff = effective_n(self.ref_counts.sum(axis=-1), win_counts.sum(axis=-1))
+        w = _wasserstein(self.ref_pos, self._ref_p, win_pos, win_counts)
+        n_eff = effective_n(self._ref_n, win_counts.sum(axis=-1))
         self.statistic, self.normalized = _result(w), _result(w / self.sd)
         self.standardized = _result(w / self.sd * np.sqrt(n_eff))
         return self
