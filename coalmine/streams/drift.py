@@ -117,7 +117,7 @@ def _wasserstein(
     ref_pos: np.ndarray, ref_p: np.ndarray, win_pos: np.ndarray, win_counts: np.ndarray
 ) -> np.ndarray:
     """:func:`wasserstein_statistic` with the reference's proportions ``ref_p`` given."""
-    pairs = [(ref_pos, win_pos), (ref_p, -_proportions(win_counts))]
+    pairs: list[tuple[np.ndarray, ...]] = [(ref_pos, win_pos), (ref_p, -_proportions(win_counts))]
     if ref_pos.shape != win_pos.shape:  # one reference against a stack of windows
         pairs = [np.broadcast_arrays(*pair) for pair in pairs]
     x, w = (np.concatenate(pair, axis=-1) for pair in pairs)
