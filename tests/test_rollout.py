@@ -370,18 +370,19 @@ def test_an_alert_whose_statistic_hovers_at_its_threshold_fires_once(config):
 def test_a_canary_failing_6_percent_against_0_5_is_rolled_back_within_250_events(
     config, seed_offset
 ):
-    """After 30 s of the champion alone (failing 0.5%), a canary failing 6% at 10%: the
-    sequential test on its failures rolls it back within 250 canary events (event time; the
-    information bound log(1/q) / KL(0.06 || 0.005) is about 130, benchmarks/canary_delay.py)."""
+    """After 15 s of the champion alone (failing 0.5%; its 10 s window full), a canary failing
+    6% at 10%: the sequential test on its failures rolls it back within 250 canary events
+    (event time; the information bound log(1/q) / KL(0.06 || 0.005) is about 130,
+    benchmarks/canary_delay.py)."""
     serving = sim.Serving(sim.Version("v1", error_rate=0.005))
 
     def deploy(s):
         s.canary, s.canary_weight = sim.Version("v2", error_rate=0.06), 10
 
-    changes = {30 + seed_offset: deploy}
-    run = closed_loop(config, serving, 45 + seed_offset, changes=changes)
+    deployed = 15 + seed_offset
+    run = closed_loop(config, serving, deployed + 15, changes={deployed: deploy})
     assert actions(run)[:1] == [("rollback", "v2", None)]
     rollback = run.commands[0]
-    canary_events = (rollback.ts - T0 - (30 + seed_offset) * 1000) / 1000 * RATE * 0.10
+    canary_events = (rollback.ts - T0 - deployed * 1000) / 1000 * RATE * 0.10
     assert canary_events <= 250
     assert any(e.startswith("cusum_failures") for e in rollback.evidence)
