@@ -206,10 +206,10 @@ class TopicSlice:
             bootstrap_servers=self.bootstrap,
             group_id=None,
             enable_auto_commit=False,
-            # small fetches: every partition's first records come at once (the merge waits for
-            # them), and the broker answers the next while the last is merged
-            max_partition_fetch_bytes=256 * 1024,
-            fetch_max_bytes=256 * 1024,
+            # fetches of 1 MB at most: every partition's first records come soon (the merge waits
+            # for them; 64 MB fetches took 1.3 s), and the next comes while the last is merged
+            max_partition_fetch_bytes=1024 * 1024,
+            fetch_max_bytes=1024 * 1024,
             fetch_max_wait_ms=20,  # what the slice reads is there: no long polls at the ends
             **self.security,
         )
