@@ -37,10 +37,10 @@ except ImportError:
     from benchmarks.replay_speed import write_stream
 
 STEADY = (0.1, 0.9)  # the share of the backlog between which rates are timed
-#: how often the workers' /metrics are read: each read costs a worker ~3 ms of its event
-#: loop (read every 20 ms, a sixth of its time went there); the moment a share was crossed
-#: is interpolated between reads
-POLL_S = 0.25
+#: how often the workers' /metrics are read: each read costs a busy worker 3-20 ms of its
+#: event loop (read every 20 ms, a sixth of its time went there; every 250 ms, 6-9%); the
+#: moment a share was crossed is interpolated between reads
+POLL_S = 1.0
 #: read at each poll: events folded (stage 1), windows evaluated (stage 2, which evaluates
 #: none while a source says it is behind: whether it does within the timed span varies)
 METRICS = ("coalmine_events_total", "coalmine_evaluations_total")

@@ -141,21 +141,33 @@ class JoinTable:
             at[pending] = (at[pending] + 1) & int(mask)
         return out
 
-    def _insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Put ``rows`` (distinct) in the index under their ``keys``."""
+    def _insert(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Put ``rows`` (distinct) in the index under their ``keys``. A key already there (a
+        request answered again, or twice among ``rows``) keeps its latest row in its slot;
+        returns the rows that lost theirs (the caller takes them out)."""
         mask = len(self.slot_row) - 1
         at = (keys & np.uint64(mask)).astype(np.int64)
         pending = np.arange(len(keys))
+        lost = []
         while len(pending):
             slot = at[pending]
-            free = self.slot_row[slot] < 0
+            row = self.slot_row[slot]
+            same = (row >= 0) & (self.slot_key[slot] == keys[pending])
+            if same.any():  # rare: the latest row takes the slot, the others lose
+                slots, mine = slot[same], rows[pending[same]]
+                np.maximum.at(self.slot_row, slots, mine.astype(np.int32))
+                kept = self.slot_row[slots]
+                lost += [mine[mine != kept], row[same][row[same] != kept]]
+            free = row < 0
             # a free slot several keys reach goes to one of them (the row numpy wrote last);
-            # the others probe on
+            # the others look at it again (the same key may have taken it), then probe on
             self.slot_row[slot[free]] = rows[pending[free]]
             won = free & (self.slot_row[slot] == rows[pending])
             self.slot_key[slot[won]] = keys[pending[won]]
-            pending = pending[~won]
-            at[pending] = (at[pending] + 1) & mask
+            on = ~free & ~same
+            at[pending[on]] = (at[pending[on]] + 1) & mask
+            pending = pending[on | (free & ~won)]
+        return np.unique(np.concatenate(lost)) if lost else np.zeros(0, np.int64)
 
     def add(
         self,
@@ -197,14 +209,10 @@ class JoinTable:
         for i, value in objects:
             self.objects[self.end + i] = value
         # a request answered again (rare): the last answer counts
-        old = self._rows(keys)
-        self._went(old[old >= 0])
-        _, last = np.unique(keys[::-1], return_index=True)
-        if len(last) < n:
-            c["live"][rows] = False
-            c["live"][rows[n - 1 - last]] = True
-        self.size += len(last) - int(np.count_nonzero(old >= 0))
-        self._insert(keys, rows)
+        lost = self._insert(keys, rows)
+        lost = lost[c["live"][lost]]
+        self.size += n - len(lost)
+        self._went(lost)
         self.end += n
 
     def _went(self, rows: np.ndarray) -> None:
