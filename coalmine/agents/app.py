@@ -146,6 +146,9 @@ def create_app(
     states = {name: ModelState() for name in baselines}  # what was last written of each
     owned: set[int] = set()  # partials partitions this worker evaluates
     resumed: dict[int, asyncio.Event] = defaultdict(asyncio.Event)  # set while in owned
+    # messages of the partials topic not acknowledged yet, in offset order: (model, the last
+    # bucket of the partial, or None when nothing waits for an evaluation, event)
+    waiting: list[tuple[str, int | None, faust.EventT]] = []
     partition = {name: partition_of(name, partitions) for name in baselines}
     state_topic = StateTopic(parse_broker_url(broker_url))
 
@@ -223,9 +226,12 @@ def create_app(
     async def hand_over(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         """Revoked partitions stop being evaluated (and written) here at once."""
         revoked = args[0] if args else kwargs["revoked"]
-        for p in {tp.partition for tp in revoked if tp.topic == topics.PARTIALS}:
+        gone = {tp.partition for tp in revoked if tp.topic == topics.PARTIALS}
+        for p in gone:
             owned.discard(p)
             resumed[p].clear()
+        # Faust delivers them again, should the partitions come back here
+        waiting[:] = [w for w in waiting if w[2].message.partition not in gone]
 
     async def owns(partition: int) -> bool:
         """Whether this worker evaluates ``partition``; Faust may resume a newly assigned one
@@ -239,7 +245,6 @@ def create_app(
 
     @app.agent(partials_topic)
     async def evaluate(stream):
-        waiting: list[tuple[str, int, faust.EventT]] = []
         async for batch in stream.noack_take(BATCH, within=BATCH_WITHIN_S):
             t0 = time.perf_counter()
             evaluated: set[str] = set()
@@ -251,7 +256,7 @@ def create_app(
                     model = partial["model"]
                     sources.hear(partial)
                     if is_heartbeat(partial):
-                        await stream.ack(event)
+                        waiting.append((model, None, event))
                         continue
                     late = evaluators[model].late_partials
                     out = evaluators[model].add(partial, sources.idle(model))
@@ -264,21 +269,30 @@ def create_app(
                 except Exception as exc:
                     log.exception("stage 2 failed on a partial")
                     await send_dead_letter(event.message, f"internal error: {exc!r}")
-                    await stream.ack(event)
+                    waiting.append(("", None, event))
             # the state first, then the acknowledgements: what a new owner does not find in
             # the state, Kafka delivers again
             await save(evaluated)
-            still = []
-            for model, last, event in waiting:
-                if event.message.partition not in owned:
-                    continue  # handed over: the new owner reads it again
-                nxt = evaluators[model].next_bucket
-                if nxt is not None and last < nxt:
-                    await stream.ack(event)
-                else:
-                    still.append((model, last, event))
-            waiting = still
+            await acknowledge(stream)
             metrics.PROCESSING.labels("evaluate").observe(time.perf_counter() - t0)
+
+    async def acknowledge(stream) -> None:
+        """Acknowledge, in offset order, the messages whose partials were evaluated (and
+        saved): never one after a message still waiting, for Faust then commits past that
+        one too (when it is the first after the committed offset), and a new owner would not
+        read its partial again."""
+        still, held = [], set()
+        for model, last, event in waiting:
+            partition = event.message.partition
+            if partition not in owned:
+                continue  # handed over: the new owner reads it again
+            nxt = None if last is None else evaluators[model].next_bucket
+            if partition not in held and (last is None or (nxt is not None and last < nxt)):
+                await stream.ack(event)
+            else:
+                held.add(partition)
+                still.append((model, last, event))
+        waiting[:] = still
 
     @app.timer(interval=2.0)
     async def release_idle_sources():
