@@ -43,6 +43,10 @@ class Consumer:
 
     def __init__(self, ends: dict[TopicPartition, int], positions: dict[TopicPartition, int]):
         self.ends, self.positions = ends, positions
+        self.polled: dict[TopicPartition, int] = {}  # when each was last fetched, ms
+
+    def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+        return self.polled.get(tp)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.ends)
@@ -88,3 +92,24 @@ def test_stage1_tells_every_model_which_partitions_are_behind(monkeypatch):
     consumer.positions[preds[0]] = 100
     asyncio.run(stage1._heartbeats())
     assert said() == {("a", 0, False), ("b", 0, False)}  # caught up: said once
+
+
+def test_labels_count_as_caught_up_only_with_predictions_fetched_long_enough_before():
+    """A label sent before a prediction may reach the broker after it (each partition is
+    batched apart): a fetch that found the labels partition at its end together with the
+    predictions does not close their buckets (their labels would count as late); one made
+    LABELS_SETTLE_MS later does."""
+    preds, labels = TopicPartition(topics.PREDICTIONS, 0), TopicPartition(topics.LABELS, 0)
+    consumer = Consumer({preds: 100, labels: 50}, {preds: 100, labels: 50})
+    stage1 = Stage1(dict.fromkeys(["a"]), "127.0.0.1:1", group_id="g")  # type: ignore[arg-type]
+    stage1.consumer = consumer  # type: ignore[assignment]
+    fetched_at = 1_700_000_000_000
+    consumer.polled = {preds: fetched_at, labels: fetched_at}
+    ingest = SimpleNamespace(sketcher=SimpleNamespace(partition_ts=42_000))
+    stage1._note_fetched(preds, ingest)  # type: ignore[arg-type]
+    assert asyncio.run(stage1._labels_through(0)) is None
+    consumer.polled[labels] = fetched_at + stage1_module.LABELS_SETTLE_MS
+    consumer.positions[labels] = 40  # more labels came meanwhile: not read yet
+    assert asyncio.run(stage1._labels_through(0)) is None
+    consumer.positions[labels] = 50
+    assert asyncio.run(stage1._labels_through(0)) == 42_000

@@ -20,7 +20,7 @@ import gc
 import hashlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -61,6 +61,10 @@ JOIN_STATE_BYTES_PER_S = 2 << 20
 GC_YOUNG = 100_000
 #: while a partition is behind, each model's stage 2 hears so at least this often
 HEARTBEAT_S = 5.0
+#: a label published before a prediction may reach the broker after it (a producer sends each
+#: partition's batches apart): the labels side counts as caught up only with the predictions
+#: fetched this long before a fetch that found the labels partition at its end
+LABELS_SETTLE_MS = 2000
 
 
 def wall_clock_ms() -> int:
@@ -118,6 +122,9 @@ class Stage1(Service):
         self.producer: AIOKafkaProducer | None = None
         self.failure: str | None = None  # why stage 1 stopped, for /health
         self.said: dict[int, bool] = {}  # per partition, whether stage 2 was told it is behind
+        # per partition, (when, the partition's event time) of the predictions fetched: the
+        # labels side catches up with them (:meth:`_labels_through`)
+        self.fetched: dict[int, deque[tuple[int, int]]] = defaultdict(deque)
         self.spoke: dict[tuple[int, str], float] = {}  # (partition, model) -> last message sent
         # the label join goes to the state topic with the commits: per partition, the hashes
         # of the records last written besides the tables' chunks (state.join_state writes
@@ -182,6 +189,7 @@ class Stage1(Service):
                     n = await self._process(batch)
                     metrics.PROCESSING.labels("sketch").observe(time.perf_counter() - t0)
                     metrics.BATCH_EVENTS.labels("sketch").observe(n)
+                await self._close_caught_up()
                 if time.monotonic() - last_commit >= COMMIT_EVERY_S:
                     await self._commit()
                     last_commit = time.monotonic()
@@ -211,16 +219,42 @@ class Stage1(Service):
                     topics.DEADLETTER,
                     *dead_letter(tp, record.offset, record.key, record.value, reason),
                 )
-            labels = TopicPartition(topics.LABELS, tp.partition)
-            if (labels not in batch or kind == "label") and await self._labels_caught_up(labels):
-                ingest.sketcher.labels_caught_up()
-            partials = ingest.close()
-            _count_label_join(ingest)
-            for partial in partials:
-                for part in encode_partial(partial):
-                    await self._send(topics.PARTIALS, partial["model"].encode(), part)
-                self.spoke[tp.partition, partial["model"]] = time.monotonic()
+            if kind == "prediction":
+                self._note_fetched(tp, ingest)
+            # the labels of this batch are folded before their side counts as caught up
+            labels_next = (
+                kind == "prediction" and TopicPartition(topics.LABELS, tp.partition) in batch
+            )
+            await self._close(tp.partition, ingest, labels_next)
         return n
+
+    async def _close(self, partition: int, ingest: PartitionIngest, labels_next: bool) -> None:
+        """Send the partials of the buckets the partition closed, its labels side first
+        brought up to the predictions it caught up with (unless ``labels_next``: some of the
+        labels fetched are still to be folded)."""
+        if not labels_next and (through := await self._labels_through(partition)) is not None:
+            ingest.sketcher.labels_caught_up(through)
+        partials = ingest.close()
+        _count_label_join(ingest)
+        for partial in partials:
+            for part in encode_partial(partial):
+                await self._send(topics.PARTIALS, partial["model"].encode(), part)
+            self.spoke[partition, partial["model"]] = time.monotonic()
+
+    async def _close_caught_up(self) -> None:
+        """Close the buckets of the partitions whose labels side may have caught up since their
+        last batch (their last buckets, once the predictions stop coming)."""
+        for partition in [p for p, fetched in self.fetched.items() if fetched]:
+            if partition in self.ingests:
+                await self._close(partition, self.ingests[partition], False)
+
+    def _note_fetched(self, predictions: TopicPartition, ingest: PartitionIngest) -> None:
+        """Remember when the predictions folded so far were fetched (at the latest)."""
+        assert self.consumer is not None
+        ts, when = ingest.sketcher.partition_ts, self.consumer.last_poll_timestamp(predictions)
+        fetched = self.fetched[predictions.partition]
+        if ts is not None and when is not None and (not fetched or fetched[-1][1] < ts):
+            fetched.append((when, ts))
 
     async def _in_sequence(self, tp: TopicPartition, records: chunks.Chunk) -> chunks.Chunk:
         """The records that continue where this worker's reading of ``tp`` stands (for a
@@ -246,21 +280,24 @@ class Stage1(Service):
             else [r for r in records if r.offset >= expected]
         )
 
-    async def _labels_caught_up(self, labels: TopicPartition) -> bool:
-        """Every label published before the predictions read so far on this partition was
-        read: the labels partition's position is at its end as of a fetch no older than the
-        predictions' latest (buckets wait for the labels side until then: see Sketcher)."""
+    async def _labels_through(self, partition: int) -> int | None:
+        """The partition's event time up to which every label published was read, if it
+        moved on: that of the predictions fetched :data:`LABELS_SETTLE_MS` or more before the
+        labels partition's latest fetch, which found it at its end (buckets wait for the
+        labels side until then: see Sketcher). A label sent before a prediction may reach the
+        broker after it, so the latest fetch of the predictions does not vouch for it."""
         assert self.consumer is not None
+        labels, fetched = TopicPartition(topics.LABELS, partition), self.fetched[partition]
         if labels not in self.consumer.assignment():
-            return True
-        end, polled = self.consumer.highwater(labels), self.consumer.last_poll_timestamp(labels)
-        predictions = TopicPartition(topics.PREDICTIONS, labels.partition)
-        return (
-            end is not None
-            and polled is not None
-            and polled >= (self.consumer.last_poll_timestamp(predictions) or 0)
-            and await self.consumer.position(labels) >= end
-        )
+            polled = None  # no labels here: caught up with every prediction
+        else:
+            end, polled = self.consumer.highwater(labels), self.consumer.last_poll_timestamp(labels)
+            if end is None or polled is None or await self.consumer.position(labels) < end:
+                return None
+        through = None
+        while fetched and (polled is None or fetched[0][0] <= polled - LABELS_SETTLE_MS):
+            through = fetched.popleft()[1]
+        return through
 
     def _feed(
         self, ingest: PartitionIngest, tp: TopicPartition, kind: str, records: list, at: int
@@ -447,6 +484,7 @@ class Stage1(Service):
                 self.ingests.pop(partition, None)
                 self.join_hashes.pop(partition, None)
                 self.said.pop(partition, None)
+                self.fetched.pop(partition, None)
             self.spoke = {k: t for k, t in self.spoke.items() if k[0] not in gone}
             for tp in revoked:
                 self.positions.pop(tp, None)

@@ -493,11 +493,13 @@ class Sketcher:
                 counted.append(e["ts"])
         return rejected, counted
 
-    def labels_caught_up(self) -> None:
-        """The reader has read every label published before the predictions folded so far:
-        the labels side is at least at the partition's event time."""
-        if self.partition_ts is not None:
-            self.labels_ts = max(self.labels_ts or 0, self.partition_ts)
+    def labels_caught_up(self, through: int | None = None) -> None:
+        """The reader has read every label published before the predictions folded up to
+        event time ``through`` (default: all folded so far): the labels side is at least
+        there."""
+        ts = self.partition_ts if through is None else through
+        if ts is not None:
+            self.labels_ts = max(self.labels_ts or 0, ts)
 
     def _count(self, key: int, entry: dict[str, Answer], label: dict) -> int:
         """Score a label (:meth:`_score`) and keep its answers while its bucket is open: a
