@@ -222,18 +222,13 @@ class Stage1(Service):
             if kind == "prediction":
                 self._note_fetched(tp, ingest)
             # the labels of this batch are folded before their side counts as caught up
-            labels_next = (
-                kind == "prediction" and TopicPartition(topics.LABELS, tp.partition) in batch
-            )
-            await self._close(tp.partition, ingest, labels_next)
+            if kind == "label" or TopicPartition(topics.LABELS, tp.partition) not in batch:
+                await self._catch_up(tp.partition, ingest)
+            await self._close(tp.partition, ingest)
         return n
 
-    async def _close(self, partition: int, ingest: PartitionIngest, labels_next: bool) -> None:
-        """Send the partials of the buckets the partition closed, its labels side first
-        brought up to the predictions it caught up with (unless ``labels_next``: some of the
-        labels fetched are still to be folded)."""
-        if not labels_next and (through := await self._labels_through(partition)) is not None:
-            ingest.sketcher.labels_caught_up(through)
+    async def _close(self, partition: int, ingest: PartitionIngest) -> None:
+        """Send the partials of the buckets the partition closed."""
         partials = ingest.close()
         _count_label_join(ingest)
         for partial in partials:
@@ -241,12 +236,21 @@ class Stage1(Service):
                 await self._send(topics.PARTIALS, partial["model"].encode(), part)
             self.spoke[partition, partial["model"]] = time.monotonic()
 
+    async def _catch_up(self, partition: int, ingest: PartitionIngest) -> bool:
+        """Bring the partition's labels side up to the predictions it caught up with
+        (:meth:`_labels_through`); whether it moved."""
+        through = await self._labels_through(partition)
+        if through is not None:
+            ingest.sketcher.labels_caught_up(through)
+        return through is not None
+
     async def _close_caught_up(self) -> None:
-        """Close the buckets of the partitions whose labels side may have caught up since their
-        last batch (their last buckets, once the predictions stop coming)."""
+        """Close the buckets of the partitions whose labels side caught up since their last
+        batch (their last buckets, once the predictions stop coming)."""
         for partition in [p for p, fetched in self.fetched.items() if fetched]:
-            if partition in self.ingests:
-                await self._close(partition, self.ingests[partition], False)
+            ingest = self.ingests.get(partition)
+            if ingest is not None and await self._catch_up(partition, ingest):
+                await self._close(partition, ingest)
 
     def _note_fetched(self, predictions: TopicPartition, ingest: PartitionIngest) -> None:
         """Remember when the predictions folded so far were fetched (at the latest)."""
