@@ -155,11 +155,6 @@ def _owns_model(partitions: list[int]) -> bool:
     return partition_of("shuttle", 6) in partitions
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent (about 1 run in 5 here): some windows right after the kill count more "
-    "labelled errors than file replay; cause not found (issue 11's note)",
-)
 def test_killing_a_stage1_worker_loses_no_label(namespace, start_worker, shuttle_config, tmp_path):
     """Labels 5 s late, two workers; the one that only sketches is SIGKILLed mid-stream: its
     partitions' labels of predictions in buckets it had closed and committed find them in the
