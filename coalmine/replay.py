@@ -23,7 +23,7 @@ from coalmine.baselines import FirstEvents, build_baselines
 from coalmine.config import Config, ModelConfig
 from coalmine.ingest import PartitionIngest
 from coalmine.signing import Signer
-from coalmine.slices import ReceivedSlice, SlicesProcess, TopicSlice
+from coalmine.slices import ReceivedSlice, TopicSlice, read_slices
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.evaluator import Evaluator
 from coalmine.streams.records import Alert, Command, Evaluation
@@ -209,12 +209,12 @@ def replay_topics(
     """Run the prediction and label topics' messages with Kafka timestamps in ``[since,
     until)`` (epoch ms; None: from the start, to the end offsets now) through the pipeline, as
     :func:`replay_files` runs files: the same events give byte-identical output. Reads with
-    a consumer of its own (:class:`~coalmine.slices.TopicSlice`) in a process of its own
-    (:class:`~coalmine.slices.SlicesProcess`): commits nothing."""
+    a consumer of its own (:class:`~coalmine.slices.TopicSlice`), in a process of its own when a
+    core is free for it (:func:`~coalmine.slices.read_slices`): commits nothing."""
     topic_names = [predictions or topics.PREDICTIONS, labels or topics.LABELS]
-    with SlicesProcess(bootstrap, topic_names, since, until) as (preds, labs):
+    with read_slices(bootstrap, topic_names, since, until) as (preds, labs):
         bar = _progress(f"replay {preds.topic}", None, progress)
-        if bar is not None:  # else the reading process starts while the baselines are built
+        if bar is not None:  # else a reading process starts while the baselines are built
             bar.total = preds.total
         return replay_chunks(
             config,

@@ -327,6 +327,35 @@ class TopicSlice:
         return merge_by_event_time([partial(self._pull, tp) for tp in self._state])
 
 
+@contextlib.contextmanager
+def read_slices(
+    bootstrap: str, topics: list[str], since: int | None = None, until: int | None = None
+) -> Iterator[list[TopicSlice] | list[ReceivedSlice]]:
+    """Each topic's slice, with ``topic``, ``total`` and ``merged()``: read in a process of its
+    own (:class:`SlicesProcess`) when a core is free for it, else in this one (a
+    :class:`TopicSlice` each, whose merging then shares the caller's interpreter lock).
+
+    With a free core the caller does no more than replay from a file (its CPU for the
+    benchmark's 200,000 events: 2.3 s, as file replay's; in this process, 3.0-3.1 s); on busy
+    cores the process's start and its share of them cost more than that saves (2 cores at load
+    4.6-6.5, topic/file replay: 0.47-0.87 in a process, 0.60-1.06 here, 14 runs each)."""
+    if _a_core_is_free():
+        with SlicesProcess(bootstrap, topics, since, until) as received:
+            yield received
+    else:
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(TopicSlice(bootstrap, t, since, until)) for t in topics]
+
+
+def _a_core_is_free() -> bool:
+    """Whether the 1-minute load average leaves a core for a reading process beside the
+    caller (POSIX; elsewhere no process: its pipes are passed as POSIX file descriptors)."""
+    try:
+        return os.getloadavg()[0] + 1 < len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return False
+
+
 class SlicesProcess:
     """:class:`TopicSlice` s of several topics read in one process of its own:
     ``with SlicesProcess(bootstrap, [t1, t2], since, until) as (s1, s2)`` gives each topic's

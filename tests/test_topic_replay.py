@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import io
 import os
 import random
 import subprocess
@@ -214,8 +215,49 @@ def test_publish_then_tail_slice_gives_the_file_back(namespace, tmp_path):
     assert len(everything.stdout.splitlines()) == 5040
 
 
+@pytest.fixture(params=[True, False], ids=["in-a-process", "in-this-process"])
+def reading_process(request, monkeypatch):
+    """Replay from topics reading in a process of its own (a core free for it), or not."""
+    from coalmine import slices
+
+    monkeypatch.setattr(slices, "_a_core_is_free", lambda: request.param)
+    return request.param
+
+
+def test_both_ways_of_reading_topics_replay_the_bytes_of_file_replay(
+    namespace, shuttle_config, tmp_path, reading_process
+):
+    from coalmine.config import load_config
+    from coalmine.replay import replay_files, replay_topics, write_jsonl
+
+    scenario = simulator.Scenario(
+        n_events=8_000, drift_at=3_000, drift_until=6_000, drift_size=1.0, bad_event_every=97
+    )
+    preds, labels = tmp_path / "preds.jsonl", tmp_path / "labels.jsonl"
+    simulator.write_streams(scenario, preds, labels)
+    publish_lines(namespace.broker.bootstrap, namespace.topic["predictions"], lines_of(preds))
+    publish_lines(namespace.broker.bootstrap, namespace.topic["labels"], lines_of(labels))
+    config = load_config(shuttle_config)
+
+    def said(replay, *args, **kwargs) -> bytes:
+        out = io.BytesIO()
+        evaluations: list = []
+        run = replay(config, *args, progress=False, on_evaluations=evaluations.extend, **kwargs)
+        write_jsonl([*evaluations, *run.alerts, *run.commands], out)
+        return out.getvalue() + repr(sorted(run.counts.items())).encode()
+
+    from_topics = said(
+        replay_topics,
+        namespace.broker.bootstrap,
+        predictions=namespace.topic["predictions"],
+        labels=namespace.topic["labels"],
+    )
+    assert from_topics == said(replay_files, preds, labels)
+    assert b"drift" in from_topics
+
+
 def test_replay_from_a_missing_topic_says_so_and_leaves_no_reading_process(
-    namespace, shuttle_config
+    namespace, shuttle_config, reading_process
 ):
     from coalmine.config import load_config
     from coalmine.replay import replay_topics
