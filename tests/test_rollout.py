@@ -138,7 +138,7 @@ def test_sample_ratio_mismatch_fires_when_the_router_ignores_the_weight(config):
     # the controller takes the canary on at 10%, but this router sends 25%
     serving = sim.Serving(sim.Version("v1"), canary=sim.Version("v2"), canary_weight=25)
     serving.apply = lambda command: "ignored"  # a router that never listens
-    run = closed_loop(config, serving, 30)
+    run = closed_loop(config, serving, 6)  # fires at 2 s
     srm = [a for a in run.alerts if a.check == "srm" and a.state == "firing"]
     assert srm and srm[0].value > srm[0].threshold
 
@@ -148,7 +148,7 @@ def test_commands_are_signed_and_tampering_is_detected(config, monkeypatch):
     serving = sim.Serving(
         sim.Version("v1"), canary=sim.Version("v3", noise=1.5, error_rate=0.05), canary_weight=10
     )
-    run = closed_loop(config, serving, 20)
+    run = closed_loop(config, serving, 12)  # rolled back at 7 s
     command = run.commands[0].to_json()
     assert verify_command(command, b"s3cret")
     assert not verify_command({**command, "action": "promote"}, b"s3cret")
