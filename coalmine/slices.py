@@ -164,6 +164,7 @@ class TopicSlice:
         self.total = 0  # messages between the start and end offsets (the slice, about)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Any = None  # an AIOKafkaConsumer while open
+        self._filling: asyncio.Future | None = None  # :meth:`_fill`, while open
 
     def __enter__(self) -> TopicSlice:
         self._loop = asyncio.new_event_loop()
@@ -183,7 +184,7 @@ class TopicSlice:
             return
         try:
             if self._consumer is not None:
-                self._run(self._consumer.stop())
+                self._run(self._stop())
                 self._consumer = None
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -238,6 +239,16 @@ class TopicSlice:
             self.total += ends[tp] - start
             if start >= ends[tp]:
                 consumer.pause(tp)  # nothing to read
+        self._arrived = threading.Condition()  # a fetch taken, or the reading failed
+        self._failure: BaseException | None = None
+        self._filling = asyncio.ensure_future(self._fill())
+
+    async def _stop(self) -> None:
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filling
+        await self._consumer.stop()
 
     async def _offsets_at(self, tps: list, ms: int, default: dict) -> dict:
         """Per partition the first offset whose timestamp is at or after ``ms``, else
@@ -268,36 +279,46 @@ class TopicSlice:
     def _pull(self, tp) -> list[bytes] | None:
         """The next messages of one partition in the slice; None when it has no more."""
         fetched, state = self._fetched[tp], self._state[tp]
-        stalled = 0
-        while not fetched and state[0] < state[1]:
-            if self._run(self._fetch()):
-                stalled = 0
-            elif (stalled := stalled + 1) > 60:
-                raise TimeoutError(f"{tp.topic}[{tp.partition}]: no message for 30 s")
-        if not fetched:
-            return None
-        if len(fetched) == _FETCHES_AHEAD and state[0] < state[1]:
-            self._run(self._resume(tp))
-        return fetched.popleft()
+        with self._arrived:
+            while not fetched and state[0] < state[1] and self._failure is None:
+                self._arrived.wait()
+            if self._failure is not None:
+                raise self._failure
+            if not fetched:
+                return None
+            if len(fetched) == _FETCHES_AHEAD and state[0] < state[1]:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._consumer.resume, tp)  # paused when full
+            return fetched.popleft()
 
-    async def _fetch(self) -> bool:
-        """Take every partition's fetched records into :attr:`_fetched` (so the consumer
-        fetches the next ones at once, all partitions in one request); a partition is paused
-        while ``_FETCHES_AHEAD`` of its fetches wait, and once read to its end. Whether any
-        records came."""
+    async def _fill(self) -> None:
+        """Take every partition's fetched records into :attr:`_fetched` as they come, so that
+        the consumer fetches the next at once (all partitions in one request) while the caller
+        works; a partition is paused while ``_FETCHES_AHEAD`` of its fetches wait, and once
+        read to its end."""
         from coalmine.chunks import records
 
-        batch = await self._consumer.getmany(timeout_ms=500)
-        for tp, chunks in batch.items():
-            values = self._in_slice(tp, records(chunks))
-            if values:
-                self._fetched[tp].append(values)
-            if len(self._fetched[tp]) >= _FETCHES_AHEAD or self._state[tp][0] >= self._state[tp][1]:
-                self._consumer.pause(tp)
-        return bool(batch)
-
-    async def _resume(self, tp) -> None:
-        self._consumer.resume(tp)
+        consumer, state = self._consumer, self._state
+        stalled = 0
+        try:
+            while unread := {tp for tp in state if state[tp][0] < state[tp][1]}:
+                batch = await consumer.getmany(timeout_ms=500)
+                waiting = not unread - consumer.paused()  # for the caller, not the broker
+                stalled = 0 if batch or waiting else stalled + 1
+                if stalled > 60:
+                    raise TimeoutError(f"{self.topic}: no message for 30 s")
+                with self._arrived:
+                    for tp, chunks in batch.items():
+                        values = self._in_slice(tp, records(chunks))
+                        if values:
+                            self._fetched[tp].append(values)
+                        if len(self._fetched[tp]) >= _FETCHES_AHEAD or state[tp][0] >= state[tp][1]:
+                            consumer.pause(tp)
+                    self._arrived.notify_all()
+        except Exception as exc:  # the caller's next pull raises it
+            with self._arrived:
+                self._failure = exc
+                self._arrived.notify_all()
 
     def _in_slice(self, tp, fetched: list) -> list[bytes]:
         """The values of a partition's fetched records that are in the slice (its reading
