@@ -3,8 +3,8 @@
 
 :class:`TopicSlice` reads one topic's slice in the caller's process; :class:`SlicesProcess`
 reads several in a process of its own, which imports this module only (no numpy: it starts
-while the caller builds its baselines). Each slice's partitions are merged by event time
-(:func:`merge_by_event_time`).
+while the caller builds its baselines); :func:`read_slices` takes the process when a core is
+free for it. Each slice's partitions are merged by event time (:func:`merge_by_event_time`).
 """
 
 from __future__ import annotations
@@ -383,9 +383,9 @@ class SlicesProcess:
     :class:`ReceivedSlice`, with ``total`` and ``merged()`` as the slice's.
 
     The child fetches, unpacks the records and merges the partitions by event time while the
-    caller works on what it sent before: none of that holds the caller's interpreter lock,
-    which is what lets topic replay keep up with file replay. It starts on entry and opens the
-    slices without the caller waiting (errors, such as a missing topic, come at the first
+    caller works on what it sent before: none of that holds the caller's interpreter lock
+    (worth it with a core free for the child: :func:`read_slices`). It starts on entry and
+    opens the slices without the caller waiting (errors, such as a missing topic, come at the first
     ``total`` or ``merged()``); it is stopped on leaving the ``with`` block, and (on Linux)
     dies with its caller. It is a fresh interpreter running this module, not a fork nor
     ``multiprocessing``'s spawn, which would run the caller's main script again.
