@@ -207,7 +207,7 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
     >>> def rows(n, shift=0.0):
     ...     return pd.DataFrame({"x0": rng.normal(shift, 1, n), "x1": rng.exponential(1, n),
     ...                          "color": rng.choice(["red", "blue"], n)})
-    >>> monitor = Monitor(rows(3000), bucket="1s", window="20s", cache=None)
+    >>> monitor = Monitor(rows(3000), bucket="1s", window="20s")
 
     Row order is the clock (100 rows a second by default). A stationary batch raises nothing:
 

@@ -22,6 +22,7 @@ import asyncio
 import copy
 import gzip
 import heapq
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -48,15 +49,13 @@ def load_shuttle() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Shuttle as arrays: X (49,097 x 9 sensor readings, float), y (1 = anomaly, ~7%), and
     the dataset's own feature names ``f1`` .. ``f9``. The data ships in ``river``, an optional
     dependency: ``pip install 'coalmine[demo]'``."""
-    try:
-        import river.datasets
-    except ImportError as exc:
+    river = importlib.util.find_spec("river")  # found, not imported: river.datasets loads pandas
+    if river is None or not river.submodule_search_locations:
         raise ImportError(
             "the simulator's Shuttle data set comes with the optional dependency river: "
             "pip install 'coalmine[demo]'"
-        ) from exc
-
-    path = Path(river.datasets.__file__).parent / "shuttle.csv.gz"
+        )
+    path = Path(river.submodule_search_locations[0]) / "datasets" / "shuttle.csv.gz"
     with gzip.open(path, "rt") as fh:
         header = fh.readline().strip().split(",")
         data = np.loadtxt(fh, delimiter=",")
