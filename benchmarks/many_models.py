@@ -65,6 +65,17 @@ def write_models_stream(path: Path, models: int, rate: float, seconds: float, se
     return n
 
 
+def write_models_config(path: Path, models: int) -> None:
+    """A config of ``models`` models m0, m1, ... on one reference, with the drift checks."""
+    path.write_text(
+        "".join(
+            f'[[models]]\nname = "m{i}"\nreference = "reference.jsonl"\n'
+            'checks = ["drift", "prediction_drift", "missing_rate"]\n\n'
+            for i in range(models)
+        )
+    )
+
+
 @contextmanager
 def stage2_cpu() -> Iterator[list[float]]:
     """CPU seconds and calls of ``Evaluator.evaluate`` (one bucket of one model) while inside."""
@@ -96,13 +107,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="coalmine-many-models-"))
     write_stream(work / "reference.jsonl", 5000, seed=1)
     n = write_models_stream(work / "stream.jsonl", args.models, args.rate, args.seconds, seed=2)
-    (work / "monitor.toml").write_text(
-        "".join(
-            f'[[models]]\nname = "m{i}"\nreference = "reference.jsonl"\n'
-            'checks = ["drift", "prediction_drift", "missing_rate"]\n\n'
-            for i in range(args.models)
-        )
-    )
+    write_models_config(work / "monitor.toml", args.models)
     os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")
     config = load_config(work / "monitor.toml")
     t0 = time.process_time()

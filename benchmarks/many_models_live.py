@@ -1,0 +1,122 @@
+"""Many models, little traffic each, through one live worker: M models at R events/s each (of
+event time) published as a backlog to the embedded broker, then one worker started; beside
+orjson parsing the same events. The live counterpart of ``many_models.py`` (file replay).
+
+Timed from the worker's start (start-up included: every model's baseline, the consumer-group
+joins) until its ``coalmine_evaluations_total`` counts every (model, bucket) pair with events but
+for the stream's last 4 s, which wait for their sources to go idle: wall-clock time, not work.
+The calibration cache is warmed first, as a restarted worker finds it.
+
+usage: python benchmarks/many_models_live.py [--models M] [--rate R] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from coalmine.baselines import build_baselines
+from coalmine.broker import EmbeddedBroker
+from coalmine.config import load_config
+from coalmine.launch import Namespace, wait_until
+from coalmine.replay import bulk_gc, replay_files
+
+try:  # run as a script from the repository root, or as benchmarks.many_models_live
+    from many_models import write_models_config, write_models_stream
+    from replay_speed import orjson_rate, write_stream
+except ImportError:
+    from benchmarks.many_models import write_models_config, write_models_stream
+    from benchmarks.replay_speed import orjson_rate, write_stream
+
+BUCKET_MS = 250  # the default
+TAIL_MS = 4000  # the stream's last buckets wait for their sources to go idle: not counted
+
+
+def patient_metric(worker, name: str) -> float:
+    """The worker's metric, or 0 while it is too busy to answer within the timeout."""
+    try:
+        return worker.metric(name)
+    except OSError:
+        return 0.0
+
+
+def evaluated_pairs(config, stream: Path, end_ms: int) -> int:
+    """The (model, bucket) pairs file replay evaluates on ``stream`` before ``end_ms``."""
+    pairs: set[tuple[str, int]] = set()
+    replay_files(
+        config,
+        stream,
+        progress=False,
+        on_evaluations=lambda evaluations: pairs.update(
+            (e.model, e.ts) for e in evaluations if e.ts < end_ms
+        ),
+    )
+    return len(pairs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--models", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=10.0, help="events/s of event time per model")
+    ap.add_argument("--seconds", type=float, default=20.0, help="event time of the stream")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="coalmine-many-models-live-"))
+    write_stream(work / "reference.jsonl", 5000, seed=1)
+    n = write_models_stream(work / "stream.jsonl", args.models, args.rate, args.seconds, seed=2)
+    write_models_config(work / "monitor.toml", args.models)
+    os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")  # the worker inherits it
+    config = load_config(work / "monitor.toml")
+    build_baselines(config)  # one calibration, cached
+    with bulk_gc():
+        parse = orjson_rate(work / "stream.jsonl")
+    lines = (work / "stream.jsonl").read_bytes().splitlines()
+    end_ms = max(orjson.loads(line)["ts"] for line in lines) - TAIL_MS
+    t0 = time.perf_counter()
+    pairs = evaluated_pairs(config, work / "stream.jsonl", end_ms)
+    replay = time.perf_counter() - t0
+    with EmbeddedBroker() as broker:
+        ns = Namespace(broker)
+        t0 = time.perf_counter()
+        ns.publish(("prediction", line) for line in lines)
+        print(f"backlog of {n:,} events published in {time.perf_counter() - t0:.1f} s")
+        with ns.worker(work / "monitor.toml", log=work / "worker.log") as worker:
+            t0 = time.perf_counter()
+            worker.wait_ready(timeout=600)
+            ready = time.perf_counter() - t0
+            wait_until(
+                lambda: patient_metric(worker, "coalmine_evaluations_total") >= pairs,
+                1800,
+                f"{pairs:,} (model, bucket) pairs evaluated",
+                interval=0.5,
+            )
+            took = time.perf_counter() - t0
+            folded = worker.metric("coalmine_events_total")
+            rss = worker.peak_rss_mb()
+    done = n * (1 - TAIL_MS / 1000 / args.seconds)  # events before the tail: traffic is uniform
+    print(
+        f"\n# {args.models:,} models at {args.rate:g} events/s each, {args.seconds:g} s of event "
+        f"time: {n:,} events, 250 ms buckets, drift checks, one live worker"
+    )
+    print("| measure | value |")
+    print("|---|---:|")
+    print(f"| worker start to ready (baselines from the cache, group joins) | {ready:.1f} s |")
+    print(f"| worker start to the {pairs:,} (model, bucket) pairs evaluated | {took:.1f} s |")
+    print(f"| events folded by then | {folded:,.0f} of {n:,} |")
+    print(f"| end to end, events/s (start-up included) | {done / took:,.0f} |")
+    print(f"| file replay of the same events, events/s (start-up included) | {n / replay:,.0f} |")
+    print(f"| orjson alone parsing the same events, events/s | {parse:,.0f} |")
+    print(f"| end to end / orjson | {done / took / parse:.3f} (target >= 0.33) |")
+    model_seconds = args.models * (args.seconds - TAIL_MS / 1000)
+    print(f"| model-seconds of event time per second | {model_seconds / took:,.0f} |")
+    print(f"| worker peak memory | {rss:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()
