@@ -99,14 +99,32 @@ def reason_kind(reason: str) -> str:
     return re.split(r"[:.\[ ]", reason.strip(), maxsplit=1)[0][:40] or "other"
 
 
+#: gauges of each (gauge, label set): ``labels()`` validates and locks at every call, and a
+#: bucket of a model sets tens of them
+_CHILDREN: dict[tuple[Gauge, tuple[str, ...]], Gauge] = {}
+
+
+def _child(gauge: Gauge, labels: tuple[str, ...]) -> Gauge:
+    child = _CHILDREN.get((gauge, labels))
+    if child is None:
+        child = _CHILDREN[gauge, labels] = gauge.labels(*labels)
+    return child
+
+
 def record_evaluations(
     model: str, evaluations: list[Evaluation], alerts: list[Alert], firing: int
 ) -> None:
+    # a gauge shows the last value set: earlier buckets' values go unseen
+    values, thresholds = {}, {}
     for e in evaluations:
         labels = (model, e.variant, e.check, e.feature or "", e.statistic)
-        STATISTIC.labels(*labels).set(e.value)
+        values[labels] = e.value
         if e.threshold is not None:
-            THRESHOLD.labels(*labels).set(e.threshold)
+            thresholds[labels] = e.threshold
+    for labels, value in values.items():
+        _child(STATISTIC, labels).set(value)
+    for labels, threshold in thresholds.items():
+        _child(THRESHOLD, labels).set(threshold)
     for a in alerts:
         ALERTS.labels(model, a.variant, a.check, a.state).inc()
     FIRING.labels(model).set(firing)
