@@ -96,19 +96,31 @@ def stage2_cpu() -> Iterator[list[float]]:
         Evaluator.evaluate = evaluate  # type: ignore[method-assign]
 
 
-def main() -> None:
+def models_arguments(doc: str | None) -> argparse.Namespace:
+    """--models, --rate and --seconds of a many-models benchmark."""
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--models", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=10.0, help="events/s of event time per model")
     ap.add_argument("--seconds", type=float, default=20.0, help="event time of the stream")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="coalmine-many-models-"))
+    return ap.parse_args()
+
+
+def models_work(args: argparse.Namespace, prefix: str) -> tuple[Path, int]:
+    """A directory with the reference, the stream (its event count) and the config of
+    ``args``; calibration caches go there too ($COALMINE_CACHE_DIR, which workers inherit)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     write_stream(work / "reference.jsonl", 5000, seed=1)
     n = write_models_stream(work / "stream.jsonl", args.models, args.rate, args.seconds, seed=2)
     write_models_config(work / "monitor.toml", args.models)
     os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")
+    return work, n
+
+
+def main() -> None:
+    args = models_arguments(__doc__)
+    work, n = models_work(args, "coalmine-many-models-")
     config = load_config(work / "monitor.toml")
     t0 = time.process_time()
     build_baselines(config)  # start-up: calibrates once (one reference), then reads the cache

@@ -12,9 +12,6 @@ usage: python benchmarks/many_models_live.py [--models M] [--rate R] [--seconds 
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,11 +24,13 @@ from coalmine.launch import Namespace, wait_until
 from coalmine.replay import bulk_gc, replay_files
 
 try:  # run as a script from the repository root, or as benchmarks.many_models_live
-    from many_models import write_models_config, write_models_stream
-    from replay_speed import orjson_rate, write_stream
+    from many_models import models_arguments, models_work
+    from replay_speed import orjson_rate
+    from throughput import cpu_seconds
 except ImportError:
-    from benchmarks.many_models import write_models_config, write_models_stream
-    from benchmarks.replay_speed import orjson_rate, write_stream
+    from benchmarks.many_models import models_arguments, models_work
+    from benchmarks.replay_speed import orjson_rate
+    from benchmarks.throughput import cpu_seconds
 
 BUCKET_MS = 250  # the default
 TAIL_MS = 4000  # the stream's last buckets wait for their sources to go idle: not counted
@@ -60,18 +59,8 @@ def evaluated_pairs(config, stream: Path, end_ms: int) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--models", type=int, default=1000)
-    ap.add_argument("--rate", type=float, default=10.0, help="events/s of event time per model")
-    ap.add_argument("--seconds", type=float, default=20.0, help="event time of the stream")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="coalmine-many-models-live-"))
-    write_stream(work / "reference.jsonl", 5000, seed=1)
-    n = write_models_stream(work / "stream.jsonl", args.models, args.rate, args.seconds, seed=2)
-    write_models_config(work / "monitor.toml", args.models)
-    os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")  # the worker inherits it
+    args = models_arguments(__doc__)
+    work, n = models_work(args, "coalmine-many-models-live-")
     config = load_config(work / "monitor.toml")
     build_baselines(config)  # one calibration, cached
     with bulk_gc():
@@ -98,6 +87,7 @@ def main() -> None:
             )
             took = time.perf_counter() - t0
             folded = worker.metric("coalmine_events_total")
+            cpu = cpu_seconds(worker)
             rss = worker.peak_rss_mb()
     done = n * (1 - TAIL_MS / 1000 / args.seconds)  # events before the tail: traffic is uniform
     print(
@@ -109,6 +99,7 @@ def main() -> None:
     print(f"| worker start to ready (baselines from the cache, group joins) | {ready:.1f} s |")
     print(f"| worker start to the {pairs:,} (model, bucket) pairs evaluated | {took:.1f} s |")
     print(f"| events folded by then | {folded:,.0f} of {n:,} |")
+    print(f"| the worker's CPU by then (the rest: waiting for quiet sources) | {cpu:.1f} s |")
     print(f"| end to end, events/s (start-up included) | {done / took:,.0f} |")
     print(f"| file replay of the same events, events/s (start-up included) | {n / replay:,.0f} |")
     print(f"| orjson alone parsing the same events, events/s | {parse:,.0f} |")

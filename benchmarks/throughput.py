@@ -103,7 +103,7 @@ def worker_rate(
                 except OSError:
                     pass
             events, evaluated = (sum(c) for c in zip(*last))
-            seen.append((time.perf_counter(), events, sum(map(_cpu_s, workers)), evaluated))
+            seen.append((time.perf_counter(), events, sum(map(cpu_seconds, workers)), evaluated))
             return events
 
         spies = []
@@ -130,7 +130,7 @@ def worker_rate(
             w.stop()
 
 
-def _cpu_s(worker) -> float:
+def cpu_seconds(worker) -> float:
     """CPU seconds the worker's process has used (user and system, every thread)."""
     fields = Path(f"/proc/{worker.pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
