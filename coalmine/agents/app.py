@@ -244,7 +244,7 @@ def create_app(
         return partition in owned
 
     @app.agent(partials_topic)
-    async def evaluate(stream):
+    async def evaluate(stream: Any) -> None:
         async for batch in stream.noack_take(BATCH, within=BATCH_WITHIN_S):
             t0 = time.perf_counter()
             evaluated: set[str] = set()
