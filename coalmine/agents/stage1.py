@@ -200,6 +200,9 @@ class Stage1(Service):
         """Fold a fetch's records (:func:`coalmine.chunks.chunked_consumer`); how many."""
         assert self.consumer is not None
         assigned = self.consumer.assignment()
+        # the label joins of partitions new here are read at once: each read ends with a wait
+        new = sorted({tp.partition for tp in batch if tp in assigned} - set(self.ingests))
+        await asyncio.gather(*(self._ingest(partition) for partition in new))
         n = 0
         # per partition, predictions first: their labels then find them in the join
         for tp in sorted(batch, key=lambda tp: (tp.partition, tp.topic == topics.LABELS)):
