@@ -233,7 +233,8 @@ def add_publish(sub) -> None:
 def cmd_tail(args) -> int:
     import orjson
 
-    from coalmine.client import TopicSlice, _decode, parse_time, tail
+    from coalmine.client import _decode, parse_time, tail
+    from coalmine.slices import TopicSlice
 
     out = sys.stdout.buffer
     bounded = args.since is not None or args.until is not None

@@ -18,7 +18,6 @@ import orjson
 from coalmine.broker import parse_broker_url
 from coalmine.partials import readable_partial
 from coalmine.security import client_kwargs
-from coalmine.slices import TopicSlice, event_ts, merge_by_event_time  # noqa: F401 (the API)
 
 if TYPE_CHECKING:
     from coalmine.signing import Verifier

@@ -162,9 +162,9 @@ def report_from_topics(
     until)`` (:func:`coalmine.replay.replay_topics`) and report on what it said; the windows'
     distributions come from a second read of the same slice of predictions."""
     from coalmine import topics
-    from coalmine.client import TopicSlice
     from coalmine.config import load_config
     from coalmine.replay import replay_topics, topic_chunks
+    from coalmine.slices import TopicSlice
 
     config = load_config(config_path)
     collector = Collector()
