@@ -233,8 +233,8 @@ def add_publish(sub) -> None:
 def cmd_tail(args) -> int:
     import orjson
 
-    from coalmine.client import _decode, parse_time, tail
-    from coalmine.slices import TopicSlice
+    from coalmine.client import _decode, tail
+    from coalmine.slices import TopicSlice, parse_time
 
     out = sys.stdout.buffer
     bounded = args.since is not None or args.until is not None
@@ -380,43 +380,39 @@ def add_topics(sub) -> None:
 
 
 def cmd_replay(args) -> int:
-    from coalmine.client import parse_time
-    from coalmine.replay import replay_files, replay_topics, write_jsonl
-    from coalmine.streams.records import Evaluation
-
     if args.from_topics == bool(args.predictions):
         sys.exit("coalmine replay: give --predictions FILE, or --from-topics (not both)")
     if not args.from_topics and (args.since or args.until):
         sys.exit("coalmine replay: --since and --until go with --from-topics")
-    config = _config_or_exit(args.config)
-    progress = False if args.quiet else None
-    with open(args.evaluations, "wb") if args.evaluations else nullcontext() as out:
-        on_evaluations = None
-        if out is not None:
-            sink = out
+    with _topic_slices(args) if args.from_topics else nullcontext() as slices:
+        # numpy, scipy and the config: ~1 s, while the topics are read
+        from coalmine.replay import replay_files, replay_slices, write_jsonl
+        from coalmine.streams.records import Evaluation
 
-            def on_evaluations(batch: list[Evaluation]) -> None:
-                write_jsonl(batch, sink)
+        config = _config_or_exit(args.config)
+        progress = False if args.quiet else None
+        with open(args.evaluations, "wb") if args.evaluations else nullcontext() as out:
+            on_evaluations = None
+            if out is not None:
+                sink = out
 
-        if args.from_topics:
-            run = replay_topics(
-                config,
-                args.broker,
-                parse_time(args.since) if args.since else None,
-                parse_time(args.until) if args.until else None,
-                progress=progress,
-                on_evaluations=on_evaluations,
-            )
-            source = f"topics {topics.PREDICTIONS}, {topics.LABELS}"
-        else:
-            run = replay_files(
-                config,
-                Path(args.predictions),
-                Path(args.labels) if args.labels else None,
-                progress=progress,
-                on_evaluations=on_evaluations,
-            )
-            source = "file"
+                def on_evaluations(batch: list[Evaluation]) -> None:
+                    write_jsonl(batch, sink)
+
+            if slices is not None:
+                run = replay_slices(
+                    config, *slices, progress=progress, on_evaluations=on_evaluations
+                )
+                source = f"topics {topics.PREDICTIONS}, {topics.LABELS}"
+            else:
+                run = replay_files(
+                    config,
+                    Path(args.predictions),
+                    Path(args.labels) if args.labels else None,
+                    progress=progress,
+                    on_evaluations=on_evaluations,
+                )
+                source = "file"
     with open(args.alerts, "wb") as fh:
         write_jsonl(run.alerts, fh)
     if args.commands:
@@ -443,6 +439,15 @@ def cmd_replay(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _topic_slices(args):
+    """The prediction and label topics' slices of ``replay --from-topics``, opened (by a
+    reading process, without numpy) before the pipeline is imported."""
+    from coalmine.slices import parse_time, read_slices
+
+    since, until = (parse_time(t) if t else None for t in (args.since, args.until))
+    return read_slices(args.broker, [topics.PREDICTIONS, topics.LABELS], since, until)
 
 
 def _time_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -519,8 +524,8 @@ def cmd_report(args) -> int:
                 predictions=args.predictions,
             )
         elif args.from_topics:
-            from coalmine.client import parse_time
             from coalmine.report import report_from_topics
+            from coalmine.slices import parse_time
 
             if not args.config:
                 sys.exit("coalmine report: --from-topics needs --config")

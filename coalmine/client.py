@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Iterable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 import orjson
@@ -231,28 +230,3 @@ def env_verifier(topic: str, live: bool) -> Verifier | None:
     if kind is None:
         return None
     return Verifier.from_env(kind=kind, **({} if live else {"clock": None}))
-
-
-# ------------------------------------------------------------------ slices by message time
-
-
-def parse_time(text: str) -> int:
-    """Epoch milliseconds from an ISO-8601 date-time (no offset: UTC) or from epoch milliseconds.
-
-    >>> parse_time("1700000000000"), parse_time("2023-11-14T22:13:20Z")
-    (1700000000000, 1700000000000)
-    >>> parse_time("2023-11-14T23:13:20+01:00")
-    1700000000000
-    """
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither an ISO-8601 date-time nor epoch milliseconds"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)

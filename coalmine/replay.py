@@ -213,16 +213,30 @@ def replay_topics(
     core is free for it (:func:`~coalmine.slices.read_slices`): commits nothing."""
     topic_names = [predictions or topics.PREDICTIONS, labels or topics.LABELS]
     with read_slices(bootstrap, topic_names, since, until) as (preds, labs):
-        bar = _progress(f"replay {preds.topic}", None, progress)
-        if bar is not None:  # else a reading process starts while the baselines are built
-            bar.total = preds.total
-        return replay_chunks(
-            config,
-            topic_chunks(preds),
-            topic_chunks(labs),
-            progress=bar,
-            on_evaluations=on_evaluations,
-        )
+        return replay_slices(config, preds, labs, progress=progress, on_evaluations=on_evaluations)
+
+
+def replay_slices(
+    config: Config,
+    predictions: TopicSlice | ReceivedSlice,
+    labels: TopicSlice | ReceivedSlice,
+    *,
+    progress: bool | None = None,
+    on_evaluations: Callable[[list[Evaluation]], object] | None = None,
+) -> Replay:
+    """:func:`replay_topics` of slices already open (:func:`~coalmine.slices.read_slices`):
+    the command line opens them before it imports the pipeline, so that they are read while
+    it does."""
+    bar = _progress(f"replay {predictions.topic}", None, progress)
+    if bar is not None:  # else a reading process starts while the baselines are built
+        bar.total = predictions.total
+    return replay_chunks(
+        config,
+        topic_chunks(predictions),
+        topic_chunks(labels),
+        progress=bar,
+        on_evaluations=on_evaluations,
+    )
 
 
 def replay_chunks(

@@ -21,6 +21,7 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from functools import partial
 from itertools import accumulate
 from pathlib import Path
@@ -56,6 +57,28 @@ def event_ts(raw: bytes) -> int | None:
     except (orjson.JSONDecodeError, TypeError, KeyError, IndexError):
         return None
     return ts if type(ts) is int and abs(ts) < -_MIN_KEY else None
+
+
+def parse_time(text: str) -> int:
+    """Epoch milliseconds from an ISO-8601 date-time (no offset: UTC) or from epoch milliseconds.
+
+    >>> parse_time("1700000000000"), parse_time("2023-11-14T22:13:20Z")
+    (1700000000000, 1700000000000)
+    >>> parse_time("2023-11-14T23:13:20+01:00")
+    1700000000000
+    """
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither an ISO-8601 date-time nor epoch milliseconds"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
 
 
 def merge_by_event_time(pulls: list[Callable[[], list[bytes] | None]]) -> Iterator[list[bytes]]:
@@ -109,7 +132,10 @@ def merge_by_event_time(pulls: list[Callable[[], list[bytes] | None]]) -> Iterat
 
 def _running_max_keys(values: list[bytes], previous: int) -> list[int]:
     """Each message's key: the largest :func:`event_ts` of its partition up to it."""
-    return list(accumulate(_event_times(values), max, initial=previous))[1:]
+    stamps = _event_times(values)
+    if stamps[0] >= previous and sorted(stamps) == stamps:  # in order, as a partition mostly is
+        return stamps
+    return list(accumulate(stamps, max, initial=previous))[1:]
 
 
 class _Ts(msgspec.Struct, gc=False):
@@ -369,10 +395,17 @@ def read_slices(
 
 
 def _a_core_is_free() -> bool:
-    """Whether the 1-minute load average leaves a core for a reading process beside the
-    caller (POSIX; elsewhere no process: its pipes are passed as POSIX file descriptors)."""
+    """Whether another process than the caller leaves a core free for a reading process
+    (POSIX; elsewhere no process: its pipes are passed as POSIX file descriptors). Others are
+    the 1-minute load average, or fewer: the tasks running now (Linux) but the caller. The
+    average alone counts the caller's own work of the last minute (a benchmark's file replay
+    just before) as another's."""
     try:
-        return os.getloadavg()[0] + 1 < len(os.sched_getaffinity(0))
+        others = os.getloadavg()[0]
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+            others = min(others, int(running) - 1)
+        return others + 1 < len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return False
 

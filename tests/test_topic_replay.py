@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from coalmine import simulator
-from coalmine.client import Publisher, parse_time
-from coalmine.slices import event_ts, merge_by_event_time
+from coalmine.client import Publisher
+from coalmine.slices import event_ts, merge_by_event_time, parse_time
 
 COALMINE = Path(sys.executable).with_name("coalmine")
 
