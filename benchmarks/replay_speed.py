@@ -27,6 +27,9 @@ from coalmine.replay import bulk_gc, replay_files
 FEATURES = 10
 EVENTS_PER_S = 1000
 CHECKS = ("drift", "prediction_drift", "missing_rate")
+#: monitor.toml's one model, reading write_stream's events with the default checks; a benchmark
+#: appends its own options (checks = ...) and may put [defaults] before it
+BENCH_MODEL = '[[models]]\nname = "bench"\nreference = "reference.jsonl"\n'
 
 
 def write_stream(path: Path, n: int, seed: int, rate: float = EVENTS_PER_S) -> None:
@@ -59,6 +62,22 @@ def write_stream(path: Path, n: int, seed: int, rate: float = EVENTS_PER_S) -> N
                     for i, row in enumerate(rows)
                 )
             )
+
+
+def bench_work(
+    prefix: str, events: int, config: str, rate: float = EVENTS_PER_S, own_cache: bool = False
+) -> Path:
+    """A fresh directory (``prefix``) holding ``reference.jsonl`` (5,000 events, seed 1),
+    ``stream.jsonl`` (``events`` at ``rate`` a second of event time, seed 2) and
+    ``monitor.toml`` (``config``); with ``own_cache``, calibration caches go there too
+    ($COALMINE_CACHE_DIR, which child processes inherit): a cold start."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    write_stream(work / "reference.jsonl", 5000, seed=1)
+    write_stream(work / "stream.jsonl", events, seed=2, rate=rate)
+    (work / "monitor.toml").write_text(config)
+    if own_cache:
+        os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")
+    return work
 
 
 def orjson_rate(path: Path) -> float:
@@ -102,18 +121,18 @@ def main() -> None:
         "uncertainty_drift to measure the label-free checks",
     )
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="coalmine-replay-bench-"))
-    write_stream(work / "reference.jsonl", 5000, seed=1)
-    write_stream(work / "stream.jsonl", args.events, seed=2, rate=args.rate)
-    (work / "monitor.toml").write_text(
+    work = bench_work(
+        "coalmine-replay-bench-",
+        args.events,
         "[defaults]\n"
         + (f'bucket = "{args.bucket}"\n' if args.bucket else "")
         + 'window = "60s"\n\n'
-        '[[models]]\nname = "bench"\n'
-        f'reference = "reference.jsonl"\nchecks = {orjson.dumps(args.checks.split(",")).decode()}\n'
+        + BENCH_MODEL
+        + f"checks = {orjson.dumps(args.checks.split(',')).decode()}\n",
+        rate=args.rate,
+        own_cache=True,  # a cold start: calibration measured
     )
     config = load_config(work / "monitor.toml")
-    os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")  # a cold start: calibration measured
     t0 = time.process_time()
     build_baselines(config)  # calibrates and caches; the replays below read the cache
     calibration = time.process_time() - t0

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 from coalmine.agents import state
 from coalmine.agents.state import ModelState
@@ -31,9 +29,9 @@ from coalmine.streams import Evaluator
 from coalmine.streams.sketcher import Sketcher
 
 try:  # run as a script from the repository root, or as benchmarks.stage1_parts
-    from replay_speed import write_stream
+    from replay_speed import BENCH_MODEL, bench_work
 except ImportError:
-    from benchmarks.replay_speed import write_stream
+    from benchmarks.replay_speed import BENCH_MODEL, bench_work
 
 PARTITIONS = 6
 FETCH_EVENTS = 3000  # stage 1's FETCH_BYTES of ~330-byte events
@@ -89,12 +87,7 @@ def main() -> None:
         "--commit-every", type=int, default=40_000, help="events between label-join writes"
     )
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="coalmine-parts-"))
-    write_stream(work / "reference.jsonl", 5000, seed=1)
-    write_stream(work / "stream.jsonl", args.events, seed=2)
-    (work / "monitor.toml").write_text(
-        '[[models]]\nname = "bench"\nreference = "reference.jsonl"\n'
-    )
+    work = bench_work("coalmine-parts-", args.events, BENCH_MODEL)
     baselines = build_baselines(load_config(work / "monitor.toml"))
     lines = (work / "stream.jsonl").read_bytes().splitlines()
     clock = Clock()

@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +31,9 @@ from coalmine.broker import EmbeddedBroker
 from coalmine.launch import Namespace, metric_total, wait_until
 
 try:  # run as a script from the repository root, or as benchmarks.throughput
-    from replay_speed import write_stream
+    from replay_speed import BENCH_MODEL, bench_work
 except ImportError:
-    from benchmarks.replay_speed import write_stream
+    from benchmarks.replay_speed import BENCH_MODEL, bench_work
 
 STEADY = (0.1, 0.9)  # the share of the backlog between which rates are timed
 #: how often the workers' /metrics are read: each read costs a busy worker 3-20 ms of its
@@ -171,12 +170,7 @@ def main() -> None:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     n = args.events
-    work = Path(tempfile.mkdtemp(prefix="coalmine-throughput-"))
-    write_stream(work / "reference.jsonl", 5000, seed=1)
-    write_stream(work / "stream.jsonl", n, seed=2)
-    (work / "monitor.toml").write_text(
-        '[[models]]\nname = "bench"\nreference = "reference.jsonl"\n'  # the default checks
-    )
+    work = bench_work("coalmine-throughput-", n, BENCH_MODEL)  # the default checks
     events = [("prediction", line) for line in (work / "stream.jsonl").read_bytes().splitlines()]
     with EmbeddedBroker() as broker:
         raw: dict = {"rate": 0.0}

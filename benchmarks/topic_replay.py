@@ -17,7 +17,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from coalmine.launch import Namespace
 from coalmine.replay import replay_files, replay_topics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from replay_speed import write_stream  # noqa: E402
+from replay_speed import BENCH_MODEL, bench_work  # noqa: E402
 
 
 def main() -> None:
@@ -38,15 +37,15 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="coalmine-topic-bench-"))
-    write_stream(work / "reference.jsonl", 5000, seed=1)
-    write_stream(work / "stream.jsonl", args.events, seed=2)
-    (work / "monitor.toml").write_text(
-        '[defaults]\nwindow = "60s"\n\n[[models]]\nname = "bench"\nreference = "reference.jsonl"\n'
-        'checks = ["drift", "prediction_drift", "missing_rate"]\n'
+    work = bench_work(
+        "coalmine-topic-bench-",
+        args.events,
+        '[defaults]\nwindow = "60s"\n\n'
+        + BENCH_MODEL
+        + 'checks = ["drift", "prediction_drift", "missing_rate"]\n',
+        own_cache=True,
     )
     config = load_config(work / "monitor.toml")
-    os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")
     build_baselines(config)  # calibration cached: neither replay below pays for it
     with EmbeddedBroker() as broker:
         ns = Namespace(broker)
