@@ -221,3 +221,40 @@ def test_compose_file_pins_images_mounts_existing_files_and_runs_workers_unprivi
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1] not in ("root", "0"), "the worker image runs as a non-root user"
     assert re.search(r"^FROM \S+:\d", dockerfile, re.M), "pinned base image"
+
+
+def test_per_check_gauges_read_back_as_prometheus_client_writes_them():
+    """The per-check gauges are written out by hand (prometheus_client takes ~30 us a series):
+    Prometheus' own parser must read the same samples as from prometheus_client's gauge,
+    hostile label values (quotes, backslashes, newlines) and non-finite values included."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from coalmine.agents.metrics import SeriesGauge
+
+    labels = ("model", "variant", "check", "feature", "statistic")
+    ours = SeriesGauge("x_statistic", 'help with "quotes" \\ and\nnewline', labels)
+    registry = CollectorRegistry()
+    theirs = Gauge("x_statistic", 'help with "quotes" \\ and\nnewline', labels, registry=registry)
+    series = [
+        (("m", "champion", "drift", "x0", "ks"), 0.125),
+        (("m", "canary", "drift", 'a "quoted"\\ name\nwith a newline', "ks"), 1e-300),
+        (("m", "champion", "drift", "f\u00e9", "cusum"), float("inf")),
+        (("m", "champion", "drift", "", "psi"), float("-inf")),
+        (("m", "shadow", "performance", "", "surprise"), float("nan")),
+        (("m", "champion", "drift", "x0", "ks"), 0.25),  # a series set again: its last value
+    ]
+    for key, value in series:
+        ours.set(key, value)
+        theirs.labels(*key).set(value)
+
+    def samples(text: str) -> dict:
+        (family,) = text_string_to_metric_families(text)
+        assert (family.name, family.type) == ("x_statistic", "gauge")
+        return {tuple(sorted(s.labels.items())): repr(s.value) for s in family.samples}
+
+    text = generate_latest(registry).decode()
+    assert samples(ours.exposition()) == samples(text)
+    assert len(samples(text)) == 5
+    # and the very lines: other scrapers may want ``+Inf`` and ``NaN`` as Prometheus writes them
+    assert sorted(ours.exposition().splitlines()) == sorted(text.splitlines())

@@ -28,7 +28,7 @@ import faust
 import faust.web
 from aiokafka.structs import TopicPartition
 from mode import Service
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from coalmine import events as contract
 from coalmine import topics
@@ -332,7 +332,7 @@ def create_app(
 
     @app.page("/metrics")
     async def prometheus(web, request):
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+        return web.bytes(metrics.exposition(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     broker_watch = BrokerWatch(parse_broker_url(broker_url), REPEATS)
 

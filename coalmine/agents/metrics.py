@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
 from prometheus_client import Counter as PromCounter
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Gauge, Histogram, generate_latest
 
 from coalmine.streams.records import Alert, Evaluation
 
@@ -54,16 +55,64 @@ ALERTS = PromCounter(
 COMMANDS = PromCounter("coalmine_commands_total", "Rollout commands published", ["model", "action"])
 FIRING = Gauge("coalmine_alerts_firing", "Alerts currently firing", ["model"])
 EVALUATIONS = PromCounter("coalmine_evaluations_total", "Buckets evaluated", ["model"])
-STATISTIC = Gauge(
-    "coalmine_check_statistic",
-    "Last value of a check's statistic",
-    ["model", "variant", "check", "feature", "statistic"],
+
+
+class SeriesGauge:
+    """A gauge family of many series (~120 a model: a statistic of each variant, check,
+    feature), written out by hand at a scrape: ``prometheus_client`` takes ~30 us a series
+    (3.4 s for 1,000 models' 110,000), this ~0.3 us. Label values are escaped once, when a
+    series is first set."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]):
+        self.name, self.labelnames = name, labelnames
+        self.header = f"# HELP {name} {_escape_help(documentation)}\n# TYPE {name} gauge\n"
+        self.values: dict[tuple[str, ...], float] = {}
+        self.series: dict[tuple[str, ...], str] = {}  # labels -> the line up to the value
+
+    def set(self, labels: tuple[str, ...], value: float) -> None:
+        if labels not in self.series:
+            pairs = ",".join(  # by name, as prometheus_client writes them
+                f'{k}="{_escape_label(v)}"'
+                for k, v in sorted(zip(self.labelnames, labels, strict=True))
+            )
+            self.series[labels] = f"{self.name}{{{pairs}}} "
+        self.values[labels] = value
+
+    def exposition(self) -> str:
+        """The family in Prometheus' text format (0.0.4)."""
+        series = self.series
+        return self.header + "".join([f"{series[k]}{_number(v)}\n" for k, v in self.values.items()])
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    """A sample value as Prometheus writes it (``+Inf``, ``-Inf``, ``NaN``)."""
+    if math.isfinite(value):
+        return repr(float(value))
+    return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+
+
+_CHECK_LABELS = ("model", "variant", "check", "feature", "statistic")
+STATISTIC = SeriesGauge(
+    "coalmine_check_statistic", "Last value of a check's statistic", _CHECK_LABELS
 )
-THRESHOLD = Gauge(
-    "coalmine_check_threshold",
-    "Calibrated threshold of the last evaluation",
-    ["model", "variant", "check", "feature", "statistic"],
+THRESHOLD = SeriesGauge(
+    "coalmine_check_threshold", "Calibrated threshold of the last evaluation", _CHECK_LABELS
 )
+
+
+def exposition() -> bytes:
+    """``/metrics``: ``prometheus_client``'s registry, then the per-check gauges."""
+    return generate_latest() + (STATISTIC.exposition() + THRESHOLD.exposition()).encode()
+
+
 PROCESSING = Histogram(
     "coalmine_batch_processing_seconds",
     "Wall time to process one batch",
@@ -99,18 +148,6 @@ def reason_kind(reason: str) -> str:
     return re.split(r"[:.\[ ]", reason.strip(), maxsplit=1)[0][:40] or "other"
 
 
-#: gauges of each (gauge, label set): ``labels()`` validates and locks at every call, and a
-#: bucket of a model sets tens of them
-_CHILDREN: dict[tuple[Gauge, tuple[str, ...]], Gauge] = {}
-
-
-def _child(gauge: Gauge, labels: tuple[str, ...]) -> Gauge:
-    child = _CHILDREN.get((gauge, labels))
-    if child is None:
-        child = _CHILDREN[gauge, labels] = gauge.labels(*labels)
-    return child
-
-
 def record_evaluations(
     model: str, evaluations: list[Evaluation], alerts: list[Alert], firing: int
 ) -> None:
@@ -122,9 +159,9 @@ def record_evaluations(
         if e.threshold is not None:
             thresholds[labels] = e.threshold
     for labels, value in values.items():
-        _child(STATISTIC, labels).set(value)
+        STATISTIC.set(labels, value)
     for labels, threshold in thresholds.items():
-        _child(THRESHOLD, labels).set(threshold)
+        THRESHOLD.set(labels, threshold)
     for a in alerts:
         ALERTS.labels(model, a.variant, a.check, a.state).inc()
     FIRING.labels(model).set(firing)
