@@ -59,6 +59,18 @@ def test_buckets_are_written_once_and_deleted_when_they_leave_the_window(monitor
     assert len(buckets) == 2 * 60 - len(live)
 
 
+def test_the_head_holds_the_evaluators_state_not_its_baselines_columns(monitor):  # noqa: F811
+    """Each evaluation rewrites a model's head: the columns a check watches follow from the
+    baseline (written by name) and are derived again on restore, not pickled with it."""
+    evaluator, state = Evaluator(monitor), ModelState()
+    for p in partials_of(monitor, stream(30)):
+        evaluator.add(dict(p))
+    records = compacted(state.records("m", evaluator))
+    assert b"ColumnModel" not in records[key("m", b"head")]
+    restored, _ = restore(records, monitor, None)
+    assert restored.drift.watched == evaluator.drift.watched
+
+
 def test_a_forged_state_record_cannot_run_code(monitor):  # noqa: F811
     class Evil:
         def __reduce__(self):

@@ -60,6 +60,21 @@ class DriftJudge:
         self.baseline = baseline
         self.cusums: dict[str, CUSUM | None] = {}
         self.joint_cusums: dict[str, JointCUSUM | None] = {}
+        self._derive()
+
+    #: what follows from the baseline, left out of a pickle (stage 2's state record: the
+    #: watched columns were two thirds of its bytes and most of the time to write it)
+    _DERIVED = ("watched", "numeric_names", "joint_rows")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._derive()
+
+    def _derive(self) -> None:
+        baseline = self.baseline
         checks = baseline.settings.checks
         #: (index, column, check, feature) of every column a configured check watches
         self.watched = [
