@@ -107,6 +107,20 @@ def test_a_label_read_after_its_bucket_closed_counts_late():
     assert ingest.sketcher.late_labels == {"m": 1}
 
 
+def test_a_late_prediction_is_dead_lettered_while_its_buckets_wait_for_the_labels():
+    """Waiting for the labels side holds buckets open, not the predictions' watermark: an
+    event later than the allowed lateness is late, as file replay (which does not wait) says,
+    not folded into a bucket stage 2 has long evaluated."""
+    events = [prediction(i, T0 + i * STEP_MS) for i in range(200)]
+    late = [prediction(1000, T0 - 7_200_000), prediction(1001, 0)]  # two hours back; 1970
+    for live in (False, True):
+        ingest = PartitionIngest({"m": performance_baseline()}, wait_for_labels=live)
+        ingest.feed("prediction", events)
+        ingest.close()
+        fed = ingest.feed("prediction", late)
+        assert [reason.split(":")[0] for _, reason in fed.dead] == ["late event"] * 2, live
+
+
 def test_a_label_is_held_for_commit_by_the_bucket_it_counted_in():
     """A label dated before its prediction counts in the prediction's bucket: its offset
     waits for that bucket to close, not its own."""

@@ -212,6 +212,9 @@ class Sketcher:
         self.evicted = 0  # label-join entries dropped to keep the table under join_max
         self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in baselines}
         self.closed_through: dict[str, int] = {m: -1 for m in baselines}
+        # per model, the predictions' own watermark at the last close: an event behind it is late
+        # even while its bucket waits for the labels side (file replay, not waiting, closed it)
+        self.late_before: dict[str, int] = {m: -1 for m in baselines}
         # variant -> the answers waiting for their labels
         self.joins: dict[str, JoinTable] = {}
         # request key (request_keys) -> the label that came before its prediction
@@ -239,9 +242,16 @@ class Sketcher:
         behind = self.partition_ts - self.baselines[model].settings.max_ahead_ms
         return max(self.max_ts.get(model, behind), behind)
 
-    def _watermark(self, model: str) -> int | None:
+    def _watermark(self, model: str, labels: bool = True) -> int | None:
+        """Where the model's buckets close: its clock less the allowed lateness, held back by
+        the labels side when it joins labels (and ``labels``)."""
         now = self.clock_of(model)
-        if now is not None and self.wait_for_labels and self.baselines[model].joins_needed:
+        if (
+            labels
+            and now is not None
+            and self.wait_for_labels
+            and self.baselines[model].joins_needed
+        ):
             now = None if self.labels_ts is None else min(now, self.labels_ts)
         if now is None:
             return None
@@ -270,15 +280,16 @@ class Sketcher:
             batch = batch.take(ok)
             if not len(batch):
                 return rejected, batch
-        # safe before the late check: that compares with closed_through
+        # safe before the late check: that compares with the watermark of the last close
         self._advance(model, int(batch.ts.max()))
-        ok = batch.ts >= self.closed_through[model]
+        watermark = max(self.closed_through[model], self.late_before[model])
+        ok = batch.ts >= watermark
         if not ok.all():
             rejected += [
                 (
                     batch.positions[i],
                     f"late event: ts {batch.ts[i]} is behind the watermark "
-                    f"{self.closed_through[model]} (allowed lateness "
+                    f"{watermark} (allowed lateness "
                     f"{baseline.settings.allowed_lateness_ms} ms)",
                 )
                 for i in np.flatnonzero(~ok)
@@ -558,6 +569,9 @@ class Sketcher:
         ones too: they tell stage 2 that this source has moved on)."""
         out = []
         for model, baseline in self.baselines.items():
+            ahead = self._watermark(model, labels=False)
+            if ahead is not None:
+                self.late_before[model] = max(self.late_before[model], ahead)
             wm = self._watermark(model)
             if wm is None or wm <= self.closed_through[model]:
                 continue
