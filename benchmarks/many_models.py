@@ -6,7 +6,7 @@ once and is cached) is timed apart and included in the end-to-end rate; stage 2'
 process's CPU seconds (``time.process_time``), for orjson as for coalmine: on a shared machine,
 wall time would count the neighbours' work too.
 
-usage: python benchmarks/many_models.py [--models M] [--rate R] [--seconds S]
+usage: python benchmarks/many_models.py [--models M] [--rate R] [--seconds S] [--bucket D]
 """
 
 from __future__ import annotations
@@ -65,11 +65,12 @@ def write_models_stream(path: Path, models: int, rate: float, seconds: float, se
     return n
 
 
-def write_models_config(path: Path, models: int) -> None:
-    """A config of ``models`` models m0, m1, ... on one reference, with the drift checks."""
+def write_models_config(path: Path, models: int, bucket: str = "250ms") -> None:
+    """A config of ``models`` models m0, m1, ... on one reference, with the drift checks and
+    buckets of ``bucket``."""
     path.write_text(
         "".join(
-            f'[[models]]\nname = "m{i}"\nreference = "reference.jsonl"\n'
+            f'[[models]]\nname = "m{i}"\nreference = "reference.jsonl"\nbucket = "{bucket}"\n'
             'checks = ["drift", "prediction_drift", "missing_rate"]\n\n'
             for i in range(models)
         )
@@ -104,6 +105,7 @@ def models_arguments(doc: str | None) -> argparse.Namespace:
     ap.add_argument("--models", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=10.0, help="events/s of event time per model")
     ap.add_argument("--seconds", type=float, default=20.0, help="event time of the stream")
+    ap.add_argument("--bucket", default="250ms", help="every model's bucket (default: coalmine's)")
     return ap.parse_args()
 
 
@@ -113,7 +115,7 @@ def models_work(args: argparse.Namespace, prefix: str) -> tuple[Path, int]:
     work = Path(tempfile.mkdtemp(prefix=prefix))
     write_stream(work / "reference.jsonl", 5000, seed=1)
     n = write_models_stream(work / "stream.jsonl", args.models, args.rate, args.seconds, seed=2)
-    write_models_config(work / "monitor.toml", args.models)
+    write_models_config(work / "monitor.toml", args.models, args.bucket)
     os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")
     return work, n
 
@@ -134,7 +136,7 @@ def main() -> None:
     model_seconds = args.models * args.seconds
     print(
         f"# {args.models:,} models at {args.rate:g} events/s each, {args.seconds:g} s of event "
-        f"time: {n:,} events, default 250 ms buckets, drift checks"
+        f"time: {n:,} events, {args.bucket} buckets, drift checks"
     )
     print("| measure | value |")
     print("|---|---:|")

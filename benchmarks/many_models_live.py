@@ -7,7 +7,7 @@ joins) until its ``coalmine_evaluations_total`` counts every (model, bucket) pai
 for the stream's last 4 s, which wait for their sources to go idle: wall-clock time, not work.
 The calibration cache is warmed first, as a restarted worker finds it.
 
-usage: python benchmarks/many_models_live.py [--models M] [--rate R] [--seconds S]
+usage: python benchmarks/many_models_live.py [--models M] [--rate R] [--seconds S] [--bucket D]
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ except ImportError:
     from benchmarks.replay_speed import orjson_rate
     from benchmarks.throughput import cpu_seconds
 
-BUCKET_MS = 250  # the default
 TAIL_MS = 4000  # the stream's last buckets wait for their sources to go idle: not counted
 
 
@@ -106,7 +105,7 @@ def main() -> None:
     done = n * (1 - TAIL_MS / 1000 / args.seconds)  # events before the tail: traffic is uniform
     print(
         f"\n# {args.models:,} models at {args.rate:g} events/s each, {args.seconds:g} s of event "
-        f"time: {n:,} events, 250 ms buckets, drift checks, one live worker"
+        f"time: {n:,} events, {args.bucket} buckets, drift checks, one live worker"
     )
     print("| measure | value |")
     print("|---|---:|")

@@ -141,10 +141,16 @@ class PartitionIngest:
         safe = min(self.sketcher.closed_through.values(), default=-1)
         out: dict[str, int] = {}
         for kind, held in self._held.items():
-            kept = [(ts[ts >= safe], off[ts >= safe]) for ts, off in held]
-            held[:] = [(ts, off) for ts, off in kept if len(ts)]
+            if len(held) > 1:  # one pair of arrays: a batch of each model was held apart
+                held[:] = [
+                    (np.concatenate([ts for ts, _ in held]), np.concatenate([o for _, o in held]))
+                ]
             if held:
-                out[kind] = int(min(off.min() for _, off in held))
+                ts, off = held[0]
+                open_ = ts >= safe
+                held[:] = [(ts[open_], off[open_])] if open_.any() else []
+            if held:
+                out[kind] = int(held[0][1].min())
             elif (after := self._next[kind]) is not None:
                 out[kind] = after
         return out

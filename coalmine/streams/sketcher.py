@@ -215,6 +215,9 @@ class Sketcher:
         # per model, the predictions' own watermark at the last close: an event behind it is late
         # even while its bucket waits for the labels side (file replay, not waiting, closed it)
         self.late_before: dict[str, int] = {m: -1 for m in baselines}
+        # the runs around the median of the last stream of event times (:meth:`_out_of_time`),
+        # by gap: every model's batch of a fetch is judged against the same stream
+        self._runs: tuple[np.ndarray | None, dict[int, tuple[int, int]]] = (None, {})
         # variant -> the answers waiting for their labels
         self.joins: dict[str, JoinTable] = {}
         # request key (request_keys) -> the label that came before its prediction
@@ -330,6 +333,15 @@ class Sketcher:
             self._join_predictions(baseline, batch)
         return rejected, batch
 
+    def _run_around_median(self, stream: np.ndarray, gap: int) -> tuple[int, int]:
+        """:func:`_run_around_median`, once per stream and gap."""
+        if stream is not self._runs[0]:
+            self._runs = (stream, {})
+        runs = self._runs[1]
+        if gap not in runs:
+            runs[gap] = _run_around_median(stream, gap)
+        return runs[gap]
+
     def _out_of_time(
         self, batch: PredictionBatch, stream: np.ndarray
     ) -> tuple[np.ndarray | None, list[tuple[int, str]]]:
@@ -343,7 +355,7 @@ class Sketcher:
         are; reasons)."""
         settings = self.baselines[batch.model].settings
         bound, ts = settings.max_ahead_ms, batch.ts
-        low, high = _run_around_median(stream, bound)
+        low, high = self._run_around_median(stream, bound)
         bad = (ts > high) & (ts > (self.partition_ts or -1) + bound)
         if batch.model not in self.max_ts:
             bad |= ts < low
