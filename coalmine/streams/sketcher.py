@@ -212,8 +212,9 @@ class Sketcher:
         self.evicted = 0  # label-join entries dropped to keep the table under join_max
         self.open: dict[str, dict[tuple[int, str], Summary]] = {m: {} for m in baselines}
         self.closed_through: dict[str, int] = {m: -1 for m in baselines}
-        # per model, the predictions' own watermark at the last close: an event behind it is late
-        # even while its bucket waits for the labels side (file replay, not waiting, closed it)
+        # per model, the predictions' own watermark at the last close (never behind
+        # closed_through): an event behind it is late even while its bucket waits for the
+        # labels side (file replay, not waiting, closed it)
         self.late_before: dict[str, int] = {m: -1 for m in baselines}
         # the runs around the median of the last stream of event times (:meth:`_out_of_time`),
         # by gap: every model's batch of a fetch is judged against the same stream
@@ -245,19 +246,9 @@ class Sketcher:
         behind = self.partition_ts - self.baselines[model].settings.max_ahead_ms
         return max(self.max_ts.get(model, behind), behind)
 
-    def _watermark(self, model: str, labels: bool = True) -> int | None:
-        """Where the model's buckets close: its clock less the allowed lateness, held back by
-        the labels side when it joins labels (and ``labels``)."""
-        now = self.clock_of(model)
-        if (
-            labels
-            and now is not None
-            and self.wait_for_labels
-            and self.baselines[model].joins_needed
-        ):
-            now = None if self.labels_ts is None else min(now, self.labels_ts)
-        if now is None:
-            return None
+    def _watermark(self, model: str, now: int) -> int:
+        """The bucket start the model's buckets are closed through at event time ``now``: it
+        less the allowed lateness."""
         settings = self.baselines[model].settings
         return (now - settings.allowed_lateness_ms) // settings.bucket_ms * settings.bucket_ms
 
@@ -285,7 +276,7 @@ class Sketcher:
                 return rejected, batch
         # safe before the late check: that compares with the watermark of the last close
         self._advance(model, int(batch.ts.max()))
-        watermark = max(self.closed_through[model], self.late_before[model])
+        watermark = self.late_before[model]
         ok = batch.ts >= watermark
         if not ok.all():
             rejected += [
@@ -581,11 +572,16 @@ class Sketcher:
         ones too: they tell stage 2 that this source has moved on)."""
         out = []
         for model, baseline in self.baselines.items():
-            ahead = self._watermark(model, labels=False)
-            if ahead is not None:
-                self.late_before[model] = max(self.late_before[model], ahead)
-            wm = self._watermark(model)
-            if wm is None or wm <= self.closed_through[model]:
+            now = self.clock_of(model)
+            if now is None:
+                continue
+            self.late_before[model] = max(self.late_before[model], self._watermark(model, now))
+            if self.wait_for_labels and baseline.joins_needed:  # held back by the labels side
+                if self.labels_ts is None:
+                    continue
+                now = min(now, self.labels_ts)
+            wm = self._watermark(model, now)
+            if wm <= self.closed_through[model]:
                 continue
             state = self.open[model]
             done = sorted(k for k in state if k[0] + baseline.settings.bucket_ms <= wm)
