@@ -141,12 +141,8 @@ class PartitionIngest:
         safe = min(self.sketcher.closed_through.values(), default=-1)
         out: dict[str, int] = {}
         for kind, held in self._held.items():
-            if len(held) > 1:  # one pair of arrays: a batch of each model was held apart
-                held[:] = [
-                    (np.concatenate([ts for ts, _ in held]), np.concatenate([o for _, o in held]))
-                ]
-            if held:
-                ts, off = held[0]
+            if held:  # each model's batches since the last commit: one pair of arrays
+                ts, off = (np.concatenate(arrays) for arrays in zip(*held, strict=True))
                 open_ = ts >= safe
                 held[:] = [(ts[open_], off[open_])] if open_.any() else []
             if held:

@@ -151,17 +151,11 @@ def reason_kind(reason: str) -> str:
 def record_evaluations(
     model: str, evaluations: list[Evaluation], alerts: list[Alert], firing: int
 ) -> None:
-    # a gauge shows the last value set: earlier buckets' values go unseen
-    values, thresholds = {}, {}
-    for e in evaluations:
+    for e in evaluations:  # a gauge shows the last value set: earlier buckets' go unseen
         labels = (model, e.variant, e.check, e.feature or "", e.statistic)
-        values[labels] = e.value
+        STATISTIC.set(labels, e.value)
         if e.threshold is not None:
-            thresholds[labels] = e.threshold
-    for labels, value in values.items():
-        STATISTIC.set(labels, value)
-    for labels, threshold in thresholds.items():
-        THRESHOLD.set(labels, threshold)
+            THRESHOLD.set(labels, e.threshold)
     for a in alerts:
         ALERTS.labels(model, a.variant, a.check, a.state).inc()
     FIRING.labels(model).set(firing)
