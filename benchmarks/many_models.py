@@ -98,7 +98,7 @@ def stage2_cpu() -> Iterator[list[float]]:
 
 
 def models_arguments(doc: str | None) -> argparse.Namespace:
-    """--models, --rate and --seconds of a many-models benchmark."""
+    """--models, --rate, --seconds and --bucket of a many-models benchmark."""
     ap = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )

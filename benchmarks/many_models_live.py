@@ -37,7 +37,7 @@ TAIL_MS = 4000  # the stream's last buckets wait for their sources to go idle: n
 
 class SparingMetric:
     """The worker's metric, read so that serving ``/metrics`` takes at most ~10% of its time
-    (with 1,000 models it has ~120,000 series): after a read that took ``t``, the next waits
+    (with 1,000 models it has ~110,000 series): after a read that took ``t``, the next waits
     ``9 t``. 0 while the worker is too busy to answer within the timeout."""
 
     def __init__(self, worker, name: str):

@@ -444,10 +444,9 @@ def cmd_replay(args) -> int:
 def _topic_slices(args):
     """The prediction and label topics' slices of ``replay --from-topics``, opened (by a
     reading process, without numpy) before the pipeline is imported."""
-    from coalmine.slices import parse_time, read_slices
+    from coalmine.slices import read_slices
 
-    since, until = (parse_time(t) if t else None for t in (args.since, args.until))
-    return read_slices(args.broker, [topics.PREDICTIONS, topics.LABELS], since, until)
+    return read_slices(args.broker, [topics.PREDICTIONS, topics.LABELS], *_time_range(args))
 
 
 def _time_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -457,6 +456,16 @@ def _time_args(p: argparse.ArgumentParser, what: str) -> None:
         help=f"{what} from this message time: ISO-8601 (no offset: UTC) or epoch ms",
     )
     p.add_argument("--until", metavar="TIME", help="... up to this message time (excluded)")
+
+
+def _time_range(args) -> tuple[int | None, int | None]:
+    """``--since`` and ``--until`` (:func:`_time_args`) as epoch ms, None where not given."""
+    from coalmine.slices import parse_time
+
+    return (
+        parse_time(args.since) if args.since else None,
+        parse_time(args.until) if args.until else None,
+    )
 
 
 def add_replay(sub) -> None:
@@ -525,16 +534,11 @@ def cmd_report(args) -> int:
             )
         elif args.from_topics:
             from coalmine.report import report_from_topics
-            from coalmine.slices import parse_time
 
             if not args.config:
                 sys.exit("coalmine report: --from-topics needs --config")
             text = report_from_topics(
-                args.config,
-                args.broker,
-                parse_time(args.since) if args.since else None,
-                parse_time(args.until) if args.until else None,
-                progress=progress,
+                args.config, args.broker, *_time_range(args), progress=progress
             )
         else:
             if not (args.predictions and args.config):
