@@ -35,11 +35,10 @@ from typing import Any, overload
 import numpy as np
 
 from coalmine.streams.derived import is_derived
-from coalmine.streams.latency import LATENCY_EDGES_MS
+from coalmine.streams.latency import LATENCY_BINS
 from coalmine.streams.reference import PREDICTION, SCORES, ReferenceData, is_model_output
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
-LATENCY_BINS = len(LATENCY_EDGES_MS) + 1
 #: numeric values are clipped this many reference spreads beyond the reference (Layout.limits)
 CLIP_SPREADS = 1e6
 
@@ -121,17 +120,25 @@ class Layout:
 
     def clipped(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``columns`` with each numeric column of the layout clipped to :meth:`limits` (NaN,
-        a missing value, stays NaN)."""
-        out = dict(columns)
-        for name, (low, high) in self._limits.items():
-            if name in columns:  # np.minimum(np.maximum()): np.clip without its dispatch cost
-                out[name] = np.minimum(np.maximum(columns[name], low), high)
-        return out
+        a missing value, stays NaN), all at once (a batch of a few events costs numpy calls,
+        not values)."""
+        names, low, high = self._limits
+        mine = [name for name in names if name in columns]
+        if not mine:
+            return dict(columns)
+        if len(mine) < len(names):  # some absent (derived columns, added after clipping)
+            rows = [names.index(name) for name in mine]
+            low, high = low[rows], high[rows]
+        values = np.array([columns[name] for name in mine], dtype=float)
+        # np.minimum(np.maximum()): np.clip without its dispatch cost
+        return {**columns, **dict(zip(mine, np.minimum(np.maximum(values, low), high)))}
 
     @cached_property
-    def _limits(self) -> dict[str, tuple[float, float]]:
-        """:meth:`limits` of every numeric column."""
-        return {name: self.limits(name) for name in self._numeric[1]}
+    def _limits(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The numeric columns and their :meth:`limits`, low and high as column vectors."""
+        names = self._numeric
+        low, high = np.array([self.limits(name) for name in names]).reshape(-1, 2).T
+        return names, low[:, None], high[:, None]
 
     def empty(self) -> Summary:
         return Summary.zeros(self.size, len(self.names))
@@ -154,56 +161,71 @@ class Layout:
         :func:`column_arrays`."""
         n = len(next(iter(columns.values())))
         g = np.zeros(n, dtype=np.int64) if groups is None else groups
-        missing = np.zeros((n_groups, len(self.names)), dtype=np.int64)
-        flat, weights = self._fold_numeric(columns, g, missing)
-        for j, name in enumerate(self.names):
-            if self.kinds[name] == NUMERIC:
-                continue
+        flat, weights = self._fold_numeric(columns, g)
+        for name in self._categorical:
             idx, present = self.bin_index(name, columns[name])
             flat.append(g[present] * self.size + idx)
             weights.append(np.zeros(len(idx)))
-            missing[:, j] = np.bincount(g[~present], minlength=n_groups)
-        flat_all, w_all = np.concatenate(flat), np.concatenate(weights)
+        flat_all = flat[0] if len(flat) == 1 else np.concatenate(flat)
+        w_all = weights[0] if len(weights) == 1 else np.concatenate(weights)
         total = n_groups * self.size
         counts = np.bincount(flat_all, minlength=total).reshape(n_groups, self.size)
         sums = np.bincount(flat_all, weights=w_all, minlength=total).reshape(n_groups, self.size)
         events = np.bincount(g, minlength=n_groups)
+        # every present value counts in one of its column's bins: the rest are missing
+        missing = events[:, None] - np.add.reduceat(counts, self._starts, axis=1)
         out = [Summary(int(events[i]), counts[i], sums[i], missing[i]) for i in range(n_groups)]
         return out[0] if groups is None else out
 
+    @cached_property
+    def _starts(self) -> np.ndarray:
+        """Where each column's bins start in the flat arrays, in column order (they tile the
+        arrays in that order: :meth:`from_columns`)."""
+        return np.array([self.offsets[name] for name in self.names])
+
     def _fold_numeric(
-        self, columns: dict[str, np.ndarray], g: np.ndarray, missing: np.ndarray
+        self, columns: dict[str, np.ndarray], g: np.ndarray
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The numeric columns' flat bin indices and values (column by column, events in
-        order: each bin's sum adds up in the same order as one column at a time would), all
-        columns at once (a batch of a few events costs numpy calls, not values); their missing
-        counts go into ``missing``."""
-        at, names = self._numeric
+        """The numeric columns' flat bin indices and values of the present (not NaN) values
+        (column by column, events in order: each bin's sum adds up in the same order as one
+        column at a time would), all columns at once with one binary search (a batch of a
+        few events costs numpy calls, not values)."""
+        names = self._numeric
         if not names:
             return [], []
-        values = np.stack([columns[name] for name in names]).astype(float, copy=False)
+        values = np.array([columns[name] for name in names], dtype=float)
         present = ~np.isnan(values)
-        idx = np.stack(
-            [
-                np.searchsorted(self.edges[name], row, side="right")
-                for name, row in zip(names, values)
-            ]
-        )
-        offsets = np.array([self.offsets[name] for name in names])[:, None]
-        flat = (g * self.size + offsets + idx)[present]
-        absent = (np.arange(len(names))[:, None] * len(missing) + g)[~present]
-        missing[:, at] = (
-            np.bincount(absent, minlength=len(names) * len(missing))
-            .reshape(len(names), len(missing))
-            .T
-        )
-        return [flat], [values[present]]
+        edges, table, rows = self._numeric_bins
+        bins = table[edges.searchsorted(values, side="right") + rows]
+        return [(g * self.size + bins)[present]], [values[present]]
 
     @cached_property
-    def _numeric(self) -> tuple[list[int], list[str]]:
-        """Positions and names of the numeric columns."""
-        numeric = [(j, name) for j, name in enumerate(self.names) if self.kinds[name] == NUMERIC]
-        return [j for j, _ in numeric], [name for _, name in numeric]
+    def _numeric_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every numeric column's inner edges merged into one sorted array, and a table of
+        flat bins: a value of numeric column ``j`` with ``p`` merged edges at or below it
+        falls in flat bin ``table[rows[j] + p]``, as its own column's binary search puts it
+        (the column's edges at or below it are exactly those among the ``p``)."""
+        names = self._numeric
+        merged = np.sort(np.concatenate([self.edges[name] for name in names]))
+        table = np.concatenate(
+            [
+                self.offsets[name]
+                + np.concatenate([[0], np.searchsorted(self.edges[name], merged, side="right")])
+                for name in names
+            ]
+        )
+        rows = np.arange(len(names))[:, None] * (len(merged) + 1)
+        return merged, table, rows
+
+    @cached_property
+    def _numeric(self) -> list[str]:
+        """The numeric columns, in column order."""
+        return [name for name in self.names if self.kinds[name] == NUMERIC]
+
+    @cached_property
+    def _categorical(self) -> list[str]:
+        """The categorical columns, in column order."""
+        return [name for name in self.names if self.kinds[name] == CATEGORICAL]
 
 
 def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:

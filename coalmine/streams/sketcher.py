@@ -29,11 +29,11 @@ from coalmine.streams.label_join import (
     read_record,
     request_keys,
 )
-from coalmine.streams.latency import latency_bins
+from coalmine.streams.latency import latency_histograms
 from coalmine.streams.recent_ids import RecentIds
 from coalmine.streams.reference import SCORES, normalized, same_answer
 from coalmine.streams.settings import MAX_TS, VARIANTS
-from coalmine.streams.sketch import LATENCY_BINS, Summary, column_arrays, values_of
+from coalmine.streams.sketch import Summary, column_arrays, values_of
 from coalmine.streams.window import accumulate
 
 _VARIANT_CODE = {v: i for i, v in enumerate(VARIANTS)}
@@ -173,6 +173,15 @@ def _coded(values: list, codes: dict, dtype) -> np.ndarray:
     return np.fromiter(map(codes.__getitem__, values), dtype=dtype, count=len(values))
 
 
+def _grouped(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct keys, sorted, each one's first position and each key's group (its
+    distinct key's index): :func:`numpy.unique`, but a batch of one key (one bucket of one
+    variant: the common batch of a model with little traffic) costs a comparison."""
+    if (keys == keys[0]).all():
+        return keys[:1], np.zeros(1, dtype=np.int64), np.zeros(len(keys), dtype=np.int64)
+    return np.unique(keys, return_index=True, return_inverse=True)
+
+
 def _agree(a, b, tolerance: float) -> bool:
     """Same class, or (numbers) within ``tolerance``."""
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and tolerance:
@@ -299,19 +308,12 @@ class Sketcher:
                 return rejected, batch
         bucket_ms = baseline.settings.bucket_ms
         variants = _coded(batch.variant, _VARIANT_CODE, np.int64)
-        keys, groups = np.unique(
-            batch.ts // bucket_ms * len(VARIANTS) + variants, return_inverse=True
-        )
+        keys, first, groups = _grouped(batch.ts // bucket_ms * len(VARIANTS) + variants)
         columns = baseline.with_derived(baseline.layout.clipped(batch.columns))
         summaries = baseline.layout.fold(columns, groups, len(keys))
         failed = _coded(batch.status, _STATUS_FAILED, bool)
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
-        lat_bins = latency_bins(batch.latency_ms)
-        has = lat_bins >= 0
-        lat_hist = np.bincount(
-            groups[has] * LATENCY_BINS + lat_bins[has], minlength=len(keys) * LATENCY_BINS
-        ).reshape(len(keys), LATENCY_BINS)
-        _, first = np.unique(groups, return_index=True)  # each group's first event
+        lat_hist = latency_histograms(batch.latency_ms, groups, len(keys))
         state, versions = self.open[model], self.versions[model]
         for key, summary, err, hist, i in zip(
             keys.tolist(), summaries, errors.tolist(), lat_hist, first.tolist()
