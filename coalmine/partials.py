@@ -1,17 +1,27 @@
 """The wire form of stage 1's partials (the internal ``coalmine.partials`` topic): MessagePack
 with every summary array as its raw little-endian bytes, so stage 2 reads a partial without
-parsing a number at a time (JSON lists of bin counts cost more to parse than to merge).
+parsing a number at a time (JSON lists of bin counts cost more to parse than to merge). A
+summary of a few events (a low-traffic model's bucket in one partition) sends only its occupied
+bins and its scalars that are not 0: at 10 events/s a model in 6 partitions, 416 bytes an event
+instead of 5,806.
 
 >>> import numpy as np
 >>> partial = {"model": "m", "source": 2, "closed_through": 1000,
-...            "buckets": {"0": {"champion": {"n": 3, "counts": np.array([1, 2])}}}}
+...            "buckets": {"0": {"champion": {"n": 3, "counts": np.array([1, 2]),
+...                                           "sums": np.array([0.5, 4.0])}}}}
 >>> [back] = [decode_partial(raw) for raw in encode_partial(partial)]
 >>> np.frombuffer(back["buckets"]["0"]["champion"]["counts"], "<i8").tolist()
 [1, 2]
+>>> one = {"n": 1, "counts": np.eye(1, 200, 7, dtype=np.int64)[0], "sums": np.eye(1, 200, 7)[0]}
+>>> partial["buckets"]["0"]["champion"] = one   # one event in bin 7 of 200: 3,200 bytes dense
+>>> [raw] = encode_partial(partial)
+>>> len(raw), decode_partial(raw)["buckets"]["0"]["champion"]["counts"].nonzero()
+(110, (array([7]),))
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -34,6 +44,11 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_plain)
 _decoder = msgspec.msgpack.Decoder()
 
 
+#: the arrays of a summary sent sparse when mostly empty, and their type
+_SPARSE = {"counts": "<i8", "sums": "<f8", "latency": "<i8"}
+#: no layout has more bins (a forged size must not allocate gigabytes)
+_MAX_BINS = 1 << 24
+
 #: a message this large is split (brokers refuse messages over 1 MB by default)
 MAX_BYTES = 512 * 1024
 
@@ -44,7 +59,7 @@ def encode_partial(partial: dict, max_bytes: int = MAX_BYTES) -> list[bytes]:
     closes many buckets at once), several holding consecutive buckets. Each part but the last
     says its source closed only up to the next part's first bucket, so stage 2 never evaluates
     a bucket before all of it has arrived."""
-    raw = _encoder.encode(partial)
+    raw = _encoder.encode(_sparse(partial))
     starts = sorted(partial["buckets"], key=int)
     if len(raw) <= max_bytes or len(starts) < 2:
         return [raw]
@@ -58,10 +73,80 @@ def encode_partial(partial: dict, max_bytes: int = MAX_BYTES) -> list[bytes]:
     return encode_partial(first, max_bytes) + encode_partial(rest, max_bytes)
 
 
+def _sparse(partial: dict) -> dict:
+    """``partial`` with each summary of mostly empty bins in its sparse form (the module's
+    docstring): a bucket of a model at 10 events/s in one of 6 partitions holds ~1 event."""
+    if "buckets" not in partial:
+        return partial
+    buckets = {
+        start: {variant: _sparse_summary(d) for variant, d in variants.items()}
+        for start, variants in partial["buckets"].items()
+    }
+    return {**partial, "buckets": buckets}
+
+
+def _sparse_summary(d: dict) -> dict:
+    """A summary without its zero scalars (their defaults) and with its mostly empty arrays
+    as ``[size, positions, values]``."""
+    out = {k: v for k, v in d.items() if k == "n" or not _plain_zero(v)}
+    for name in _SPARSE.keys() & d.keys():
+        values = d[name]
+        at = np.flatnonzero(values)  # a sum is never -0.0: np.bincount's start at +0.0
+        if 3 * len(at) < len(values):  # 12 bytes an occupied bin, against 8 a bin dense
+            out[name] = [len(values), at.astype("<u4"), values[at]]
+    return out
+
+
+def _plain_zero(value: Any) -> bool:
+    """An int or float 0 (not -0.0, which the default would not give back)."""
+    return type(value) in (int, float) and value == 0 and math.copysign(1.0, value) > 0
+
+
 def decode_partial(raw: bytes) -> dict:
     """The partial back, arrays as bytes (:meth:`coalmine.streams.sketch.Summary.from_dict`
-    reads them)."""
-    return _decoder.decode(raw)
+    reads them), a sparse one as a dense array."""
+    partial = _decoder.decode(raw)
+    for variants in partial.get("buckets", {}).values():
+        for d in variants.values():
+            _densify(d)
+    return partial
+
+
+def _densify(d: dict) -> None:
+    """A summary's sparse arrays dense again, in place."""
+    for name in _SPARSE:
+        if isinstance(d.get(name), list):
+            d[name] = _dense(name, *d[name])
+
+
+def _dense(name: str, size: int, at: bytes, values: bytes) -> np.ndarray:
+    """A sparse array (:func:`_sparse_summary`) dense again; ValueError when its parts do not
+    fit together (a forged or damaged message)."""
+    dtype = _SPARSE[name]
+    positions, nonzero = np.frombuffer(at, "<u4"), np.frombuffer(values, dtype)
+    if (
+        not 0 <= size <= _MAX_BINS
+        or len(positions) != len(nonzero)
+        or (len(positions) and int(positions.max()) >= size)
+    ):
+        raise ValueError(f"a sparse {name} does not fit together")
+    dense = np.zeros(size, dtype)
+    dense[positions] = nonzero
+    return dense
+
+
+def encode_summaries(summaries: dict[str, dict]) -> bytes:
+    """Summaries by name, in their :meth:`~coalmine.streams.sketch.Summary.to_dict` form, in
+    the partials' compact form (a bucket of stage 2's window, for its state record)."""
+    return _encoder.encode({name: _sparse_summary(d) for name, d in summaries.items()})
+
+
+def decode_summaries(raw: bytes) -> dict[str, dict]:
+    """:func:`encode_summaries` back, arrays dense (as bytes or arrays)."""
+    summaries = _decoder.decode(raw)
+    for d in summaries.values():
+        _densify(d)
+    return summaries
 
 
 def encode_heartbeat(model: str, source: int, behind: bool) -> bytes:

@@ -554,6 +554,36 @@ def test_the_budget_is_split_over_exactly_the_alarming_statistics_evaluated(moni
     assert len(alarming) == monitor.tests  # one variant watched: the champion
 
 
+def test_a_sparse_partial_is_evaluated_as_the_dense_and_sent_in_few_bytes(monitor):
+    """A low-traffic bucket (4 events) fills few of its bins: the wire carries only those, and
+    stage 2 evaluates the decoded partials exactly as the summaries they came from; a forged
+    sparse array that does not fit is refused."""
+    import msgspec
+
+    from coalmine.partials import decode_partial, encode_partial
+
+    events = stream(60)[::50]
+    sketcher = Sketcher({"m": monitor})
+    assert sketcher.add_predictions(events) == []
+    [partial] = sketcher.close()
+    [raw] = encode_partial(partial)
+    [summary] = partial["buckets"]["7000"].values()
+    dense_bytes = summary["counts"].nbytes + summary["sums"].nbytes + summary["latency"].nbytes
+    assert len(raw) / len(partial["buckets"]) < dense_bytes / 2
+    decoded = decode_partial(raw)
+    [back] = decoded["buckets"]["7000"].values()
+    for name in ("counts", "sums", "latency"):
+        assert np.array_equal(back[name], summary[name]) and back[name].dtype == summary[name].dtype
+    dense, sparse = Evaluator(monitor), Evaluator(monitor)
+    expected = [e.to_json() for e in dense.add(partial).evaluations]
+    assert [e.to_json() for e in sparse.add(decoded).evaluations] == expected and expected
+    seven = np.array([7], dtype="<u4").tobytes()  # bin 7 of an array of 3
+    forged = {"n": 1, "counts": [3, seven, np.ones(1, "<i8").tobytes()], "sums": bytes(24)}
+    message = {"model": "m", "source": 0, "closed_through": 0, "buckets": {"0": {"a": forged}}}
+    with pytest.raises(ValueError, match="does not fit"):
+        decode_partial(msgspec.msgpack.encode(message))
+
+
 def test_a_partial_split_for_the_wire_is_evaluated_as_the_whole(monitor):
     """A source catching up closes many buckets at once; the partial is split into messages
     under the size limit, and stage 2, fed the parts in order, evaluates exactly as from the
@@ -563,7 +593,7 @@ def test_a_partial_split_for_the_wire_is_evaluated_as_the_whole(monitor):
     sketcher = Sketcher({"m": monitor})
     assert sketcher.add_predictions(stream(40)) == []
     [partial] = sketcher.close()
-    parts = [decode_partial(raw) for raw in encode_partial(partial, max_bytes=20_000)]
+    parts = [decode_partial(raw) for raw in encode_partial(partial, max_bytes=10_000)]
     assert len(parts) > 4 and sum(len(p["buckets"]) for p in parts) == len(partial["buckets"])
     whole, split = Evaluator(monitor), Evaluator(monitor)
     expected = [e.to_json() for e in whole.add(partial).evaluations]

@@ -59,6 +59,28 @@ def test_buckets_are_written_once_and_deleted_when_they_leave_the_window(monitor
     assert len(buckets) == 2 * 60 - len(live)
 
 
+def test_bucket_records_are_compact_and_those_pickled_before_still_read(monitor):  # noqa: F811
+    """A low-traffic model's bucket fills a few bins: its record holds those, not the dense
+    arrays; a record pickled by an earlier version still restores the same window."""
+    evaluator, state, topic = Evaluator(monitor), ModelState(), []
+    for p in partials_of(monitor, stream(60)[::50]):  # 4 events a bucket
+        evaluator.add(dict(p))
+        topic += state.records("m", evaluator)
+    records = compacted(topic)
+    buckets = {k: v for k, v in records.items() if k.startswith(key("m", b"b"))}
+    assert len(buckets) == monitor.settings.window_buckets
+    assert max(map(len, buckets.values())) < 8 * monitor.layout.size  # one dense counts array
+    earlier = dict(records)
+    for b in evaluator.window.buckets:
+        earlier[key("m", b"b%d" % b.start)] = pickle.dumps((b.start, b.variants), protocol=4)
+    for written in (records, earlier):
+        restored, _ = restore(written, monitor, None)
+        for got, want in zip(restored.window.buckets, evaluator.window.buckets, strict=True):
+            assert got.start == want.start and got.variants.keys() == want.variants.keys()
+            for variant, summary in want.variants.items():
+                assert repr(got.variants[variant].to_dict()) == repr(summary.to_dict())
+
+
 def test_the_head_holds_the_evaluators_state_not_its_baselines_columns(monitor):  # noqa: F811
     """Each evaluation rewrites a model's head: the columns a check watches follow from the
     baseline (written by name) and are derived again on restore, not pickled with it."""

@@ -32,6 +32,7 @@ from mode import Service
 from coalmine import chunks, topics
 from coalmine import events as contract
 from coalmine.agents import metrics, state
+from coalmine.decode import PredictionDecoder
 from coalmine.ingest import PartitionIngest
 from coalmine.partials import encode_heartbeat, encode_partial
 from coalmine.security import client_kwargs
@@ -127,6 +128,7 @@ class Stage1(Service):
         super().__init__(**kwargs)
         self.baselines, self.bootstrap, self.group_id = baselines, bootstrap, group_id
         self.ingests: dict[int, PartitionIngest] = {}
+        self.decoder = PredictionDecoder(baselines)  # stateless: every partition's
         self.lock = asyncio.Lock()  # a batch is processed whole before a revocation commits
         # sends not yet acknowledged, and those the broker refused: (future or None, message)
         self.pending: list[tuple[asyncio.Future | None, tuple[str, bytes | None, bytes]]] = []
@@ -425,7 +427,11 @@ class Stage1(Service):
         ingest = self.ingests.get(partition)
         if ingest is None:
             ingest = PartitionIngest(
-                self.baselines, source=partition, clock=wall_clock_ms, wait_for_labels=True
+                self.baselines,
+                source=partition,
+                clock=wall_clock_ms,
+                wait_for_labels=True,
+                decoder=self.decoder,
             )
             try:
                 records = await self.state_topic.read(

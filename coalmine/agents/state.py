@@ -34,6 +34,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
 from coalmine import topics
+from coalmine.partials import decode_summaries, encode_summaries
 from coalmine.security import client_kwargs
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
@@ -41,6 +42,7 @@ from coalmine.streams.evaluator import Evaluator
 from coalmine.streams.label_join import JoinTable
 from coalmine.streams.rollout import RolloutPolicy
 from coalmine.streams.settings import ModelSettings
+from coalmine.streams.sketch import Summary
 from coalmine.streams.window import Bucket
 
 _SEP = b"\x00"
@@ -196,9 +198,17 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _dumps_bucket(bucket: Bucket) -> bytes:
-    buffer = io.BytesIO()
-    _Pickler(buffer, {}).dump((bucket.start, bucket.variants))
-    return buffer.getvalue()
+    """A bucket of the window in the partials' compact form: a low-traffic model's buckets
+    hold a few events in a few of their bins."""
+    return encode_summaries({v: s.to_dict() for v, s in bucket.variants.items()})
+
+
+def _loads_bucket(raw: bytes, own: dict) -> dict[str, Summary]:
+    """:func:`_dumps_bucket` back; a record written before the compact form: pickled
+    ``(start, variants)``."""
+    if raw[:1] == b"\x80":  # a pickle's PROTO opcode, never a MessagePack map's first byte
+        return _Unpickler(raw, own, {}).load()[1]
+    return {v: Summary.from_dict(d) for v, d in decode_summaries(raw).items()}
 
 
 @dataclass
@@ -246,8 +256,8 @@ def restore(
     for record_key, value in records.items():
         name, what = model_of(record_key)
         if name == model and what.startswith(b"b"):
-            start, variants = _Unpickler(value, own, {}).load()
-            buckets[start] = Bucket(start, variants)
+            start = int(what[1:])
+            buckets[start] = Bucket(start, _loads_bucket(value, own))
     evaluator = _Unpickler(head, own, buckets).load()
     if not isinstance(evaluator, Evaluator):
         raise pickle.UnpicklingError(f"state record of {model}: not an evaluator")
