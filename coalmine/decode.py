@@ -16,6 +16,7 @@ events accepted, and the reasons given, are those of the schema.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import chain
 from operator import attrgetter
 from typing import Any, Literal
@@ -49,6 +50,19 @@ _ENVELOPE = (
     ("unit_id", str | None, None),
 )
 _IDS = ("event_id", "request_id", "version")
+#: the envelope fields :meth:`_Model.batch` reads off a decoded event
+_envelope = attrgetter(
+    "ts",
+    "variant",
+    "version",
+    "status",
+    "request_id",
+    "event_id",
+    "prediction",
+    "latency_ms",
+    "scores",
+    "features",
+)
 
 
 def _inputs(baseline: Baseline) -> list[str]:
@@ -91,53 +105,60 @@ class _Model:
         )
         layout = baseline.layout
         inputs = list(enumerate(_inputs(baseline)))
-        self.numeric = [(f"f{j}", n) for j, n in inputs if layout.kinds[n] == NUMERIC]
+        numeric = [(f"f{j}", n) for j, n in inputs if layout.kinds[n] == NUMERIC]
+        self.numeric = [n for _, n in numeric]
+        # the numeric features' values off a features struct (a tuple when several)
+        self.numeric_values = attrgetter(*(f for f, _ in numeric)) if numeric else None
         self.categorical = [(f"f{j}", n) for j, n in inputs if layout.kinds[n] != NUMERIC]
         self.outputs = [n for n in layout.names if is_model_output(n)]
 
     def batch(self, events: list) -> PredictionBatch:
         """The columns of this model's decoded events."""
         n = len(events)
-        features = list(map(attrgetter("features"), events))
+        # every envelope field in one pass: a batch of a few events costs calls, not values
+        (
+            ts,
+            variant,
+            version,
+            status,
+            request_id,
+            event_id,
+            predictions,
+            latency,
+            scores,
+            features,
+        ) = zip(*map(_envelope, events))
         columns: dict[str, np.ndarray] = {}
-        if self.numeric:
-            grab = attrgetter(*(f for f, _ in self.numeric))
+        if self.numeric_values is not None:
+            rows = map(self.numeric_values, features)
             # one flat list: numpy reads it twice as fast as a list of rows (None -> NaN)
-            flat = (
-                list(chain.from_iterable(map(grab, features)))
-                if len(self.numeric) > 1
-                else list(map(grab, features))
-            )
+            flat = list(chain.from_iterable(rows) if len(self.numeric) > 1 else rows)
             matrix = np.array(flat, dtype=float).reshape(n, len(self.numeric))
-            columns.update((name, matrix[:, j]) for j, (_, name) in enumerate(self.numeric))
+            columns.update(zip(self.numeric, matrix.T))
         for field, name in self.categorical:
             columns[name] = _categories(map(attrgetter(field), features))
-        predictions = list(map(attrgetter("prediction"), events))
-        values: list
+        values: Sequence
         for name in self.outputs:
             if name == PREDICTION:
                 values = predictions
             else:
                 cls = name[len(SCORES) :]
-                values = [(s or {}).get(cls) for s in map(attrgetter("scores"), events)]
+                values = [(s or {}).get(cls) for s in scores]
             if self.baseline.layout.kinds[name] == NUMERIC:
                 columns[name] = np.array(values, dtype=float)
             else:
-                columns[name] = np.array(
-                    [None if v is None else str(v) for v in values], dtype=object
-                )
-        latency = [np.nan if v is None else v for v in map(attrgetter("latency_ms"), events)]
+                columns[name] = _categories(values)
         return PredictionBatch(
             model=self.name,
-            ts=_event_times(events),
-            variant=list(map(attrgetter("variant"), events)),
-            version=list(map(attrgetter("version"), events)),
-            status=list(map(attrgetter("status"), events)),
-            latency_ms=np.array(latency, dtype=float),
-            request_id=list(map(attrgetter("request_id"), events)),
-            prediction=predictions,
+            ts=_event_times(ts),
+            variant=list(variant),
+            version=list(version),
+            status=list(status),
+            latency_ms=np.array(latency, dtype=float),  # None (not reported) -> NaN
+            request_id=list(request_id),
+            prediction=list(predictions),
             columns=columns,
-            event_id=list(map(attrgetter("event_id"), events)),
+            event_id=list(event_id),
         )
 
 
@@ -149,7 +170,9 @@ class PredictionDecoder:
         self.models = {name: _Model(name, b) for name, b in baselines.items()}
         structs = tuple(m.struct for m in self.models.values())
         self._decoder = msgspec.json.Decoder(structs[0] if len(structs) == 1 else _union(structs))
-        self._model_of = {m.struct: m for m in self.models.values()}
+        self._models = list(self.models.values())
+        self._code_of = {m.struct: code for code, m in enumerate(self._models)}
+        self._model_of = {m.struct: m for m in self._models}
 
     def decode(self, raws: list[bytes]) -> tuple[list[PredictionBatch], list[tuple[int, str]]]:
         """Batches (one per model, each in message order) of the valid events, with each
@@ -188,7 +211,7 @@ class PredictionDecoder:
     def _flat(raw: bytes, events: list) -> bool:
         """No value hides under a key the structs skip (an unmonitored feature holding an
         object or an array): every "{" is an event, its features or its scores."""
-        objects = 2 * len(events) + sum(e.scores is not None for e in events)
+        objects = 3 * len(events) - list(map(attrgetter("scores"), events)).count(None)
         return b"[" not in raw and raw.count(b"{") == objects
 
     def _decode_each(self, raws: list[bytes]) -> tuple[list, list[int], list[int]]:
@@ -217,17 +240,17 @@ class PredictionDecoder:
         """Group decoded events by model; events the column checks refuse join ``slow_at``."""
         if not events:
             return []
-        kinds = set(map(type, events))
-        if len(kinds) == 1:  # the common batch: one model
-            groups = {self._model_of[kinds.pop()]: (events, at)}
+        kinds = list(map(type, events))
+        if len(set(kinds)) == 1:  # the common batch: one model
+            groups = [(self._model_of[kinds[0]], events, at)]
         else:
-            groups = {}
-            for event, i in zip(events, at):
-                mine = groups.setdefault(self._model_of[type(event)], ([], []))
-                mine[0].append(event)
-                mine[1].append(i)
+            codes = np.fromiter(map(self._code_of.__getitem__, kinds), np.int64, len(kinds))
+            groups = [
+                (self._models[codes[mine[0]]], [events[i] for i in mine], [at[i] for i in mine])
+                for mine in _positions_by_code(codes)
+            ]
         batches = []
-        for model, (decoded, positions) in groups.items():
+        for model, decoded, positions in groups:
             batch = model.batch(decoded)
             batch.positions = list(positions)
             ok = _column_checks(batch, decoded)
@@ -251,10 +274,20 @@ class PredictionDecoder:
         return batches, [(at[j], r) for j, r in invalid] + [(kept[j], r) for j, r in rejected]
 
 
-def _event_times(events: list) -> np.ndarray:
+def _positions_by_code(codes: np.ndarray) -> list[list[int]]:
+    """The positions of each distinct code, in order; the codes in the order they first
+    appear. A stable sort in C groups them, not a loop over the events."""
+    order = np.argsort(codes, kind="stable")
+    starts = np.flatnonzero(np.diff(codes[order], prepend=-1))  # codes are >= 0
+    ends = np.append(starts[1:], len(order))
+    by_first = np.argsort(order[starts])
+    positions = order.tolist()
+    return [positions[a:b] for a, b in zip(starts[by_first].tolist(), ends[by_first].tolist())]
+
+
+def _event_times(ts: Sequence[int]) -> np.ndarray:
     """The events' ``ts`` as int64; one beyond int64 becomes -1, which the column checks send
     to the exact validator (the struct type lets any JSON integer through)."""
-    ts = list(map(attrgetter("ts"), events))
     try:
         return np.array(ts, dtype=np.int64)
     except OverflowError:
@@ -276,18 +309,28 @@ def _union(structs: tuple[type, ...]) -> Any:
 def _column_checks(batch: PredictionBatch, events: list) -> np.ndarray | None:
     """What the struct types leave to the schema, on whole columns: non-empty ids, ``0 <= ts
     <= MAX_TS``, ``latency_ms >= 0``, non-empty ``unit_id``, a null prediction only when status
-    is error. None when every event passes; else which do."""
-    ok = np.ones(len(batch), dtype=bool)
-    for values in (batch.request_id, batch.version, list(map(attrgetter("event_id"), events))):
+    is error. None when every event passes; else which do. A check builds its mask only when
+    an event fails it (a batch of a few events costs calls, not values)."""
+    passed: list[np.ndarray] = []  # per check failed by some event, the events passing it
+    for values in (batch.request_id, batch.version, batch.event_id):
         if not all(values):
-            ok &= np.fromiter(map(bool, values), dtype=bool, count=len(values))
-    ok &= (batch.ts >= 0) & (batch.ts <= MAX_TS)
-    ok &= ~(batch.latency_ms < 0)
+            passed.append(np.fromiter(map(bool, values), dtype=bool, count=len(values)))
+    ts = batch.ts
+    if ts.min() < 0 or ts.max() > MAX_TS:
+        passed.append((ts >= 0) & (ts <= MAX_TS))
+    negative = batch.latency_ms < 0
+    if negative.any():
+        passed.append(~negative)
     if None in batch.prediction:
-        ok &= np.array(
-            [p is not None or s == "error" for p, s in zip(batch.prediction, batch.status)]
+        passed.append(
+            np.array(
+                [p is not None or s == "error" for p, s in zip(batch.prediction, batch.status)]
+            )
         )
     units = list(map(attrgetter("unit_id"), events))
     if "" in units:
-        ok &= np.array([u != "" for u in units])
+        passed.append(np.array([u != "" for u in units]))
+    if not passed:
+        return None
+    ok = np.logical_and.reduce(passed)
     return None if ok.all() else ok

@@ -31,7 +31,6 @@ class RecentIds:
         self.older = _EMPTY  # sorted
         self.current = _EMPTY  # sorted, less the tail
         self.tail: set[int] = set()
-        self.tail_chunks: list[np.ndarray] = []  # the tail as arrays, for the merge
 
     def __len__(self) -> int:
         return len(self.older) + len(self.current) + len(self.tail)
@@ -53,46 +52,54 @@ class RecentIds:
         if not event_ids:
             return None
         hashes = list(map(hash, event_ids))
-        values = np.array(hashes, dtype=np.int64)
         fresh = set(hashes)
-        if len(fresh) == len(hashes) and self.tail.isdisjoint(fresh):
-            ordered = np.sort(values)  # sorted needles: the binary searches stay in cache
-            if not self._held(ordered).any():
-                self._add(ordered, fresh)
-                return None
+        if len(fresh) == len(hashes) and self.tail.isdisjoint(fresh) and not self._any_held(hashes):
+            self._add(fresh)
+            return None
         # rare: a retry; keep each id's first occurrence unless it was seen before the batch
+        values = np.array(hashes, dtype=np.int64)
         seen = self._held(values)
         seen |= np.fromiter(map(self.tail.__contains__, hashes), dtype=bool, count=len(hashes))
         keep = np.zeros(len(hashes), dtype=bool)
         keep[np.unique(values, return_index=True)[1]] = True
         keep &= ~seen
-        new = values[keep]
-        self._add(new, set(new.tolist()))
+        self._add(set(values[keep].tolist()))
         return keep
+
+    def _runs(self) -> list[np.ndarray]:
+        """The generations' sorted arrays that hold ids."""
+        return [run for run in (self.older, self.current) if len(run)]
+
+    def _any_held(self, hashes: list[int]) -> bool:
+        """Whether either generation's sorted array holds one of the ``hashes``."""
+        runs = self._runs()
+        if not runs:
+            return False
+        ordered = np.sort(np.array(hashes, dtype=np.int64))  # the binary searches stay in cache
+        return any(_contains(run, ordered).any() for run in runs)
 
     def _held(self, values: np.ndarray) -> np.ndarray:
         """Mask of the ``values`` in either generation's sorted array."""
-        return _contains(self.older, values) | _contains(self.current, values)
+        held = np.zeros(len(values), dtype=bool)
+        for run in self._runs():
+            held |= _contains(run, values)
+        return held
 
-    def _add(self, new: np.ndarray, new_set: set[int]) -> None:
-        """Hold distinct hashes not held yet (as an array and a set); close the generation
-        once it is full."""
-        self.tail |= new_set
-        self.tail_chunks.append(new)
+    def _add(self, new: set[int]) -> None:
+        """Hold distinct hashes not held yet; close the generation once it is full."""
+        self.tail |= new
         held = len(self.current) + len(self.tail)
         if len(self.tail) < TAIL and held < self.capacity:
             return
-        tail = np.sort(np.concatenate(self.tail_chunks))
+        tail = np.sort(np.fromiter(self.tail, dtype=np.int64, count=len(self.tail)))
         self.current = np.insert(self.current, self.current.searchsorted(tail), tail)
-        self.tail, self.tail_chunks = set(), []
+        self.tail = set()
         if held >= self.capacity:
             self.older, self.current = self.current, _EMPTY
 
 
 def _contains(run: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mask of the ``values`` found in the sorted ``run``."""
-    if not len(run):
-        return np.zeros(len(values), dtype=bool)
+    """Mask of the ``values`` found in the sorted, non-empty ``run``."""
     at = run.searchsorted(values)
     np.minimum(at, len(run) - 1, out=at)
     return run[at] == values

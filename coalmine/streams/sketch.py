@@ -297,11 +297,15 @@ class Summary:
 
     def _combine(self, other: Summary, op: Callable[[Any, Any], Any]) -> Summary:
         a, b = self.__dict__, other.__dict__
-        out = object.__new__(Summary)  # the fields set at once: stage 2 merges every bucket
-        out.__dict__ = {
-            name: op(*_same_length(a[name], b[name])) if score_bins else op(a[name], b[name])
-            for name, score_bins in _COMBINED
-        }
+        # the fields set at once, in their order (a's): stage 2 merges every bucket
+        out = object.__new__(Summary)
+        combined = out.__dict__ = dict(a)
+        combined.update(zip(_SCALARS, map(op, _scalars_of(a), _scalars_of(b))))
+        for name in _BINS:
+            combined[name] = op(a[name], b[name])
+        for name in _SCORE_BINS:  # mostly empty in both: shared, as nothing fills one in place
+            if len(a[name]) or len(b[name]):
+                combined[name] = op(*_same_length(a[name], b[name]))
         return out
 
     def count_label(self, score_bin: int, positive: bool, bins: int) -> None:
@@ -322,21 +326,28 @@ class Summary:
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
         """From :meth:`to_dict`'s form, with arrays as arrays, lists or little-endian bytes."""
-        values: dict[str, Any] = {k: _array(k, v) if k in _ARRAYS else v for k, v in d.items()}
+        values = dict(d)
+        for name in _ARRAYS.keys() & d.keys():
+            values[name] = _array(name, d[name])
         return cls(**values)
 
 
 #: the array fields and their dtype (little-endian on the wire)
 _ARRAYS = {
-    "counts": "<i8",
-    "sums": "<f8",
-    "missing": "<i8",
-    "latency": "<i8",
-    "score_positives": "<i8",
-    "score_negatives": "<i8",
+    name: np.dtype(dtype)
+    for name, dtype in {
+        "counts": "<i8",
+        "sums": "<f8",
+        "missing": "<i8",
+        "latency": "<i8",
+        "score_positives": "<i8",
+        "score_negatives": "<i8",
+    }.items()
 }
 #: the array fields a summary holds only for a binary model that estimates its performance
 _SCORE_BINS = ("score_positives", "score_negatives")
+#: the array fields every summary holds
+_BINS = tuple(name for name in _ARRAYS if name not in _SCORE_BINS)
 
 
 def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -353,8 +364,9 @@ def _array(name: str, value) -> np.ndarray:
     return np.asarray(value, dtype=_ARRAYS[name])
 
 
-#: each field, and whether it is one of :data:`_SCORE_BINS`
-_COMBINED = tuple((f.name, f.name in _SCORE_BINS) for f in fields(Summary))
+#: the scalar fields, and a function reading them all off a summary's ``__dict__``
+_SCALARS = tuple(f.name for f in fields(Summary) if f.name not in _ARRAYS)
+_scalars_of = itemgetter(*_SCALARS)
 
 
 def values_of(events: list[dict], name: str) -> list:

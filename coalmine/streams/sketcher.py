@@ -286,8 +286,8 @@ class Sketcher:
         # safe before the late check: that compares with the watermark of the last close
         self._advance(model, int(batch.ts.max()))
         watermark = self.late_before[model]
-        ok = batch.ts >= watermark
-        if not ok.all():
+        if batch.ts.min() < watermark:
+            ok = batch.ts >= watermark
             rejected += [
                 (
                     batch.positions[i],
@@ -349,16 +349,23 @@ class Sketcher:
         settings = self.baselines[batch.model].settings
         bound, ts = settings.max_ahead_ms, batch.ts
         low, high = self._run_around_median(stream, bound)
-        bad = (ts > high) & (ts > (self.partition_ts or -1) + bound)
-        if batch.model not in self.max_ts:
+        ahead = max(high, (self.partition_ts or -1) + bound)  # beyond both
+        first = batch.model not in self.max_ts
+        now = None if self.clock is None else self.clock()
+        latest = ts.max()
+        if (
+            latest <= ahead
+            and (now is None or latest <= now + settings.max_future_ms)
+            and not (first and ts.min() < low)
+        ):  # the common batch: its extremes say so, without a mask
+            return None, []
+        bad = ts > ahead
+        if first:
             bad |= ts < low
         future = None
-        if self.clock is not None:
-            now = self.clock()
+        if now is not None:
             future = ts > now + settings.max_future_ms
             bad |= future
-        if not bad.any():
-            return None, []
         rejected = []
         for i in np.flatnonzero(bad).tolist():
             if future is not None and future[i]:
