@@ -300,10 +300,8 @@ class Summary:
         # the fields set at once, in their order (a's): stage 2 merges every bucket
         out = object.__new__(Summary)
         combined = out.__dict__ = dict(a)
-        combined.update(zip(_SCALARS, map(op, _scalars_of(a), _scalars_of(b))))
-        for name in _BINS:
-            combined[name] = op(a[name], b[name])
-        for name in _SCORE_BINS:  # mostly empty in both: shared, as nothing fills one in place
+        combined.update(zip(_ALWAYS, map(op, _always_of(a), _always_of(b))))
+        for name in _SCORE_BINS:  # mostly empty in both: shared (an empty array never changes)
             if len(a[name]) or len(b[name]):
                 combined[name] = op(*_same_length(a[name], b[name]))
         return out
@@ -325,11 +323,16 @@ class Summary:
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
-        """From :meth:`to_dict`'s form, with arrays as arrays, lists or little-endian bytes."""
-        values = dict(d)
+        """From :meth:`to_dict`'s form (its zero scalars may be left out), with arrays as
+        arrays, lists or little-endian bytes."""
+        values = {**_TEMPLATE, **d}  # in field order
         for name in _ARRAYS.keys() & d.keys():
             values[name] = _array(name, d[name])
-        return cls(**values)
+        if len(values) == len(_TEMPLATE) and _GIVEN <= d.keys():  # the fields set at once
+            out = object.__new__(cls)
+            out.__dict__ = values
+            return out
+        return cls(**{name: values[name] for name in d})  # fills defaults, or says what is wrong
 
 
 #: the array fields and their dtype (little-endian on the wire)
@@ -346,8 +349,6 @@ _ARRAYS = {
 }
 #: the array fields a summary holds only for a binary model that estimates its performance
 _SCORE_BINS = ("score_positives", "score_negatives")
-#: the array fields every summary holds
-_BINS = tuple(name for name in _ARRAYS if name not in _SCORE_BINS)
 
 
 def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -364,9 +365,19 @@ def _array(name: str, value) -> np.ndarray:
     return np.asarray(value, dtype=_ARRAYS[name])
 
 
-#: the scalar fields, and a function reading them all off a summary's ``__dict__``
-_SCALARS = tuple(f.name for f in fields(Summary) if f.name not in _ARRAYS)
-_scalars_of = itemgetter(*_SCALARS)
+#: the fields every summary holds (all but the score bins), and a function reading them all
+#: off a summary's ``__dict__``
+_ALWAYS = tuple(f.name for f in fields(Summary) if f.name not in _SCORE_BINS)
+_always_of = itemgetter(*_ALWAYS)
+#: every field in order, with its default where :meth:`Summary.from_dict` may fill it in: a
+#: scalar's, and no score bins (an empty array, never changed in place, may be shared)
+_TEMPLATE = {
+    f.name: np.zeros(0, dtype=np.int64) if f.name in _SCORE_BINS else f.default
+    for f in fields(Summary)
+}
+#: the fields :meth:`Summary.from_dict` needs to skip ``__init__``: those without a default, and
+#: the latency histogram (each summary's own array)
+_GIVEN = {"n", "counts", "sums", "missing", "latency"}
 
 
 def values_of(events: list[dict], name: str) -> list:
