@@ -14,8 +14,8 @@ LATENCY_BINS = len(LATENCY_EDGES_MS) + 1
 def latency_histograms(latency_ms: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     """One histogram of the reported (not NaN) latencies per group: ``(n_groups,``
     :data:`LATENCY_BINS` ``)`` counts; ``groups`` holds each latency's group."""
-    reported = ~np.isnan(latency_ms)
-    idx = np.searchsorted(LATENCY_EDGES_MS, latency_ms[reported], side="right")
+    reported = latency_ms == latency_ms  # not NaN
+    idx = LATENCY_EDGES_MS.searchsorted(latency_ms[reported], side="right")
     flat = groups[reported] * LATENCY_BINS + idx
     return np.bincount(flat, minlength=n_groups * LATENCY_BINS).reshape(n_groups, LATENCY_BINS)
 

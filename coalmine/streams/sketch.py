@@ -194,7 +194,7 @@ class Layout:
         if not names:
             return [], []
         values = np.array([columns[name] for name in names], dtype=float)
-        present = ~np.isnan(values)
+        present = values == values  # not NaN
         edges, table, rows = self._numeric_bins
         bins = table[edges.searchsorted(values, side="right") + rows]
         return [(g * self.size + bins)[present]], [values[present]]

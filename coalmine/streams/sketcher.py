@@ -173,13 +173,23 @@ def _coded(values: list, codes: dict, dtype) -> np.ndarray:
     return np.fromiter(map(codes.__getitem__, values), dtype=dtype, count=len(values))
 
 
-def _grouped(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The distinct keys, sorted, each one's first position and each key's group (its
-    distinct key's index): :func:`numpy.unique`, but a batch of one key (one bucket of one
-    variant: the common batch of a model with little traffic) costs a comparison."""
-    if (keys == keys[0]).all():
-        return keys[:1], np.zeros(1, dtype=np.int64), np.zeros(len(keys), dtype=np.int64)
-    return np.unique(keys, return_index=True, return_inverse=True)
+def _bucket_groups(
+    batch: PredictionBatch, bucket_ms: int
+) -> tuple[list[tuple[int, str]], list[int], np.ndarray]:
+    """The distinct (bucket start, variant) of the batch's events, sorted; each one's first
+    event; each event's group (the index of its pair). A batch of one pair (the common batch of
+    a model with little traffic) costs no array but the groups'."""
+    ts, variant = batch.ts, batch.variant
+    if ts.min() // bucket_ms == ts.max() // bucket_ms and len(set(variant)) == 1:
+        return [(int(ts[0]) // bucket_ms * bucket_ms, variant[0])], [0], np.zeros(len(ts), np.int64)
+    # np.unique's work in C-level loops over lists: its dozen numpy calls cost more here
+    codes = (ts // bucket_ms * len(VARIANTS) + _coded(variant, _VARIANT_CODE, np.int64)).tolist()
+    keys = sorted(set(codes))
+    group_of = dict(zip(keys, range(len(keys))))
+    groups = np.fromiter(map(group_of.__getitem__, codes), np.int64, len(codes))
+    first_at = dict(zip(reversed(codes), range(len(codes) - 1, -1, -1)))  # set last: the first
+    pairs = [(key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)]) for key in keys]
+    return pairs, [first_at[key] for key in keys], groups
 
 
 def _agree(a, b, tolerance: float) -> bool:
@@ -306,20 +316,15 @@ class Sketcher:
             batch = batch.take(first)
             if not len(batch):
                 return rejected, batch
-        bucket_ms = baseline.settings.bucket_ms
-        variants = _coded(batch.variant, _VARIANT_CODE, np.int64)
-        keys, first, groups = _grouped(batch.ts // bucket_ms * len(VARIANTS) + variants)
+        keys, first, groups = _bucket_groups(batch, baseline.settings.bucket_ms)
         columns = baseline.with_derived(baseline.layout.clipped(batch.columns))
         summaries = baseline.layout.fold(columns, groups, len(keys))
         failed = _coded(batch.status, _STATUS_FAILED, bool)
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
         lat_hist = latency_histograms(batch.latency_ms, groups, len(keys))
         state, versions = self.open[model], self.versions[model]
-        for key, summary, err, hist, i in zip(
-            keys.tolist(), summaries, errors.tolist(), lat_hist, first.tolist()
-        ):
+        for k, summary, err, hist, i in zip(keys, summaries, errors.tolist(), lat_hist, first):
             summary.errors, summary.latency = int(err), hist
-            k = (key // len(VARIANTS) * bucket_ms, VARIANTS[key % len(VARIANTS)])
             accumulate(state, k, summary)
             versions.setdefault(k, batch.version[i])  # a hand-over bucket is the old version's
         if baseline.joins_needed:
