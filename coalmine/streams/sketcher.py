@@ -316,14 +316,14 @@ class Sketcher:
             batch = batch.take(first)
             if not len(batch):
                 return rejected, batch
-        keys, first, groups = _bucket_groups(batch, baseline.settings.bucket_ms)
+        keys, firsts, groups = _bucket_groups(batch, baseline.settings.bucket_ms)
         columns = baseline.with_derived(baseline.layout.clipped(batch.columns))
         summaries = baseline.layout.fold(columns, groups, len(keys))
         failed = _coded(batch.status, _STATUS_FAILED, bool)
         errors = np.bincount(groups, weights=failed, minlength=len(keys))
         lat_hist = latency_histograms(batch.latency_ms, groups, len(keys))
         state, versions = self.open[model], self.versions[model]
-        for k, summary, err, hist, i in zip(keys, summaries, errors.tolist(), lat_hist, first):
+        for k, summary, err, hist, i in zip(keys, summaries, errors.tolist(), lat_hist, firsts):
             summary.errors, summary.latency = int(err), hist
             accumulate(state, k, summary)
             versions.setdefault(k, batch.version[i])  # a hand-over bucket is the old version's
