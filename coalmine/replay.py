@@ -30,27 +30,40 @@ from coalmine.streams.records import Alert, Command, Evaluation
 from coalmine.streams.reference import first_events
 
 CHUNK = 20_000
+#: with many models, a chunk holds this many events a model (up to MAX_CHUNK): stage 1 folds
+#: each model's events of a chunk in one call, whose fixed cost ~20 events would not repay
+EVENTS_PER_MODEL = 100
+MAX_CHUNK = 200_000
 _DUMP = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
-def file_chunks(path: Path) -> Iterator[list[bytes]]:
-    """The non-blank lines of a JSONL file, raw, ``CHUNK`` at a time (what a topic slice gives
+def chunk_size(config: Config) -> int:
+    """Events a chunk of a replay of ``config`` holds.
+
+    >>> chunk_size(Config({})), chunk_size(Config(dict.fromkeys(map(str, range(1000)))))
+    (20000, 100000)
+    """
+    return min(MAX_CHUNK, max(CHUNK, EVENTS_PER_MODEL * len(config.models)))
+
+
+def file_chunks(path: Path, size: int = CHUNK) -> Iterator[list[bytes]]:
+    """The non-blank lines of a JSONL file, raw, ``size`` at a time (what a topic slice gives
     as messages: :func:`topic_chunks`)."""
     with open(path, "rb") as fh:
         lines = (line.rstrip(b"\r\n") for line in fh if not line.isspace())
-        while raw := list(islice(lines, CHUNK)):
+        while raw := list(islice(lines, size)):
             yield raw
 
 
-def topic_chunks(source: TopicSlice | ReceivedSlice) -> Iterator[list[bytes]]:
-    """A topic slice's messages, every partition merged in event-time order, ``CHUNK`` at a
+def topic_chunks(source: TopicSlice | ReceivedSlice, size: int = CHUNK) -> Iterator[list[bytes]]:
+    """A topic slice's messages, every partition merged in event-time order, ``size`` at a
     time: the same chunks as :func:`file_chunks` of the same events in a file."""
     held: list[bytes] = []
     for merged in source.merged():
         held += merged
-        while len(held) >= CHUNK:
-            yield held[:CHUNK]
-            held = held[CHUNK:]
+        while len(held) >= size:
+            yield held[:size]
+            held = held[size:]
     if held:
         yield held
 
@@ -185,10 +198,11 @@ def replay_files(
 ) -> Replay:
     """Run prediction (and label) JSONL files, in event-time order, through the pipeline
     (evaluations go to ``on_evaluations`` as they come: see :class:`Replay`)."""
+    size = chunk_size(config)
     return replay_chunks(
         config,
-        file_chunks(predictions),
-        file_chunks(labels) if labels else (),
+        file_chunks(predictions, size),
+        file_chunks(labels, size) if labels else (),
         first_events=first_events_in_file(predictions),
         progress=_progress(f"replay {predictions.name}", None, progress),
         on_evaluations=on_evaluations,
@@ -230,10 +244,11 @@ def replay_slices(
     bar = _progress(f"replay {predictions.topic}", None, progress)
     if bar is not None:  # else a reading process starts while the baselines are built
         bar.total = predictions.total
+    size = chunk_size(config)
     return replay_chunks(
         config,
-        topic_chunks(predictions),
-        topic_chunks(labels),
+        topic_chunks(predictions, size),
+        topic_chunks(labels, size),
         progress=bar,
         on_evaluations=on_evaluations,
     )

@@ -584,6 +584,31 @@ def test_a_sparse_partial_is_evaluated_as_the_dense_and_sent_in_few_bytes(monito
         decode_partial(msgspec.msgpack.encode(message))
 
 
+def test_empty_buckets_are_evaluated_alike_however_the_partials_come(monitor):
+    """A low-traffic model has buckets with no event. Stage 2 evaluates them (a window of 20
+    buckets spans 20 s), whether the partials came a bucket at a time, as a worker sends them,
+    or all at once, as a replay's large chunk gives them; a gap longer than the window starts
+    a fresh window both ways."""
+    events = [e for e in stream(80) if e["ts"] // 1000 % 4 != 1 and not 40 <= e["ts"] // 1000 < 65]
+
+    def evaluated(batches):
+        sketcher, evaluator, out = Sketcher({"m": monitor}), Evaluator(monitor), []
+        for batch in batches:
+            assert sketcher.add_predictions(batch) == []
+            for p in sketcher.close():
+                out += evaluator.add(p).evaluations
+        for p in sketcher.flush():
+            out += evaluator.add(p).evaluations
+        return [e.to_json() for e in out]
+
+    by_bucket = [[e for e in events if e["ts"] // 1000 == b] for b in range(80)]
+    one_at_a_time, at_once = evaluated(b for b in by_bucket if b), evaluated([events])
+    assert one_at_a_time == at_once
+    ts = sorted({e["ts"] // 1000 - 1 for e in at_once})
+    assert 1 in ts and 5 in ts, "the empty buckets in the window are evaluated"
+    assert not set(range(40, 65)) & set(ts), "the gap longer than the window is not"
+
+
 def test_a_partial_split_for_the_wire_is_evaluated_as_the_whole(monitor):
     """A source catching up closes many buckets at once; the partial is split into messages
     under the size limit, and stage 2, fed the parts in order, evaluates exactly as from the

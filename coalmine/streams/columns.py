@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -152,15 +153,29 @@ class NumericBlock:
         event's smoothed reference rank (linear in the value within a bin, so the bin counts
         and sums give the exact sum), the spread rows its bin's squared distance from the
         median rank. Returns each column's events and sum of ranks."""
-        counts = self._gather(bucket.counts)
-        n = counts.sum(axis=1)
-        ranks = (counts * self.rank_intercepts + self._gather(bucket.sums) * self.rank_slopes).sum(
-            axis=1
-        )
-        spreads = (counts * self.spread_scores).sum(axis=1)
+        at, count_weights, sum_weights = self._bucket_weights
+        # events twice (location and spread rows), then sums of ranks and of spread scores
+        totals = bucket.counts[at] @ count_weights + bucket.sums[at] @ sum_weights
+        k = len(self.columns)
         cusums.threshold = threshold
-        cusums.update(np.concatenate((n, n)), np.concatenate((ranks, spreads)))
-        return n, ranks
+        cusums.update(totals[: 2 * k], totals[2 * k :])
+        return totals[:k], totals[2 * k : 3 * k]
+
+    @cached_property
+    def _bucket_weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The numeric columns' bins in a summary's flat arrays, and the weights that turn a
+        bucket's counts and sums there into, per column, its events (twice), its sum of ranks
+        and its sum of spread scores (:meth:`update_cusums`): two matrix-vector products a
+        bucket, not a pass per statistic over padded rows."""
+        real = self.bins >= 0
+        column = np.nonzero(real)[0]  # of each real bin, row by row
+        k, at = len(self.columns), np.arange(len(column))
+        count_weights, sum_weights = np.zeros((2, len(column), 4 * k))
+        count_weights[at, column] = count_weights[at, k + column] = 1.0
+        count_weights[at, 2 * k + column] = self.rank_intercepts[real]
+        sum_weights[at, 2 * k + column] = self.rank_slopes[real]
+        count_weights[at, 3 * k + column] = self.spread_scores[real]
+        return self.bins[real], count_weights, sum_weights
 
 
 #: a 0 of a summary's integer or float arrays' type, to pad them (np.append costs twice as much)

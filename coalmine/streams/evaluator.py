@@ -90,10 +90,9 @@ class Evaluator:
                 return out
             self.next_bucket = min(self.pending)
         step = self.settings.bucket_ms
-        while self.next_bucket + step <= through:
-            if not self.pending:
-                self.next_bucket = through // step * step  # nothing anywhere: jump the gap
-                break
+        # an empty bucket waits for the next one with events (none may come within the
+        # window): evaluated or skipped alike however the partials were cut and timed
+        while self.next_bucket + step <= through and self.pending:
             if min(self.pending) - self.next_bucket > self.settings.window_ms:
                 self.window.clear()  # a gap longer than the window: start afresh
                 self.next_bucket = min(self.pending)
