@@ -44,8 +44,13 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_plain)
 _decoder = msgspec.msgpack.Decoder()
 
 
-#: the arrays of a summary sent sparse when mostly empty, and their type
-_SPARSE = {"counts": "<i8", "sums": "<f8", "latency": "<i8"}
+#: the arrays of a summary sent sparse when mostly empty: their type, and the array whose
+#: nonzero bins are sent (a bin's sum is 0 where its count is)
+_SPARSE = {"counts": ("<i8", "counts"), "sums": ("<f8", "counts"), "latency": ("<i8", "latency")}
+#: what a summary always sends: its arrays, events and version (any other field is a number)
+_KEPT = frozenset(
+    ("n", "version", "counts", "sums", "missing", "latency", "score_positives", "score_negatives")
+)
 #: no layout has more bins (a forged size must not allocate gigabytes)
 _MAX_BINS = 1 << 24
 
@@ -88,18 +93,18 @@ def _sparse(partial: dict) -> dict:
 def _sparse_summary(d: dict) -> dict:
     """A summary without its zero scalars (their defaults) and with its mostly empty arrays
     as ``[size, positions, values]``."""
-    out = {k: v for k, v in d.items() if k == "n" or not _plain_zero(v)}
-    for name in _SPARSE.keys() & d.keys():
-        values = d[name]
-        at = np.flatnonzero(values)  # a sum is never -0.0: np.bincount's start at +0.0
+    # a -0.0 is sent: the default, 0, would not give it back
+    out = {k: v for k, v in d.items() if k in _KEPT or v or math.copysign(1.0, v) < 0}
+    positions: dict[str, np.ndarray] = {}
+    for name, (_, by) in _SPARSE.items():
+        if (values := d.get(name)) is None:
+            continue
+        if by not in positions:
+            (positions[by],) = d[by].nonzero()
+        at = positions[by]
         if 3 * len(at) < len(values):  # 12 bytes an occupied bin, against 8 a bin dense
             out[name] = [len(values), at.astype("<u4"), values[at]]
     return out
-
-
-def _plain_zero(value: Any) -> bool:
-    """An int or float 0 (not -0.0, which the default would not give back)."""
-    return type(value) in (int, float) and value == 0 and math.copysign(1.0, value) > 0
 
 
 def decode_partial(raw: bytes) -> dict:
@@ -122,16 +127,14 @@ def _densify(d: dict) -> None:
 def _dense(name: str, size: int, at: bytes, values: bytes) -> np.ndarray:
     """A sparse array (:func:`_sparse_summary`) dense again; ValueError when its parts do not
     fit together (a forged or damaged message)."""
-    dtype = _SPARSE[name]
-    positions, nonzero = np.frombuffer(at, "<u4"), np.frombuffer(values, dtype)
-    if (
-        not 0 <= size <= _MAX_BINS
-        or len(positions) != len(nonzero)
-        or (len(positions) and int(positions.max()) >= size)
-    ):
-        raise ValueError(f"a sparse {name} does not fit together")
+    if not 0 <= size <= _MAX_BINS:
+        raise ValueError(f"a sparse {name} of {size} bins")
+    dtype = _SPARSE[name][0]
     dense = np.zeros(size, dtype)
-    dense[positions] = nonzero
+    try:  # numpy checks the positions' bounds and the lengths
+        dense[np.frombuffer(at, "<u4")] = np.frombuffer(values, dtype)
+    except (IndexError, ValueError) as exc:
+        raise ValueError(f"a sparse {name} does not fit together: {exc}") from None
     return dense
 
 
