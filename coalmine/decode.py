@@ -71,19 +71,17 @@ def _inputs(baseline: Baseline) -> list[str]:
     return [n for n in baseline.layout.names if not is_model_output(n) and not is_derived(n)]
 
 
-def _features_struct(model: str, baseline: Baseline) -> type:
-    """The model's monitored features as a struct; field ``f{j}`` is feature ``j`` (feature
-    names need not be identifiers). Others are skipped when decoding."""
-    names = _inputs(baseline)
-    kinds = baseline.layout.kinds
+def _features_struct(features: tuple[tuple[str, bool], ...]) -> type:
+    """A struct of the monitored ``features`` (name, whether numeric); field ``f{j}`` is
+    feature ``j`` (feature names need not be identifiers). Others are skipped when decoding."""
     fields = [
-        (f"f{j}", float | None if kinds[n] == NUMERIC else _SCALAR, None)
-        for j, n in enumerate(names)
+        (f"f{j}", float | None if numeric else _SCALAR, None)
+        for j, (_, numeric) in enumerate(features)
     ]
     return msgspec.defstruct(
-        f"Features_{model}",
+        "Features",
         fields,
-        rename={f"f{j}": n for j, n in enumerate(names)},
+        rename={f"f{j}": name for j, (name, _) in enumerate(features)},
         gc=False,
     )
 
@@ -91,10 +89,16 @@ def _features_struct(model: str, baseline: Baseline) -> type:
 class _Model:
     """One model's struct type and how to read its columns off decoded events."""
 
-    def __init__(self, name: str, baseline: Baseline):
+    def __init__(self, name: str, baseline: Baseline, shared: dict[tuple, type]):
         self.name, self.baseline = name, baseline
-        features = _features_struct(name, baseline)
-        fields = [(f[0], features, *f[2:]) if f[0] == "features" else f for f in _ENVELOPE]
+        layout = baseline.layout
+        inputs = list(enumerate(_inputs(baseline)))
+        # models monitoring the same features share their struct: one type for msgspec to
+        # inspect, not one a model (a decoder of 1,000 models is built once a worker)
+        key = tuple((n, layout.kinds[n] == NUMERIC) for _, n in inputs)
+        if key not in shared:
+            shared[key] = _features_struct(key)
+        fields = [(f[0], shared[key], *f[2:]) if f[0] == "features" else f for f in _ENVELOPE]
         self.struct = msgspec.defstruct(
             f"Prediction_{name}",
             fields,
@@ -103,8 +107,6 @@ class _Model:
             forbid_unknown_fields=True,
             gc=False,
         )
-        layout = baseline.layout
-        inputs = list(enumerate(_inputs(baseline)))
         numeric = [(f"f{j}", n) for j, n in inputs if layout.kinds[n] == NUMERIC]
         self.numeric = [n for _, n in numeric]
         # the numeric features' values off a features struct (a tuple when several)
@@ -167,7 +169,8 @@ class PredictionDecoder:
 
     def __init__(self, baselines: dict[str, Baseline]):
         self.baselines = baselines
-        self.models = {name: _Model(name, b) for name, b in baselines.items()}
+        shared: dict[tuple, type] = {}  # features -> their struct
+        self.models = {name: _Model(name, b, shared) for name, b in baselines.items()}
         structs = tuple(m.struct for m in self.models.values())
         self._decoder = msgspec.json.Decoder(structs[0] if len(structs) == 1 else _union(structs))
         self._models = list(self.models.values())
