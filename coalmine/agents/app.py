@@ -48,6 +48,10 @@ log = logging.getLogger("coalmine.worker")
 
 BATCH = 2000
 BATCH_WITHIN_S = 0.2
+#: stage 2's state is written (and the partials it covers acknowledged) at most this often,
+#: and at once after an alert or command: 1,000 models' heads every 250 ms bucket would cost
+#: more CPU than their evaluations
+SAVE_EVERY_S = 1.0
 #: a source partition that sent nothing for this long (wall clock) stops holding windows back,
 #: unless its stage 1 said it has a backlog (:func:`coalmine.partials.encode_heartbeat`);
 #: longer than a rebalance after a crash (session timeout 10 s + catch-up), so that the
@@ -151,6 +155,10 @@ def create_app(
     waiting: list[tuple[str, int | None, faust.EventT]] = []
     partition = {name: partition_of(name, partitions) for name in baselines}
     state_topic = StateTopic(parse_broker_url(broker_url))
+    unsaved: set[str] = set()  # models evaluated since their state was last written
+    flushed = [time.monotonic()]  # when it last was
+    evaluating = asyncio.Lock()  # partials are evaluated and published whole between flushes
+    the_stream: list[Any] = []  # the stage-2 agent's, to acknowledge partials on
 
     @app.service
     class _CloseStateTopic(Service):
@@ -245,36 +253,62 @@ def create_app(
 
     @app.agent(partials_topic)
     async def evaluate(stream: Any) -> None:
+        the_stream[:] = [stream]
         async for batch in stream.noack_take(BATCH, within=BATCH_WITHIN_S):
             t0 = time.perf_counter()
-            evaluated: set[str] = set()
-            for event in batch:
-                if not await owns(event.message.partition):
-                    continue  # revoked: its new owner reads it again
-                try:
-                    partial = decode_partial(event.message.value)
-                    model = partial["model"]
-                    sources.hear(partial)
-                    if is_heartbeat(partial):
-                        waiting.append((model, None, event))
-                        continue
-                    late = evaluators[model].late_partials
-                    out = evaluators[model].add(partial, sources.idle(model))
-                    metrics.LATE_PARTIALS.labels(model).inc(evaluators[model].late_partials - late)
-                    await publish(model, out)
-                    if out.evaluations:
-                        evaluated.add(model)
-                    last = max((int(b) for b in partial["buckets"]), default=-1)
-                    waiting.append((model, last, event))
-                except Exception as exc:
-                    log.exception("stage 2 failed on a partial")
-                    await send_dead_letter(event.message, f"internal error: {exc!r}")
-                    waiting.append(("", None, event))
-            # the state first, then the acknowledgements: what a new owner does not find in
-            # the state, Kafka delivers again
-            await save(evaluated)
-            await acknowledge(stream)
+            async with evaluating:
+                urgent = False
+                for event in batch:
+                    if not await owns(event.message.partition):
+                        continue  # revoked: its new owner reads it again
+                    try:
+                        partial = decode_partial(event.message.value)
+                        model = partial["model"]
+                        sources.hear(partial)
+                        if is_heartbeat(partial):
+                            waiting.append((model, None, event))
+                            continue
+                        late = evaluators[model].late_partials
+                        out = evaluators[model].add(partial, sources.idle(model))
+                        metrics.LATE_PARTIALS.labels(model).inc(
+                            evaluators[model].late_partials - late
+                        )
+                        urgent |= await evaluated(model, out)
+                        last = max((int(b) for b in partial["buckets"]), default=-1)
+                        waiting.append((model, last, event))
+                    except Exception as exc:
+                        log.exception("stage 2 failed on a partial")
+                        await send_dead_letter(event.message, f"internal error: {exc!r}")
+                        waiting.append(("", None, event))
+                await flush(now=urgent)
             metrics.PROCESSING.labels("evaluate").observe(time.perf_counter() - t0)
+
+    async def evaluated(model: str, out) -> bool:
+        """Publish what a model's evaluation gave; whether its state must be written at once
+        (it published an alert or a command)."""
+        await publish(model, out)
+        if out.evaluations:
+            unsaved.add(model)
+        return bool(out.alerts or out.commands)
+
+    async def flush(now: bool) -> None:
+        """Write the state of the models evaluated since the last write, then acknowledge the
+        partials it covers (the state first: what a new owner does not find in the state,
+        Kafka delivers again); unless ``now``, at most every :data:`SAVE_EVERY_S`. Called
+        holding ``evaluating``."""
+        if not now and time.monotonic() - flushed[0] < SAVE_EVERY_S:
+            return
+        await save(unsaved)
+        unsaved.clear()
+        flushed[0] = time.monotonic()
+        if the_stream:
+            await acknowledge(the_stream[0])
+
+    @app.timer(interval=SAVE_EVERY_S)
+    async def flush_quiet_spells() -> None:
+        """What was evaluated before the partials stopped coming is written too."""
+        async with evaluating:
+            await flush(now=False)
 
     async def acknowledge(stream) -> None:
         """Acknowledge, in offset order, the messages whose partials were evaluated (and
@@ -297,15 +331,15 @@ def create_app(
     @app.timer(interval=2.0)
     async def release_idle_sources():
         """Quiet partitions must not hold the window back: evaluate without them."""
-        for model, evaluator in evaluators.items():
-            if sources.known(model) and partition[model] in owned:
-                try:
-                    out = evaluator.poll(sources.idle(model))
-                    await publish(model, out)
-                    if out.evaluations:
-                        await save({model})
-                except Exception:  # a stage-2 bug must not take the worker down with it
-                    log.exception("stage 2 failed releasing idle sources of %s", model)
+        async with evaluating:
+            urgent = False
+            for model, evaluator in evaluators.items():
+                if sources.known(model) and partition[model] in owned:
+                    try:
+                        urgent |= await evaluated(model, evaluator.poll(sources.idle(model)))
+                    except Exception:  # a stage-2 bug must not take the worker down with it
+                        log.exception("stage 2 failed releasing idle sources of %s", model)
+            await flush(now=urgent)
 
     @app.page("/verdicts/{model}/")
     class Verdicts(faust.web.View):
