@@ -1,10 +1,9 @@
 """Many models, little traffic each: the fixed cost a call of stage 1's fold and of the summary
-merges, which ``many_models.py``'s end-to-end rate is too noisy to resolve. The file replay of
-its stream (``--bucket 5s`` by default here) runs once with ``Sketcher.add_batch``'s batches
-captured (one model's events of a chunk a call: ~20 at 1,000 models x 10 events/s); then
-``add_batch`` is timed again on them in a fresh sketcher, and ``Summary`` ``+``, ``-`` and
-``from_dict`` on the summaries of the replay's partials. CPU times (``time.process_time``),
-the best of 5 rounds.
+merges, which ``many_models.py``'s end-to-end rate is too noisy to resolve. Its stream is
+decoded in chunks of 20 events a model (20,000 at 1,000 models) and each model's batch of a
+chunk folded by ``Sketcher.add_batch``, as stage 1 does (``--bucket 5s`` by default here);
+then ``Summary`` ``+``, ``-`` and ``from_dict`` are timed on the summaries of its buckets. CPU
+times (``time.process_time``), the best of 5 rounds.
 
 usage: python benchmarks/many_models_calls.py [--models M] [--rate R] [--seconds S] [--bucket D]
 """
@@ -15,9 +14,11 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from coalmine.baselines import build_baselines
 from coalmine.config import load_config
-from coalmine.replay import replay_files
+from coalmine.decode import PredictionDecoder
 from coalmine.streams.sketch import Summary
 from coalmine.streams.sketcher import Sketcher
 
@@ -26,8 +27,10 @@ try:  # run as a script from the repository root, or as benchmarks.many_models_c
 except ImportError:
     from benchmarks.many_models import models_arguments, models_work
 
-#: ceilings, microseconds a call (2-core shared machine, --seconds 10: 224, 16.5, 16.8 and 7.2;
-#: before issue 11's work 479, 22.8, 21.6 and 10.8)
+#: events of a model in a chunk
+PER_MODEL = 20
+#: ceilings, us a call (2-core shared machine, --seconds 10: 226-232, 17.5-19.5, 17.5-18.8 and
+#: 6.3-7.2; before issue 11's work, 31d3657: 502-509, 21.4-22.4, 22.1-23.0 and 12.2)
 CEILINGS = {"add_batch": 300, "Summary +": 20, "Summary -": 20, "Summary.from_dict": 9}
 
 
@@ -46,39 +49,28 @@ def main() -> None:
         sys.argv += ["--bucket", "5s"]  # stage 2 small: stage 1's per-model fold shows
     args = models_arguments(__doc__)
     work, n = models_work(args, "coalmine-many-models-calls-")
-    config = load_config(work / "monitor.toml")
-    baselines = build_baselines(config)
-    batches: list[tuple] = []
-    partials: list[dict] = []
-    add_batch, close = Sketcher.add_batch, Sketcher.close
+    baselines = build_baselines(load_config(work / "monitor.toml"))
+    decoder, lines = PredictionDecoder(baselines), (work / "stream.jsonl").read_bytes().splitlines()
+    batches = []  # (a model's batch of a chunk, the chunk's sorted event times)
+    for start in range(0, len(lines), PER_MODEL * args.models):
+        decoded, _ = decoder.decode(lines[start : start + PER_MODEL * args.models])
+        stream = np.sort(np.concatenate([b.ts for b in decoded]))
+        batches += [(batch, stream) for batch in decoded]
 
-    def capture(self, batch, stream=None):
-        batches.append((batch, stream))
-        return add_batch(self, batch, stream)
+    def fold_all() -> Sketcher:
+        sketcher = Sketcher(baselines)
+        for batch, stream in batches:
+            sketcher.add_batch(batch, stream)
+        return sketcher
 
-    def keep(self):
-        partials.extend(out := close(self))
-        return out
-
-    Sketcher.add_batch, Sketcher.close = capture, keep  # type: ignore[method-assign]
-    try:
-        replay_files(config, work / "stream.jsonl", progress=False)
-    finally:
-        Sketcher.add_batch, Sketcher.close = add_batch, close  # type: ignore[method-assign]
     dicts = [
         {k: v for k, v in d.items() if k != "version"}
-        for p in partials
-        for variants in p["buckets"].values()
+        for partial in fold_all().flush()
+        for variants in partial["buckets"].values()
         for d in variants.values()
     ]
     summaries = [Summary.from_dict(d) for d in dicts]
     pairs = list(zip(summaries, summaries[1:]))
-
-    def fold_all() -> None:
-        sketcher = Sketcher(baselines)
-        for batch, stream in batches:
-            sketcher.add_batch(batch, stream)
-
     measured = {
         "add_batch": best_us(fold_all, len(batches)),
         "Summary +": best_us(lambda: [a + b for a, b in pairs], len(pairs)),
