@@ -233,7 +233,7 @@ def add_publish(sub) -> None:
 def cmd_tail(args) -> int:
     import orjson
 
-    from coalmine.client import _decode, tail
+    from coalmine.client import record_decoder, tail
     from coalmine.slices import TopicSlice, parse_time
 
     out = sys.stdout.buffer
@@ -260,9 +260,11 @@ def cmd_tail(args) -> int:
             since = parse_time(args.since) if args.since is not None else None
             until = parse_time(args.until) if args.until is not None else None
             verifier = _signed_verifier(args)
-            with TopicSlice(args.broker, topics.resolve(args.topic), since, until) as piece:
+            topic = topics.resolve(args.topic)
+            decode = record_decoder(topic)
+            with TopicSlice(args.broker, topic, since, until) as piece:
                 for values in piece.merged():
-                    records = [_decode(v) for v in values]
+                    records = [r for v in values for r in decode(v)]
                     if verifier is not None:
                         records = [r for r in records if _believed(verifier, r)]
                     out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))

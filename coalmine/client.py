@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Literal
 
 import orjson
@@ -143,14 +143,21 @@ class Publisher:
         await self.producer.flush()
 
 
-def _decode(value: bytes | None) -> dict:
+def record_decoder(topic: str) -> Callable[[bytes | None], list[dict]]:
+    """What reads a message of ``topic`` into its records: stage 1's partials are
+    MessagePack, not JSON, several a message."""
+    return readable_partial if topic.endswith("coalmine.partials") else _decode_one
+
+
+def _decode_one(value: bytes | None) -> list[dict]:
+    """A JSON message's record (its text, when it is not a JSON object), as a list of one."""
     try:
         record = orjson.loads(value or b"")
     except orjson.JSONDecodeError:
         record = None
-    return (
-        record if isinstance(record, dict) else {"_raw": (value or b"").decode("utf-8", "replace")}
-    )
+    if not isinstance(record, dict):
+        record = {"_raw": (value or b"").decode("utf-8", "replace")}
+    return [record]
 
 
 async def tail(
@@ -204,8 +211,7 @@ async def tail(
         for tp in assignment:  # resolve the offsets now, not at the first fetch
             await consumer.position(tp)
         last_message = time.monotonic()
-        # stage 1's partials are MessagePack, not JSON
-        decode = readable_partial if topic.endswith("coalmine.partials") else _decode
+        decode = record_decoder(topic)
         while not (stop and stop.is_set()):
             batch = await consumer.getmany(timeout_ms=200)
             if batch:
@@ -213,8 +219,7 @@ async def tail(
             elif until_idle is not None and time.monotonic() - last_message >= until_idle:
                 return
             for messages in batch.values():
-                for m in messages:
-                    record = decode(m.value)
+                for record in (r for m in messages for r in decode(m.value)):
                     why = verifier.check(record) if verifier is not None else None
                     yield record if why is None else {"_rejected": why, "record": record}
     finally:

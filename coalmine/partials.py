@@ -110,7 +110,48 @@ def _sparse_summary(d: dict) -> dict:
 def decode_partial(raw: bytes) -> dict:
     """The partial back, arrays as bytes (:meth:`coalmine.streams.sketch.Summary.from_dict`
     reads them), a sparse one as a dense array."""
-    partial = _decoder.decode(raw)
+    return _dense_partial(_decoder.decode(raw))
+
+
+def encode_partials(partials: list[dict], max_bytes: int = MAX_BYTES) -> list[bytes]:
+    """Partials (of the models of one partials partition) as few messages: each a MessagePack
+    array of them, in order, under ``max_bytes`` but for a part that is larger alone (each
+    partial split as :func:`encode_partial` splits it). A message each would cost stage 2
+    Faust's per-message path, ~75 us, a (model, partition) and close.
+
+    >>> [raw] = encode_partials([{"model": m, "source": 0, "closed_through": 0, "buckets": {}}
+    ...                          for m in ("a", "b")])
+    >>> [p["model"] for p in decode_partials(raw)]
+    ['a', 'b']
+    """
+    messages: list[bytes] = []
+    held: list[bytes] = []
+    size = 0
+    for raw in (part for partial in partials for part in encode_partial(partial, max_bytes)):
+        if held and size + len(raw) > max_bytes:
+            messages.append(_array_of(held))
+            held, size = [], 0
+        held.append(raw)
+        size += len(raw)
+    return messages + [_array_of(held)] if held else messages
+
+
+def _array_of(items: list[bytes]) -> bytes:
+    """A MessagePack array of items already encoded (not encoded again); fewer than 65,536
+    (a message's items are tens of bytes at least, and it is under a megabyte)."""
+    n = len(items)
+    head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    return head + b"".join(items)
+
+
+def decode_partials(raw: bytes) -> list[dict]:
+    """The partials of a message of :func:`encode_partials` (or of one partial, or a
+    heartbeat, alone: a list of one), as :func:`decode_partial` gives each."""
+    decoded = _decoder.decode(raw)
+    return [_dense_partial(p) for p in (decoded if isinstance(decoded, list) else [decoded])]
+
+
+def _dense_partial(partial: dict) -> dict:
     for variants in partial.get("buckets", {}).values():
         for d in variants.values():
             _densify(d)
@@ -168,17 +209,19 @@ def is_heartbeat(partial: dict) -> bool:
     return "buckets" not in partial
 
 
-def readable_partial(raw: bytes) -> dict:
-    """A partial message for people (``coalmine tail partials``): arrays as lists."""
+def readable_partial(raw: bytes | None) -> list[dict]:
+    """A message of the partials topic for people (``coalmine tail partials``): its partials,
+    arrays as lists."""
     from coalmine.streams.sketch import Summary
 
-    partial = decode_partial(raw)
-    for variants in partial.get("buckets", {}).values():
-        for variant, d in variants.items():
-            version = d.pop("version", None)
-            plain = {
-                k: v.tolist() if isinstance(v, np.ndarray) else v
-                for k, v in Summary.from_dict(d).to_dict().items()
-            }
-            variants[variant] = {**plain, "version": version}
-    return partial
+    partials = decode_partials(raw or b"")
+    for partial in partials:
+        for variants in partial.get("buckets", {}).values():
+            for variant, d in variants.items():
+                version = d.pop("version", None)
+                plain = {
+                    k: v.tolist() if isinstance(v, np.ndarray) else v
+                    for k, v in Summary.from_dict(d).to_dict().items()
+                }
+                variants[variant] = {**plain, "version": version}
+    return partials

@@ -609,6 +609,34 @@ def test_empty_buckets_are_evaluated_alike_however_the_partials_come(monitor):
     assert not set(range(40, 65)) & set(ts), "the gap longer than the window is not"
 
 
+def test_partials_of_a_close_travel_in_few_messages_and_evaluate_as_sent_alone(monitor):
+    """A worker sends the partials of a partials partition's models together: a few messages
+    under the size limit, in order, that stage 2 evaluates as the partials one by one; a
+    message of one partial, as sent before, still reads."""
+    from coalmine.partials import decode_partial, decode_partials, encode_partial, encode_partials
+
+    events = stream(40)
+    partials = []
+    for source in range(4):  # the events in four partitions: four sources of each bucket
+        sketcher, mine = Sketcher({"m": monitor}, source=source), events[source::4]
+        for start in range(0, len(mine), 100):  # a close every other bucket
+            assert sketcher.add_predictions(mine[start : start + 100]) == []
+            partials += sketcher.close()
+    messages = encode_partials(partials, max_bytes=30_000)
+    alone = [decode_partial(raw) for p in partials for raw in encode_partial(p, 30_000)]
+    assert 1 < len(messages) < len(alone) / 4 and max(map(len, messages)) <= 30_000
+    together = [p for raw in messages for p in decode_partials(raw)]
+    assert [(p["source"], sorted(p["buckets"])) for p in together] == [
+        (p["source"], sorted(p["buckets"])) for p in alone
+    ]
+    one, other = Evaluator(monitor, sources=4), Evaluator(monitor, sources=4)
+    expected = [e.to_json() for p in alone for e in one.add(p).evaluations]
+    assert [e.to_json() for p in together for e in other.add(p).evaluations] == expected
+    assert len({e["ts"] for e in expected}) > 30
+    [raw] = encode_partial(partials[0], 10**9)
+    assert [p["closed_through"] for p in decode_partials(raw)] == [partials[0]["closed_through"]]
+
+
 def test_a_partial_split_for_the_wire_is_evaluated_as_the_whole(monitor):
     """A source catching up closes many buckets at once; the partial is split into messages
     under the size limit, and stage 2, fed the parts in order, evaluates exactly as from the

@@ -37,7 +37,7 @@ from coalmine.agents.stage1 import Stage1, dead_letter
 from coalmine.agents.state import ModelState, StateTopic, partition_of, restore
 from coalmine.broker import parse_broker_url
 from coalmine.health import REPEATS, BrokerWatch, report
-from coalmine.partials import decode_partial, is_heartbeat
+from coalmine.partials import decode_partials, is_heartbeat
 from coalmine.security import Security
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
@@ -150,9 +150,9 @@ def create_app(
     states = {name: ModelState() for name in baselines}  # what was last written of each
     owned: set[int] = set()  # partials partitions this worker evaluates
     resumed: dict[int, asyncio.Event] = defaultdict(asyncio.Event)  # set while in owned
-    # messages of the partials topic not acknowledged yet, in offset order: (model, the last
-    # bucket of the partial, or None when nothing waits for an evaluation, event)
-    waiting: list[tuple[str, int | None, faust.EventT]] = []
+    # messages of the partials topic not acknowledged yet, in offset order: ((model, the
+    # partial's last bucket) of each partial that waits for an evaluation, event)
+    waiting: list[tuple[list[tuple[str, int]], faust.EventT]] = []
     partition = {name: partition_of(name, partitions) for name in baselines}
     state_topic = StateTopic(parse_broker_url(broker_url))
     unsaved: set[str] = set()  # models evaluated since their state was last written
@@ -239,7 +239,7 @@ def create_app(
             owned.discard(p)
             resumed[p].clear()
         # Faust delivers them again, should the partitions come back here
-        waiting[:] = [w for w in waiting if w[2].message.partition not in gone]
+        waiting[:] = [w for w in waiting if w[1].message.partition not in gone]
 
     async def owns(partition: int) -> bool:
         """Whether this worker evaluates ``partition``; Faust may resume a newly assigned one
@@ -262,26 +262,34 @@ def create_app(
                     if not await owns(event.message.partition):
                         continue  # revoked: its new owner reads it again
                     try:
-                        partial = decode_partial(event.message.value)
-                        model = partial["model"]
-                        sources.hear(partial)
-                        if is_heartbeat(partial):
-                            waiting.append((model, None, event))
-                            continue
-                        late = evaluators[model].late_partials
-                        out = evaluators[model].add(partial, sources.idle(model))
-                        metrics.LATE_PARTIALS.labels(model).inc(
-                            evaluators[model].late_partials - late
-                        )
-                        urgent |= await evaluated(model, out)
-                        last = max((int(b) for b in partial["buckets"]), default=-1)
-                        waiting.append((model, last, event))
-                    except Exception as exc:
-                        log.exception("stage 2 failed on a partial")
-                        await send_dead_letter(event.message, f"internal error: {exc!r}")
-                        waiting.append(("", None, event))
+                        partials = decode_partials(event.message.value)
+                    except Exception as exc:  # not ours, or damaged
+                        await send_dead_letter(event.message, f"not a partial: {exc!r}")
+                        partials = []
+                    waits: list[tuple[str, int]] = []
+                    for partial in partials:
+                        try:
+                            urgent |= await take(partial, waits)
+                        except Exception as exc:
+                            log.exception("stage 2 failed on a partial")
+                            await send_dead_letter(event.message, f"internal error: {exc!r}")
+                    waiting.append((waits, event))
                 await flush(now=urgent)
             metrics.PROCESSING.labels("evaluate").observe(time.perf_counter() - t0)
+
+    async def take(partial: dict, waits: list[tuple[str, int]]) -> bool:
+        """Hear, merge and evaluate one partial of a message; what its message waits for (the
+        model and the partial's last bucket) goes to ``waits``. Whether stage 2's state must be
+        written at once (:func:`evaluated`)."""
+        model = partial["model"]
+        sources.hear(partial)
+        if is_heartbeat(partial):
+            return False
+        late = evaluators[model].late_partials
+        out = evaluators[model].add(partial, sources.idle(model))
+        metrics.LATE_PARTIALS.labels(model).inc(evaluators[model].late_partials - late)
+        waits.append((model, max((int(b) for b in partial["buckets"]), default=-1)))
+        return await evaluated(model, out)
 
     async def evaluated(model: str, out) -> bool:
         """Publish what a model's evaluation gave; whether its state must be written at once
@@ -311,21 +319,23 @@ def create_app(
             await flush(now=False)
 
     async def acknowledge(stream) -> None:
-        """Acknowledge, in offset order, the messages whose partials were evaluated (and
+        """Acknowledge, in offset order, the messages whose partials were all evaluated (and
         saved): never one after a message still waiting, for Faust then commits past that
         one too (when it is the first after the committed offset), and a new owner would not
-        read its partial again."""
+        read its partials again."""
         still, held = [], set()
-        for model, last, event in waiting:
+        for waits, event in waiting:
             partition = event.message.partition
             if partition not in owned:
                 continue  # handed over: the new owner reads it again
-            nxt = None if last is None else evaluators[model].next_bucket
-            if partition not in held and (last is None or (nxt is not None and last < nxt)):
+            if partition not in held and all(
+                (nxt := evaluators[model].next_bucket) is not None and last < nxt
+                for model, last in waits
+            ):
                 await stream.ack(event)
             else:
                 held.add(partition)
-                still.append((model, last, event))
+                still.append((waits, event))
         waiting[:] = still
 
     @app.timer(interval=2.0)

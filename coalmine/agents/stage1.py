@@ -35,7 +35,7 @@ from coalmine import events as contract
 from coalmine.agents import metrics, state
 from coalmine.decode import PredictionDecoder
 from coalmine.ingest import PartitionIngest
-from coalmine.partials import encode_heartbeat, encode_partial
+from coalmine.partials import encode_heartbeat, encode_partials
 from coalmine.security import client_kwargs
 from coalmine.streams.baseline import Baseline
 
@@ -129,6 +129,7 @@ class Stage1(Service):
         super().__init__(**kwargs)
         self.baselines, self.bootstrap, self.group_id = baselines, bootstrap, group_id
         self.ingests: dict[int, PartitionIngest] = {}
+        self.partials_partitions: int | None = None
         self.lock = asyncio.Lock()  # a batch is processed whole before a revocation commits
         # sends not yet acknowledged, and those the broker refused: (future or None, message)
         self.pending: list[tuple[asyncio.Future | None, tuple[str, bytes | None, bytes]]] = []
@@ -250,10 +251,24 @@ class Stage1(Service):
         """Send the partials of the buckets the partition closed."""
         partials = ingest.close()
         _count_label_join(ingest)
+        if not partials:
+            return
+        # the models of a partials partition go together, keyed by the first of them
+        together: dict[int, list[dict]] = defaultdict(list)
+        count = await self._partials_partitions()
         for partial in partials:
-            for part in encode_partial(partial):
-                await self._send(topics.PARTIALS, partial["model"].encode(), part)
+            together[state.partition_of(partial["model"], count)].append(partial)
             self.spoke[partition, partial["model"]] = time.monotonic()
+        for batch in together.values():
+            for message in encode_partials(batch):
+                await self._send(topics.PARTIALS, batch[0]["model"].encode(), message)
+
+    async def _partials_partitions(self) -> int:
+        """How many partitions the partials topic has (asked once)."""
+        if self.partials_partitions is None:
+            assert self.producer is not None
+            self.partials_partitions = len(await self.producer.partitions_for(topics.PARTIALS))
+        return self.partials_partitions
 
     async def _catch_up(self, partition: int, ingest: PartitionIngest) -> bool:
         """Bring the partition's labels side up to the predictions it caught up with
