@@ -314,9 +314,11 @@ def create_app(
 
     @app.timer(interval=SAVE_EVERY_S)
     async def flush_quiet_spells() -> None:
-        """What was evaluated before the partials stopped coming is written too."""
-        async with evaluating:
-            await flush(now=False)
+        """What was evaluated before the partials stopped coming is written too (while a batch
+        is evaluated, the batch writes it)."""
+        if not evaluating.locked():
+            async with evaluating:
+                await flush(now=False)
 
     async def acknowledge(stream) -> None:
         """Acknowledge, in offset order, the messages whose partials were all evaluated (and
