@@ -34,3 +34,45 @@ def test_a_600_kb_message_is_dead_lettered_and_duplicates_count_once(
     assert worker.metric("coalmine_events_total") == valid
     assert worker.metric("coalmine_duplicates_total") == 499
     assert worker.proc.poll() is None and worker.get("/health")
+
+
+def test_damaged_partials_are_dead_lettered_and_stage_2_goes_on(
+    namespace, start_worker, shuttle_config
+):
+    """The internal partials topic gets bytes that are not a partial, a forged sparse array that
+    does not fit, and a message whose second partial is of a model no one monitors: each goes
+    to the dead letters, naming why (and whose), and stage 2 evaluates the real traffic after
+    them."""
+    import asyncio
+
+    import msgspec
+
+    from coalmine.client import Publisher
+
+    worker = start_worker(shuttle_config)
+    forged = {"n": 1, "counts": [3, b"\x07\x00\x00\x00", bytes(8)], "sums": bytes(24)}
+    heard = {"model": "shuttle", "source": 0, "behind": False}  # a heartbeat: nothing to merge
+    ghost = {"model": "ghost", "source": 0, "closed_through": 0, "buckets": {"0": {}}}
+    bad = [
+        b"\xc1 not MessagePack",
+        msgspec.msgpack.encode({**ghost, "model": "shuttle", "buckets": {"0": {"a": forged}}}),
+        msgspec.msgpack.encode([heard, ghost]),
+    ]
+
+    async def send() -> None:
+        async with Publisher(namespace.broker.bootstrap) as pub:
+            for value in bad:
+                await pub.publish(namespace.topic["partials"], value, key="shuttle")
+
+    asyncio.run(send())
+    scenario = simulator.Scenario(n_events=3_000, rate_per_s=RATE, label_fraction=0, seed=13)
+    namespace.publish(e for e in simulator.generate(scenario) if e[0] == "prediction")
+    wait_until(
+        lambda: worker.metric("coalmine_evaluations_total") > 0, 90, "an evaluation", interval=0.5
+    )
+    reasons = sorted(d["reason"] for d in namespace.read("deadletter"))
+    assert len(reasons) == 3, reasons
+    assert reasons[0].startswith("internal error on the partial of 'ghost'")
+    assert reasons[1].startswith("not a partial: DecodeError")
+    assert reasons[2].startswith("not a partial: ValueError") and "does not fit" in reasons[2]
+    assert worker.proc.poll() is None and worker.get("/health")

@@ -270,9 +270,11 @@ def create_app(
                     for partial in partials:
                         try:
                             urgent |= await take(partial, waits)
-                        except Exception as exc:
+                        except Exception as exc:  # the message goes whole, naming whose
                             log.exception("stage 2 failed on a partial")
-                            await send_dead_letter(event.message, f"internal error: {exc!r}")
+                            whose = partial.get("model") if isinstance(partial, dict) else None
+                            reason = f"internal error on the partial of {whose!r}: {exc!r}"
+                            await send_dead_letter(event.message, reason)
                     waiting.append((waits, event))
                 await flush(now=urgent)
             metrics.PROCESSING.labels("evaluate").observe(time.perf_counter() - t0)
