@@ -152,6 +152,7 @@ def decode_partials(raw: bytes) -> list[dict]:
 
 
 def _dense_partial(partial: dict) -> dict:
+    """``partial`` with its summaries' sparse arrays dense again, in place."""
     for variants in partial.get("buckets", {}).values():
         for d in variants.values():
             _densify(d)
