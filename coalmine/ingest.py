@@ -55,7 +55,7 @@ class PartitionIngest:
     ):
         self.models = set(baselines)
         # clock: a worker's wall clock, ms; replays have none; wait_for_labels: a worker's
-        # (see Sketcher); decoder: one the worker's partitions share (1,000 models: ~0.5 s
+        # (see Sketcher); decoder: one the worker's partitions share (1,000 models: ~0.2 s
         # to build)
         self.sketcher = Sketcher(
             baselines, source=source, clock=clock, wait_for_labels=wait_for_labels

@@ -81,13 +81,12 @@ def encode_partial(partial: dict, max_bytes: int = MAX_BYTES) -> list[bytes]:
 def _sparse(partial: dict) -> dict:
     """``partial`` with each summary of mostly empty bins in its sparse form (the module's
     docstring): a bucket of a model at 10 events/s in one of 6 partitions holds ~1 event."""
-    if "buckets" not in partial:
-        return partial
-    buckets = {
-        start: {variant: _sparse_summary(d) for variant, d in variants.items()}
-        for start, variants in partial["buckets"].items()
-    }
+    buckets = {start: _sparse_summaries(v) for start, v in partial["buckets"].items()}
     return {**partial, "buckets": buckets}
+
+
+def _sparse_summaries(summaries: dict[str, dict]) -> dict[str, dict]:
+    return {name: _sparse_summary(d) for name, d in summaries.items()}
 
 
 def _sparse_summary(d: dict) -> dict:
@@ -154,16 +153,17 @@ def decode_partials(raw: bytes) -> list[dict]:
 def _dense_partial(partial: dict) -> dict:
     """``partial`` with its summaries' sparse arrays dense again, in place."""
     for variants in partial.get("buckets", {}).values():
-        for d in variants.values():
-            _densify(d)
+        _dense_summaries(variants)
     return partial
 
 
-def _densify(d: dict) -> None:
-    """A summary's sparse arrays dense again, in place."""
-    for name in _SPARSE:
-        if isinstance(d.get(name), list):
-            d[name] = _dense(name, *d[name])
+def _dense_summaries(summaries: dict[str, dict]) -> dict[str, dict]:
+    """Summaries by name with their sparse arrays dense again, in place."""
+    for d in summaries.values():
+        for name in _SPARSE:
+            if isinstance(d.get(name), list):
+                d[name] = _dense(name, *d[name])
+    return summaries
 
 
 def _dense(name: str, size: int, at: bytes, values: bytes) -> np.ndarray:
@@ -183,15 +183,12 @@ def _dense(name: str, size: int, at: bytes, values: bytes) -> np.ndarray:
 def encode_summaries(summaries: dict[str, dict]) -> bytes:
     """Summaries by name, in their :meth:`~coalmine.streams.sketch.Summary.to_dict` form, in
     the partials' compact form (a bucket of stage 2's window, for its state record)."""
-    return _encoder.encode({name: _sparse_summary(d) for name, d in summaries.items()})
+    return _encoder.encode(_sparse_summaries(summaries))
 
 
 def decode_summaries(raw: bytes) -> dict[str, dict]:
     """:func:`encode_summaries` back, arrays dense (as bytes or arrays)."""
-    summaries = _decoder.decode(raw)
-    for d in summaries.values():
-        _densify(d)
-    return summaries
+    return _dense_summaries(_decoder.decode(raw))
 
 
 def encode_heartbeat(model: str, source: int, behind: bool) -> bytes:
