@@ -1,13 +1,22 @@
 """The one builder of a config's baselines, used by the worker, replay, validate and the
 notebook front door alike: each model's reference comes from its file, or from its first
 ``reference_first_events`` prediction events, which the caller reads from where its events
-are (a file, a topic)."""
+are (a file, a topic).
+
+On a cold calibration cache, models with reference files of their own are calibrated on a
+pool of processes first (one per usable core), which store their fits in the file cache
+that the build here then reads: the fits are the same (each baseline seeds its own random
+numbers), the wait is divided by the cores."""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import lru_cache, partial
+from multiprocessing import get_context
 
 from coalmine.cache import FileCalibrationCache
 from coalmine.config import Config, ModelConfig
@@ -15,8 +24,24 @@ from coalmine.reference_files import load_reference
 from coalmine.streams.baseline import Baseline, CalibrationCache
 from coalmine.streams.reference import ReferenceData, event_rows, reference_from_rows
 
+log = logging.getLogger("coalmine.baselines")
+
 #: given the models whose reference is their first events, those events per model name
 FirstEvents = Callable[[list[ModelConfig]], dict[str, list[dict]]]
+
+#: the least calibration work (columns of the models the cache misses) calibrated on other
+#: processes. Each takes ~1 s of CPU to start (spawn, numpy, scipy, coalmine: measured) and a
+#: column ~0.3 s, so with 2 idle cores a pool gains from ~7 columns on; but cores are often
+#: shared, and then the start is a loss: 40 columns (~12 s of one core) bound it to 2 s of
+#: 12. Smaller configs (the test suite, the demo) start no process.
+PARALLEL_MIN_COLUMNS = 40
+
+#: what a reference that does not fit calibration raises (e.g. one value per feature leaves
+#: no threshold to find)
+CALIBRATION_ERRORS = (ValueError, TypeError, ArithmeticError)
+
+#: a model's reference file read once per build (ReferenceData is never modified)
+ReadReference = Callable[[ModelConfig], ReferenceData]
 
 
 def build_baselines(
@@ -34,19 +59,26 @@ def build_baselines(
     if wanted and first_events is None:
         raise ValueError(f"model {wanted[0].name}: reference_first_events needs a source of events")
     built: dict[str, Baseline] = {}
-    # models sharing a reference file read it once (ReferenceData is never modified), and
-    # those that also share every setting but their name share one baseline, renamed
-    read = lru_cache(maxsize=None)(load_reference)
-    alike: dict[ModelConfig, Baseline] = {}
+    read_file = lru_cache(maxsize=None)(load_reference)
+
+    def read(m: ModelConfig) -> ReferenceData:
+        assert m.reference is not None
+        return read_file(m.reference, m.features)
+
+    # models sharing a reference file and every setting but their name share one baseline,
+    # renamed
+    alike: dict[ModelConfig, ModelConfig] = {}
+    for m in config.models.values():
+        if m.reference is not None:
+            alike.setdefault(replace(m, name=""), m)
+    ready = _calibrate_in_parallel(list(alike.values()), read, cache)
     for name, m in config.models.items():
         if m.reference is None:
             continue
-        if (twin := alike.get(unnamed := replace(m, name=""))) is not None:
-            built[name] = twin.renamed(m)
-        else:
-            built[name] = alike[unnamed] = _baseline(
-                m, partial(read, m.reference, m.features), cache
-            )
+        first = alike[replace(m, name="")]
+        if first.name not in ready:
+            ready[first.name] = _baseline(m, partial(read, m), cache)
+        built[name] = ready[first.name] if first is m else ready[first.name].renamed(m)
     found = first_events(wanted) if wanted and first_events is not None else {}
     for m in wanted:
         rows = event_rows(found[m.name])
@@ -65,6 +97,82 @@ def _baseline(
         raise ValueError(f"model {model.name}: {exc}") from None
     try:
         return Baseline(model, data, cache=cache)
-    except (ValueError, TypeError, ArithmeticError) as exc:
-        # e.g. a reference with one value per feature leaves no threshold to find
+    except CALIBRATION_ERRORS as exc:
         raise ValueError(f"{where}: cannot calibrate thresholds on it: {exc}") from exc
+
+
+class _Uncached(Exception):
+    """A baseline's fits are not in the cache yet."""
+
+
+class _CachedOnly:
+    """A calibration cache that builds a baseline only from fits ``cache`` holds (else
+    raises :class:`_Uncached`, before any calibration)."""
+
+    def __init__(self, cache: CalibrationCache):
+        self.cache = cache
+
+    def load(self, key: str) -> list:
+        if (fits := self.cache.load(key)) is None:
+            raise _Uncached(key)
+        return fits
+
+    def store(self, key: str, fits: list) -> None:
+        """Never called: a miss raises before any fit exists."""
+
+
+def _calibrate_in_parallel(
+    models: list[ModelConfig], read: ReadReference, cache: CalibrationCache
+) -> dict[str, Baseline]:
+    """Calibrate the models the file ``cache`` misses on a pool of processes, when there is
+    enough work to pay for their start; returns, by model name, the baselines built here from
+    the fits already in the cache on the way.
+
+    Whatever cannot go this way (a small config, another cache, one that cannot be written,
+    a reference that does not read or build, a process that fails) is left to the build in
+    order, which reports any error just as it would alone.
+    """
+    workers = min(len(os.sched_getaffinity(0)), len(models))
+    if not isinstance(cache, FileCalibrationCache) or workers < 2:
+        return {}
+    try:
+        references = [read(m) for m in models]
+    except ValueError:
+        return {}
+    if sum(len(data.columns) for data in references) < PARALLEL_MIN_COLUMNS:
+        return {}
+    ready: dict[str, Baseline] = {}
+    missing: list[tuple[ModelConfig, ReferenceData]] = []
+    for m, data in zip(models, references):
+        try:
+            ready[m.name] = Baseline(m, data, cache=_CachedOnly(cache))
+        except _Uncached:
+            missing.append((m, data))
+        except CALIBRATION_ERRORS:
+            pass  # reported by the build in order
+    workers = min(workers, len(missing))
+    work = sum(len(data.columns) for _, data in missing)
+    if workers < 2 or work < PARALLEL_MIN_COLUMNS or not cache.writable():
+        return ready
+    log.info(
+        "calibrating %d models' thresholds on %d processes; cached in %s for the next start",
+        len(missing),
+        workers,
+        cache.dir,
+    )
+    # spawned, not forked: the worker runs threads and asyncio afterwards
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        calibrated = [pool.submit(_calibrate, m, data, cache) for m, data in missing]
+    failed = [
+        e
+        for f in calibrated
+        if (e := f.exception()) is not None and not isinstance(e, CALIBRATION_ERRORS)
+    ]
+    if failed:
+        log.warning("calibrating in parallel failed (%r); calibrating here instead", failed[0])
+    return ready
+
+
+def _calibrate(model: ModelConfig, reference: ReferenceData, cache: FileCalibrationCache) -> None:
+    """In a pool's process: the model's fits, stored in ``cache``."""
+    Baseline(model, reference, cache=cache)

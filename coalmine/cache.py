@@ -43,6 +43,14 @@ class FileCalibrationCache:
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
             return None
 
+    def writable(self) -> bool:
+        """Whether fits stored here (by this or another process) can be read back."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return os.access(self.dir, os.W_OK)
+
     def store(self, key: str, fits: list) -> None:
         """Best effort: a read-only home only costs the next start-up its calibration time."""
         path = self.dir / f"{key}.pkl"
