@@ -11,12 +11,13 @@ numbers), the wait is divided by the cores."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import lru_cache, partial
-from multiprocessing import get_context
 
 from coalmine.cache import FileCalibrationCache
 from coalmine.config import Config, ModelConfig
@@ -161,7 +162,8 @@ def _calibrate_in_parallel(
         cache.dir,
     )
     # spawned, not forked: the worker runs threads and asyncio afterwards
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, spawn, initializer=_exit_with_parent) as pool:
         calibrated = [pool.submit(_calibrate, m, data, cache) for m, data in missing]
     failed = [
         e
@@ -176,3 +178,16 @@ def _calibrate_in_parallel(
 def _calibrate(model: ModelConfig, reference: ReferenceData, cache: FileCalibrationCache) -> None:
     """In a pool's process: the model's fits, stored in ``cache``."""
     Baseline(model, reference, cache=cache)
+
+
+def _exit_with_parent() -> None:
+    """In a pool's process: exit as soon as the parent does (killed during calibration),
+    rather than wait for more work forever."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None, "not a child process"
+
+    def exit_after_parent() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=exit_after_parent, daemon=True).start()

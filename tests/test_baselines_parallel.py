@@ -15,18 +15,18 @@ from coalmine.config import parse_config
 from coalmine.streams import calibration
 
 
-def write_reference(path: Path, rows: int, seed: int) -> None:
-    """``rows`` rows of three normal features (the fewest rows calibrated: 100)."""
-    values = np.random.default_rng(seed).normal(size=(rows, 3))
+def write_reference(path: Path, shape: tuple[int, int], seed: int) -> None:
+    """Rows of normal features (the fewest rows calibrated: 100)."""
+    values = np.random.default_rng(seed).normal(size=shape)
     lines = "".join(",".join(f"{v:.4f}" for v in row) + "\n" for row in values)
-    path.write_text("f0,f1,f2\n" + lines)
+    path.write_text(",".join(f"f{j}" for j in range(shape[1])) + "\n" + lines)
 
 
-def config_of(tmp_path: Path, rows: list[int]):
-    """One model per entry of ``rows``, each on its own reference of that many rows."""
-    for i, n in enumerate(rows):
-        write_reference(tmp_path / f"ref{i}.csv", n, seed=i)
-    models = [{"name": f"m{i}", "reference": f"ref{i}.csv"} for i in range(len(rows))]
+def config_of(tmp_path: Path, shapes: list[tuple[int, int]]):
+    """One model per entry of ``shapes`` (rows, features), each on a reference of its own."""
+    for i, shape in enumerate(shapes):
+        write_reference(tmp_path / f"ref{i}.csv", shape, seed=i)
+    models = [{"name": f"m{i}", "reference": f"ref{i}.csv"} for i in range(len(shapes))]
     return parse_config({"models": models}, tmp_path)
 
 
@@ -52,11 +52,11 @@ def build(config, cache_dir: Path, monkeypatch, parallel: bool):
 def test_parallel_calibration_gives_the_sequential_thresholds(
     tmp_path, monkeypatch, calibrated_here
 ):
-    config = config_of(tmp_path, [1000, 1000, 1000])
+    config = config_of(tmp_path, [(1000, 2)] * 3)
     parallel = build(config, tmp_path / "cold1", monkeypatch, parallel=True)
     assert calibrated_here[0] == 0  # the pool's processes calibrated every column
     sequential = build(config, tmp_path / "cold2", monkeypatch, parallel=False)
-    assert calibrated_here[0] == 9
+    assert calibrated_here[0] == 6
     for name, baseline in sequential.items():
         for ours, theirs in zip(parallel[name].columns, baseline.columns, strict=True):
             assert ours.fits.keys() == theirs.fits.keys()
@@ -71,19 +71,19 @@ def test_a_reference_that_fails_in_the_pool_is_reported_as_alone(
     """100 rows calibrate, but leave the joint CUSUM no threshold: the pool's process fails
     after storing its fits, and the build here, reading them, reports it by model and file as
     the sequential build does."""
-    config = config_of(tmp_path, [1000, 100])
+    config = config_of(tmp_path, [(1000, 1), (100, 3)])
     errors = []
     for parallel, cold in ((True, "cold1"), (False, "cold2")):
         with pytest.raises(ValueError, match="^model m1: reference .*ref1.csv: cannot") as exc:
             build(config, tmp_path / cold, monkeypatch, parallel)
         errors.append(str(exc.value))
-        assert calibrated_here[0] == (0 if parallel else 6)
+        assert calibrated_here[0] == (0 if parallel else 4)
     assert errors[0] == errors[1]
 
 
 def test_a_cache_that_cannot_be_written_calibrates_here(tmp_path, monkeypatch, calibrated_here):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    config = config_of(tmp_path, [1000, 1000])
+    config = config_of(tmp_path, [(1000, 1)] * 2)
     assert set(build(config, blocked, monkeypatch, parallel=True)) == {"m0", "m1"}
-    assert calibrated_here[0] == 6
+    assert calibrated_here[0] == 2
