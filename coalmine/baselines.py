@@ -156,7 +156,7 @@ def _calibrate_in_parallel(
     work = sum(len(data.columns) for _, data in missing)
     if workers < 2 or work < PARALLEL_MIN_COLUMNS or not cache.writable():
         return ready
-    log.info(
+    log.warning(  # minutes for hundreds of models: a start must not look hung
         "calibrating %d models' thresholds on %d processes; cached in %s for the next start",
         len(missing),
         workers,
