@@ -81,6 +81,29 @@ def test_bucket_records_are_compact_and_those_pickled_before_still_read(monitor)
                 assert repr(got.variants[variant].to_dict()) == repr(summary.to_dict())
 
 
+def test_a_backlogs_pending_buckets_are_written_compact_and_restore_exactly(monitor):  # noqa: F811
+    """A source catching up sends many buckets that wait for another source: the head holds
+    them in the partials' compact form (each a few events, not the dense arrays), and the
+    restored evaluator evaluates them exactly as the one that never stopped."""
+    partials = partials_of(monitor, stream(60)[::50])  # 4 events a bucket
+    whole = Evaluator(monitor, sources=2)
+    for p in partials:
+        whole.add(dict(p))  # source 0 only: every bucket waits for source 1
+    assert len(whole.pending) >= 50
+    head = compacted(ModelState().records("m", whole))[key("m", b"head")]
+    # under one dense counts array a bucket (before: ~2,500 bytes a bucket, 148,124 in all)
+    assert len(head) < 8 * monitor.layout.size * len(whole.pending)
+    restored, _ = restore({key("m", b"head"): head}, monitor, None)
+    for start, variants in whole.pending.items():
+        for variant, summary in variants.items():
+            got = restored.pending[start][variant].to_dict()
+            assert repr(got) == repr(summary.to_dict())
+    other = [dict(p, source=1) for p in partials_of(monitor, stream(60)[1::50])]
+    expected = [e.to_json() for p in other for e in whole.add(dict(p)).evaluations]
+    assert expected, "the other source's partials complete the buckets"
+    assert [e.to_json() for p in other for e in restored.add(dict(p)).evaluations] == expected
+
+
 def test_the_head_holds_the_evaluators_state_not_its_baselines_columns(monitor):  # noqa: F811
     """Each evaluation rewrites a model's head: the columns a check watches follow from the
     baseline (written by name) and are derived again on restore, not pickled with it."""

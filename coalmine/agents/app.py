@@ -52,6 +52,12 @@ BATCH_WITHIN_S = 0.2
 #: and at once after an alert or command: 1,000 models' heads every 250 ms bucket would cost
 #: more CPU than their evaluations
 SAVE_EVERY_S = 1.0
+#: ... and, when a write takes long (0.6-3.7 s for 1,000 models catching up on a backlog,
+#: measured), only so often that writing takes at most this share of the time, but at least
+#: every SAVE_WITHIN_S: more partials wait for their acknowledgement, and a new owner
+#: re-evaluates more of them after a crash
+SAVE_SHARE = 0.1
+SAVE_WITHIN_S = 10.0
 #: a source partition that sent nothing for this long (wall clock) stops holding windows back,
 #: unless its stage 1 said it has a backlog (:func:`coalmine.partials.encode_heartbeat`);
 #: longer than a rebalance after a crash (session timeout 10 s + catch-up), so that the
@@ -156,7 +162,7 @@ def create_app(
     partition = {name: partition_of(name, partitions) for name in baselines}
     state_topic = StateTopic(parse_broker_url(broker_url))
     unsaved: set[str] = set()  # models evaluated since their state was last written
-    flushed = [time.monotonic()]  # when it last was
+    flushed = [time.monotonic(), 0.0]  # when it last was, and how long writing it took
     evaluating = asyncio.Lock()  # partials are evaluated and published whole between flushes
     the_stream: list[Any] = []  # the stage-2 agent's, to acknowledge partials on
 
@@ -304,13 +310,17 @@ def create_app(
     async def flush(now: bool) -> None:
         """Write the state of the models evaluated since the last write, then acknowledge the
         partials it covers (the state first: what a new owner does not find in the state,
-        Kafka delivers again); unless ``now``, at most every :data:`SAVE_EVERY_S`. Called
-        holding ``evaluating``."""
-        if not now and time.monotonic() - flushed[0] < SAVE_EVERY_S:
+        Kafka delivers again); unless ``now``, as often as :data:`SAVE_EVERY_S`,
+        :data:`SAVE_SHARE` and :data:`SAVE_WITHIN_S` say. Called holding ``evaluating``."""
+        last, took = flushed
+        every = min(max(SAVE_EVERY_S, took / SAVE_SHARE), SAVE_WITHIN_S)
+        if not now and time.monotonic() - last < every:
             return
+        t0 = time.monotonic()
         await save(unsaved)
         unsaved.clear()
-        flushed[0] = time.monotonic()
+        done = time.monotonic()
+        flushed[:] = done, done - t0
         if the_stream:
             await acknowledge(the_stream[0])
 
@@ -380,7 +390,8 @@ def create_app(
 
     @app.page("/metrics")
     async def prometheus(web, request):
-        return web.bytes(metrics.exposition(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+        names = request.query.getall("name[]", [])
+        return web.bytes(metrics.exposition(names), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     broker_watch = BrokerWatch(parse_broker_url(broker_url), REPEATS)
 

@@ -2,8 +2,9 @@
 
 Each model's :class:`~coalmine.streams.evaluator.Evaluator` (merged partials, the window ring,
 CUSUMs, alert states and ids, the rollout controller) is written to ``coalmine.state``, in the
-partition of the model's partials, about once a second while it evaluates (at once after an
-alert or a command) and always before the partials it covers are acknowledged: whatever a new
+partition of the model's partials, about once a second while it evaluates (less often when a
+write takes long: ``coalmine.agents.app.SAVE_SHARE``; at once after an alert or a command) and
+always before the partials it covers are acknowledged: whatever a new
 owner does not find in the state, Kafka delivers again (and what it finds, it does not merge
 twice: the merged (source, bucket) set is part of the state).
 
@@ -143,12 +144,14 @@ def model_of(record_key: bytes) -> tuple[str, bytes]:
 
 
 class _Pickler(pickle.Pickler):
-    """Writes the worker's own objects (baseline, settings, signer) by name, and the window's
-    buckets by their start (each has a record of its own)."""
+    """Writes the worker's own objects (baseline, settings, signer) by name, the window's
+    buckets by their start (each has a record of its own), and the summaries of ``compact``
+    (ids) in the partials' compact form: a backlog's pending buckets, dense, made heads of
+    ~100 KB a model."""
 
-    def __init__(self, buffer: io.BytesIO, buckets: dict[int, Bucket]):
+    def __init__(self, buffer: io.BytesIO, buckets: dict[int, Bucket], compact: set[int]):
         super().__init__(buffer, protocol=4)  # arrays come back writable (5: read-only views)
-        self.buckets = buckets
+        self.buckets, self.compact = buckets, compact
 
     def persistent_id(self, obj):  # noqa: D102 (pickle's hook, called for every object)
         kind = _own_kind(type(obj))
@@ -157,6 +160,8 @@ class _Pickler(pickle.Pickler):
         if kind == "bucket":
             self.buckets[obj.start] = obj
             return ("bucket", obj.start)
+        if kind == "summary":
+            return ("summary", _dumps_summary(obj)) if id(obj) in self.compact else None
         return (kind,)
 
 
@@ -167,6 +172,7 @@ _OWN = (
     (RolloutPolicy, "policy"),
     (Signer, "signer"),
     (Bucket, "bucket"),
+    (Summary, "summary"),
 )
 
 
@@ -185,6 +191,8 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid):  # noqa: D102
         if pid[0] == "bucket":
             return self.buckets[pid[1]]
+        if pid[0] == "summary":
+            return _loads_summary(pid[1])
         return self.own[pid[0]]
 
     def find_class(self, module: str, name: str):  # noqa: D102
@@ -201,6 +209,17 @@ def _dumps_bucket(bucket: Bucket) -> bytes:
     """A bucket of the window in the partials' compact form: a low-traffic model's buckets
     hold a few events in a few of their bins."""
     return encode_summaries({v: s.to_dict() for v, s in bucket.variants.items()})
+
+
+def _dumps_summary(summary: Summary) -> bytes:
+    """A summary in the partials' compact form; exact only for a sum of stage 1's summaries,
+    whose bin sums are 0 wherever their counts are (a window's, less its oldest buckets,
+    keeps rounding residues there)."""
+    return encode_summaries({"": summary.to_dict()})
+
+
+def _loads_summary(raw: bytes) -> Summary:
+    return Summary.from_dict(decode_summaries(raw)[""])
 
 
 def _loads_bucket(raw: bytes, own: dict) -> dict[str, Summary]:
@@ -224,7 +243,8 @@ class ModelState:
         left the window, then the head."""
         buffer = io.BytesIO()
         ring: dict[int, Bucket] = {}
-        _Pickler(buffer, ring).dump(evaluator)
+        pending = {id(s) for variants in evaluator.pending.values() for s in variants.values()}
+        _Pickler(buffer, ring, pending).dump(evaluator)
         rewrite = evaluator.versions != self.versions
         out: list[tuple[bytes, bytes | None]] = [
             (key(model, b"b%d" % start), _dumps_bucket(bucket))
@@ -289,6 +309,10 @@ class StateTopic:
             self.producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
                 linger_ms=2,
+                # a write holds thousands of records (every model's new buckets and head): in
+                # batches of aiokafka's default 16 KB, one in flight a partition, it waited
+                # ~10 s on the broker's round trips for 1,000 models
+                max_batch_size=512 * 1024,
                 max_request_size=8 << 20,
                 acks=1,
                 **client_kwargs(self.bootstrap),
