@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
@@ -201,7 +202,8 @@ class WorkerProcess:
 
     def metric(self, name: str) -> float:
         """Sum of the samples of a Prometheus metric on ``/metrics`` (every label set)."""
-        return metric_total(self.get("/metrics"), name)
+        query = urllib.parse.urlencode({"name[]": name})
+        return metric_total(self.get(f"/metrics?{query}"), name)
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to the consumer group, nothing flushed."""

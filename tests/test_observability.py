@@ -89,6 +89,10 @@ def test_the_dashboard_queries_only_metrics_a_live_worker_serves_and_prometheus_
     assert not wanted - declared(text), "panels query metrics the worker does not declare"
     assert re.search(r'^coalmine_consumer_lag_messages\{partition="\d+",topic="', text, re.M)
     assert re.search(r'^coalmine_label_join_entries\{kind="predictions"\}', text, re.M)
+    # a poll of a few series (Prometheus' name[]) gets those alone, as the whole page has them
+    few = worker.get("/metrics?name[]=coalmine_evaluations_total&name[]=coalmine_check_statistic")
+    assert sampled(few) == {"coalmine_evaluations_total", "coalmine_check_statistic"}
+    assert few.count("\ncoalmine_check_statistic{") >= text.count("\ncoalmine_check_statistic{")
 
     if PROMTOOL is None:
         pytest.skip("no promtool (Debian: apt-get install prometheus)")
