@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
+from itertools import chain
 from typing import NamedTuple
 
 from coalmine.streams.alerts import AlertTracker
@@ -53,7 +54,6 @@ class Evaluator:
         self.bucket_versions: dict[int, dict[str, set[str]]] = {}
         # (variant, check, feature) -> the window tests' evaluations at their last run
         self.held: dict[tuple, list[Evaluation]] = {}
-        self.held_exceeded: set[tuple] = set()  # the keys of those over their threshold
 
     def add(self, partial: dict, idle_sources: AbstractSet[int] = frozenset()) -> Emitted:
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
@@ -107,13 +107,6 @@ class Evaluator:
         }
         return out
 
-    def _held_exceeded(self) -> set[tuple]:
-        """The keys of :attr:`held` with a test over its threshold (derived again for a state
-        record written before it was kept)."""
-        if not hasattr(self, "held_exceeded"):
-            self.held_exceeded = _exceeded(self.held)
-        return self.held_exceeded
-
     def _forget_replaced_versions(self, start: int) -> None:
         """A variant now served by another version starts a fresh window (and CUSUM). The
         bucket in which the router switched belongs to the old version while any source saw
@@ -126,7 +119,6 @@ class Evaluator:
                 self.window.forget(variant)
                 self.drift.forget(variant)
                 self.held = {k: v for k, v in self.held.items() if k[0] != variant}
-                self.held_exceeded = _exceeded(self.held)
             self.versions[variant] = min(seen)
 
     def evaluate(self, bucket: Bucket) -> Emitted:
@@ -159,21 +151,19 @@ class Evaluator:
         out.evaluations.extend(rollout_evs)
         if window_tests:
             self.held = _held(out.evaluations)
-            self.held_exceeded = _exceeded(self.held)
-        # only the groups over their threshold or firing can change an alert; a window test's
-        # verdict stands until it runs again
+            held = []
+        else:  # a window test's verdict stands until it runs again
+            held = [e for key, tests in self.held.items() if key[0] in windows for e in tests]
+        # only the groups over their threshold or firing can change an alert
         alerting = {
-            e.key for e in out.evaluations if e.threshold is not None and e.value > e.threshold
+            e.key
+            for e in chain(out.evaluations, held)
+            if e.threshold is not None and e.value > e.threshold
         }
-        if not window_tests:
-            alerting.update(k for k in self._held_exceeded() if k[0] in windows)
         alerting.update(self.alerts.quiet)
         if alerting:
-            groups = _group(e for e in out.evaluations if e.key in alerting)
-            for key, tests in () if window_tests else self.held.items():
-                if key in alerting and key[0] in windows:  # after the fresh ones, as they came
-                    groups.setdefault(key, []).extend(tests)
-            for group in groups.values():
+            relevant = (e for e in chain(out.evaluations, held) if e.key in alerting)
+            for group in _group(relevant).values():
                 alert = self.alerts.observe(end, *_worst(group))
                 if alert:
                     out.alerts.append(alert)
@@ -216,11 +206,6 @@ def _held(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
     """The window tests with a threshold, by (variant, check, feature): their verdicts stand
     until the window tests run again."""
     return _group(e for e in evs if _is_window_test(e))
-
-
-def _exceeded(groups: dict[tuple, list[Evaluation]]) -> set[tuple]:
-    """The keys of ``groups`` (:func:`_group`) with an evaluation over its threshold."""
-    return {k for k, evs in groups.items() if any(e.exceeded for e in evs)}
 
 
 def _worst(group: list[Evaluation]) -> tuple[bool, Evaluation]:
