@@ -76,3 +76,42 @@ def test_damaged_partials_are_dead_lettered_and_stage_2_goes_on(
     assert reasons[1].startswith("not a partial: DecodeError")
     assert reasons[2].startswith("not a partial: ValueError") and "does not fit" in reasons[2]
     assert worker.proc.poll() is None and worker.get("/health")
+
+
+def test_a_damaged_state_record_is_dead_lettered_and_the_model_starts_afresh(
+    namespace, start_worker, shuttle_config
+):
+    """A state head that does not read (damaged, or forged by whoever may write the internal
+    topic) goes to the dead letters with the reason, and its model starts afresh: the worker,
+    and every next owner of the partition, would otherwise die on it at each start."""
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from coalmine import topics
+    from coalmine.agents.state import key, partition_of
+
+    async def write_damaged_head() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=namespace.broker.bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                namespace.topic["state"],
+                b"\x80\x04damaged",
+                key=key("shuttle", b"head"),
+                partition=partition_of("shuttle", topics.DEFAULT_PARTITIONS),
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(write_damaged_head())
+    worker = start_worker(shuttle_config)
+    scenario = simulator.Scenario(n_events=3_000, rate_per_s=RATE, label_fraction=0, seed=14)
+    namespace.publish(e for e in simulator.generate(scenario) if e[0] == "prediction")
+    wait_until(
+        lambda: worker.metric("coalmine_evaluations_total") > 0, 90, "an evaluation", interval=0.5
+    )
+    [letter] = namespace.read("deadletter")
+    assert letter["source_topic"] == namespace.topic["state"]
+    assert letter["reason"].startswith("state of 'shuttle' unreadable, started afresh")
+    assert worker.proc.poll() is None and worker.get("/health")

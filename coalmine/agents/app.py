@@ -34,7 +34,7 @@ from coalmine import events as contract
 from coalmine import topics
 from coalmine.agents import metrics
 from coalmine.agents.stage1 import Stage1, dead_letter
-from coalmine.agents.state import ModelState, StateTopic, partition_of, restore
+from coalmine.agents.state import ModelState, StateTopic, head_record, partition_of, restore
 from coalmine.broker import parse_broker_url
 from coalmine.health import REPEATS, BrokerWatch, report
 from coalmine.partials import decode_partials, is_heartbeat
@@ -223,7 +223,7 @@ def create_app(
         for p in sorted(mine - owned):
             records = await state_topic.read(p)
             for model in [m for m in baselines if partition[m] == p]:
-                restored = restore(records, baselines[model], signer)
+                restored = await restored_or_none(records, model, p)
                 if restored is None:
                     restored = Evaluator(baselines[model], partitions, signer), ModelState()
                 evaluators[model], states[model] = restored
@@ -235,6 +235,24 @@ def create_app(
         owned.update(mine)
         for p in mine:
             resumed[p].set()
+
+    async def restored_or_none(
+        records: dict[bytes, bytes], model: str, p: int
+    ) -> tuple[Evaluator, ModelState] | None:
+        """A model's evaluator from its state records (None: it has none). Records that do not
+        read (damaged, or forged) are dead-lettered with the reason and the model starts
+        afresh: otherwise this worker, and every next owner of the partition, would die on
+        them."""
+        try:
+            return restore(records, baselines[model], signer)
+        except Exception as exc:
+            reason = f"state of {model!r} unreadable, started afresh: {exc!r}"
+            log.error("stage 2: %s", reason)
+            head = head_record(records, model)
+            tp = TopicPartition(topics.STATE, p)
+            key, value = dead_letter(tp, None, model.encode(), head, reason)
+            await dead_topic.send(key=key, value=value)
+            return None
 
     @app.on_partitions_revoked.connect
     async def hand_over(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

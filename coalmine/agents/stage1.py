@@ -87,9 +87,10 @@ def wall_clock_ms() -> int:
 
 
 def dead_letter(
-    tp: TopicPartition, offset: int, key: bytes | None, value: bytes | None, reason: str
+    tp: TopicPartition, offset: int | None, key: bytes | None, value: bytes | None, reason: str
 ) -> tuple[bytes | None, bytes]:
-    """The dead letter of the message at ``offset`` of ``tp``, counted in the metrics: its key
+    """The dead letter of the message at ``offset`` of ``tp`` (None: a record read back by key),
+    counted in the metrics: its key
     (the original's, hashed when longer than :data:`MAX_KEY`) and value, to send."""
     if reason.startswith("late event"):
         try:

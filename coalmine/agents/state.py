@@ -263,7 +263,7 @@ def restore(
     """One model's evaluator from its latest records (key -> value, tombstones removed), or
     None when it has no head."""
     model = baseline.settings.name
-    head = records.get(key(model, _HEAD))
+    head = head_record(records, model)
     if head is None:
         return None
     own = {
@@ -282,6 +282,11 @@ def restore(
     if not isinstance(evaluator, Evaluator):
         raise pickle.UnpicklingError(f"state record of {model}: not an evaluator")
     return evaluator, ModelState(set(buckets), dict(evaluator.versions))
+
+
+def head_record(records: dict[bytes, bytes], model: str) -> bytes | None:
+    """A model's head among a partition's latest records (:func:`restore`)."""
+    return records.get(key(model, _HEAD))
 
 
 def partition_of(model: str, partitions: int) -> int:
