@@ -90,8 +90,8 @@ def dead_letter(
     tp: TopicPartition, offset: int | None, key: bytes | None, value: bytes | None, reason: str
 ) -> tuple[bytes | None, bytes]:
     """The dead letter of the message at ``offset`` of ``tp`` (None: a record read back by key),
-    counted in the metrics: its key
-    (the original's, hashed when longer than :data:`MAX_KEY`) and value, to send."""
+    counted in the metrics: its key (the original's, hashed when longer than :data:`MAX_KEY`)
+    and value, to send."""
     if reason.startswith("late event"):
         try:
             metrics.LATE.labels(orjson.loads(value or b"")["model"]).inc()

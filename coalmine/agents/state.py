@@ -4,9 +4,10 @@ Each model's :class:`~coalmine.streams.evaluator.Evaluator` (merged partials, th
 CUSUMs, alert states and ids, the rollout controller) is written to ``coalmine.state``, in the
 partition of the model's partials, about once a second while it evaluates (less often when a
 write takes long: ``coalmine.agents.app.SAVE_SHARE``; at once after an alert or a command) and
-always before the partials it covers are acknowledged: whatever a new
-owner does not find in the state, Kafka delivers again (and what it finds, it does not merge
-twice: the merged (source, bucket) set is part of the state).
+always before the partials it covers are acknowledged: whatever a new owner does not find in
+the state, Kafka delivers again (and what it finds, it does not merge twice: the merged
+(source, bucket) set is part of the state). Records that do not read are dead-lettered, and
+their model starts afresh.
 
 Records, keyed ``<model> NUL <what>``: ``head`` (the evaluator without its window's buckets)
 and one per bucket in the window, written once (again only when a version hand-over changed
