@@ -161,6 +161,9 @@ def main() -> None:
     t0, wall0 = cpu_with_children(), time.perf_counter()
     build_baselines(config)  # start-up: calibration (once with one reference), then the cache
     startup, startup_wall = cpu_with_children() - t0, time.perf_counter() - wall0
+    t0 = time.process_time()
+    build_baselines(config)  # as a second run starts: the calibration cache is warm
+    warm = time.process_time() - t0
     with bulk_gc():
         parse = orjson_rate(work / "stream.jsonl")
     t0 = time.process_time()
@@ -186,6 +189,9 @@ def main() -> None:
     print(f"| end to end, events/s (start-up included) | {n / (startup + replay):,.0f} |")
     print(f"| orjson alone parsing the same file, events/s | {parse:,.0f} |")
     print(f"| end to end / orjson | {n / (startup + replay) / parse:.3f} (target >= 0.33) |")
+    print(
+        f"| ... with a warm calibration cache (start-up {warm:.2f} s) | {n / (warm + replay) / parse:.3f} |"
+    )
     print(f"| model-seconds of event time per second | {model_seconds / (startup + replay):,.0f} |")
     print(f"| alerts (stationary streams) | {run.counts['alerts']} |")
 
