@@ -64,7 +64,13 @@ def encode_partial(partial: dict, max_bytes: int = MAX_BYTES) -> list[bytes]:
     closes many buckets at once), several holding consecutive buckets. Each part but the last
     says its source closed only up to the next part's first bucket, so stage 2 never evaluates
     a bucket before all of it has arrived."""
-    raw = _encoder.encode(_sparse(partial))
+    return _split(_sparse(partial), max_bytes)
+
+
+def _split(partial: dict, max_bytes: int) -> list[bytes]:
+    """:func:`encode_partial` of a partial already in the sparse form (made once, not again
+    at each halving)."""
+    raw = _encoder.encode(partial)
     starts = sorted(partial["buckets"], key=int)
     if len(raw) <= max_bytes or len(starts) < 2:
         return [raw]
@@ -75,7 +81,7 @@ def encode_partial(partial: dict, max_bytes: int = MAX_BYTES) -> list[bytes]:
         "buckets": {b: partial["buckets"][b] for b in starts[:half]},
     }
     rest = {**partial, "buckets": {b: partial["buckets"][b] for b in starts[half:]}}
-    return encode_partial(first, max_bytes) + encode_partial(rest, max_bytes)
+    return _split(first, max_bytes) + _split(rest, max_bytes)
 
 
 def _sparse(partial: dict) -> dict:
