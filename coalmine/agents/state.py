@@ -162,7 +162,7 @@ class _Pickler(pickle.Pickler):
             self.buckets[obj.start] = obj
             return ("bucket", obj.start)
         if kind == "summary":
-            return ("summary", _dumps_summary(obj)) if id(obj) in self.compact else None
+            return ("summary", _dumps_summaries({"": obj})) if id(obj) in self.compact else None
         return (kind,)
 
 
@@ -193,7 +193,7 @@ class _Unpickler(pickle.Unpickler):
         if pid[0] == "bucket":
             return self.buckets[pid[1]]
         if pid[0] == "summary":
-            return _loads_summary(pid[1])
+            return _loads_summaries(pid[1])[""]
         return self.own[pid[0]]
 
     def find_class(self, module: str, name: str):  # noqa: D102
@@ -206,29 +206,25 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"state record: {module}.{name} is not allowed")
 
 
-def _dumps_bucket(bucket: Bucket) -> bytes:
-    """A bucket of the window in the partials' compact form: a low-traffic model's buckets
-    hold a few events in a few of their bins."""
-    return encode_summaries({v: s.to_dict() for v, s in bucket.variants.items()})
+def _dumps_summaries(summaries: dict[str, Summary]) -> bytes:
+    """Summaries by name in the partials' compact form (a low-traffic model's buckets hold a
+    few events in a few of their bins); exact for sums of stage 1's summaries, whose bin sums
+    are 0 wherever their counts are (a window's sums, less its oldest buckets, keep rounding
+    residues there)."""
+    return encode_summaries({name: s.to_dict() for name, s in summaries.items()})
 
 
-def _dumps_summary(summary: Summary) -> bytes:
-    """A summary in the partials' compact form; exact only for a sum of stage 1's summaries,
-    whose bin sums are 0 wherever their counts are (a window's, less its oldest buckets,
-    keeps rounding residues there)."""
-    return encode_summaries({"": summary.to_dict()})
-
-
-def _loads_summary(raw: bytes) -> Summary:
-    return Summary.from_dict(decode_summaries(raw)[""])
+def _loads_summaries(raw: bytes) -> dict[str, Summary]:
+    """:func:`_dumps_summaries` back."""
+    return {name: Summary.from_dict(d) for name, d in decode_summaries(raw).items()}
 
 
 def _loads_bucket(raw: bytes, own: dict) -> dict[str, Summary]:
-    """:func:`_dumps_bucket` back; a record written before the compact form: pickled
-    ``(start, variants)``."""
+    """A bucket record's summaries by variant; a record written before the compact form:
+    pickled ``(start, variants)``."""
     if raw[:1] == b"\x80":  # a pickle's PROTO opcode, never a MessagePack map's first byte
         return _Unpickler(raw, own, {}).load()[1]
-    return {v: Summary.from_dict(d) for v, d in decode_summaries(raw).items()}
+    return _loads_summaries(raw)
 
 
 @dataclass
@@ -248,7 +244,7 @@ class ModelState:
         _Pickler(buffer, ring, pending).dump(evaluator)
         rewrite = evaluator.versions != self.versions
         out: list[tuple[bytes, bytes | None]] = [
-            (key(model, b"b%d" % start), _dumps_bucket(bucket))
+            (key(model, b"b%d" % start), _dumps_summaries(bucket.variants))
             for start, bucket in sorted(ring.items())
             if rewrite or start not in self.written
         ]
