@@ -563,7 +563,7 @@ def _report_text(args, slices) -> str:
         )
     if slices is not None:
         return report_from_topics(
-            args.config, args.broker, *_time_range(args), progress=progress, slices=slices
+            args.config, slices, args.broker, *_time_range(args), progress=progress
         )
     return report_from_files(args.config, args.predictions, args.labels, progress=progress)
 

@@ -152,30 +152,25 @@ def report_from_files(
 
 def report_from_topics(
     config_path: str | Path,
+    slices: tuple,
     bootstrap: str,
     since: int | None,
     until: int | None,
     *,
     progress: bool | None = None,
-    slices: tuple | None = None,
 ) -> str:
-    """Replay the prediction and label topics' messages with Kafka timestamps in ``[since,
-    until)`` (:func:`coalmine.replay.replay_topics`; ``slices``: those slices already open,
-    :func:`coalmine.slices.read_slices`) and report on what it said; the windows'
-    distributions come from a second read of the same slice of predictions."""
+    """Replay the prediction and label topics' ``slices`` of messages with Kafka timestamps in
+    ``[since, until)``, already open (:func:`coalmine.slices.read_slices`, as
+    :func:`coalmine.replay.replay_slices` takes them), and report on what it said; the
+    windows' distributions come from a second read of the same slice of predictions."""
     from coalmine import topics
     from coalmine.config import load_config
-    from coalmine.replay import replay_slices, replay_topics, topic_chunks
+    from coalmine.replay import replay_slices, topic_chunks
     from coalmine.slices import TopicSlice
 
     config = load_config(config_path)
     collector = Collector()
-    if slices is not None:
-        run = replay_slices(config, *slices, progress=progress, on_evaluations=collector.add)
-    else:
-        run = replay_topics(
-            config, bootstrap, since, until, progress=progress, on_evaluations=collector.add
-        )
+    run = replay_slices(config, *slices, progress=progress, on_evaluations=collector.add)
     with TopicSlice(bootstrap, topics.PREDICTIONS, since, until) as preds:
         windows = window_values(topic_chunks(preds), _worst_windows(collector))
     source = f"replay of topics {topics.PREDICTIONS}, {topics.LABELS} with {Path(config_path).name}"
