@@ -121,14 +121,6 @@ def round_stream(valid: list[dict], r: int, hostile: int) -> tuple[list[bytes], 
     return stream, sent
 
 
-def _metric(worker, name: str) -> float:
-    """A metric of the worker, or -1 while its /metrics is too busy to answer."""
-    try:
-        return worker.metric(name)
-    except OSError:
-        return -1.0
-
-
 def rss_mb(pid: int) -> float:
     """A process's resident memory now (VmRSS), in MB."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -177,9 +169,9 @@ def main() -> None:
                 ns.publish(("prediction", raw) for raw in stream)
                 hostile, counted = sum(sent.values()), (r + 1) * len(valid)
                 wait_until(
-                    lambda n=counted, h=hostile: (
-                        _metric(worker, "coalmine_events_total") >= n
-                        and _metric(worker, "coalmine_deadletters_total") >= h
+                    lambda n=counted, h=hostile: (  # -1 while /metrics is too busy to answer
+                        worker.metric("coalmine_events_total", busy=-1) >= n
+                        and worker.metric("coalmine_deadletters_total", busy=-1) >= h
                     ),
                     300,
                     f"round {r + 1}: every event counted or dead-lettered",

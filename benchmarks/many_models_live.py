@@ -35,15 +35,6 @@ except ImportError:
 TAIL_MS = 4000  # the stream's last buckets wait for their sources to go idle: not counted
 
 
-def metric_or_zero(worker, name: str) -> float:
-    """The worker's metric (``/metrics?name[]=``: one family, not 1,000 models' ~110,000
-    series); 0 while the worker is too busy to answer (a long state write holds its loop)."""
-    try:
-        return worker.metric(name)
-    except OSError:
-        return 0.0
-
-
 def evaluated_pairs(config, stream: Path, end_ms: int) -> int:
     """The (model, bucket) pairs file replay evaluates on ``stream`` before ``end_ms``."""
     pairs: set[tuple[str, int]] = set()
@@ -80,7 +71,8 @@ def main() -> None:
             worker.wait_ready(timeout=600)
             ready = time.perf_counter() - t0
             wait_until(
-                lambda: metric_or_zero(worker, "coalmine_evaluations_total") >= pairs,
+                # 0 while a long state write holds the worker's loop
+                lambda: worker.metric("coalmine_evaluations_total", busy=0) >= pairs,
                 1800,
                 f"{pairs:,} (model, bucket) pairs evaluated",
                 interval=0.25,

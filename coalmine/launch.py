@@ -200,10 +200,16 @@ class WorkerProcess:
             raise TimeoutError(f"{exc}; the end of {self.log_path}:\n{self.log_tail()}") from None
         return self
 
-    def metric(self, name: str) -> float:
-        """Sum of the samples of a Prometheus metric on ``/metrics`` (every label set)."""
+    def metric(self, name: str, busy: float | None = None) -> float:
+        """Sum of the samples of a Prometheus metric on ``/metrics`` (every label set); ``busy``
+        (when given) instead of an ``OSError`` while the worker is too busy to answer."""
         query = urllib.parse.urlencode({"name[]": name})
-        return metric_total(self.get(f"/metrics?{query}"), name)
+        try:
+            return metric_total(self.get(f"/metrics?{query}"), name)
+        except OSError:
+            if busy is None:
+                raise
+            return busy
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to the consumer group, nothing flushed."""

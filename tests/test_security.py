@@ -295,13 +295,13 @@ def test_a_worker_runs_end_to_end_over_tls(tls_broker, pki, clean_env, tmp_path)
         rate = 300
         ns.publish(serving.events(0, 30 * rate, simulator.Scenario().start_ts_ms, rate, seed=8))
 
-        def commanded() -> bool:
-            try:
-                return worker.metric("coalmine_commands_total") >= 1
-            except OSError:  # /metrics slow to answer on a busy machine: ask again
-                return False
-
-        wait_until(commanded, 120, "a command", interval=0.5)
+        # /metrics may be slow to answer on a busy machine: then ask again
+        wait_until(
+            lambda: worker.metric("coalmine_commands_total", busy=0) >= 1,
+            120,
+            "a command",
+            interval=0.5,
+        )
         assert worker.metric("coalmine_events_total") > 0
         evaluations, alerts = ns.read("evaluations"), ns.read("alerts")
         commands = ns.read("commands")

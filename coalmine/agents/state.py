@@ -311,9 +311,9 @@ class StateTopic:
             self.producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
                 linger_ms=2,
-                # a write holds thousands of records (every model's new buckets and head): in
-                # batches of aiokafka's default 16 KB, one in flight a partition, it waited
-                # ~10 s on the broker's round trips for 1,000 models
+                # a write holds thousands of records (every model's new buckets and head), more
+                # than aiokafka's default 16 KB batches carry well: 1,000 models' catch-up write
+                # of 132 MB took 7.7 s with these, 10.3 s with those (one run each)
                 max_batch_size=512 * 1024,
                 max_request_size=8 << 20,
                 acks=1,
