@@ -179,10 +179,15 @@ def create_app(
             )
             stage1.append(self)
 
-    async def send_dead_letter(message, reason: str) -> None:
-        tp = TopicPartition(message.topic, message.partition)
-        key, value = dead_letter(tp, message.offset, message.key, message.value, reason)
+    async def send_dead_letter(
+        tp: TopicPartition, offset: int | None, key: bytes | None, value: bytes | None, reason: str
+    ) -> None:
+        key, value = dead_letter(tp, offset, key, value, reason)
         await dead_topic.send(key=key, value=value)
+
+    async def send_dead_message(message, reason: str) -> None:
+        tp = TopicPartition(message.topic, message.partition)
+        await send_dead_letter(tp, message.offset, message.key, message.value, reason)
 
     async def publish(model: str, out) -> None:
         for alert in out.alerts:
@@ -249,9 +254,9 @@ def create_app(
             reason = f"state of {model!r} unreadable, started afresh: {exc!r}"
             log.error("stage 2: %s", reason)
             head = head_record(records, model)
-            tp = TopicPartition(topics.STATE, p)
-            key, value = dead_letter(tp, None, model.encode(), head, reason)
-            await dead_topic.send(key=key, value=value)
+            await send_dead_letter(
+                TopicPartition(topics.STATE, p), None, model.encode(), head, reason
+            )
             return None
 
     @app.on_partitions_revoked.connect
@@ -288,7 +293,7 @@ def create_app(
                     try:
                         partials = decode_partials(event.message.value)
                     except Exception as exc:  # not ours, or damaged
-                        await send_dead_letter(event.message, f"not a partial: {exc!r}")
+                        await send_dead_message(event.message, f"not a partial: {exc!r}")
                         partials = []
                     waits: list[tuple[str, int]] = []
                     for partial in partials:
@@ -298,7 +303,7 @@ def create_app(
                             log.exception("stage 2 failed on a partial")
                             whose = partial.get("model") if isinstance(partial, dict) else None
                             reason = f"internal error on the partial of {whose!r}: {exc!r}"
-                            await send_dead_letter(event.message, reason)
+                            await send_dead_message(event.message, reason)
                     waiting.append((waits, event))
                 await flush(now=urgent)
             metrics.PROCESSING.labels("evaluate").observe(time.perf_counter() - t0)
