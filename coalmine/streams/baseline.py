@@ -111,11 +111,10 @@ class Baseline:
         self.accuracy: AccuracyCalibration | None = calibrations[0]
         self.binary: BinaryCalibration | None = calibrations[1]
         self.ref_summary = self.layout.fold(ref.columns)
-        rng = np.random.default_rng(seed)
         key = self._calibration_key(seed)
         cached = cache.load(key) if cache is not None else None
         self.columns = [
-            self._column(name, rng, cached[i] if cached else None)
+            self._column(name, seed, cached[i] if cached else None)
             for i, name in enumerate(self.layout.names)
         ]
         if cache is not None and cached is None:
@@ -291,7 +290,7 @@ class Baseline:
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:32]
 
-    def _column(self, name: str, rng: np.random.Generator, fits: dict | None = None) -> ColumnModel:
+    def _column(self, name: str, seed: int, fits: dict | None = None) -> ColumnModel:
         sl = self.layout.bins_of(name)
         counts, sums = self.ref_summary.counts[sl], self.ref_summary.sums[sl]
         values = self.reference.columns[name]
@@ -313,13 +312,13 @@ class Baseline:
             bin_sd = self._bin_sd(name, present)
             bin_sd[[0, -1]] = 0.0  # the outer bins sit at fixed edges
             col.fits = fits or calibration.calibrate_numeric(
-                counts, col.ref_pos, bin_sd, col.sd, rng
+                counts, col.ref_pos, bin_sd, col.sd, seed
             )
             col.rank_intercepts, col.rank_slopes = drift.smoothed_rank_coefficients(counts, edges)
             ref_scores = drift.smoothed_ranks(present, edges, col.rank_intercepts, col.rank_slopes)
             col.rank_mean, col.rank_sd = float(ref_scores.mean()), float(ref_scores.std())
         else:
-            col.fits = fits or calibration.calibrate_categorical(counts, rng)
+            col.fits = fits or calibration.calibrate_categorical(counts, seed)
         return col
 
     def _bin_sd(self, name: str, values: np.ndarray) -> np.ndarray:

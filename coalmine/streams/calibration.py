@@ -25,25 +25,38 @@ simulated upper tail with ``log P(T > t) = a - b t^r`` (r = 2: sub-Gaussian, as 
 Kolmogorov distribution's ``2 exp(-2 t^2)``; r = 1 for chi-square). Calibration is seeded,
 takes a second or two per model, and is cached on disk ($COALMINE_CACHE_DIR, default
 ~/.cache/coalmine) by the reference and settings it depends on.
+
+The simulated windows depend on a column's reference bin counts only, and quantile bins
+give most numeric columns of references of one size the same counts: columns (of one model
+or of several) with the same counts share one set of windows and KS (or chi-square) samples,
+drawn once from random numbers seeded by the counts themselves (:func:`null_draws`), so that
+a column's fits do not depend on the columns calibrated before it. Columns sharing draws
+share their Monte Carlo error too: their thresholds err alike, which each column's
+false-alarm share does not mind (the split over tests assumed nothing of their dependence).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
 from coalmine.streams import drift
 
 #: bump when the simulation changes: cached thresholds of older versions are then ignored
-VERSION = 3
+VERSION = 4
 #: window sizes (events) at which thresholds are simulated; others are interpolated in log n
 GRID_N = np.array([100, 300, 1000, 3000, 10_000, 30_000, 100_000, 1_000_000])
 SIMULATIONS = 4000
 #: the simulated upper tail used for the fit: survival probabilities in this range
 TAIL = (10 / SIMULATIONS, 0.1)
+#: references whose null draws are kept for the next column with the same bin counts: each
+#: holds ``len(GRID_N) x SIMULATIONS x bins`` int32 window counts, 4 MB at 32 bins (so at
+#: most 16 MB), for the life of the process
+SHARED_DRAWS = 4
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,16 @@ def fit_grid(samples: list[np.ndarray], powers: tuple[float, ...]) -> TailFit:
     return TailFit(a, b, floor, power)
 
 
+def seeded_rng(seed: int, purpose: str, *arrays: np.ndarray) -> np.random.Generator:
+    """Random numbers that depend on ``seed``, ``purpose`` and the arrays' contents only (not
+    on what was drawn before): the same column gets the same draws in any order, in any
+    process."""
+    digest = hashlib.sha256(purpose.encode())
+    for arr in arrays:
+        digest.update(np.ascontiguousarray(arr, dtype=float).tobytes())
+    return np.random.default_rng([seed, int.from_bytes(digest.digest()[:16], "little")])
+
+
 def simulate_windows(
     ref_counts: np.ndarray, n: int, sims: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -131,6 +154,46 @@ def simulate_windows(
     return rng.multinomial(n, p)
 
 
+class NullDraws:
+    """Simulated windows (one stack per :data:`GRID_N` size) on the occupied bins ``ref`` of a
+    reference, and the statistics that depend on nothing else: shared by every column with
+    these bin counts (module docstring). Read-only."""
+
+    def __init__(self, ref: np.ndarray, seed: int):
+        self.ref = ref
+        self.windows = []
+        for n in GRID_N:
+            win = simulate_windows(ref, int(n), SIMULATIONS, seeded_rng(seed, f"windows {n}", ref))
+            win = win.astype(np.int32)  # half the memory; counts of at most 1e6
+            win.flags.writeable = False
+            self.windows.append(win)
+        #: sqrt(n_eff) of each window size: the standardization of the statistics
+        self.scales = np.sqrt(drift.effective_n(ref.sum(), GRID_N))
+
+    @cached_property
+    def ks(self) -> TailFit:
+        """Tail fit of the standardized KS statistic."""
+        samples = [s * drift.ks_statistic(self.ref, w) for s, w in zip(self.scales, self.windows)]
+        return fit_grid(samples, (2,))
+
+    @cached_property
+    def chi2(self) -> TailFit:
+        """Tail fit of the chi-square homogeneity statistic."""
+        return fit_grid([drift.chi2_statistic(self.ref, w)[0] for w in self.windows], (1,))
+
+
+def null_draws(ref: np.ndarray, seed: int) -> NullDraws:
+    """The :class:`NullDraws` of the occupied bin counts ``ref``: drawn once, then shared
+    while among the last :data:`SHARED_DRAWS` references asked for."""
+    return _null_draws(np.ascontiguousarray(ref, dtype=np.int64).tobytes(), seed)
+
+
+@lru_cache(maxsize=SHARED_DRAWS)
+def _null_draws(ref_bytes: bytes, seed: int) -> NullDraws:
+    ref = np.frombuffer(ref_bytes, dtype=np.int64)
+    return NullDraws(ref, seed)
+
+
 def simulated_wasserstein(
     pos: np.ndarray, bin_sd: np.ndarray, ref: np.ndarray, win: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
@@ -138,44 +201,52 @@ def simulated_wasserstein(
     inner bin's mass at the window's own mean in that bin; that mean differs from the
     reference's by two sampling errors, the window's and the reference's own (as the
     Dirichlet draw does for the bin masses), both simulated as normal: the bin's spread over
-    sqrt(count). The outer bins sit at fixed edges (``bin_sd`` 0 there)."""
-    means = pos + rng.standard_normal(win.shape) * bin_sd * np.sqrt(
-        1 / np.maximum(win, 1) + 1 / np.maximum(ref, 1)
+    sqrt(count). The outer bins sit at fixed edges (``bin_sd`` 0 there).
+
+    The distance is :func:`coalmine.streams.drift.wasserstein_statistic`'s, without its sort
+    where it is not needed: ``pos`` ascending, a window whose every bin's mean stays between
+    its neighbours' reference means (most of them) has its masses in order already, each
+    beside its reference bin's. The integral then runs over the pairs: across a bin's
+    pair, ``|noise|`` long, the difference of the CDFs before the bin plus the first of the
+    two masses; between a pair and the next, the difference after the bin."""
+    noise = (
+        rng.standard_normal(win.shape)
+        * bin_sd
+        * np.sqrt(1 / np.maximum(win, 1) + 1 / np.maximum(ref, 1))
     )
-    return drift.wasserstein_statistic(pos, ref, means, win)
+    means = pos + noise
+    ref_p = ref / ref.sum()
+    win_p = win / np.maximum(win.sum(axis=-1, keepdims=True), 1)
+    after = np.cumsum(ref_p - win_p, axis=-1)  # F_ref - F_win after each bin's pair
+    across = np.where(noise < 0, after - ref_p, after + win_p)  # after the pair's first mass
+    between = np.minimum(means, pos)[:, 1:] - np.maximum(means, pos)[:, :-1]
+    w1 = np.abs(noise * across).sum(axis=-1) + np.abs(between * after[:, :-1]).sum(axis=-1)
+    crossed = np.flatnonzero((between < 0).any(axis=-1))
+    w1[crossed] = drift.wasserstein_statistic(pos, ref, means[crossed], win[crossed])
+    return w1
 
 
 def calibrate_numeric(
-    ref_counts: np.ndarray,
-    positions: np.ndarray,
-    bin_sd: np.ndarray,
-    sd: float,
-    rng: np.random.Generator,
+    ref_counts: np.ndarray, positions: np.ndarray, bin_sd: np.ndarray, sd: float, seed: int
 ) -> dict[str, TailFit]:
     """Tail fits of the standardized KS and normalized Wasserstein statistics of a column
-    (``positions`` and ``bin_sd`` per bin; ``sd`` of the winsorized reference)."""
+    (``positions`` and ``bin_sd`` per bin; ``sd`` of the winsorized reference). The windows
+    and the KS fit are the :func:`null_draws` of the column's bin counts; the noise of the
+    bins' means is the column's own, seeded by everything the column's fits depend on."""
     occupied = ref_counts > 0
     ref, pos, spread = ref_counts[occupied], positions[occupied], bin_sd[occupied]
-    m = ref.sum()
-    ks, ws = [], []
-    for n in GRID_N:
-        win = simulate_windows(ref, int(n), SIMULATIONS, rng)
-        scale = np.sqrt(drift.effective_n(m, n))
-        ks.append(scale * drift.ks_statistic(ref, win))
-        ws.append(
-            scale * simulated_wasserstein(pos, spread, ref, win, rng) / (sd if sd > 0 else 1.0)
-        )
-    return {"ks": fit_grid(ks, (2,)), "wasserstein": fit_grid(ws, (1, 2))}
-
-
-def calibrate_categorical(ref_counts: np.ndarray, rng: np.random.Generator) -> dict[str, TailFit]:
-    """Tail fit of the chi-square homogeneity statistic of a column."""
-    ref = ref_counts[ref_counts > 0]
-    samples = [
-        drift.chi2_statistic(ref, simulate_windows(ref, int(n), SIMULATIONS, rng))[0]
-        for n in GRID_N
+    draws = null_draws(ref, seed)
+    rng = seeded_rng(seed, "bin means", ref, pos, spread, np.array([sd]))
+    ws = [
+        scale * simulated_wasserstein(pos, spread, ref, win, rng) / (sd if sd > 0 else 1.0)
+        for scale, win in zip(draws.scales, draws.windows)
     ]
-    return {"chi2": fit_grid(samples, (1,))}
+    return {"ks": draws.ks, "wasserstein": fit_grid(ws, (1, 2))}
+
+
+def calibrate_categorical(ref_counts: np.ndarray, seed: int) -> dict[str, TailFit]:
+    """Tail fit of the chi-square homogeneity statistic of a column."""
+    return {"chi2": null_draws(ref_counts[ref_counts > 0], seed).chi2}
 
 
 def tail_share(
