@@ -174,6 +174,48 @@ def test_the_location_cusum_sums_smoothed_ranks_exactly_from_bins(monitor):
     assert cusums.statistic[row] == pytest.approx(abs(z), rel=1e-9)
 
 
+def _window(monitor, f0, f1, prediction):
+    return monitor.layout.fold(
+        {"f0": f0, "f1": f1, "prediction": prediction, "color": np.full(len(f0), None, object)}
+    )
+
+
+def _windows(monitor):
+    """Windows with ties, empty bins, values beyond the reference's range and no values."""
+    rng = np.random.default_rng(9)
+    n = 3000
+    yield _window(monitor, rng.standard_normal(n), rng.exponential(size=n), rng.integers(0, 3, n))
+    yield _window(monitor, rng.standard_normal(n) + 0.7, 3 * rng.exponential(size=n), np.ones(n))
+    yield _window(monitor, rng.standard_normal(5), rng.exponential(size=5), np.full(5, 2.0))
+    yield _window(monitor, np.full(50, 0.3), np.full(50, 1e6), np.round(rng.standard_normal(50)))
+    yield _window(monitor, np.full(40, -1e6), np.full(40, np.nan), np.zeros(40))
+
+
+def test_window_statistics_equal_each_columns_own_on_the_same_bins(monitor):
+    """The stacked window tests (all numeric columns in one pass) give every column's KS, its
+    p-value, Wasserstein-1 (scipy's on the bins' masses at their winsorized means) and PSI, on
+    windows with empty bins, columns of few bins (the prediction's 3) and no values."""
+    from scipy import stats
+
+    block = monitor.numeric_block
+    for window in _windows(monitor):
+        got = block.statistics(window, q=1e-6)
+        for col in block.columns:
+            counts, sums = window.counts[col.bins], window.sums[col.bins]
+            n, ks, ks_p, _, w, _, psi = got[col.name]
+            assert n == counts.sum()
+            if not n:
+                continue
+            expected_ks = drift.KolmogorovSmirnov(col.ref_counts).update(counts)
+            assert ks == pytest.approx(expected_ks.statistic, rel=1e-12, abs=1e-15)
+            assert ks_p == pytest.approx(expected_ks.p_value, rel=1e-9, abs=1e-15)
+            positions = drift.bin_positions(counts, sums, col.edges)
+            exact = stats.wasserstein_distance(col.ref_pos, positions, col.ref_counts, counts)
+            assert w == pytest.approx(exact / col.sd, rel=1e-9, abs=1e-12)
+            expected_psi = drift.psi_statistic(col.ref_counts, counts)
+            assert psi == pytest.approx(expected_psi, rel=1e-12)
+
+
 def test_missing_values_fire_missing_rate(monitor):
     alerts = run(monitor, stream(80, missing_from=40))
     firing = [(a["check"], a.get("feature")) for a in alerts if a["state"] == "firing"]

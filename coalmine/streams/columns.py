@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+from scipy import special
 
 from coalmine.streams import calibration, drift
 from coalmine.streams.sequential import CUSUM
@@ -62,8 +63,11 @@ class NumericBlock:
     rank_slopes: np.ndarray  # (columns, bins)
     #: (bin mid-rank - 1/2)^2 per bin: the spread CUSUM's per-event score (Mood's scale score)
     spread_scores: np.ndarray  # (columns, bins)
-    ks: drift.KolmogorovSmirnov
-    wasserstein: drift.Wasserstein
+    ref_counts: np.ndarray  # (columns, bins)
+    #: (columns, bins): each bin's reference mean, and the bin's lower edge where the reference
+    #: has no value (no mass: any point inside the bin pairs with the window's there)
+    ref_pos: np.ndarray
+    sd: np.ndarray  # (columns,): the winsorized reference's SD (1 where 0), Wasserstein's unit
     #: KS's fits stacked one row per column, then Wasserstein's: one pass thresholds both
     window_fits: calibration.TailFit
 
@@ -76,6 +80,7 @@ class NumericBlock:
 
         ref = rows([c.ref_counts for c in columns])
         p = ref / np.maximum(ref.sum(axis=1, keepdims=True), 1)
+        sd = np.array([c.sd for c in columns])
         return cls(
             columns,
             rows([np.arange(c.bins.start, c.bins.stop) for c in columns], constant_values=-1),
@@ -84,12 +89,9 @@ class NumericBlock:
             rows([c.rank_intercepts for c in columns]),
             rows([c.rank_slopes for c in columns]),
             (np.cumsum(p, axis=1) - p / 2 - 0.5) ** 2,
-            drift.KolmogorovSmirnov(ref),
-            drift.Wasserstein(
-                rows([c.ref_pos for c in columns], mode="edge"),
-                ref,
-                np.array([c.sd for c in columns]),
-            ),
+            ref,
+            rows([_positions_inside(c) for c in columns], mode="edge"),
+            np.where(sd > 0, sd, 1.0),
             calibration.TailFit.stack(
                 [c.fits["ks"] for c in columns] + [c.fits["wasserstein"] for c in columns]
             ),
@@ -101,31 +103,53 @@ class NumericBlock:
 
     def statistics(self, window: Summary, q: float) -> dict[str, tuple]:
         """Column name -> (events with a value, KS, its p-value, its threshold, Wasserstein-1 /
-        reference SD, its threshold, PSI) on ``window``, thresholds at tail probability ``q``."""
+        reference SD, its threshold, PSI) on ``window``, thresholds at tail probability ``q``.
+        One pass: KS is the largest difference of the CDFs that Wasserstein integrates
+        (:func:`~coalmine.streams.drift.paired_wasserstein`); the reference's side is
+        computed once (:attr:`_reference`)."""
+        ref_n, ref_p, ref_p_floored, ref_log_p = self._reference
         counts = self._gather(window.counts)
         n = counts.sum(axis=1)
-        ks = self.ks.update(counts)
-        positions = drift.bin_positions(counts, self._gather(window.sums), self.edges)
-        positions[np.arange(len(self.columns)), self.top_bin] = self.edges[
-            :, -1
-        ]  # winsorized, as unpadded
-        w = self.wasserstein.update(positions, counts)
-        psi = drift.psi_statistic(self.ks.ref_counts, counts)
+        win_p = counts / np.maximum(n, 1)[:, None]
+        # each bin's window mean; an empty bin (no mass) sits on the reference's, in the bin
+        positions = np.divide(
+            self._gather(window.sums), counts, out=self.ref_pos.copy(), where=counts > 0
+        )
+        positions[:, 0] = self.edges[:, 0]  # the outer bins sit at the edges (winsorized)
+        positions[self._rows, self.top_bin] = self.edges[:, -1]
+        w1, after = drift.paired_wasserstein(self.ref_pos, ref_p, positions, win_p)
+        ks = np.abs(after).max(axis=1)
+        n_eff = drift.effective_n(ref_n, n)
+        win_p_floored = np.maximum(win_p, drift.EPS)
+        psi = ((win_p_floored - ref_p_floored) * (np.log(win_p_floored) - ref_log_p)).sum(axis=1)
         # the fits are of sqrt(n_eff) x statistic: back to the statistic's own scale
-        scale = np.sqrt(np.maximum(drift.effective_n(self.ks.ref_counts.sum(axis=1), n), 1e-12))
+        scale = np.sqrt(np.maximum(n_eff, 1e-12))
         ks_threshold, w_threshold = (
             self.window_fits.threshold(np.tile(n, 2), q).reshape(2, -1) / scale
         ).tolist()
         rows = zip(
             n.tolist(),
-            _per_column(ks.statistic),
-            _per_column(ks.p_value),
+            ks.tolist(),
+            special.kolmogorov(ks * np.sqrt(n_eff)).tolist(),
             ks_threshold,
-            _per_column(w.normalized),
+            (w1 / self.sd).tolist(),
             w_threshold,
             psi.tolist(),
         )
         return dict(zip((c.name for c in self.columns), rows))
+
+    @cached_property
+    def _reference(self) -> tuple[np.ndarray, ...]:
+        """The reference's events per column, its bin proportions, and those floored at
+        :data:`~coalmine.streams.drift.EPS` with their logarithms (PSI's terms)."""
+        n = self.ref_counts.sum(axis=1)
+        p = self.ref_counts / np.maximum(n, 1)[:, None]
+        floored = np.maximum(p, drift.EPS)
+        return n, p, floored, np.log(floored)
+
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        return np.arange(len(self.columns))
 
     def new_cusums(self, k: float) -> CUSUM:
         """The location and spread CUSUMs of the block's columns, as one CUSUM whose first
@@ -136,7 +160,7 @@ class NumericBlock:
         on normal data, and by more on features with many ties, where a small shift moves
         values past whole steps of the reference CDF. One CUSUM for both: one numpy pass a
         bucket, not two."""
-        p = self.ks.ref_counts / np.maximum(self.ks.ref_counts.sum(axis=1, keepdims=True), 1)
+        p = self._reference[1]
         spread_mean = (p * self.spread_scores).sum(axis=1)
         spread_sd = np.sqrt((p * (self.spread_scores - spread_mean[:, None]) ** 2).sum(axis=1))
         return CUSUM(
@@ -178,12 +202,13 @@ class NumericBlock:
         return self.bins[real], count_weights, sum_weights
 
 
+def _positions_inside(col: ColumnModel) -> np.ndarray:
+    """A numeric column's reference bin means, each empty bin's at its lower edge: a point of
+    no mass inside its bin, where :func:`~coalmine.streams.drift.paired_wasserstein` pairs it
+    with the window's (an empty bin's mean is 0, which may lie in another bin)."""
+    assert col.edges is not None, f"numeric column {col.name} without bin edges"
+    return np.where(col.ref_counts > 0, col.ref_pos, np.append(col.ref_pos[0], col.edges))
+
+
 #: a 0 of a summary's integer or float arrays' type, to pad them (np.append costs twice as much)
 _ZERO = {"i": np.zeros(1, dtype=np.int64), "f": np.zeros(1)}
-
-
-def _per_column(values: np.ndarray | float) -> list[float]:
-    """A statistic of a stack of columns as a list, one per column: on a stack, the statistics
-    of :mod:`coalmine.streams.drift` are arrays, never the single column's float."""
-    assert isinstance(values, np.ndarray), "a statistic of a stack of columns is an array"
-    return values.tolist()
