@@ -231,8 +231,25 @@ def rate_increase_surprise(x: int, n: int, x_ref: int, n_ref: int) -> float:
     total = x + x_ref
     if x == 0 or total == 0:
         return 0.0
-    p = float(special.bdtrc(x - 1, total, n / (n + n_ref)))
-    return float(-math.log10(max(p, 1e-300)))
+    return _surprise(x, total, float(special.bdtrc(x - 1, total, n / (n + n_ref))))
+
+
+def rate_increase_surprises(x: np.ndarray, n: int, x_ref: np.ndarray, n_ref: int) -> list[float]:
+    """:func:`rate_increase_surprise` of many columns' counts ``x`` (and ``x_ref``) in one
+    scipy call, not one a column.
+
+    >>> rate_increase_surprises(np.array([12, 0]), 1000, np.array([12, 12]), 5000) == [
+    ...     rate_increase_surprise(12, 1000, 12, 5000), 0.0]
+    True
+    """
+    total = x + x_ref
+    p = special.bdtrc(x - 1, total, n / (n + n_ref))
+    return list(map(_surprise, x.tolist(), total.tolist(), p.tolist()))
+
+
+def _surprise(x: int, total: int, p: float) -> float:
+    """-log10 of the p-value ``p`` of ``x`` of ``total`` (0 when there is nothing to test)."""
+    return 0.0 if x == 0 or total == 0 else float(-math.log10(max(p, 1e-300)))
 
 
 def _result(values: np.ndarray) -> np.ndarray | float:

@@ -64,7 +64,7 @@ class DriftJudge:
 
     #: what follows from the baseline, left out of a pickle (stage 2's state record: the
     #: watched columns were two thirds of its bytes and most of the time to write it)
-    _DERIVED = ("watched", "numeric_names", "joint_rows")
+    _DERIVED = ("watched", "numeric_names", "joint_rows", "missing_rows", "ref_missing")
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
@@ -82,6 +82,14 @@ class DriftJudge:
             for j, col in enumerate(baseline.columns)
             if (check := baseline.check_of(col.name)) in checks
         ]
+        #: the columns of the missing-rate test (the features) and their reference's missing
+        m = baseline.reference.n
+        drifting = [
+            (j, round(col.missing_rate * m))
+            for j, col, check, _ in self.watched
+            if check == "drift"
+        ]
+        self.missing_rows, self.ref_missing = np.array(drifting, dtype=np.int64).reshape(-1, 2).T
         block = baseline.numeric_block
         self.numeric_names = [c.name for c in block.columns] if block is not None else []
         #: the joint CUSUM's columns, as rows of the numeric block
@@ -136,6 +144,11 @@ class DriftJudge:
             ):
                 numeric = block.statistics(window, q)
         model = settings.name
+        missing = (
+            self._missing_surprises(window)
+            if "missing_rate" in checks and window.n >= least
+            else {}
+        )
         for j, col, check, feature in self.watched:
             if col.kind == NUMERIC:
                 n, *statistics = numeric.get(col.name, (0,))
@@ -149,8 +162,12 @@ class DriftJudge:
             elif window.n >= least and (n := int(window.counts[col.bins].sum())) >= least:
                 of_column = partial(make, check, feature)
                 out += _categorical_drift(of_column, col, window.counts[col.bins], n, q)
-            if "missing_rate" in checks and check == "drift" and window.n >= least:
-                out.append(self._missing(make, col, feature, int(window.missing[j]), window.n, q))
+            if j in missing:
+                out.append(
+                    self._missing(
+                        make, col, feature, int(window.missing[j]), window.n, q, missing[j]
+                    )
+                )
         if (joint := self.joint_cusums[variant]) is not None:
             # a joint CUSUM exists only over joint columns, and then so does its threshold table
             assert base.joint_h is not None
@@ -202,11 +219,23 @@ class DriftJudge:
             },
         )
 
+    def _missing_surprises(self, window: Summary) -> dict[int, float]:
+        """Each feature's missing-rate surprise on ``window``, by its column's index."""
+        surprises = drift.rate_increase_surprises(
+            window.missing[self.missing_rows], window.n, self.ref_missing, self.baseline.reference.n
+        )
+        return dict(zip(self.missing_rows.tolist(), surprises))
+
     def _missing(
-        self, make, col: ColumnModel, feature: str | None, missing: int, n: int, q: float
+        self,
+        make,
+        col: ColumnModel,
+        feature: str | None,
+        missing: int,
+        n: int,
+        q: float,
+        surprise: float,
     ) -> Evaluation:
-        m = self.baseline.reference.n
-        surprise = drift.rate_increase_surprise(missing, n, round(col.missing_rate * m), m)
         return make(
             "missing_rate",
             feature,
