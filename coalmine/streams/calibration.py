@@ -37,6 +37,7 @@ false-alarm share does not mind (the split over tests assumed nothing of their d
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from dataclasses import dataclass
@@ -80,15 +81,28 @@ class TailFit:
         of ``n`` events; a stacked fit takes an array of ``n``, one per column."""
         # np.minimum(np.maximum()): np.clip without its dispatch overhead (a window test's hot path)
         x = np.log(np.minimum(np.maximum(n, GRID_N[0]), GRID_N[-1]))
-        j = np.minimum(np.maximum(np.searchsorted(_LOG_GRID, x, side="right"), 1), len(GRID_N) - 1)
-        j -= 1
+        if np.ndim(x) == 0 or np.minimum.reduce(x) == np.maximum.reduce(x):
+            # one grid position (one column, or every column of the window has as many
+            # events, the usual case): found in Python, and slices of every row
+            x = float(x.flat[0])
+            j = min(max(bisect.bisect_right(_LOG_GRID_POINTS, x), 1), len(GRID_N) - 1) - 1
+            at: tuple = (..., j)
+        else:
+            j = np.minimum(
+                np.maximum(np.searchsorted(_LOG_GRID, x, side="right"), 1), len(GRID_N) - 1
+            )
+            j -= 1
+            at = (slice(None), np.arange(len(j)), j)
         w = (x - _LOG_GRID[j]) / (_LOG_GRID[j + 1] - _LOG_GRID[j])
-        at = (slice(None), np.arange(len(j)), j) if self.a.ndim == 2 else (slice(None), j)
         after = (*at[:-1], j + 1)
         a, b, floor = self._stacked[at] * (1 - w) + self._stacked[after] * w
         t = np.maximum(a - math.log(q), 0.0) / np.where(b > 0, b, 1.0)
-        level = np.where(b > 0, np.maximum(floor, t ** (1 / self.power)), floor)
+        level = np.where(b > 0, np.maximum(floor, t**self._root), floor)
         return float(level) if level.ndim == 0 else level
+
+    @cached_property
+    def _root(self) -> float | np.ndarray:
+        return 1 / self.power
 
     @cached_property
     def _stacked(self) -> np.ndarray:
@@ -97,6 +111,7 @@ class TailFit:
 
 
 _LOG_GRID = np.log(GRID_N)
+_LOG_GRID_POINTS = _LOG_GRID.tolist()
 
 
 def fit_tail(samples: np.ndarray, power: float) -> tuple[float, float, float, float]:
