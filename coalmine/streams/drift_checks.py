@@ -151,12 +151,12 @@ class DriftJudge:
         )
         for j, col, check, feature in self.watched:
             if col.kind == NUMERIC:
+                # several a column every bucket: built directly, not through ``make``
+                args = (model, ts, span, variant, check, feature)
                 n, *statistics = numeric.get(col.name, (0,))
                 if n >= least:
-                    out += _numeric_drift(partial(make, check, feature), *statistics)
+                    out += _numeric_drift(args, *statistics)
                 location, spread = sequential[col.name]
-                # two a column every bucket: built directly, not through ``make``
-                args = (model, ts, span, variant, check, feature)
                 out.append(Evaluation(*args, "cusum", location, cusum_h, None, {}))
                 out.append(Evaluation(*args, "cusum_spread", spread, cusum_h, None, {}))
             elif window.n >= least and (n := int(window.counts[col.bins].sum())) >= least:
@@ -286,7 +286,7 @@ class DriftJudge:
 
 
 def _numeric_drift(
-    make,
+    args: tuple[str, int, Window, str, str, str | None],
     ks: float,
     ks_p: float,
     ks_threshold: float,
@@ -294,10 +294,11 @@ def _numeric_drift(
     wasserstein_threshold: float,
     psi: float,
 ) -> list[Evaluation]:
+    """A numeric column's window tests; ``args``: an :class:`Evaluation`'s first fields."""
     return [
-        make("ks", ks, ks_threshold, ks_p),
-        make("wasserstein", wasserstein, wasserstein_threshold),
-        make("psi", psi, None),
+        Evaluation(*args, "ks", ks, ks_threshold, ks_p, {}),
+        Evaluation(*args, "wasserstein", wasserstein, wasserstein_threshold, None, {}),
+        Evaluation(*args, "psi", psi, None, None, {}),
     ]
 
 
