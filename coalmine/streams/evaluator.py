@@ -204,8 +204,13 @@ def _group(evs: Iterable[Evaluation]) -> dict[tuple, list[Evaluation]]:
 
 def _held(evs: list[Evaluation]) -> dict[tuple, list[Evaluation]]:
     """The window tests with a threshold, by (variant, check, feature): their verdicts stand
-    until the window tests run again."""
-    return _group(e for e in evs if _is_window_test(e))
+    until the window tests run again. A window test is a statistic of the window: not a CUSUM,
+    nor a rollout check, which run every bucket (tested inline: this runs on every window test
+    of every model)."""
+    return _group([e for e in evs if e.check in _DRIFT_CHECKS and e.statistic[:5] != "cusum"])
+
+
+_DRIFT_CHECKS = frozenset(DRIFT_CHECKS)
 
 
 def _worst(group: list[Evaluation]) -> tuple[bool, Evaluation]:
@@ -221,8 +226,3 @@ def _worst(group: list[Evaluation]) -> tuple[bool, Evaluation]:
         if (ratio := e.value / max(e.threshold, 1e-12)) > top:
             worst, top = e, ratio
     return exceeded, worst
-
-
-def _is_window_test(e: Evaluation) -> bool:
-    """A statistic of the window (not a CUSUM, not a rollout check, which run every bucket)."""
-    return e.check in DRIFT_CHECKS and not e.statistic.startswith("cusum")
