@@ -32,11 +32,13 @@ FirstEvents = Callable[[list[ModelConfig]], dict[str, list[dict]]]
 
 #: the least calibration work (columns of the models the cache misses) calibrated on other
 #: processes. Each takes ~1 s of CPU to start (spawn, numpy, scipy, coalmine: measured) and a
-#: column ~0.3 s, so with 2 idle cores a pool gains from ~7 columns on; but cores are often
-#: shared, and then the start is a loss: 40 columns (~12 s of one core) bound it to 2 s of
-#: 12. Smaller configs (the test suite, the demo) start no process. Measured, 8 models of 12
-#: columns: 27-31 s on one core; on 2 cores 16-17 s when idle, 28-31 s when one is busy.
-PARALLEL_MIN_COLUMNS = 40
+#: column ~0.12 s (columns binned alike share their draws, which a pool splits), so with 2
+#: idle cores a pool gains from ~20 columns on; but cores are often shared, and then the
+#: start is a loss: 100 columns (~12 s of one core) bound it to 2 s of 12. Smaller configs
+#: (the test suite, the demo) start no process. Measured, 8 models of 12 columns with
+#: references of their own, 2 cores busy with other work: 11.8 s on one core; 11.6-14.0 s
+#: wall (15.8 s CPU) on a pool of 2.
+PARALLEL_MIN_COLUMNS = 100
 
 #: what a reference that does not fit calibration raises (e.g. one value per feature leaves
 #: no threshold to find)

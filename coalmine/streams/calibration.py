@@ -31,8 +31,10 @@ give most numeric columns of references of one size the same counts: columns (of
 or of several) with the same counts share one set of windows and KS (or chi-square) samples,
 drawn once from random numbers seeded by the counts themselves (:func:`null_draws`), so that
 a column's fits do not depend on the columns calibrated before it. Columns sharing draws
-share their Monte Carlo error too: their thresholds err alike, which each column's
-false-alarm share does not mind (the split over tests assumed nothing of their dependence).
+share their Monte Carlo error too: their KS thresholds are the same, too high or too low
+together (their Wasserstein thresholds partly so). The expected false-alarm rate stays the
+budget's (the split over tests assumes nothing of their dependence); its spread from one
+seed to another grows.
 """
 
 from __future__ import annotations
