@@ -22,6 +22,7 @@ from functools import lru_cache, partial
 from coalmine.cache import FileCalibrationCache
 from coalmine.config import Config, ModelConfig
 from coalmine.reference_files import load_reference
+from coalmine.streams import calibration
 from coalmine.streams.baseline import Baseline, CalibrationCache
 from coalmine.streams.reference import ReferenceData, event_rows, reference_from_rows
 
@@ -88,6 +89,7 @@ def build_baselines(
         rows = event_rows(found[m.name])
         source = f"first events of {m.name}"
         built[m.name] = _baseline(m, partial(reference_from_rows, rows, m.features, source), cache)
+    calibration.forget_draws()  # a worker lives on: the shared null windows are not needed
     return {name: built[name] for name in config.models}
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from coalmine.streams import drift
 
 #: bump when the simulation changes: cached thresholds of older versions are then ignored
-VERSION = 4
+VERSION = 5
 #: window sizes (events) at which thresholds are simulated; others are interpolated in log n
 GRID_N = np.array([100, 300, 1000, 3000, 10_000, 30_000, 100_000, 1_000_000])
 SIMULATIONS = 4000
@@ -212,6 +212,11 @@ def _null_draws(ref_bytes: bytes, seed: int) -> NullDraws:
     return NullDraws(ref, seed)
 
 
+def forget_draws() -> None:
+    """Drop the shared :func:`null_draws` (up to 16 MB): a build of baselines is done."""
+    _null_draws.cache_clear()
+
+
 def simulated_wasserstein(
     pos: np.ndarray, bin_sd: np.ndarray, ref: np.ndarray, win: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
@@ -221,27 +226,16 @@ def simulated_wasserstein(
     Dirichlet draw does for the bin masses), both simulated as normal: the bin's spread over
     sqrt(count). The outer bins sit at fixed edges (``bin_sd`` 0 there).
 
-    The distance is :func:`coalmine.streams.drift.wasserstein_statistic`'s, without its sort
-    where it is not needed: ``pos`` ascending, a window whose every bin's mean stays between
-    its neighbours' reference means (most of them) has its masses in order already, each
-    beside its reference bin's. The integral then runs over the pairs: across a bin's
-    pair, ``|noise|`` long, the difference of the CDFs before the bin plus the first of the
-    two masses; between a pair and the next, the difference after the bin."""
+    The distance is :func:`coalmine.streams.drift.paired_wasserstein`'s: a window whose
+    every bin's mean stays between its neighbours' reference means (most of them) needs no
+    sort."""
     noise = (
         rng.standard_normal(win.shape)
         * bin_sd
         * np.sqrt(1 / np.maximum(win, 1) + 1 / np.maximum(ref, 1))
     )
-    means = pos + noise
-    ref_p = ref / ref.sum()
     win_p = win / np.maximum(win.sum(axis=-1, keepdims=True), 1)
-    after = np.cumsum(ref_p - win_p, axis=-1)  # F_ref - F_win after each bin's pair
-    across = np.where(noise < 0, after - ref_p, after + win_p)  # after the pair's first mass
-    between = np.minimum(means, pos)[:, 1:] - np.maximum(means, pos)[:, :-1]
-    w1 = np.abs(noise * across).sum(axis=-1) + np.abs(between * after[:, :-1]).sum(axis=-1)
-    crossed = np.flatnonzero((between < 0).any(axis=-1))
-    w1[crossed] = drift.wasserstein_statistic(pos, ref, means[crossed], win[crossed])
-    return w1
+    return drift.paired_wasserstein(pos, ref / ref.sum(), pos + noise, win_p)[0]
 
 
 def calibrate_numeric(
