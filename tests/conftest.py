@@ -31,6 +31,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(owner, name)``: a list whose one item counts the calls of ``owner.name``
+    from then on (the calls still happen)."""
+
+    def count(owner, name: str) -> list[int]:
+        calls, original = [0], getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return count
+
+
 @pytest.fixture(scope="session")
 def broker():
     from coalmine import topics

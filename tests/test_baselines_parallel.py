@@ -31,15 +31,9 @@ def config_of(tmp_path: Path, shapes: list[tuple[int, int]]):
 
 
 @pytest.fixture
-def calibrated_here(monkeypatch) -> list[int]:
+def calibrated_here(monkeypatch, count_calls) -> list[int]:
     """Counts the numeric columns this process calibrates; two cores, whatever the machine."""
-    calls, calibrate = [0], calibration.calibrate_numeric
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return calibrate(*args, **kwargs)
-
-    monkeypatch.setattr(calibration, "calibrate_numeric", counted)
+    calls = count_calls(calibration, "calibrate_numeric")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     return calls
 

@@ -14,15 +14,9 @@ SETTINGS = ModelSettings(name="m", checks=("drift",))
 
 
 @pytest.fixture
-def windows_drawn(monkeypatch) -> list[int]:
+def windows_drawn(count_calls) -> list[int]:
     """Counts the stacks of null windows drawn, from no shared draws."""
-    calls, simulate = [0], calibration.simulate_windows
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return simulate(*args, **kwargs)
-
-    monkeypatch.setattr(calibration, "simulate_windows", counted)
+    calls = count_calls(calibration, "simulate_windows")
     calibration.forget_draws()
     yield calls
     calibration.forget_draws()
