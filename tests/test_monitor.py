@@ -519,23 +519,24 @@ def test_replay_command_writes_alerts_and_every_evaluation(tmp_path, capsys):
     assert len(cusum) == len(buckets) and cusum[-1]["value"] > cusum[-1]["threshold"]
 
 
-def test_a_correlation_break_fires_only_the_joint_cusum():
-    """Two features that move together in the reference stop doing so; each keeps its own
-    distribution, so the per-feature checks have nothing to see: the joint CUSUM does."""
+def _correlation_break(per_bucket: int, bucket_ms: int, buckets: int, at: int):
+    """A model of two features that move together in the reference, and a stream of
+    ``per_bucket`` events a bucket in which they stop doing so from bucket ``at`` on; each
+    keeps its own distribution, so the per-feature checks have nothing to see."""
     rng = np.random.default_rng(8)
     base = rng.standard_normal(5000)
     ref = ReferenceData({"a": base, "b": 0.95 * base + 0.31 * rng.standard_normal(5000)}, None)
     mon = Baseline(
-        ModelSettings(name="m", bucket_ms=1000, window_ms=20_000, checks=("drift",)),
+        ModelSettings(name="m", bucket_ms=bucket_ms, window_ms=20_000, checks=("drift",)),
         ref,
         cache=FileCalibrationCache(),
     )
     events = []
-    for b in range(120):
-        a = rng.standard_normal(PER_BUCKET)
-        together = 0.95 * a + 0.31 * rng.standard_normal(PER_BUCKET)
-        apart = rng.standard_normal(PER_BUCKET)  # same N(0, 1) marginal, no tie to a
-        for j in range(PER_BUCKET):
+    for b in range(buckets):
+        a = rng.standard_normal(per_bucket)
+        together = 0.95 * a + 0.31 * rng.standard_normal(per_bucket)
+        apart = rng.standard_normal(per_bucket)  # same N(0, 1) marginal, no tie to a
+        for j in range(per_bucket):
             events.append(
                 {
                     "event_id": f"{b}-{j}",
@@ -543,15 +544,30 @@ def test_a_correlation_break_fires_only_the_joint_cusum():
                     "model": "m",
                     "version": "1",
                     "variant": "champion",
-                    "ts": b * 1000 + j * 4,
+                    "ts": b * bucket_ms + j * bucket_ms // per_bucket,
                     "status": "ok",
                     "prediction": 0,
-                    "features": {"a": float(a[j]), "b": float((apart if b >= 60 else together)[j])},
+                    "features": {"a": float(a[j]), "b": float((apart if b >= at else together)[j])},
                 }
             )
+    return mon, events
+
+
+def test_a_correlation_break_fires_only_the_joint_cusum():
+    mon, events = _correlation_break(PER_BUCKET, 1000, 120, at=60)
     firing = [a for a in run(mon, events) if a["state"] == "firing"]
     assert firing and {a["statistic"] for a in firing} == {"cusum_joint"}
     assert 60_000 < firing[0]["ts"] <= 63_000
+
+
+def test_the_joint_cusum_judges_low_traffic_in_steps_of_enough_events():
+    """At 10 events a bucket, fewer than the 30 a column the joint CUSUM needs for a step,
+    buckets are carried over until every column has them: the break is seen, and the
+    stationary part before it stays silent."""
+    mon, events = _correlation_break(10, 250, 480, at=240)
+    firing = [a for a in run(mon, events) if a["state"] == "firing"]
+    assert firing and {a["statistic"] for a in firing} == {"cusum_joint"}
+    assert 60_000 < firing[0]["ts"] <= 90_000
 
 
 def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor):

@@ -171,7 +171,8 @@ class DriftJudge:
         if (joint := self.joint_cusums[variant]) is not None:
             # a joint CUSUM exists only over joint columns, and then so does its threshold table
             assert base.joint_h is not None
-            joint.threshold = base.joint_h(bucket_events)
+            # it steps on at least min_events a column (smaller buckets are carried over)
+            joint.threshold = base.joint_h(max(bucket_events, joint.min_events))
             if bucket_n is not None and bucket_ranks is not None:
                 joint.update(bucket_n[self.joint_rows], bucket_ranks[self.joint_rows])
             out.append(make("drift", None, "cusum_joint", joint.statistic, joint.threshold))

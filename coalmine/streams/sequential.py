@@ -191,8 +191,9 @@ class JointCUSUM:
         Q = z^\top R^{-1} z \sim \chi^2_p, \qquad
         S \leftarrow \min(2h, \max(0, S + Q - p - n\delta^2/2))
 
-    Buckets with fewer than ``min_events`` events in a column are skipped (``z`` is then far
-    from normal).
+    A bucket with fewer than ``min_events`` events in a column (``z`` would be far from
+    normal) is carried into the next: the CUSUM steps once every column has ``min_events``, so
+    a low-traffic model is judged too, in steps of about ``min_events``.
 
     Examples
     --------
@@ -219,13 +220,21 @@ class JointCUSUM:
         self.threshold = math.inf
         self.statistic = 0.0
 
+    #: events and sums of buckets too small to step on, carried into the next
+    carried: tuple[np.ndarray, np.ndarray] | None = None
+
     def update(self, n, total) -> JointCUSUM:
-        n = np.asarray(n, dtype=float)
-        if n.min() >= self.min_events:
-            z = (np.asarray(total) - n * self.mean) / (self.sd * np.sqrt(n))
-            q = float(z @ self.precision @ z)
-            step = q - len(z) - self.allowance * float(n.sum()) / len(n)  # n.mean(), 6 us less
-            self.statistic = min(2 * self.threshold, max(0.0, self.statistic + step))
+        n, total = np.asarray(n, dtype=float), np.asarray(total, dtype=float)
+        if self.carried is not None:
+            n, total = n + self.carried[0], total + self.carried[1]
+        if n.min() < self.min_events:
+            self.carried = n, total
+            return self
+        self.carried = None
+        z = (total - n * self.mean) / (self.sd * np.sqrt(n))
+        q = float(z @ self.precision @ z)
+        step = q - len(z) - self.allowance * float(n.sum()) / len(n)  # n.mean(), 6 us less
+        self.statistic = min(2 * self.threshold, max(0.0, self.statistic + step))
         return self
 
     @property
