@@ -7,7 +7,7 @@ import pytest
 
 from coalmine.agents.state import ModelState, join_records_of, join_state, key, restore
 from coalmine.streams import Evaluator, Sketcher
-from tests.test_monitor import monitor, stream  # noqa: F401 (the fixture)
+from tests.test_monitor import _correlation_break, monitor, stream  # noqa: F401 (the fixture)
 
 
 def compacted(records: list[tuple[bytes, bytes | None]]) -> dict[bytes, bytes]:
@@ -18,17 +18,28 @@ def compacted(records: list[tuple[bytes, bytes | None]]) -> dict[bytes, bytes]:
     return {k: v for k, v in latest.items() if v is not None}
 
 
-def partials_of(baseline, events):
+def partials_of(baseline, events, chunk=500):
     sketcher = Sketcher({"m": baseline})
     out = []
-    for start in range(0, len(events), 500):
-        assert sketcher.add_predictions(events[start : start + 500]) == []
+    for start in range(0, len(events), chunk):
+        assert sketcher.add_predictions(events[start : start + chunk]) == []
         out += sketcher.close()
     return out + sketcher.flush()
 
 
 def test_a_restored_evaluator_goes_on_as_the_one_that_never_stopped(monitor):  # noqa: F811
-    partials = partials_of(monitor, stream(120, shift_from=60, shift=0.5))
+    assert_restored_goes_on(monitor, partials_of(monitor, stream(120, shift_from=60, shift=0.5)))
+
+
+def test_a_restart_keeps_the_joint_cusums_buckets_carried_over():
+    """At 10 events a bucket the joint CUSUM carries buckets into its next step: a restart
+    between two steps resumes with them, and the alerts are those of the run that never
+    stopped."""
+    mon, events = _correlation_break(10, 250, 480, at=240)
+    assert_restored_goes_on(mon, partials_of(mon, events, chunk=100))
+
+
+def assert_restored_goes_on(monitor, partials):  # noqa: F811
     assert len(partials) > 20
     whole, first = Evaluator(monitor), Evaluator(monitor)
     expected = [whole.add(dict(p)) for p in partials]
