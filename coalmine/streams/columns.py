@@ -111,12 +111,9 @@ class NumericBlock:
         counts = self._gather(window.counts)
         n = counts.sum(axis=1)
         win_p = counts / np.maximum(n, 1)[:, None]
-        # each bin's window mean; an empty bin (no mass) sits on the reference's, in the bin
-        positions = np.divide(
-            self._gather(window.sums), counts, out=self.ref_pos.copy(), where=counts > 0
-        )
-        positions[:, 0] = self.edges[:, 0]  # the outer bins sit at the edges (winsorized)
-        positions[self._rows, self.top_bin] = self.edges[:, -1]
+        # an empty bin (no mass) sits on the reference's position, inside the bin
+        positions = drift.bin_positions(counts, self._gather(window.sums), self.edges, self.ref_pos)
+        positions[self._rows, self.top_bin] = self.edges[:, -1]  # winsorized, as unpadded
         w1, after = drift.paired_wasserstein(self.ref_pos, ref_p, positions, win_p)
         ks = np.abs(after).max(axis=1)
         n_eff = drift.effective_n(ref_n, n)

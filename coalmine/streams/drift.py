@@ -57,13 +57,18 @@ def _ks_from_cdf(ref_cdf: np.ndarray, win_counts: np.ndarray) -> np.ndarray:
 
 
 def bin_positions(
-    counts: np.ndarray, sums: np.ndarray, edges: np.ndarray | None = None
+    counts: np.ndarray,
+    sums: np.ndarray,
+    edges: np.ndarray | None = None,
+    empty: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mean of the values in each bin; with the layout's inner ``edges``, the two outer bins
-    sit at the outermost edges instead (winsorized). Empty bins get 0: their weight is 0
-    then, and a point of weight 0 changes no Wasserstein integral. Stacks of columns (one per
+    sit at the outermost edges instead (winsorized). Empty bins get 0, or their ``empty``
+    position (one inside the bin keeps :func:`paired_wasserstein` from sorting): their weight
+    is 0, and a point of weight 0 changes no Wasserstein integral. Stacks of columns (one per
     row, ``edges`` stacked alike) work along the last axis."""
-    pos = np.divide(sums, counts, out=np.zeros_like(sums, dtype=float), where=counts > 0)
+    out = np.zeros_like(sums, dtype=float) if empty is None else np.array(empty, dtype=float)
+    pos = np.divide(sums, counts, out=out, where=counts > 0)
     if edges is not None:
         pos[..., 0], pos[..., -1] = edges[..., 0], edges[..., -1]
     return pos
