@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -194,6 +195,8 @@ def main() -> None:
     )
     print(f"| model-seconds of event time per second | {model_seconds / (startup + replay):,.0f} |")
     print(f"| alerts (stationary streams) | {run.counts['alerts']} |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"| peak memory of the process (ru_maxrss) | {peak:,.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def test_bucket_records_are_compact_and_those_pickled_before_still_read(monitor)
     assert max(map(len, buckets.values())) < 8 * monitor.layout.size  # one dense counts array
     earlier = dict(records)
     for b in evaluator.window.buckets:
-        earlier[key("m", b"b%d" % b.start)] = pickle.dumps((b.start, b.variants), protocol=4)
+        summaries = {v: packed.unpack() for v, packed in b.variants.items()}
+        earlier[key("m", b"b%d" % b.start)] = pickle.dumps((b.start, summaries), protocol=4)
     for written in (records, earlier):
         restored, _ = restore(written, monitor, None)
         for got, want in zip(restored.window.buckets, evaluator.window.buckets, strict=True):

@@ -44,8 +44,8 @@ from coalmine.streams.evaluator import Evaluator
 from coalmine.streams.label_join import JoinTable
 from coalmine.streams.rollout import RolloutPolicy
 from coalmine.streams.settings import ModelSettings
-from coalmine.streams.sketch import Summary
-from coalmine.streams.window import Bucket
+from coalmine.streams.sketch import Packed, Summary
+from coalmine.streams.window import PackedBucket
 
 _SEP = b"\x00"
 _HEAD = b"head"
@@ -150,7 +150,7 @@ class _Pickler(pickle.Pickler):
     (ids) in the partials' compact form: a backlog's pending buckets, dense, made heads of
     ~100 KB a model."""
 
-    def __init__(self, buffer: io.BytesIO, buckets: dict[int, Bucket], compact: set[int]):
+    def __init__(self, buffer: io.BytesIO, buckets: dict[int, PackedBucket], compact: set[int]):
         super().__init__(buffer, protocol=4)  # arrays come back writable (5: read-only views)
         self.buckets, self.compact = buckets, compact
 
@@ -172,7 +172,7 @@ _OWN = (
     (ModelSettings, "settings"),
     (RolloutPolicy, "policy"),
     (Signer, "signer"),
-    (Bucket, "bucket"),
+    (PackedBucket, "bucket"),
     (Summary, "summary"),
 )
 
@@ -185,7 +185,7 @@ def _own_kind(cls: type) -> str | None:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, raw: bytes, own: dict, buckets: dict[int, Bucket]):
+    def __init__(self, raw: bytes, own: dict, buckets: dict[int, PackedBucket]):
         super().__init__(io.BytesIO(raw))
         self.own, self.buckets = own, buckets
 
@@ -206,7 +206,7 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"state record: {module}.{name} is not allowed")
 
 
-def _dumps_summaries(summaries: dict[str, Summary]) -> bytes:
+def _dumps_summaries(summaries: dict[str, Summary] | dict[str, Packed]) -> bytes:
     """Summaries by name in the partials' compact form (a low-traffic model's buckets hold a
     few events in a few of their bins); exact for sums of stage 1's summaries, whose bin sums
     are 0 wherever their counts are (a window's sums, less its oldest buckets, keep rounding
@@ -239,7 +239,7 @@ class ModelState:
         a version hand-over, which may have changed old ones), tombstones for buckets that
         left the window, then the head."""
         buffer = io.BytesIO()
-        ring: dict[int, Bucket] = {}
+        ring: dict[int, PackedBucket] = {}
         pending = {id(s) for variants in evaluator.pending.values() for s in variants.values()}
         _Pickler(buffer, ring, pending).dump(evaluator)
         rewrite = evaluator.versions != self.versions
@@ -269,12 +269,13 @@ def restore(
         "policy": baseline.policy,
         "signer": signer,
     }
-    buckets: dict[int, Bucket] = {}
+    buckets: dict[int, PackedBucket] = {}
     for record_key, value in records.items():
         name, what = model_of(record_key)
         if name == model and what.startswith(b"b"):
             start = int(what[1:])
-            buckets[start] = Bucket(start, _loads_bucket(value, own))
+            packed = {v: Packed(s) for v, s in _loads_bucket(value, own).items()}
+            buckets[start] = PackedBucket(start, packed)
     evaluator = _Unpickler(head, own, buckets).load()
     if not isinstance(evaluator, Evaluator):
         raise pickle.UnpicklingError(f"state record of {model}: not an evaluator")
