@@ -97,12 +97,17 @@ def _sparse_summaries(summaries: dict[str, dict]) -> dict[str, dict]:
 
 def _sparse_summary(d: dict) -> dict:
     """A summary without its zero scalars (their defaults) and with its mostly empty arrays
-    as ``[size, positions, values]``."""
+    as ``[size, positions, values]`` (an array given so already, as
+    :meth:`~coalmine.streams.sketch.Packed.sparse_dict` gives it, is kept so)."""
     # a -0.0 is sent: the default, 0, would not give it back
     out = {k: v for k, v in d.items() if k in _KEPT or v or math.copysign(1.0, v) < 0}
     positions: dict[str, np.ndarray] = {}
     for name, (_, by) in _SPARSE.items():
         if (values := d.get(name)) is None:
+            continue
+        if isinstance(values, list):
+            size, at, occupied = values
+            out[name] = [size, at.astype("<u4"), occupied]
             continue
         if by not in positions:
             (positions[by],) = d[by].nonzero()

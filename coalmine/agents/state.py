@@ -211,7 +211,12 @@ def _dumps_summaries(summaries: dict[str, Summary] | dict[str, Packed]) -> bytes
     few events in a few of their bins); exact for sums of stage 1's summaries, whose bin sums
     are 0 wherever their counts are (a window's sums, less its oldest buckets, keep rounding
     residues there)."""
-    return encode_summaries({name: s.to_dict() for name, s in summaries.items()})
+    return encode_summaries(
+        {
+            name: s.sparse_dict() if isinstance(s, Packed) else s.to_dict()
+            for name, s in summaries.items()
+        }
+    )
 
 
 def _loads_summaries(raw: bytes) -> dict[str, Summary]:

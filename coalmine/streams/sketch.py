@@ -458,6 +458,20 @@ class Packed:
         """:meth:`Summary.to_dict` of the summary."""
         return self.unpack().to_dict()
 
+    def sparse_dict(self) -> dict:
+        """:meth:`to_dict`'s form without a dense array made: each packed array as ``[size,
+        positions, values]`` (the form :func:`coalmine.partials.encode_summaries` sends a
+        mostly empty array in)."""
+        d = dict(zip(_KEPT, self._fields))
+        d.update((name, v) for name, v in zip(_SCORE_BINS, self._scores) if len(v))
+        for names, packed in zip(_PACKED, (self._bins, self._latency)):
+            if isinstance(packed[0], int):
+                size, at, *values = packed
+                d.update((name, [size, at, v]) for name, v in zip(names, values))
+            else:
+                d.update(zip(names, packed))
+        return d
+
 
 #: the fields :class:`Packed` keeps as they are: the scalars and the missing counts, and the
 #: score bins
