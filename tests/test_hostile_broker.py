@@ -40,9 +40,9 @@ def test_damaged_partials_are_dead_lettered_and_stage_2_goes_on(
     namespace, start_worker, shuttle_config
 ):
     """The internal partials topic gets bytes that are not a partial, a forged sparse array that
-    does not fit, and a message whose second partial is of a model no one monitors: each goes
-    to the dead letters, naming why (and whose), and stage 2 evaluates the real traffic after
-    them."""
+    does not fit, a well-formed summary of 3 bins (not the model's layout), and a message whose
+    second partial is of a model no one monitors: each goes to the dead letters, naming why
+    (and whose), and stage 2 evaluates the real traffic after them."""
     import asyncio
 
     import msgspec
@@ -53,10 +53,14 @@ def test_damaged_partials_are_dead_lettered_and_stage_2_goes_on(
     forged = {"n": 1, "counts": [3, b"\x07\x00\x00\x00", bytes(8)], "sums": bytes(24)}
     heard = {"model": "shuttle", "source": 0, "behind": False}  # a heartbeat: nothing to merge
     ghost = {"model": "ghost", "source": 0, "closed_through": 0, "buckets": {"0": {}}}
+    small = {"n": 1, "counts": (1).to_bytes(8, "little") + bytes(16), "sums": bytes(24)}
     bad = [
         b"\xc1 not MessagePack",
         msgspec.msgpack.encode({**ghost, "model": "shuttle", "buckets": {"0": {"a": forged}}}),
         msgspec.msgpack.encode([heard, ghost]),
+        msgspec.msgpack.encode(
+            {**ghost, "model": "shuttle", "buckets": {"0": {"champion": {**small, "missing": b""}}}}
+        ),
     ]
 
     async def send() -> None:
@@ -71,10 +75,12 @@ def test_damaged_partials_are_dead_lettered_and_stage_2_goes_on(
         lambda: worker.metric("coalmine_evaluations_total") > 0, 90, "an evaluation", interval=0.5
     )
     reasons = sorted(d["reason"] for d in namespace.read("deadletter"))
-    assert len(reasons) == 3, reasons
+    assert len(reasons) == 4, reasons
     assert reasons[0].startswith("internal error on the partial of 'ghost'")
-    assert reasons[1].startswith("not a partial: DecodeError")
-    assert reasons[2].startswith("not a partial: ValueError") and "does not fit" in reasons[2]
+    assert reasons[1].startswith("internal error on the partial of 'shuttle'")
+    assert "a summary of 3 bins" in reasons[1] and "does not fit 'shuttle'" in reasons[1]
+    assert reasons[2].startswith("not a partial: DecodeError")
+    assert reasons[3].startswith("not a partial: ValueError") and "does not fit" in reasons[3]
     assert worker.proc.poll() is None and worker.get("/health")
 
 

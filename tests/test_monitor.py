@@ -254,6 +254,33 @@ def test_resent_partial_is_merged_once(monitor):
     ]
 
 
+def test_a_partial_that_does_not_fit_the_layout_changes_nothing(monitor):
+    """A forged partial whose last summary is a bin short is refused whole (the worker
+    dead-letters it with this reason): none of its buckets is merged, and the real partials
+    then give the evaluations of a run that never saw it."""
+    sk = Sketcher({"m": monitor})
+    sk.add_predictions(stream(30))
+    partials = sk.flush()
+    forged = copy.deepcopy(partials[0])
+    last = max(forged["buckets"], key=int)
+    forged["buckets"][last]["champion"]["counts"] = forged["buckets"][last]["champion"]["counts"][
+        :-1
+    ]
+    clean, attacked = Evaluator(monitor), Evaluator(monitor)
+    with pytest.raises(ValueError, match="does not fit 'm'"):
+        attacked.add(forged)
+    assert not attacked.pending and not attacked.applied
+
+    def evaluations(evaluator):
+        return [
+            (e.ts, e.key, e.statistic, e.value)
+            for p in copy.deepcopy(partials)
+            for e in evaluator.add(p).evaluations
+        ]
+
+    assert evaluations(attacked) == evaluations(clean) != []
+
+
 def test_unknown_model_is_rejected(monitor):
     sk = Sketcher({"m": monitor})
     ev = dict(stream(1)[0], model="other")

@@ -18,6 +18,7 @@ from typing import NamedTuple
 from coalmine.streams.alerts import AlertTracker
 from coalmine.streams.baseline import Baseline
 from coalmine.streams.drift_checks import DriftJudge
+from coalmine.streams.latency import LATENCY_BINS
 from coalmine.streams.records import Alert, Command, Evaluation, Window
 from coalmine.streams.rollout_judge import RolloutJudge
 from coalmine.streams.settings import DRIFT_CHECKS
@@ -59,8 +60,12 @@ class Evaluator:
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
         closed."""
         src = partial["source"]
-        for start, variants in partial["buckets"].items():
-            start = int(start)
+        # every summary read and checked before any is merged: a forged one changes nothing
+        buckets = [
+            (int(start), [(v, d.pop("version", None), self._summary(d)) for v, d in vs.items()])
+            for start, vs in partial["buckets"].items()
+        ]
+        for start, variants in buckets:
             if (src, start) in self.applied:
                 continue  # a re-sent partial (at-least-once delivery): already merged
             if self.next_bucket is not None and start < self.next_bucket:
@@ -68,15 +73,28 @@ class Evaluator:
                 continue
             self.applied.add((src, start))
             merged = self.pending.setdefault(start, {})
-            for variant, d in variants.items():
-                version = d.pop("version", None)
+            for variant, version, summary in variants:
                 if version is not None:
                     self.bucket_versions.setdefault(start, {}).setdefault(variant, set()).add(
                         version
                     )
-                accumulate(merged, variant, Summary.from_dict(d))
+                accumulate(merged, variant, summary)
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
         return self.poll(idle_sources)
+
+    def _summary(self, d: dict) -> Summary:
+        """A partial's summary; ValueError when its arrays do not fit the model's layout (a
+        forged or foreign partial: merged, it would fail or skew every window it is in)."""
+        summary = Summary.from_dict(d)
+        layout = self.baseline.layout
+        sizes = (len(summary.counts), len(summary.sums), len(summary.missing), len(summary.latency))
+        if sizes != (layout.size, layout.size, len(layout.names), LATENCY_BINS):
+            raise ValueError(
+                f"a summary of {sizes[0]} bins, {sizes[1]} sums, {sizes[2]} columns and "
+                f"{sizes[3]} latency bins does not fit {self.settings.name!r}'s layout "
+                f"({layout.size} bins, {len(layout.names)} columns, {LATENCY_BINS} latency bins)"
+            )
+        return summary
 
     def poll(self, idle: AbstractSet[int] = frozenset()) -> Emitted:
         """Evaluate the buckets that every source not in ``idle`` has closed."""
