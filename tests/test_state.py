@@ -3,10 +3,18 @@ on exactly as the one that never stopped."""
 
 import pickle
 
+import numpy as np
 import pytest
 
-from coalmine.agents.state import ModelState, join_records_of, join_state, key, restore
-from coalmine.streams import Evaluator, Sketcher
+from coalmine.agents.state import (
+    ModelState,
+    _dumps_summaries,
+    join_records_of,
+    join_state,
+    key,
+    restore,
+)
+from coalmine.streams import Evaluator, Sketcher, Summary
 from tests.test_monitor import _correlation_break, monitor, stream  # noqa: F401 (the fixture)
 
 
@@ -162,3 +170,23 @@ def test_a_label_join_write_sends_only_what_changed_and_reads_back_whole():
     shrunk, written = write([b"x"], written)
     assert [v for _, v in shrunk] == [b"x", None, None]
     assert join_records_of(topic, 3) == ([], [b"x"]) and join_records_of(topic, 4) == ([], [])
+
+
+def test_a_state_record_whose_summaries_do_not_fit_is_refused(monitor):  # noqa: F811
+    """A forged record, a bucket of 3 bins or a head whose window sum is 3 bins, is refused
+    (the worker dead-letters the state and the model starts afresh) instead of restored into
+    a window it would fail or skew at every bucket."""
+    evaluator = Evaluator(monitor)
+    for p in partials_of(monitor, stream(60)):
+        evaluator.add(dict(p))
+    records = compacted(ModelState().records("m", evaluator))
+    assert restore(records, monitor, None) is not None  # the real ones read
+    columns = len(monitor.layout.names)
+    small = Summary(1, np.array([1, 0, 0]), np.zeros(3), np.zeros(columns, dtype=np.int64))
+    start = evaluator.window.buckets[-1].start
+    forged_bucket = {**records, key("m", b"b%d" % start): _dumps_summaries({"champion": small})}
+    evaluator.window.sums["champion"] = small
+    forged_head = compacted(ModelState().records("m", evaluator))
+    for forged in (forged_bucket, forged_head):
+        with pytest.raises(ValueError, match="a summary of 3 bins.* does not fit 'm'"):
+            restore(forged, monitor, None)

@@ -40,7 +40,7 @@ from coalmine.partials import decode_summaries, encode_summaries
 from coalmine.security import client_kwargs
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
-from coalmine.streams.evaluator import Evaluator
+from coalmine.streams.evaluator import Evaluator, fitted
 from coalmine.streams.label_join import JoinTable
 from coalmine.streams.rollout import RolloutPolicy
 from coalmine.streams.settings import ModelSettings
@@ -263,7 +263,8 @@ def restore(
     records: dict[bytes, bytes], baseline: Baseline, signer: Signer | None
 ) -> tuple[Evaluator, ModelState] | None:
     """One model's evaluator from its latest records (key -> value, tombstones removed), or
-    None when it has no head."""
+    None when it has no head; ValueError when a summary of theirs does not fit the model's
+    layout (:func:`~coalmine.streams.evaluator.fitted`)."""
     model = baseline.settings.name
     head = head_record(records, model)
     if head is None:
@@ -279,11 +280,15 @@ def restore(
         name, what = model_of(record_key)
         if name == model and what.startswith(b"b"):
             start = int(what[1:])
-            packed = {v: Packed(s) for v, s in _loads_bucket(value, own).items()}
+            loaded = _loads_bucket(value, own).items()
+            packed = {v: Packed(fitted(s, baseline)) for v, s in loaded}
             buckets[start] = PackedBucket(start, packed)
     evaluator = _Unpickler(head, own, buckets).load()
     if not isinstance(evaluator, Evaluator):
         raise pickle.UnpicklingError(f"state record of {model}: not an evaluator")
+    for variants in (evaluator.window.sums, *evaluator.pending.values()):
+        for summary in variants.values():
+            fitted(summary, baseline)
     return evaluator, ModelState(set(buckets), dict(evaluator.versions))
 
 

@@ -83,18 +83,7 @@ class Evaluator:
         return self.poll(idle_sources)
 
     def _summary(self, d: dict) -> Summary:
-        """A partial's summary; ValueError when its arrays do not fit the model's layout (a
-        forged or foreign partial: merged, it would fail or skew every window it is in)."""
-        summary = Summary.from_dict(d)
-        layout = self.baseline.layout
-        sizes = (len(summary.counts), len(summary.sums), len(summary.missing), len(summary.latency))
-        if sizes != (layout.size, layout.size, len(layout.names), LATENCY_BINS):
-            raise ValueError(
-                f"a summary of {sizes[0]} bins, {sizes[1]} sums, {sizes[2]} columns and "
-                f"{sizes[3]} latency bins does not fit {self.settings.name!r}'s layout "
-                f"({layout.size} bins, {len(layout.names)} columns, {LATENCY_BINS} latency bins)"
-            )
-        return summary
+        return fitted(Summary.from_dict(d), self.baseline)
 
     def poll(self, idle: AbstractSet[int] = frozenset()) -> Emitted:
         """Evaluate the buckets that every source not in ``idle`` has closed."""
@@ -194,6 +183,20 @@ class Evaluator:
             for record in signed:
                 record.signature = self.signer(record.to_json())["signature"]
         return out
+
+
+def fitted(summary: Summary, baseline: Baseline) -> Summary:
+    """``summary``; ValueError when its arrays do not fit ``baseline``'s layout (of a forged or
+    foreign partial or state record: merged, it would fail or skew every window it is in)."""
+    layout = baseline.layout
+    sizes = (len(summary.counts), len(summary.sums), len(summary.missing), len(summary.latency))
+    if sizes != (layout.size, layout.size, len(layout.names), LATENCY_BINS):
+        raise ValueError(
+            f"a summary of {sizes[0]} bins, {sizes[1]} sums, {sizes[2]} columns and "
+            f"{sizes[3]} latency bins does not fit {baseline.settings.name!r}'s layout "
+            f"({layout.size} bins, {len(layout.names)} columns, {LATENCY_BINS} latency bins)"
+        )
+    return summary
 
 
 class Emitted(NamedTuple):
