@@ -76,9 +76,8 @@ def test_damaged_partials_are_dead_lettered_and_stage_2_goes_on(
     )
     reasons = sorted(d["reason"] for d in namespace.read("deadletter"))
     assert len(reasons) == 4, reasons
-    assert reasons[0].startswith("internal error on the partial of 'ghost'")
-    assert reasons[1].startswith("internal error on the partial of 'shuttle'")
-    assert "a summary of 3 bins" in reasons[1] and "does not fit 'shuttle'" in reasons[1]
+    assert reasons[0].startswith("a partial of 'shuttle' that does not fit: a summary of 3 bins")
+    assert reasons[1].startswith("internal error on the partial of 'ghost'")
     assert reasons[2].startswith("not a partial: DecodeError")
     assert reasons[3].startswith("not a partial: ValueError") and "does not fit" in reasons[3]
     assert worker.proc.poll() is None and worker.get("/health")

@@ -41,7 +41,7 @@ from coalmine.partials import decode_partials, is_heartbeat
 from coalmine.security import Security
 from coalmine.signing import Signer
 from coalmine.streams.baseline import Baseline
-from coalmine.streams.evaluator import Evaluator
+from coalmine.streams.evaluator import Evaluator, Misfit
 from coalmine.verdicts import verdict
 
 log = logging.getLogger("coalmine.worker")
@@ -300,9 +300,12 @@ def create_app(
                         try:
                             urgent |= await take(partial, waits)
                         except Exception as exc:  # the message goes whole, naming whose
-                            log.exception("stage 2 failed on a partial")
                             whose = partial.get("model") if isinstance(partial, dict) else None
-                            reason = f"internal error on the partial of {whose!r}: {exc!r}"
+                            if isinstance(exc, Misfit):  # forged, or of another configuration
+                                reason = f"a partial of {whose!r} that does not fit: {exc}"
+                            else:
+                                log.exception("stage 2 failed on a partial")
+                                reason = f"internal error on the partial of {whose!r}: {exc!r}"
                             await send_dead_message(event.message, reason)
                     waiting.append((waits, event))
                 await flush(now=urgent)

@@ -185,13 +185,18 @@ class Evaluator:
         return out
 
 
+class Misfit(ValueError):
+    """A summary whose arrays do not fit its model's layout."""
+
+
 def fitted(summary: Summary, baseline: Baseline) -> Summary:
-    """``summary``; ValueError when its arrays do not fit ``baseline``'s layout (of a forged or
-    foreign partial or state record: merged, it would fail or skew every window it is in)."""
+    """``summary``; :class:`Misfit` when its arrays do not fit ``baseline``'s layout (of a
+    forged or foreign partial or state record: merged, it would fail or skew every window it
+    is in)."""
     layout = baseline.layout
     sizes = (len(summary.counts), len(summary.sums), len(summary.missing), len(summary.latency))
     if sizes != (layout.size, layout.size, len(layout.names), LATENCY_BINS):
-        raise ValueError(
+        raise Misfit(
             f"a summary of {sizes[0]} bins, {sizes[1]} sums, {sizes[2]} columns and "
             f"{sizes[3]} latency bins does not fit {baseline.settings.name!r}'s layout "
             f"({layout.size} bins, {len(layout.names)} columns, {LATENCY_BINS} latency bins)"
