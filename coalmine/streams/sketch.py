@@ -454,12 +454,8 @@ class Packed:
                 for name, dense in zip(names, packed):
                     _IN_PLACE[op](d[name], dense, out=d[name])
 
-    def to_dict(self) -> dict:
-        """:meth:`Summary.to_dict` of the summary."""
-        return self.unpack().to_dict()
-
     def sparse_dict(self) -> dict:
-        """:meth:`to_dict`'s form without a dense array made: each packed array as ``[size,
+        """:meth:`Summary.to_dict`'s form without a dense array made: each packed array as ``[size,
         positions, values]`` (the form :func:`coalmine.partials.encode_summaries` sends a
         mostly empty array in)."""
         d = dict(zip(_KEPT, self._fields))
