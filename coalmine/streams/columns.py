@@ -107,7 +107,7 @@ class NumericBlock:
         One pass: KS is the largest difference of the CDFs that Wasserstein integrates
         (:func:`~coalmine.streams.drift.paired_wasserstein`); the reference's side is
         computed once (:attr:`_reference`)."""
-        ref_n, ref_p, ref_p_floored, ref_log_p = self._reference
+        ref_n, ref_p, ref_p_floored = self._reference
         counts = self._gather(window.counts)
         n = counts.sum(axis=1)
         win_p = counts / np.maximum(n, 1)[:, None]
@@ -117,8 +117,7 @@ class NumericBlock:
         w1, after = drift.paired_wasserstein(self.ref_pos, ref_p, positions, win_p)
         ks = np.abs(after).max(axis=1)
         n_eff = drift.effective_n(ref_n, n)
-        win_p_floored = np.maximum(win_p, drift.EPS)
-        psi = ((win_p_floored - ref_p_floored) * (np.log(win_p_floored) - ref_log_p)).sum(axis=1)
+        psi = drift.psi_of_proportions(ref_p_floored, np.maximum(win_p, drift.EPS))
         # the fits are of sqrt(n_eff) x statistic: back to the statistic's own scale
         scale = np.sqrt(np.maximum(n_eff, 1e-12))
         ks_threshold, w_threshold = (
@@ -138,11 +137,10 @@ class NumericBlock:
     @cached_property
     def _reference(self) -> tuple[np.ndarray, ...]:
         """The reference's events per column, its bin proportions, and those floored at
-        :data:`~coalmine.streams.drift.EPS` with their logarithms (PSI's terms)."""
+        :data:`~coalmine.streams.drift.EPS` (PSI's)."""
         n = self.ref_counts.sum(axis=1)
         p = self.ref_counts / np.maximum(n, 1)[:, None]
-        floored = np.maximum(p, drift.EPS)
-        return n, p, floored, np.log(floored)
+        return n, p, np.maximum(p, drift.EPS)
 
     @cached_property
     def _rows(self) -> np.ndarray:

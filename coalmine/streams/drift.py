@@ -183,7 +183,12 @@ def _sorted_wasserstein(
 
 def psi_statistic(ref_counts: np.ndarray, win_counts: np.ndarray, eps: float = EPS) -> np.ndarray:
     r"""Population stability index :math:`\sum_k (q_k - p_k) \ln(q_k / p_k)`."""
-    p, q = _proportions(ref_counts, eps), _proportions(win_counts, eps)
+    return psi_of_proportions(_proportions(ref_counts, eps), _proportions(win_counts, eps))
+
+
+def psi_of_proportions(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """:func:`psi_statistic` of the reference's and the window's bin proportions, each
+    floored at its ``eps`` already (a reference's, once for every window)."""
     return ((q - p) * np.log(q / p)).sum(axis=-1)
 
 
