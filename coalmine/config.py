@@ -73,6 +73,10 @@ def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _non_negative_int(v: Any) -> bool:
+    return _positive_int(v) or (v == 0 and type(v) is int)
+
+
 def _number(v: Any) -> bool:
     """A finite int or float: not a bool, and not TOML's ``inf`` or ``nan``."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -109,6 +113,7 @@ _NUMBER_KEYS = {
     "false_alarm_every_events": (_positive_int, "a positive integer"),
     "bins": (lambda v: _positive_int(v) and 4 <= v <= 1024, "an integer from 4 to 1024"),
     "min_window_events": (_positive_int, "a positive integer"),
+    "min_bucket_events": (_non_negative_int, "a non-negative integer"),
     "dedup_events": (_positive_int, "a positive integer"),
     "label_join_max": (_positive_int, "a positive integer"),
     "baseline_error_rate": _between(0, 1, "[)"),  # 0: a model that made no error on the reference

@@ -162,14 +162,16 @@ class Monitor:
         update) happens at ``i * 1000 / rows_per_second`` milliseconds. At the default, a
         250 ms bucket holds 25 rows and a 60 s window 6000.
     features, checks, bucket, window, allowed_lateness, label_ttl, false_alarm_every_events, \
-bins, min_window_events, baseline_error_rate, shift_to_detect_sd
+bins, min_window_events, min_bucket_events, baseline_error_rate, shift_to_detect_sd
         The settings of a ``[[models]]`` table of the TOML configuration, with the same
         meanings, defaults and checks (durations are strings such as ``"250ms"``, ``"1s"``,
         ``"5m"``): by default ``bucket="250ms"``, ``window="60s"``, ``allowed_lateness="2s"``,
         ``label_ttl="1h"``, ``false_alarm_every_events=10_000_000``, ``bins=32``,
-        ``min_window_events=200``, ``shift_to_detect_sd=0.3``, ``checks=["drift",
-        "prediction_drift", "missing_rate", "performance"]``, and every reference column but
-        the timestamp, ``prediction``, ``scores.*`` and ``label`` as ``features``.
+        ``min_window_events=200``, ``min_bucket_events=30`` (at the default 25 rows a bucket,
+        two buckets are evaluated together), ``shift_to_detect_sd=0.3``,
+        ``checks=["drift", "prediction_drift", "missing_rate", "performance"]``, and every
+        reference column but the timestamp, ``prediction``, ``scores.*`` and ``label`` as
+        ``features``.
     cache : CalibrationCache or None, optional
         Where calibrated thresholds outlive the process: by default the file cache under
         ``$COALMINE_CACHE_DIR`` (else ``~/.cache/coalmine``), as the worker's; ``None``
@@ -250,6 +252,7 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
         false_alarm_every_events: int | None = None,
         bins: int | None = None,
         min_window_events: int | None = None,
+        min_bucket_events: int | None = None,
         baseline_error_rate: float | None = None,
         shift_to_detect_sd: float | None = None,
         cache: CalibrationCache | None = _UNSET,
@@ -282,6 +285,7 @@ bins, min_window_events, baseline_error_rate, shift_to_detect_sd
             "false_alarm_every_events": false_alarm_every_events,
             "bins": bins,
             "min_window_events": min_window_events,
+            "min_bucket_events": min_bucket_events,
             "baseline_error_rate": baseline_error_rate,
             "shift_to_detect_sd": shift_to_detect_sd,
         }

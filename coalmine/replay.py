@@ -25,7 +25,7 @@ from coalmine.ingest import PartitionIngest
 from coalmine.signing import Signer
 from coalmine.slices import ReceivedSlice, TopicSlice, read_slices
 from coalmine.streams.baseline import Baseline
-from coalmine.streams.evaluator import Evaluator
+from coalmine.streams.evaluator import Emitted, Evaluator
 from coalmine.streams.records import Alert, Command, Evaluation
 from coalmine.streams.reference import first_events
 
@@ -130,16 +130,21 @@ class Replay:
         self._drain(self.ingest.close())
 
     def finish(self) -> None:
-        """End of input: every open bucket is complete."""
+        """End of input: every open bucket is complete, and evaluated (a low-traffic model's
+        last, carried, too)."""
         self._drain(self.ingest.flush())
+        for evaluator in self.evaluators.values():
+            self._emit(evaluator.finish())
 
     def _drain(self, partials: list[dict]) -> None:
         for p in partials:
-            out = self.evaluators[p["model"]].add(p)
-            if self.on_evaluations is not None and out.evaluations:
-                self.on_evaluations(out.evaluations)
-            self.alerts += out.alerts
-            self.commands += out.commands
+            self._emit(self.evaluators[p["model"]].add(p))
+
+    def _emit(self, out: Emitted) -> None:
+        if self.on_evaluations is not None and out.evaluations:
+            self.on_evaluations(out.evaluations)
+        self.alerts += out.alerts
+        self.commands += out.commands
 
 
 def first_events_in_file(predictions: Path) -> FirstEvents:

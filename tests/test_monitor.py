@@ -381,7 +381,7 @@ def test_sliding_window_equals_the_sum_of_its_buckets():
     re-sum gives, as variants come, go and are forgotten."""
     rng = np.random.default_rng(3)
     layout = Layout.from_columns({"x": rng.standard_normal(500)}, bins=8)
-    window = SlidingWindow(size=5, bucket_ms=1000)
+    window = SlidingWindow(window_ms=5000)
     appended = []  # the buckets as they came (the ring keeps them packed)
     for i in range(60):
         if i == 23:
@@ -396,8 +396,8 @@ def test_sliding_window_equals_the_sum_of_its_buckets():
             for v in VARIANTS
             if rng.random() < (0.9 if v == "champion" else 0.3)
         }
-        appended.append(Bucket(i * 1000, copy.deepcopy(variants)))
-        got = window.append(Bucket(i * 1000, variants))
+        appended.append(Bucket(i * 1000, copy.deepcopy(variants), (i + 1) * 1000))
+        got = window.append(Bucket(i * 1000, variants, (i + 1) * 1000))
         expected: dict = {}
         for b in appended[-5:]:
             for v, summary in b.variants.items():
@@ -449,12 +449,12 @@ def test_a_low_traffic_models_window_holds_its_buckets_in_little_memory():
     holds a fifth of the dense arrays' bytes at most, and its sum is still exact."""
     rng = np.random.default_rng(6)
     layout = Layout.from_columns({f"x{i}": rng.standard_normal(900) for i in range(11)}, bins=32)
-    window = SlidingWindow(size=240, bucket_ms=250)
+    window = SlidingWindow(window_ms=60_000)
     dense = 0
     for i in range(300):
         bucket = layout.fold({f"x{j}": rng.standard_normal(3) for j in range(11)})
         dense += bucket.counts.nbytes + bucket.sums.nbytes + bucket.latency.nbytes
-        got = window.append(Bucket(i * 250, {"champion": bucket}))
+        got = window.append(Bucket(i * 250, {"champion": bucket}, (i + 1) * 250))
     packed = sum(b.variants["champion"].nbytes for b in window.buckets)
     assert packed < dense * 240 / 300 / 5
     assert got["champion"].n == 720 and got["champion"].counts.sum() == 720 * 11
@@ -657,11 +657,12 @@ def test_the_joint_cusum_judges_low_traffic_in_steps_of_enough_events():
 def test_window_tests_run_once_a_second_and_their_verdict_holds_between(monitor):
     """With 250 ms buckets the CUSUMs run every bucket and the window tests once a second. A
     drift alert raised by a window test does not resolve on the CUSUM-only buckets in between
-    (the CUSUMs are kept out of it here by a huge allowance: shift_to_detect_sd = 100)."""
+    (the CUSUMs are kept out of it here by a huge allowance: shift_to_detect_sd = 100; every
+    bucket evaluated, however few its events: min_bucket_events = 0)."""
     from dataclasses import replace
 
     fine = Baseline(
-        replace(monitor.settings, bucket_ms=250, shift_to_detect_sd=100.0),
+        replace(monitor.settings, bucket_ms=250, shift_to_detect_sd=100.0, min_bucket_events=0),
         monitor.reference,
         cache=FileCalibrationCache(),  # the bucket size and allowance are not part of it
     )
@@ -727,14 +728,18 @@ def test_a_sparse_partial_is_evaluated_as_the_dense_and_sent_in_few_bytes(monito
 
 
 def test_empty_buckets_are_evaluated_alike_however_the_partials_come(monitor):
-    """A low-traffic model has buckets with no event. Stage 2 evaluates them (a window of 20
-    buckets spans 20 s), whether the partials came a bucket at a time, as a worker sends them,
-    or all at once, as a replay's large chunk gives them; a gap longer than the window starts
-    a fresh window both ways."""
-    events = [e for e in stream(80) if e["ts"] // 1000 % 4 != 1 and not 40 <= e["ts"] // 1000 < 65]
+    """A low-traffic model has buckets with no event. Stage 2 carries them into the next
+    (fewer than ``min_bucket_events``), or evaluates them when told to judge every bucket (a
+    window of 20 buckets spans 20 s), whether the partials came a bucket at a time, as a
+    worker sends them, or all at once, as a replay's large chunk gives them; a gap longer than
+    the window starts a fresh window both ways."""
+    from dataclasses import replace
 
-    def evaluated(batches):
-        sketcher, evaluator, out = Sketcher({"m": monitor}), Evaluator(monitor), []
+    events = [e for e in stream(80) if e["ts"] // 1000 % 4 != 1 and not 40 <= e["ts"] // 1000 < 65]
+    every = Baseline(replace(monitor.settings, min_bucket_events=0), monitor.reference)
+
+    def evaluated(baseline, batches):
+        sketcher, evaluator, out = Sketcher({"m": baseline}), Evaluator(baseline), []
         for batch in batches:
             assert sketcher.add_predictions(batch) == []
             for p in sketcher.close():
@@ -744,11 +749,35 @@ def test_empty_buckets_are_evaluated_alike_however_the_partials_come(monitor):
         return [e.to_json() for e in out]
 
     by_bucket = [[e for e in events if e["ts"] // 1000 == b] for b in range(80)]
-    one_at_a_time, at_once = evaluated(b for b in by_bucket if b), evaluated([events])
-    assert one_at_a_time == at_once
-    ts = sorted({e["ts"] // 1000 - 1 for e in at_once})
-    assert 1 in ts and 5 in ts, "the empty buckets in the window are evaluated"
-    assert not set(range(40, 65)) & set(ts), "the gap longer than the window is not"
+    for baseline, empty_evaluated in ((every, True), (monitor, False)):
+        one_at_a_time = evaluated(baseline, (b for b in by_bucket if b))
+        at_once = evaluated(baseline, [events])
+        assert one_at_a_time == at_once
+        ends = sorted({e["ts"] // 1000 - 1 for e in at_once})  # the last bucket of each step
+        assert {1, 5} & set(ends) == ({1, 5} if empty_evaluated else set())
+        assert {2, 6} <= set(ends), "a bucket with events after an empty one is evaluated"
+        assert not set(range(40, 65)) & set(ends), "the gap longer than the window is not"
+
+
+@pytest.mark.parametrize("every, step_ms", [(20, 3000), (100, 5000)])
+def test_a_low_traffic_model_is_judged_in_steps_of_enough_events(monitor, every, step_ms):
+    """A bucket of fewer than ``min_bucket_events`` (30) events is carried into the next: at 10
+    events a 1 s bucket stage 2 evaluates every third bucket; at 2, every fifth
+    (``max_carry_ms``: a quarter of the 20 s window). Each window holds exactly the events of
+    the span it names, and the end of the input evaluates the last buckets carried."""
+    events = stream(41)[::every]
+    sketcher, evaluator, evaluations = Sketcher({"m": monitor}), Evaluator(monitor), []
+    for p in sketcher.add_predictions(events) + sketcher.flush():
+        evaluations += evaluator.add(p).evaluations
+    evaluations += evaluator.finish().evaluations
+    ends = sorted({e.ts for e in evaluations})
+    assert ends == [*range(step_ms, 41_000, step_ms), 41_000]  # the last: what was left carried
+    ts = np.array([e["ts"] for e in events])
+    for e in evaluations:
+        span = e.window
+        assert span.n == ((span.start_ts <= ts) & (ts < span.end_ts)).sum()
+        assert span.end_ts == e.ts and e.ts - span.start_ts <= monitor.settings.window_ms
+    assert "cusum" in {e.statistic for e in evaluations if e.ts == ends[-1]}
 
 
 def test_partials_of_a_close_travel_in_few_messages_and_evaluate_as_sent_alone(monitor):

@@ -47,7 +47,14 @@ def test_a_restart_keeps_the_joint_cusums_buckets_carried_over():
     assert_restored_goes_on(mon, partials_of(mon, events, chunk=100))
 
 
-def assert_restored_goes_on(monitor, partials):  # noqa: F811
+def test_a_restart_keeps_the_buckets_carried_for_too_few_events(monitor):  # noqa: F811
+    """At 20 events a bucket stage 2 evaluates two buckets at a time (min_bucket_events = 30):
+    a restart after the first of two resumes with it carried."""
+    events = stream(120, shift_from=60, shift=0.5)[::10]
+    assert_restored_goes_on(monitor, partials_of(monitor, events, chunk=50), mid_carry=True)
+
+
+def assert_restored_goes_on(monitor, partials, mid_carry=False):  # noqa: F811
     assert len(partials) > 20
     whole, first = Evaluator(monitor), Evaluator(monitor)
     expected = [whole.add(dict(p)) for p in partials]
@@ -56,6 +63,7 @@ def assert_restored_goes_on(monitor, partials):  # noqa: F811
     for p in partials[:half]:
         first.add(dict(p))
         topic += state.records("m", first)  # written after every batch
+    assert (first.carried is not None) or not mid_carry
     restored, _ = restore(compacted(topic), monitor, None)
     got = [restored.add(dict(p)) for p in partials[half - 3 :]]  # re-delivered ones: merged once
     evaluations = [e.to_json() for out in got for e in out.evaluations]
@@ -82,12 +90,12 @@ def test_bucket_records_are_compact_and_those_pickled_before_still_read(monitor)
     """A low-traffic model's bucket fills a few bins: its record holds those, not the dense
     arrays; a record pickled by an earlier version still restores the same window."""
     evaluator, state, topic = Evaluator(monitor), ModelState(), []
-    for p in partials_of(monitor, stream(60)[::50]):  # 4 events a bucket
+    for p in partials_of(monitor, stream(60)[::400]):  # an event every 2 s, carried 5 s at a time
         evaluator.add(dict(p))
         topic += state.records("m", evaluator)
     records = compacted(topic)
     buckets = {k: v for k, v in records.items() if k.startswith(key("m", b"b"))}
-    assert len(buckets) == monitor.settings.window_buckets
+    assert len(buckets) == len(evaluator.window.buckets) == 4
     assert max(map(len, buckets.values())) < 8 * monitor.layout.size  # one dense counts array
     earlier = dict(records)
     for b in evaluator.window.buckets:

@@ -245,7 +245,7 @@ class ModelState:
         left the window, then the head."""
         buffer = io.BytesIO()
         ring: dict[int, PackedBucket] = {}
-        pending = {id(s) for variants in evaluator.pending.values() for s in variants.values()}
+        pending = {id(s) for variants in _waiting(evaluator) for s in variants.values()}
         _Pickler(buffer, ring, pending).dump(evaluator)
         rewrite = evaluator.versions != self.versions
         out: list[tuple[bytes, bytes | None]] = [
@@ -286,10 +286,16 @@ def restore(
     evaluator = _Unpickler(head, own, buckets).load()
     if not isinstance(evaluator, Evaluator):
         raise pickle.UnpicklingError(f"state record of {model}: not an evaluator")
-    for variants in (evaluator.window.sums, *evaluator.pending.values()):
+    for variants in (evaluator.window.sums, *_waiting(evaluator)):
         for summary in variants.values():
             fitted(summary, baseline)
     return evaluator, ModelState(set(buckets), dict(evaluator.versions))
+
+
+def _waiting(evaluator: Evaluator) -> list[dict[str, Summary]]:
+    """The summaries of the buckets waiting to be evaluated: pending, and carried."""
+    carried = evaluator.carried
+    return [*evaluator.pending.values(), *([carried.variants] if carried is not None else [])]
 
 
 def head_record(records: dict[bytes, bytes], model: str) -> bytes | None:

@@ -28,7 +28,13 @@ from coalmine.streams.window import Bucket, SlidingWindow, accumulate
 
 class Evaluator:
     """Stage 2 for one model: partials from ``sources`` partitions in, evaluations and alerts
-    out, once every source has closed a bucket."""
+    out, once every source has closed a bucket (a bucket of fewer than
+    :attr:`~coalmine.streams.settings.ModelSettings.min_bucket_events` events is carried into
+    the next: see :meth:`poll`)."""
+
+    #: closed buckets of too few events, merged, waiting to be evaluated with the next
+    #: (a class default: evaluators pickled before it existed have none)
+    carried: Bucket | None = None
 
     def __init__(
         self, baseline: Baseline, sources: int = 1, signer: Callable[[dict], dict] | None = None
@@ -42,7 +48,7 @@ class Evaluator:
         self.applied: set[tuple[int, int]] = set()
         self.next_bucket: int | None = None
         settings = baseline.settings
-        self.window = SlidingWindow(settings.window_buckets, settings.bucket_ms)
+        self.window = SlidingWindow(settings.window_ms)
         self.alerts = AlertTracker(settings.name)
         self.drift = DriftJudge(baseline)
         self.judge = RolloutJudge(
@@ -101,18 +107,47 @@ class Evaluator:
         # window): evaluated or skipped alike however the partials were cut and timed
         while self.next_bucket + step <= through and self.pending:
             if min(self.pending) - self.next_bucket > self.settings.window_ms:
+                out.extend(self.finish())  # the buckets before the gap, carried
                 self.window.clear()  # a gap longer than the window: start afresh
                 self.next_bucket = min(self.pending)
                 continue
-            out.extend(
-                self.evaluate(Bucket(self.next_bucket, self.pending.pop(self.next_bucket, {})))
-            )
+            start = self.next_bucket
+            out.extend(self._step(Bucket(start, self.pending.pop(start, {}), start + step)))
             self.next_bucket += step
         self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
-        self.bucket_versions = {
-            b: v for b, v in self.bucket_versions.items() if b >= self.next_bucket
-        }
+        kept = self.carried.start if self.carried is not None else self.next_bucket
+        self.bucket_versions = {b: v for b, v in self.bucket_versions.items() if b >= kept}
         return out
+
+    def _step(self, bucket: Bucket) -> Emitted:
+        """Evaluate ``bucket`` with those carried before it, or carry it on: stage 2 costs a
+        fixed amount a step, which a low-traffic model would pay for every few events. The
+        steps depend on the events' times only, as the buckets do: live runs, replays and
+        restarted workers take the same."""
+        carried = self.carried
+        if carried is not None:  # the versions seen in any of them, as seen in one bucket
+            for variant, seen in self.bucket_versions.pop(bucket.start, {}).items():
+                self.bucket_versions.setdefault(carried.start, {}).setdefault(
+                    variant, set()
+                ).update(seen)
+            for variant, summary in bucket.variants.items():
+                accumulate(carried.variants, variant, summary)
+            carried.end, bucket = bucket.end, carried
+        events = sum(s.n for s in bucket.variants.values())
+        settings = self.settings
+        if (
+            events < settings.min_bucket_events
+            and bucket.end - bucket.start < settings.max_carry_ms
+        ):
+            self.carried = bucket
+            return Emitted([], [], [])
+        self.carried = None
+        return self.evaluate(bucket)
+
+    def finish(self) -> Emitted:
+        """End of input (a replay's): evaluate the buckets carried, however few their events."""
+        carried, self.carried = self.carried, None
+        return self.evaluate(carried) if carried is not None else Emitted([], [], [])
 
     def _forget_replaced_versions(self, start: int) -> None:
         """A variant now served by another version starts a fresh window (and CUSUM). The
@@ -133,12 +168,13 @@ class Evaluator:
         self._forget_replaced_versions(bucket.start)
         windows = self.window.append(bucket)
         ring = self.window.buckets
-        end = bucket.start + self.settings.bucket_ms
+        end = bucket.end
         out = Emitted([], [], [])
         spans = {
             variant: Window(ring[0].start, end, window.n) for variant, window in windows.items()
         }
-        window_tests = end % self.settings.window_step_ms == 0
+        step = self.settings.window_step_ms  # the window tests run when a step ends in the bucket
+        window_tests = end // step > bucket.start // step
         for variant, window in windows.items():
             out.evaluations.extend(
                 self.drift.evaluate(

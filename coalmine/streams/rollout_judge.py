@@ -342,7 +342,8 @@ class RolloutJudge:
         if version not in self.canary_first_seen:  # a new canary: its split starts after the
             # bucket it appeared in, which may still hold the previous version's traffic
             first = min(b.start for b in ring if "canary" in b.variants)
-            self.canary_first_seen[version] = first + self.bucket_ms
+            # the ring's buckets are contiguous (a low-traffic model's span several)
+            self.canary_first_seen[version] = next((b.start for b in ring if b.start > first), end)
         managed = "canary" in self.checks
         if managed and version not in self.controller.step:
             return evs  # the weight in force is unknown until the controller takes the canary on

@@ -44,6 +44,10 @@ class ModelSettings:
     false_alarm_every_events: int = 10_000_000
     bins: int = 32
     min_window_events: int = 200
+    #: a bucket holding fewer events (all variants) is carried into the next, for at most
+    #: :attr:`max_carry_ms`: a low-traffic model is judged in steps of about this many events,
+    #: not every bucket (stage 2's cost is per step); 0 judges every bucket
+    min_bucket_events: int = 30
     label_ttl_ms: int = 3_600_000
     #: live only (a worker, not a replay): an event dated more than this ahead of the wall
     #: clock is dead-lettered, so that it cannot move the watermark
@@ -78,3 +82,9 @@ class ModelSettings:
         bucket, but no more often than once a second of event time (the CUSUMs run every
         bucket: they are the fast detectors; a window test's power is its window's size)."""
         return -(-max(self.bucket_ms, WINDOW_STEP_MS) // self.bucket_ms) * self.bucket_ms
+
+    @property
+    def max_carry_ms(self) -> int:
+        """The longest step of a low-traffic model (:attr:`min_bucket_events`): a quarter of
+        the window, in whole buckets (at least one), so that the window keeps sliding."""
+        return max(self.window_ms // 4 // self.bucket_ms, 1) * self.bucket_ms
