@@ -3,7 +3,7 @@ event time) published as a backlog to the embedded broker, then one worker start
 orjson parsing the same events. The live counterpart of ``many_models.py`` (file replay).
 
 Timed from the worker's start (start-up included: every model's baseline, the consumer-group
-joins) until its ``coalmine_evaluations_total`` counts every (model, bucket) pair with events but
+joins) until its ``coalmine_evaluations_total`` counts every (model, step) pair evaluated (a bucket, or a few carried together) but
 for the stream's last 4 s, which wait for their sources to go idle: wall-clock time, not work.
 The calibration cache is warmed first, as a restarted worker finds it.
 
@@ -36,7 +36,7 @@ TAIL_MS = 4000  # the stream's last buckets wait for their sources to go idle: n
 
 
 def evaluated_pairs(config, stream: Path, end_ms: int) -> int:
-    """The (model, bucket) pairs file replay evaluates on ``stream`` before ``end_ms``."""
+    """The (model, step) pairs file replay evaluates on ``stream`` before ``end_ms``."""
     pairs: set[tuple[str, int]] = set()
     replay_files(
         config,
@@ -74,7 +74,7 @@ def main() -> None:
                 # 0 while a long state write holds the worker's loop
                 lambda: worker.metric("coalmine_evaluations_total", busy=0) >= pairs,
                 1800,
-                f"{pairs:,} (model, bucket) pairs evaluated",
+                f"{pairs:,} (model, step) pairs evaluated",
                 interval=0.25,
             )
             took = time.perf_counter() - t0
@@ -91,7 +91,7 @@ def main() -> None:
     print("| measure | value |")
     print("|---|---:|")
     print(f"| worker start to ready (baselines from the cache, group joins) | {ready:.1f} s |")
-    print(f"| worker start to the {pairs:,} (model, bucket) pairs evaluated | {took:.1f} s |")
+    print(f"| worker start to the {pairs:,} (model, step) pairs evaluated | {took:.1f} s |")
     print(f"| events folded by then | {folded:,.0f} of {n:,} |")
     print(f"| stage-1 batches (polls), mean events each | {batches:,.0f}, {per_batch:,.0f} |")
     print(f"| the worker's CPU by then (the rest: waiting for quiet sources) | {cpu:.1f} s |")

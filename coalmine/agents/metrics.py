@@ -55,7 +55,11 @@ ALERTS = PromCounter(
 )
 COMMANDS = PromCounter("coalmine_commands_total", "Rollout commands published", ["model", "action"])
 FIRING = Gauge("coalmine_alerts_firing", "Alerts currently firing", ["model"])
-EVALUATIONS = PromCounter("coalmine_evaluations_total", "Buckets evaluated", ["model"])
+EVALUATIONS = PromCounter(
+    "coalmine_evaluations_total",
+    "Steps evaluated: a bucket, or several of a low-traffic model carried together",
+    ["model"],
+)
 
 
 class SeriesGauge:
