@@ -11,7 +11,7 @@ and for the start-up its children's too), for orjson as for coalmine: on a share
 time would count the neighbours' work too.
 
 usage: python benchmarks/many_models.py [--models M] [--rate R] [--seconds S] [--bucket D]
-                                        [--references shared|distinct]
+                                        [--min-bucket-events K] [--references shared|distinct]
 """
 
 from __future__ import annotations
@@ -72,14 +72,24 @@ def write_models_stream(path: Path, models: int, rate: float, seconds: float, se
 
 
 def write_models_config(
-    path: Path, models: int, bucket: str = "250ms", references: list[str] | None = None
+    path: Path,
+    models: int,
+    bucket: str = "250ms",
+    references: list[str] | None = None,
+    min_bucket_events: int | None = None,
 ) -> None:
     """A config of ``models`` models m0, m1, ... with the drift checks and buckets of
     ``bucket``; model i's reference is ``references[i]`` (default: one shared
-    ``reference.jsonl``)."""
+    ``reference.jsonl``); ``min_bucket_events`` if given (else coalmine's default)."""
     references = references or ["reference.jsonl"] * models
+    defaults = (
+        f"[defaults]\nmin_bucket_events = {min_bucket_events}\n\n"
+        if min_bucket_events is not None
+        else ""
+    )
     path.write_text(
-        "".join(
+        defaults
+        + "".join(
             f'[[models]]\nname = "m{i}"\nreference = "{references[i]}"\nbucket = "{bucket}"\n'
             'checks = ["drift", "prediction_drift", "missing_rate"]\n\n'
             for i in range(models)
@@ -142,6 +152,11 @@ def models_arguments(doc: str | None) -> argparse.Namespace:
     )
     ap.add_argument("--bucket", default="250ms", help="every model's bucket (default: coalmine's)")
     ap.add_argument(
+        "--min-bucket-events",
+        type=int,
+        help="buckets with fewer events are evaluated with the next (default: coalmine's, 30)",
+    )
+    ap.add_argument(
         "--references",
         choices=("shared", "distinct"),
         default="shared",
@@ -163,7 +178,9 @@ def models_work(args: argparse.Namespace, prefix: str) -> tuple[Path, int]:
         references = ["reference.jsonl"] * args.models
         write_stream(work / references[0], 5000, seed=1)
     n = write_models_stream(work / "stream.jsonl", args.models, args.rate, args.seconds, seed=2)
-    write_models_config(work / "monitor.toml", args.models, args.bucket, references)
+    write_models_config(
+        work / "monitor.toml", args.models, args.bucket, references, args.min_bucket_events
+    )
     os.environ["COALMINE_CACHE_DIR"] = str(work / "cache")
     return work, n
 
