@@ -90,6 +90,36 @@ def test_a_restarted_worker_publishes_no_alert_twice_and_leaves_none_unresolved(
     assert_like_replay(live_windows(namespace), alerts, expected, expected_alerts)
 
 
+def test_a_low_traffic_model_steps_alike_live_replayed_and_restarted(
+    namespace, start_worker, shuttle_config, tmp_path
+):
+    """At 20 events a 1 s bucket, spread over the partitions, stage 2 evaluates two buckets at
+    a time (min_bucket_events = 30): the live worker, restarted halfway (SIGTERM), takes the
+    steps file replay takes, with the same windows and alerts."""
+    rate = 20
+    scenario = simulator.Scenario(
+        n_events=4_000, rate_per_s=rate, drift_at=2_000, drift_size=1.0, label_fraction=0, seed=12
+    )
+    events = list(simulator.generate(scenario))
+    args = ("--publish-evaluations",)
+    worker = start_worker(shuttle_config, args=args)
+    namespace.publish(events[:2_100])
+    steps = 2_100 / rate / 2 - 4  # every step but the last few
+    evaluated = lambda n: lambda: worker.metric("coalmine_evaluations_total") >= n  # noqa: E731
+    wait_until(evaluated(steps), 90, f"{steps} steps evaluated", interval=0.5)
+    worker.stop()  # SIGTERM, mid-step or not: the carry is in the state head
+    worker = start_worker(shuttle_config, args=args)
+    namespace.publish(events[2_100:])
+    steps = (4_000 - 2_100) / rate / 2 - 4
+    wait_until(evaluated(steps), 90, f"{steps} more steps evaluated", interval=0.5)
+    expected, expected_alerts = replayed(load_config(shuttle_config), scenario, tmp_path)
+    ends = sorted({ts for ts, _ in expected})
+    assert all(b - a == 2000 for a, b in zip(ends, ends[1:])), "steps of two buckets"
+    live = live_windows(namespace)
+    assert_like_replay(live, namespace.read("alerts"), expected, expected_alerts)
+    assert any(a["state"] == "firing" for a in expected_alerts), "the drift is caught"
+
+
 @pytest.mark.parametrize("victim", ["stage 2 owner", "stage 1 only"])
 def test_killing_a_worker_changes_no_window_and_no_alert(
     namespace, start_worker, shuttle_config, tmp_path, victim
