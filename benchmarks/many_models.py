@@ -5,8 +5,9 @@ calibration runs once and is cached; ``--references distinct`` calibrates every 
 fresh machine does for models with references of their own) is timed apart and included in the
 end-to-end rate; stage 2's own CPU time (``Evaluator.add``: merging, carrying and evaluating
 buckets) gives its cost per model-second of event time and per step evaluated (a bucket, or a
-low-traffic model's buckets carried together: ``min_bucket_events``). The default 90 s of event time lets the window tests run (from 200 events in
-a window) for most of the run, as they do in steady state. Times are CPU seconds (this process's,
+low-traffic model's buckets carried together: ``min_bucket_events``). The default 90 s of event
+time lets the window tests run (from 200 events in a window) for most of the run, as they do in
+steady state. Times are CPU seconds (this process's,
 and for the start-up its children's too), for orjson as for coalmine: on a shared machine, wall
 time would count the neighbours' work too.
 

@@ -3,9 +3,9 @@ event time) published as a backlog to the embedded broker, then one worker start
 orjson parsing the same events. The live counterpart of ``many_models.py`` (file replay).
 
 Timed from the worker's start (start-up included: every model's baseline, the consumer-group
-joins) until its ``coalmine_evaluations_total`` counts every (model, step) pair evaluated (a bucket, or a few carried together) but
-for the stream's last 4 s, which wait for their sources to go idle: wall-clock time, not work.
-The calibration cache is warmed first, as a restarted worker finds it.
+joins) until its ``coalmine_evaluations_total`` counts every (model, step) pair evaluated (a
+bucket, or a few carried together) but for the stream's last 4 s, which wait for their sources
+to go idle: wall-clock time, not work. The calibration cache is warmed first, as a restarted worker finds it.
 
 usage: python benchmarks/many_models_live.py [--models M] [--rate R] [--seconds S] [--bucket D]
 """

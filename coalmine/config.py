@@ -74,7 +74,7 @@ def _positive_int(v: Any) -> bool:
 
 
 def _non_negative_int(v: Any) -> bool:
-    return _positive_int(v) or (v == 0 and type(v) is int)
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _number(v: Any) -> bool:

@@ -411,6 +411,24 @@ def test_sliding_window_equals_the_sum_of_its_buckets():
             np.testing.assert_allclose(summary.sums, expected[v].sums, rtol=1e-12, atol=1e-9)
 
 
+def test_a_window_pickled_when_it_held_a_number_of_buckets_reads_as_that_window():
+    """A state head written before windows went by event time pickled ``size`` buckets of
+    ``bucket_ms`` (a ring with a maximum length): it reads as a window of their span, which
+    slides by time."""
+    import pickle
+    from collections import Counter, deque
+
+    layout = Layout.from_columns({"x": np.arange(100.0)}, bins=4)
+    old = SlidingWindow.__new__(SlidingWindow)
+    old.__dict__.update(size=4, bucket_ms=250, buckets=deque(maxlen=4), sums={}, present=Counter())
+    window = pickle.loads(pickle.dumps(old))
+    assert window.window_ms == 1000 and window.buckets.maxlen is None
+    for i in range(6):
+        got = window.append(Bucket(i * 250, {"champion": layout.fold({"x": [1.0]})}, (i + 1) * 250))
+    assert [b.start for b in window.buckets] == [500, 750, 1000, 1250]
+    assert got["champion"].n == 4
+
+
 def _bits(summary) -> list:
     """A summary's every field, arrays and floats as their bytes (so -0.0 differs from 0.0)."""
     return [

@@ -12,6 +12,7 @@ from coalmine import simulator
 from coalmine.config import load_config
 from coalmine.launch import group_members, wait_until
 from coalmine.replay import replay_files
+from tests.test_pipeline_broker import wait_for
 
 pytestmark = pytest.mark.integration
 RATE = 300  # events per second of event time
@@ -104,14 +105,12 @@ def test_a_low_traffic_model_steps_alike_live_replayed_and_restarted(
     args = ("--publish-evaluations",)
     worker = start_worker(shuttle_config, args=args)
     namespace.publish(events[:2_100])
-    steps = 2_100 / rate / 2 - 4  # every step but the last few
-    evaluated = lambda n: lambda: worker.metric("coalmine_evaluations_total") >= n  # noqa: E731
-    wait_until(evaluated(steps), 90, f"{steps} steps evaluated", interval=0.5)
+    # every step but the last few
+    wait_for(worker, "coalmine_evaluations_total", 2_100 / rate / 2 - 4, timeout=90)
     worker.stop()  # SIGTERM, mid-step or not: the carry is in the state head
     worker = start_worker(shuttle_config, args=args)
     namespace.publish(events[2_100:])
-    steps = (4_000 - 2_100) / rate / 2 - 4
-    wait_until(evaluated(steps), 90, f"{steps} more steps evaluated", interval=0.5)
+    wait_for(worker, "coalmine_evaluations_total", (4_000 - 2_100) / rate / 2 - 4, timeout=90)
     expected, expected_alerts = replayed(load_config(shuttle_config), scenario, tmp_path)
     ends = sorted({ts for ts, _ in expected})
     assert all(b - a == 2000 for a, b in zip(ends, ends[1:])), "steps of two buckets"

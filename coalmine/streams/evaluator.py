@@ -81,12 +81,15 @@ class Evaluator:
             merged = self.pending.setdefault(start, {})
             for variant, version, summary in variants:
                 if version is not None:
-                    self.bucket_versions.setdefault(start, {}).setdefault(variant, set()).add(
-                        version
-                    )
+                    self._versions_seen(start, variant).add(version)
                 accumulate(merged, variant, summary)
         self.closed[src] = max(self.closed.get(src, -1), partial["closed_through"])
         return self.poll(idle_sources)
+
+    def _versions_seen(self, start: int, variant: str) -> set[str]:
+        """The versions the sources saw first serving ``variant`` in the pending bucket
+        ``start``."""
+        return self.bucket_versions.setdefault(start, {}).setdefault(variant, set())
 
     def _summary(self, d: dict) -> Summary:
         return fitted(Summary.from_dict(d), self.baseline)
@@ -127,9 +130,7 @@ class Evaluator:
         carried = self.carried
         if carried is not None:  # the versions seen in any of them, as seen in one bucket
             for variant, seen in self.bucket_versions.pop(bucket.start, {}).items():
-                self.bucket_versions.setdefault(carried.start, {}).setdefault(
-                    variant, set()
-                ).update(seen)
+                self._versions_seen(carried.start, variant).update(seen)
             for variant, summary in bucket.variants.items():
                 accumulate(carried.variants, variant, summary)
             carried.end, bucket = bucket.end, carried
