@@ -4,7 +4,8 @@ statistic non-finite (issue 12, item 7)."""
 from __future__ import annotations
 
 import math
-from functools import cache
+import operator
+from functools import cache, reduce
 
 import numpy as np
 import orjson
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from coalmine.cache import FileCalibrationCache
 from coalmine.ingest import PartitionIngest
-from coalmine.streams import Baseline, Evaluator, ModelSettings, ReferenceData
+from coalmine.streams import Baseline, Evaluator, ModelSettings, ReferenceData, Summary
 from coalmine.streams.rollout import RolloutPolicy
 from coalmine.streams.settings import ALL_CHECKS
 
@@ -114,3 +115,35 @@ def test_a_canary_that_never_fails_but_is_wrong_more_often_is_judged_without_a_c
     # 250 ms buckets: the window tests run every fourth bucket, their verdicts held between
     evaluations = run(draws, _baseline(bucket_ms=250))
     assert evaluations and all(finite(e) for e in evaluations)
+
+
+_VALUES = st.floats(-1e9, 1e9, allow_nan=False, allow_subnormal=True)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 9), st.lists(_VALUES, min_size=4, max_size=4), st.booleans()),
+        min_size=1,
+        max_size=15,
+    )
+)
+def test_many_summaries_merged_at_once_are_bit_for_bit_those_added_one_at_a_time(parts):
+    """A step of a low-traffic model merges its buckets in one pass (``Summary.total``): the
+    window it slides is the one adding them one after the other gives, to the last bit (live,
+    replays and restarts would otherwise disagree)."""
+    summaries = []
+    for n, values, binned in parts:
+        s = Summary.zeros(4, 2)
+        s.n, s.counts[:] = n, np.arange(4) * n
+        s.sums[:], s.abs_error_sum, s.outcome_sum = values, values[0], -values[1]
+        if binned:  # a binary model's score bins, empty in the others
+            s.score_positives, s.score_negatives = np.full((2, 3), n, dtype=np.int64)
+        summaries.append(s)
+    one_by_one, at_once = reduce(operator.add, summaries), Summary.total(summaries)
+    assert list(at_once.__dict__) == list(one_by_one.__dict__)
+    for name, expected in one_by_one.__dict__.items():
+        got = at_once.__dict__[name]
+        if isinstance(expected, np.ndarray):
+            assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), name
+        else:
+            assert type(got) is type(expected) and repr(got) == repr(expected), name

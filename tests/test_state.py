@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
+from coalmine.agents import state as state_module
 from coalmine.agents.state import (
     ModelState,
     _dumps_summaries,
@@ -54,7 +55,15 @@ def test_a_restart_keeps_the_buckets_carried_for_too_few_events(monitor):  # noq
     assert_restored_goes_on(monitor, partials_of(monitor, events, chunk=50), mid_carry=True)
 
 
-def assert_restored_goes_on(monitor, partials, mid_carry=False):  # noqa: F811
+def test_a_head_written_while_the_carry_was_kept_merged_still_restores(monitor):  # noqa: F811
+    """A state head written by an earlier version, which kept the buckets carried merged into
+    one, resumes with that bucket carried, as the run that never stopped."""
+    events = stream(120, shift_from=60, shift=0.5)[::10]
+    partials = partials_of(monitor, events, chunk=50)
+    assert_restored_goes_on(monitor, partials, mid_carry=True, merged_carry=True)
+
+
+def assert_restored_goes_on(monitor, partials, mid_carry=False, merged_carry=False):  # noqa: F811
     assert len(partials) > 20
     whole, first = Evaluator(monitor), Evaluator(monitor)
     expected = [whole.add(dict(p)) for p in partials]
@@ -63,7 +72,13 @@ def assert_restored_goes_on(monitor, partials, mid_carry=False):  # noqa: F811
     for p in partials[:half]:
         first.add(dict(p))
         topic += state.records("m", first)  # written after every batch
-    assert (first.carried is not None) or not mid_carry
+    assert first.carried or not mid_carry
+    if merged_carry:  # a head as written before 2026-12-01: the carry one merged bucket
+        first.carried = first._merged(first.carried)  # type: ignore[assignment]
+        with pytest.MonkeyPatch.context() as patch:
+            waiting = lambda e: [*e.pending.values(), e.carried.variants]  # noqa: E731
+            patch.setattr(state_module, "_waiting", waiting)
+            topic += state.records("m", first)
     restored, _ = restore(compacted(topic), monitor, None)
     got = [restored.add(dict(p)) for p in partials[half - 3 :]]  # re-delivered ones: merged once
     evaluations = [e.to_json() for out in got for e in out.evaluations]

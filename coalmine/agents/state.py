@@ -294,8 +294,7 @@ def restore(
 
 def _waiting(evaluator: Evaluator) -> list[dict[str, Summary]]:
     """The summaries of the buckets waiting to be evaluated: pending, and carried."""
-    carried = evaluator.carried
-    return [*evaluator.pending.values(), *([carried.variants] if carried is not None else [])]
+    return [*evaluator.pending.values(), *(bucket.variants for bucket in evaluator.carried)]
 
 
 def head_record(records: dict[bytes, bytes], model: str) -> bytes | None:

@@ -32,10 +32,6 @@ class Evaluator:
     :attr:`~coalmine.streams.settings.ModelSettings.min_bucket_events` events is carried into
     the next: see :meth:`poll`)."""
 
-    #: closed buckets of too few events, merged, waiting to be evaluated with the next
-    #: (a class default: evaluators pickled before it existed have none)
-    carried: Bucket | None = None
-
     def __init__(
         self, baseline: Baseline, sources: int = 1, signer: Callable[[dict], dict] | None = None
     ):
@@ -61,6 +57,16 @@ class Evaluator:
         self.bucket_versions: dict[int, dict[str, set[str]]] = {}
         # (variant, check, feature) -> the window tests' evaluations at their last run
         self.held: dict[tuple, list[Evaluation]] = {}
+        #: closed buckets of too few events, waiting to be evaluated with the next (merged
+        #: then, in one pass: :meth:`_merged`)
+        self.carried: list[Bucket] = []
+
+    def __setstate__(self, state: dict) -> None:
+        """An evaluator pickled (a state record) before the carry, or while it was kept merged
+        (one bucket, or None)."""
+        carried = state.get("carried")
+        state["carried"] = [carried] if isinstance(carried, Bucket) else carried or []
+        self.__dict__.update(state)
 
     def add(self, partial: dict, idle_sources: AbstractSet[int] = frozenset()) -> Emitted:
         """Merge one stage-1 partial; evaluate every bucket that all (non-idle) sources have
@@ -110,7 +116,7 @@ class Evaluator:
         # window): evaluated or skipped alike however the partials were cut and timed
         while self.next_bucket + step <= through and self.pending:
             if min(self.pending) - self.next_bucket > self.settings.window_ms:
-                out.extend(self.finish())  # the buckets before the gap, carried
+                out.extend(self._evaluate_carried())  # the buckets before the gap
                 self.window.clear()  # a gap longer than the window: start afresh
                 self.next_bucket = min(self.pending)
                 continue
@@ -118,7 +124,7 @@ class Evaluator:
             out.extend(self._step(Bucket(start, self.pending.pop(start, {}), start + step)))
             self.next_bucket += step
         self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
-        kept = self.carried.start if self.carried is not None else self.next_bucket
+        kept = self.carried[0].start if self.carried else self.next_bucket
         self.bucket_versions = {b: v for b, v in self.bucket_versions.items() if b >= kept}
         return out
 
@@ -128,27 +134,39 @@ class Evaluator:
         steps depend on the events' times only, as the buckets do: live runs, replays and
         restarted workers take the same."""
         carried = self.carried
-        if carried is not None:  # the versions seen in any of them, as seen in one bucket
-            for variant, seen in self.bucket_versions.pop(bucket.start, {}).items():
-                self._versions_seen(carried.start, variant).update(seen)
-            for variant, summary in bucket.variants.items():
-                accumulate(carried.variants, variant, summary)
-            carried.end, bucket = bucket.end, carried
-        events = sum(s.n for s in bucket.variants.values())
+        carried.append(bucket)
+        events = sum(s.n for b in carried for s in b.variants.values())
         settings = self.settings
         if (
             events < settings.min_bucket_events
-            and bucket.end - bucket.start < settings.max_carry_ms
+            and bucket.end - carried[0].start < settings.max_carry_ms
         ):
-            self.carried = bucket
             return Emitted([], [], [])
-        self.carried = None
-        return self.evaluate(bucket)
+        return self._evaluate_carried()
 
     def finish(self) -> Emitted:
         """End of input (a replay's): evaluate the buckets carried, however few their events."""
-        carried, self.carried = self.carried, None
-        return self.evaluate(carried) if carried is not None else Emitted([], [], [])
+        return self._evaluate_carried()
+
+    def _evaluate_carried(self) -> Emitted:
+        carried, self.carried = self.carried, []
+        return self.evaluate(self._merged(carried)) if carried else Emitted([], [], [])
+
+    def _merged(self, buckets: list[Bucket]) -> Bucket:
+        """Consecutive buckets as one: each variant's summaries merged, and the versions seen
+        in any of them as if seen in the first."""
+        first = buckets[0]
+        if len(buckets) == 1:
+            return first
+        parts: dict[str, list[Summary]] = {}
+        for bucket in buckets:
+            for variant, summary in bucket.variants.items():
+                parts.setdefault(variant, []).append(summary)
+            if bucket is not first:
+                for variant, seen in self.bucket_versions.pop(bucket.start, {}).items():
+                    self._versions_seen(first.start, variant).update(seen)
+        merged = {variant: Summary.total(summaries) for variant, summaries in parts.items()}
+        return Bucket(first.start, merged, buckets[-1].end)
 
     def _forget_replaced_versions(self, start: int) -> None:
         """A variant now served by another version starts a fresh window (and CUSUM). The

@@ -25,9 +25,9 @@ array([24.75, 49.5 , 74.25])
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cached_property
+from functools import cached_property, partial, reduce
 from itertools import chain
 from operator import itemgetter
 from typing import Any, overload
@@ -295,6 +295,29 @@ class Summary:
         """The summary of a set less a subset of it (a sliding window's oldest bucket)."""
         return self._combine(other, operator.sub)
 
+    @classmethod
+    def total(cls, summaries: Sequence[Summary]) -> Summary:
+        """The merge of ``summaries`` (one or more), bit for bit what adding them one after
+        the other gives, in one pass a field: a low-traffic model's step merges a dozen
+        buckets, and a merge costs more in calls than in arithmetic.
+
+        >>> layout = Layout.from_columns({"x": np.arange(100.0)}, bins=4)
+        >>> parts = [layout.fold({"x": np.array([v])}) for v in (1.0, 60.0, 61.0)]
+        >>> Summary.total(parts).counts.tolist(), Summary.total(parts).n
+        ([1, 0, 2, 0], 3)
+        """
+        if len(summaries) == 1:
+            return summaries[0]
+        dicts = [s.__dict__ for s in summaries]
+        out = object.__new__(cls)
+        combined = out.__dict__ = dict(dicts[0])
+        columns = zip(*map(_always_of, dicts))
+        combined.update(zip(_ALWAYS, map(operator.call, _ALWAYS_REDUCERS, columns)))
+        for name in _SCORE_BINS:  # an empty one is all zeros (integers: any order is exact)
+            if counted := [d[name] for d in dicts if len(d[name])]:
+                combined[name] = np.add.reduce(counted)
+        return out
+
     def _combine(self, other: Summary, op: Callable[[Any, Any], Any]) -> Summary:
         a, b = self.__dict__, other.__dict__
         # the fields set at once, in their order (a's): stage 2 merges every bucket
@@ -375,6 +398,13 @@ def _array(name: str, value) -> np.ndarray:
 #: off a summary's ``__dict__``
 _ALWAYS = tuple(f.name for f in fields(Summary) if f.name not in _SCORE_BINS)
 _always_of = itemgetter(*_ALWAYS)
+
+
+#: how :meth:`Summary.total` adds up each of :data:`_ALWAYS` over its summaries, first to last:
+#: numpy's reduction of a list along its first axis adds row after row, as ``+`` one at a time
+_ALWAYS_REDUCERS = tuple(
+    np.add.reduce if name in _ARRAYS else partial(reduce, operator.add) for name in _ALWAYS
+)
 #: every field in order, with its default where :meth:`Summary.from_dict` may fill it in: a
 #: scalar's, and no score bins (an empty array, never changed in place, may be shared)
 _TEMPLATE = {
