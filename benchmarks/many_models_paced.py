@@ -1,0 +1,109 @@
+"""Many models, little traffic each, published in real time to one live worker: does it keep
+up? M models at R events/s each (of event time) are published at that pace (event time runs
+as fast as the wall clock) while the worker folds and evaluates them; then the worker is
+left to catch up. ``many_models_live.py`` times a backlog instead: there the worker takes
+the biggest batches it can, here those that the pace gives it.
+
+It keeps up when, as publishing ends, it is at most two of its batches behind (it folds a
+poll's fetches whole, so it is always up to a batch behind); the sustained rate divides the
+events by the time until all were folded. Worker, broker and publisher share this machine's
+cores: a worker with a core of its own does better.
+
+usage: python benchmarks/many_models_paced.py [--models M] [--rate R] [--seconds S] [--bucket D]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+
+from coalmine.baselines import build_baselines
+from coalmine.broker import EmbeddedBroker
+from coalmine.client import Publisher
+from coalmine.config import load_config
+from coalmine.launch import Namespace, wait_until
+
+try:  # run as a script from the repository root, or as benchmarks.many_models_paced
+    from many_models import models_arguments, models_work
+    from throughput import cpu_seconds
+except ImportError:
+    from benchmarks.many_models import models_arguments, models_work
+    from benchmarks.throughput import cpu_seconds
+
+#: the publisher sends what is due this often, and waits for the broker every this many events
+TICK_S, ACK_EVERY = 0.05, 5000
+
+
+async def publish_paced(bootstrap: str, topic: str, lines: list[bytes], ts: list[int]) -> None:
+    """Send each event once the wall clock, run from the first event's time, reaches its
+    ``ts``."""
+    async with Publisher(bootstrap) as pub:
+        start, first = time.perf_counter(), ts[0]
+        i, unacked = 0, []
+        while i < len(lines):
+            due = first + (time.perf_counter() - start) * 1000
+            while i < len(lines) and ts[i] <= due:
+                unacked.append(await pub.send(topic, lines[i]))
+                i += 1
+            if len(unacked) >= ACK_EVERY:
+                await asyncio.gather(*unacked)
+                unacked = []
+            await asyncio.sleep(TICK_S)
+        await asyncio.gather(*unacked)
+
+
+def main() -> None:
+    args = models_arguments(__doc__)
+    work, n = models_work(args, "coalmine-many-models-paced-")
+    build_baselines(load_config(work / "monitor.toml"))  # one calibration, cached
+    lines = (work / "stream.jsonl").read_bytes().splitlines()
+    ts = [orjson.loads(line)["ts"] for line in lines]
+    per_second = args.models * args.rate
+    with EmbeddedBroker() as broker:
+        ns = Namespace(broker)
+        with ns.worker(work / "monitor.toml", log=work / "worker.log") as worker:
+            worker.wait_ready(timeout=600)
+            cpu0, t0 = cpu_seconds(worker), time.perf_counter()
+            asyncio.run(publish_paced(broker.bootstrap, ns.topic["predictions"], lines, ts))
+            publishing = time.perf_counter() - t0
+            cpu = cpu_seconds(worker) - cpu0
+            folded = worker.metric("coalmine_events_total")
+            t1 = time.perf_counter()
+            wait_until(
+                lambda: worker.metric("coalmine_events_total", busy=0) >= n,
+                1800,
+                f"{n:,} events folded",
+                interval=0.25,
+            )
+            behind = time.perf_counter() - t1
+            total_cpu = cpu_seconds(worker) - cpu0
+            batches = worker.metric("coalmine_batch_events_count")
+            per_batch = worker.metric("coalmine_batch_events_sum") / max(batches, 1)
+            rss = worker.peak_rss_mb()
+    lag = n - folded
+    keeps_up = lag <= 2 * per_batch  # a poll's fetches are folded whole: a batch or two behind
+    print(
+        f"\n# {args.models:,} models at {args.rate:g} events/s each ({per_second:,.0f} events/s),"
+        f" {args.seconds:g} s published in real time to one live worker, {args.bucket} buckets"
+    )
+    print("| measure | value |")
+    print("|---|---:|")
+    print(f"| events published, in | {n:,}, {publishing:.1f} s |")
+    print(f"| the worker's CPU while publishing | {cpu:.1f} s ({cpu / publishing:.2f} cores) |")
+    print(
+        f"| events not yet folded when publishing ended | {lag:,.0f} ({lag / per_second:.1f} s) |"
+    )
+    print(f"| caught up after publishing ended | {behind:.1f} s |")
+    sustained = n / (publishing + behind)
+    print(f"| sustained, events/s (published / until all were folded) | {sustained:,.0f} |")
+    print(f"| stage-1 batches (polls), mean events each | {batches:,.0f}, {per_batch:,.0f} |")
+    print(f"| the worker's CPU an event (all of it) | {total_cpu / n * 1e6:,.0f} us |")
+    verdict = "yes" if keeps_up else "no"
+    print(f"| keeps up (at most two batches behind when publishing ends) | {verdict} |")
+    print(f"| worker peak memory | {rss:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()
