@@ -65,7 +65,7 @@ class Evaluator:
         """An evaluator pickled (a state record) before the carry, or while it was kept merged
         (one bucket, or None)."""
         carried = state.get("carried")
-        state["carried"] = [carried] if isinstance(carried, Bucket) else carried or []
+        state["carried"] = [carried] if isinstance(carried, Bucket) else list(carried or [])
         self.__dict__.update(state)
 
     def add(self, partial: dict, idle_sources: AbstractSet[int] = frozenset()) -> Emitted:
