@@ -49,6 +49,18 @@ def evaluated_pairs(config, stream: Path, end_ms: int) -> int:
     return len(pairs)
 
 
+def wait_for_count(worker, metric: str, count: float, what: str) -> None:
+    """Until the worker's ``metric`` reaches ``count`` (read as 0 while a long batch or state
+    write holds the worker's loop)."""
+    wait_until(lambda: worker.metric(metric, busy=0) >= count, 1800, what, interval=0.25)
+
+
+def stage1_batches(worker) -> tuple[float, float]:
+    """The worker's stage-1 batches (polls) so far, and their mean events."""
+    batches = worker.metric("coalmine_batch_events_count")
+    return batches, worker.metric("coalmine_batch_events_sum") / max(batches, 1)
+
+
 def main() -> None:
     args = models_arguments(__doc__)
     work, n = models_work(args, "coalmine-many-models-live-")
@@ -70,17 +82,15 @@ def main() -> None:
             t0 = time.perf_counter()
             worker.wait_ready(timeout=600)
             ready = time.perf_counter() - t0
-            wait_until(
-                # 0 while a long state write holds the worker's loop
-                lambda: worker.metric("coalmine_evaluations_total", busy=0) >= pairs,
-                1800,
+            wait_for_count(
+                worker,
+                "coalmine_evaluations_total",
+                pairs,
                 f"{pairs:,} (model, step) pairs evaluated",
-                interval=0.25,
             )
             took = time.perf_counter() - t0
             folded = worker.metric("coalmine_events_total")
-            batches = worker.metric("coalmine_batch_events_count")
-            per_batch = worker.metric("coalmine_batch_events_sum") / max(batches, 1)
+            batches, per_batch = stage1_batches(worker)
             cpu = cpu_seconds(worker)
             rss = worker.peak_rss_mb()
     done = n * (1 - TAIL_MS / 1000 / args.seconds)  # events before the tail: traffic is uniform

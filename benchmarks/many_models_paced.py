@@ -23,13 +23,15 @@ from coalmine.baselines import build_baselines
 from coalmine.broker import EmbeddedBroker
 from coalmine.client import Publisher
 from coalmine.config import load_config
-from coalmine.launch import Namespace, wait_until
+from coalmine.launch import Namespace
 
 try:  # run as a script from the repository root, or as benchmarks.many_models_paced
     from many_models import models_arguments, models_work
+    from many_models_live import stage1_batches, wait_for_count
     from throughput import cpu_seconds
 except ImportError:
     from benchmarks.many_models import models_arguments, models_work
+    from benchmarks.many_models_live import stage1_batches, wait_for_count
     from benchmarks.throughput import cpu_seconds
 
 #: the publisher sends what is due this often, and waits for the broker every this many events
@@ -71,16 +73,10 @@ def main() -> None:
             cpu = cpu_seconds(worker) - cpu0
             folded = worker.metric("coalmine_events_total")
             t1 = time.perf_counter()
-            wait_until(
-                lambda: worker.metric("coalmine_events_total", busy=0) >= n,
-                1800,
-                f"{n:,} events folded",
-                interval=0.25,
-            )
+            wait_for_count(worker, "coalmine_events_total", n, f"{n:,} events folded")
             behind = time.perf_counter() - t1
             total_cpu = cpu_seconds(worker) - cpu0
-            batches = worker.metric("coalmine_batch_events_count")
-            per_batch = worker.metric("coalmine_batch_events_sum") / max(batches, 1)
+            batches, per_batch = stage1_batches(worker)
             rss = worker.peak_rss_mb()
     lag = n - folded
     keeps_up = lag <= 2 * per_batch  # a poll's fetches are folded whole: a batch or two behind
