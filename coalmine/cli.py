@@ -123,9 +123,11 @@ def add_broker(sub) -> None:
 
 
 def cmd_worker(args) -> int:
+    from coalmine.agents.app import save_every_s
     from coalmine.worker import run_worker
 
     config = _config_or_exit(args.config)
+    save_every_s()  # a bad $COALMINE_STATE_EVERY_S stops start-up before any work
     run_worker(
         config,
         args.broker,

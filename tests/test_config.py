@@ -74,6 +74,20 @@ def test_worker_refuses_a_bad_config_with_the_field_in_the_message(tmp_path):
     assert "models[0].bucket: expected a duration" in str(stopped.value.code)
 
 
+@pytest.mark.parametrize("every", ["soon", "0", "-1", "inf", "nan"])
+def test_worker_refuses_a_state_write_interval_that_is_not_a_positive_number(
+    tmp_path, monkeypatch, every
+):
+    from coalmine.cli import main
+
+    simulator.write_reference(tmp_path / "r.jsonl", n=500)
+    (tmp_path / "m.toml").write_text('[[models]]\nname = "m"\nreference = "r.jsonl"\n')
+    monkeypatch.setenv("COALMINE_STATE_EVERY_S", every)
+    with pytest.raises(SystemExit) as stopped:  # before the broker is asked for: none runs
+        main(["worker", "--config", str(tmp_path / "m.toml"), "--broker", "kafka://127.0.0.1:1"])
+    assert f"COALMINE_STATE_EVERY_S={every!r}: not a positive number" in str(stopped.value.code)
+
+
 def test_reference_from_jsonl_csv_and_parquet_agree(tmp_path):
     import orjson
     import pyarrow as pa

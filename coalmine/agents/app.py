@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import tempfile
 import time
@@ -48,9 +49,9 @@ log = logging.getLogger("coalmine.worker")
 
 BATCH = 2000
 BATCH_WITHIN_S = 0.2
-#: stage 2's state is written (and the partials it covers acknowledged) at most this often,
-#: and at once after an alert or command: 1,000 models' heads every 250 ms bucket would cost
-#: more CPU than their evaluations
+#: stage 2's state is written (and the partials it covers acknowledged) at most this often
+#: ($COALMINE_STATE_EVERY_S), at once after an alert or command, and when the worker stops:
+#: 1,000 models' heads every 250 ms bucket would cost more CPU than their evaluations
 SAVE_EVERY_S = 1.0
 #: ... and, when a write takes long (0.6-3.7 s for 1,000 models catching up on a backlog,
 #: measured), only so often that writing takes at most this share of the time, but at least
@@ -65,6 +66,19 @@ SAVE_WITHIN_S = 10.0
 IDLE_SOURCE_S = 45.0
 #: how long a partial of a newly assigned partition waits for the partition's state to be read
 RESUME_WAIT_S = 60.0
+
+
+def save_every_s() -> float:
+    """How often stage 2 writes its state at most: ``$COALMINE_STATE_EVERY_S`` seconds, or
+    :data:`SAVE_EVERY_S`; ValueError naming the variable when it is not a positive number."""
+    raw = os.environ.get("COALMINE_STATE_EVERY_S") or str(SAVE_EVERY_S)
+    try:
+        every = float(raw)
+    except ValueError:
+        every = math.nan
+    if not 0 < every < math.inf:
+        raise ValueError(f"COALMINE_STATE_EVERY_S={raw!r}: not a positive number of seconds")
+    return every
 
 
 class Sources:
@@ -116,6 +130,7 @@ def create_app(
 ) -> faust.App:
     """A Faust app monitoring the models of ``baselines`` (:func:`coalmine.baselines.build_baselines`);
     run it with ``app.main()`` or a Worker."""
+    save_every = save_every_s()
     # Faust keeps an app directory even with memory tables: never the working directory
     datadir = (
         Path(os.environ.get("COALMINE_DATA_DIR") or Path(tempfile.gettempdir()) / "coalmine-faust")
@@ -167,8 +182,16 @@ def create_app(
     the_stream: list[Any] = []  # the stage-2 agent's, to acknowledge partials on
 
     @app.service
-    class _CloseStateTopic(Service):
+    class _SaveStateOnStop(Service):
         async def on_stop(self) -> None:
+            """A stopped worker (SIGTERM) first writes what it evaluated since its last write:
+            its successor resumes there, and publishes no alert again."""
+            async with evaluating:
+                try:
+                    await save(unsaved)
+                    unsaved.clear()
+                except Exception:  # the successor evaluates again from the last write
+                    log.exception("stage 2: state not written on stop")
             await state_topic.close()
 
     @app.service
@@ -336,10 +359,10 @@ def create_app(
     async def flush(now: bool) -> None:
         """Write the state of the models evaluated since the last write, then acknowledge the
         partials it covers (the state first: what a new owner does not find in the state,
-        Kafka delivers again); unless ``now``, as often as :data:`SAVE_EVERY_S`,
+        Kafka delivers again); unless ``now``, as often as :func:`save_every_s`,
         :data:`SAVE_SHARE` and :data:`SAVE_WITHIN_S` say. Called holding ``evaluating``."""
         last, took = flushed
-        every = min(max(SAVE_EVERY_S, took / SAVE_SHARE), SAVE_WITHIN_S)
+        every = min(max(save_every, took / SAVE_SHARE), max(SAVE_WITHIN_S, save_every))
         if not now and time.monotonic() - last < every:
             return
         t0 = time.monotonic()
@@ -350,7 +373,7 @@ def create_app(
         if the_stream:
             await acknowledge(the_stream[0])
 
-    @app.timer(interval=SAVE_EVERY_S)
+    @app.timer(interval=save_every)
     async def flush_quiet_spells() -> None:
         """What was evaluated before the partials stopped coming is written too (while a batch
         is evaluated, the batch writes it)."""
