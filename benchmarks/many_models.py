@@ -22,9 +22,10 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -137,11 +138,16 @@ def cpu_with_children() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def models_arguments(doc: str | None) -> argparse.Namespace:
-    """--models, --rate, --seconds and --bucket of a many-models benchmark."""
+def models_arguments(
+    doc: str | None, more: Callable[[argparse.ArgumentParser], Any] | None = None
+) -> argparse.Namespace:
+    """--models, --rate, --seconds and --bucket of a many-models benchmark (and the arguments
+    ``more`` adds)."""
     ap = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    if more is not None:
+        more(ap)
     ap.add_argument("--models", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=10.0, help="events/s of event time per model")
     ap.add_argument(

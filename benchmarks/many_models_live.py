@@ -49,16 +49,19 @@ def evaluated_pairs(config, stream: Path, end_ms: int) -> int:
     return len(pairs)
 
 
-def wait_for_count(worker, metric: str, count: float, what: str) -> None:
-    """Until the worker's ``metric`` reaches ``count`` (read as 0 while a long batch or state
-    write holds the worker's loop)."""
-    wait_until(lambda: worker.metric(metric, busy=0) >= count, 1800, what, interval=0.25)
+def wait_for_count(workers: list, metric: str, count: float, what: str) -> None:
+    """Until the workers' ``metric``, summed, reaches ``count`` (a worker reads as 0 while a
+    long batch or state write holds its loop)."""
+    wait_until(
+        lambda: sum(w.metric(metric, busy=0) for w in workers) >= count, 1800, what, interval=0.25
+    )
 
 
-def stage1_batches(worker) -> tuple[float, float]:
-    """The worker's stage-1 batches (polls) so far, and their mean events."""
-    batches = worker.metric("coalmine_batch_events_count")
-    return batches, worker.metric("coalmine_batch_events_sum") / max(batches, 1)
+def stage1_batches(workers: list) -> tuple[float, float]:
+    """The workers' stage-1 batches (polls) so far, and their mean events."""
+    batches = sum(w.metric("coalmine_batch_events_count") for w in workers)
+    events = sum(w.metric("coalmine_batch_events_sum") for w in workers)
+    return batches, events / max(batches, 1)
 
 
 def main() -> None:
@@ -90,7 +93,7 @@ def main() -> None:
             )
             took = time.perf_counter() - t0
             folded = worker.metric("coalmine_events_total")
-            batches, per_batch = stage1_batches(worker)
+            batches, per_batch = stage1_batches([worker])
             cpu = cpu_seconds(worker)
             rss = worker.peak_rss_mb()
     done = n * (1 - TAIL_MS / 1000 / args.seconds)  # events before the tail: traffic is uniform

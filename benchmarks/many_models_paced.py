@@ -1,20 +1,23 @@
-"""Many models, little traffic each, published in real time to one live worker: does it keep
-up? M models at R events/s each (of event time) are published at that pace (event time runs
-as fast as the wall clock) while the worker folds and evaluates them; then the worker is
-left to catch up. ``many_models_live.py`` times a backlog instead: there the worker takes
-the biggest batches it can, here those that the pace gives it.
+"""Many models, little traffic each, published in real time to live workers (one, or
+``--workers K`` sharing the partitions): do they keep up? M models at R events/s each (of
+event time) are published at that pace (event time runs as fast as the wall clock) while the
+workers fold and evaluate them; then they are left to catch up. ``many_models_live.py`` times
+a backlog instead: there a worker takes the biggest batches it can, here those that the pace
+gives it.
 
-It keeps up when, as publishing ends, it is at most two of its batches behind (it folds a
-poll's fetches whole, so it is always up to a batch behind); the sustained rate divides the
-events by the time until all were folded. Worker, broker and publisher share this machine's
-cores: a worker with a core of its own does better.
+They keep up when, as publishing ends, they are at most two of their batches behind (a worker
+folds a poll's fetches whole, so it is always up to a batch behind); the sustained rate
+divides the events by the time until all were folded. Workers, broker and publisher share
+this machine's cores: a worker with a core of its own does better.
 
 usage: python benchmarks/many_models_paced.py [--models M] [--rate R] [--seconds S] [--bucket D]
+                                             [--workers K]
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import orjson
@@ -23,7 +26,7 @@ from coalmine.baselines import build_baselines
 from coalmine.broker import EmbeddedBroker
 from coalmine.client import Publisher
 from coalmine.config import load_config
-from coalmine.launch import Namespace
+from coalmine.launch import Namespace, group_members, wait_until
 
 try:  # run as a script from the repository root, or as benchmarks.many_models_paced
     from many_models import models_arguments, models_work
@@ -56,38 +59,62 @@ async def publish_paced(bootstrap: str, topic: str, lines: list[bytes], ts: list
         await asyncio.gather(*unacked)
 
 
+def folded_now(workers: list) -> float:
+    """The events the workers have folded, each asked until it answers."""
+    total = 0.0
+    for w in workers:
+        while (folded := w.metric("coalmine_events_total", busy=-1)) < 0:
+            time.sleep(0.1)
+        total += folded
+    return total
+
+
 def main() -> None:
-    args = models_arguments(__doc__)
+    args = models_arguments(
+        __doc__, more=lambda ap: ap.add_argument("--workers", type=int, default=1)
+    )
     work, n = models_work(args, "coalmine-many-models-paced-")
     build_baselines(load_config(work / "monitor.toml"))  # one calibration, cached
     lines = (work / "stream.jsonl").read_bytes().splitlines()
     ts = [orjson.loads(line)["ts"] for line in lines]
     per_second = args.models * args.rate
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker() as broker, contextlib.ExitStack() as running:
         ns = Namespace(broker)
-        with ns.worker(work / "monitor.toml", log=work / "worker.log") as worker:
+        workers = [
+            running.enter_context(ns.worker(work / "monitor.toml", log=work / f"worker-{i}.log"))
+            for i in range(args.workers)
+        ]
+        for worker in workers:
             worker.wait_ready(timeout=600)
-            cpu0, t0 = cpu_seconds(worker), time.perf_counter()
-            asyncio.run(publish_paced(broker.bootstrap, ns.topic["predictions"], lines, ts))
-            publishing = time.perf_counter() - t0
-            cpu = cpu_seconds(worker) - cpu0
-            folded = worker.metric("coalmine_events_total")
-            t1 = time.perf_counter()
-            wait_for_count(worker, "coalmine_events_total", n, f"{n:,} events folded")
-            behind = time.perf_counter() - t1
-            total_cpu = cpu_seconds(worker) - cpu0
-            batches, per_batch = stage1_batches(worker)
-            rss = worker.peak_rss_mb()
+        for group in (workers[0].app_id, f"{workers[0].app_id}-stage1"):  # every partition owned
+            wait_until(
+                lambda g=group: group_members(broker.bootstrap, g) == len(workers),
+                300,
+                f"a stable group {group} of {len(workers)}",
+                interval=0.5,
+            )
+        cpu0, t0 = sum(map(cpu_seconds, workers)), time.perf_counter()
+        asyncio.run(publish_paced(broker.bootstrap, ns.topic["predictions"], lines, ts))
+        publishing = time.perf_counter() - t0
+        cpu = sum(map(cpu_seconds, workers)) - cpu0
+        folded = folded_now(workers)
+        t1 = time.perf_counter()
+        wait_for_count(workers, "coalmine_events_total", n, f"{n:,} events folded")
+        behind = time.perf_counter() - t1
+        total_cpu = sum(map(cpu_seconds, workers)) - cpu0
+        batches, per_batch = stage1_batches(workers)
+        rss = max(w.peak_rss_mb() for w in workers)
     lag = n - folded
     keeps_up = lag <= 2 * per_batch  # a poll's fetches are folded whole: a batch or two behind
     print(
         f"\n# {args.models:,} models at {args.rate:g} events/s each ({per_second:,.0f} events/s),"
-        f" {args.seconds:g} s published in real time to one live worker, {args.bucket} buckets"
+        f" {args.seconds:g} s published in real time to {args.workers} live worker(s),"
+        f" {args.bucket} buckets"
     )
     print("| measure | value |")
     print("|---|---:|")
     print(f"| events published, in | {n:,}, {publishing:.1f} s |")
-    print(f"| the worker's CPU while publishing | {cpu:.1f} s ({cpu / publishing:.2f} cores) |")
+    print(f"| the workers' CPU while publishing | {cpu:.1f} s ({cpu / publishing:.2f} cores) |")
     print(
         f"| events not yet folded when publishing ended | {lag:,.0f} ({lag / per_second:.1f} s) |"
     )
@@ -95,10 +122,10 @@ def main() -> None:
     sustained = n / (publishing + behind)
     print(f"| sustained, events/s (published / until all were folded) | {sustained:,.0f} |")
     print(f"| stage-1 batches (polls), mean events each | {batches:,.0f}, {per_batch:,.0f} |")
-    print(f"| the worker's CPU an event (all of it) | {total_cpu / n * 1e6:,.0f} us |")
+    print(f"| the workers' CPU an event (all of it) | {total_cpu / n * 1e6:,.0f} us |")
     verdict = "yes" if keeps_up else "no"
     print(f"| keeps up (at most two batches behind when publishing ends) | {verdict} |")
-    print(f"| worker peak memory | {rss:.0f} MB |")
+    print(f"| peak memory of a worker | {rss:.0f} MB |")
 
 
 if __name__ == "__main__":
