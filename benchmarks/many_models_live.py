@@ -86,7 +86,7 @@ def main() -> None:
             worker.wait_ready(timeout=600)
             ready = time.perf_counter() - t0
             wait_for_count(
-                worker,
+                [worker],
                 "coalmine_evaluations_total",
                 pairs,
                 f"{pairs:,} (model, step) pairs evaluated",
