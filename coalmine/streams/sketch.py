@@ -398,8 +398,6 @@ def _array(name: str, value) -> np.ndarray:
 #: off a summary's ``__dict__``
 _ALWAYS = tuple(f.name for f in fields(Summary) if f.name not in _SCORE_BINS)
 _always_of = itemgetter(*_ALWAYS)
-
-
 #: how :meth:`Summary.total` adds up each of :data:`_ALWAYS` over its summaries, first to last:
 #: numpy's reduction of a list along its first axis adds row after row, as ``+`` one at a time
 _ALWAYS_REDUCERS = tuple(
