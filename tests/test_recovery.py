@@ -223,3 +223,60 @@ def test_killing_a_stage1_worker_loses_no_label(namespace, start_worker, shuttle
         for name in ("coalmine_late_labels_total", "coalmine_late_partials_total")
     }
     assert len(expected) > 50 and not differ, f"(bucket, live, replay): {differ[:3]}; {counters}"
+
+
+def test_a_worker_joining_takes_partitions_over_where_their_last_owner_stopped(
+    namespace, start_worker, tmp_path
+):
+    """A second worker joins: the first writes the state of the models whose partitions it
+    loses before it lets them go (and no other state: no alert, a write every 600 s), so their
+    new owner resumes there and evaluates no bucket again (six models, one on each partials
+    partition: some move, whatever the assignment)."""
+    names = _a_model_on_each_partition(6)
+    simulator.write_reference(tmp_path / "reference.jsonl", n=5000)
+    config = tmp_path / "monitor.toml"
+    config.write_text(
+        '[defaults]\nbucket = "1s"\nwindow = "10s"\nallowed_lateness = "2s"\n'
+        + "".join(
+            f'\n[[models]]\nname = "{n}"\nreference = "reference.jsonl"\nchecks = ["drift"]\n'
+            for n in names
+        )
+    )
+    scenario = simulator.Scenario(n_events=9_000, rate_per_s=RATE, label_fraction=0, seed=21)
+    events = [
+        (kind, {**e, "model": names[i % 6]})
+        for i, (kind, e) in enumerate(simulator.generate(scenario))
+    ]
+    args = ("--publish-evaluations",)
+    first = start_worker(config, args=args, env={"COALMINE_STATE_EVERY_S": "600"})
+    namespace.publish(events[:4_500])
+    wait_for(first, "coalmine_evaluations_total", 6 * 8, timeout=120)
+    second = start_worker(config, args=args)
+    _under_way(namespace, [first, second], events[4_500:], evaluations=6 * 8)
+    moved = [n for n in names if _owns(second, n)]
+    end = max(e["ts"] for _, e in events) - 5_000
+
+    def evaluated() -> list[tuple[str, int]]:  # a message a (model, step evaluated)
+        return [(b["model"], b["ts"]) for b in namespace.read("evaluations", idle=1.0)]
+
+    wait_until(lambda: {m for m, ts in evaluated() if ts >= end} == set(names), 120, "every model")
+    seen = evaluated()
+    twice = sorted({k for k in seen if seen.count(k) > 1})
+    assert moved, "some models' partials partitions moved to the joining worker"
+    assert not twice, f"(model, step) evaluated twice: {twice[:5]}"
+
+
+def _a_model_on_each_partition(partitions: int) -> list[str]:
+    from coalmine.agents.state import partition_of
+
+    by_partition: dict[int, str] = {}
+    for i in range(1000):
+        by_partition.setdefault(partition_of(f"m{i}", partitions), f"m{i}")
+    return [by_partition[p] for p in range(partitions)]
+
+
+def _owns(worker, model: str) -> bool:
+    from coalmine.agents.state import partition_of
+
+    health = orjson.loads(worker.get("/health"))
+    return partition_of(model, 6) in health["partitions_evaluated"]

@@ -50,8 +50,9 @@ log = logging.getLogger("coalmine.worker")
 BATCH = 2000
 BATCH_WITHIN_S = 0.2
 #: stage 2's state is written (and the partials it covers acknowledged) at most this often
-#: ($COALMINE_STATE_EVERY_S), at once after an alert or command, and when the worker stops:
-#: 1,000 models' heads every 250 ms bucket would cost more CPU than their evaluations
+#: ($COALMINE_STATE_EVERY_S), at once after an alert or command, when the worker stops, and
+#: before a rebalance takes partitions away: 1,000 models' heads every 250 ms bucket would
+#: cost more CPU than their evaluations
 SAVE_EVERY_S = 1.0
 #: ... and, when a write takes long (0.6-3.7 s for 1,000 models catching up on a backlog,
 #: measured), only so often that writing takes at most this share of the time, but at least
@@ -66,6 +67,9 @@ SAVE_WITHIN_S = 10.0
 IDLE_SOURCE_S = 45.0
 #: how long a partial of a newly assigned partition waits for the partition's state to be read
 RESUME_WAIT_S = 60.0
+#: how long a revocation waits for the batch being evaluated, to write the state of the models
+#: it hands over (longer, and their new owner evaluates again from the last write)
+HAND_OVER_WAIT_S = 20.0
 
 
 def save_every_s() -> float:
@@ -284,9 +288,27 @@ def create_app(
 
     @app.on_partitions_revoked.connect
     async def hand_over(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        """Revoked partitions stop being evaluated (and written) here at once."""
+        """Revoked partitions stop being evaluated (and written) here at once, their models'
+        state written first: their new owner resumes there, and publishes no alert again."""
         revoked = args[0] if args else kwargs["revoked"]
         gone = {tp.partition for tp in revoked if tp.topic == topics.PARTIALS}
+        try:  # a batch being evaluated finishes first
+            await asyncio.wait_for(evaluating.acquire(), HAND_OVER_WAIT_S)
+        except TimeoutError:
+            log.warning("stage 2: state of revoked partitions %s not written", sorted(gone))
+            let_go(gone)
+            return
+        try:
+            leaving = {m for m in unsaved if partition[m] in gone}
+            await save(leaving)
+            unsaved.difference_update(leaving)
+        except Exception:  # their new owner evaluates again from the last write
+            log.exception("stage 2: state of revoked partitions %s not written", sorted(gone))
+        finally:
+            let_go(gone)
+            evaluating.release()
+
+    def let_go(gone: set[int]) -> None:
         for p in gone:
             owned.discard(p)
             resumed[p].clear()
