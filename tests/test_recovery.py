@@ -180,10 +180,10 @@ def _under_way(namespace, workers, first: list, evaluations: int) -> dict[int, d
     return {id(w): orjson.loads(w.get("/health")) for w in workers}
 
 
-def _owns_model(partitions: list[int]) -> bool:
+def _owns_model(partitions: list[int], model: str = "shuttle") -> bool:
     from coalmine.agents.state import partition_of
 
-    return partition_of("shuttle", 6) in partitions
+    return partition_of(model, 6) in partitions
 
 
 def test_killing_a_stage1_worker_loses_no_label(namespace, start_worker, shuttle_config, tmp_path):
@@ -253,7 +253,8 @@ def test_a_worker_joining_takes_partitions_over_where_their_last_owner_stopped(
     wait_for(first, "coalmine_evaluations_total", 6 * 8, timeout=120)
     second = start_worker(config, args=args)
     _under_way(namespace, [first, second], events[4_500:], evaluations=6 * 8)
-    moved = [n for n in names if _owns(second, n)]
+    evaluating = orjson.loads(second.get("/health"))["partitions_evaluated"]
+    moved = [n for n in names if _owns_model(evaluating, n)]
     end = max(e["ts"] for _, e in events) - 5_000
 
     def evaluated() -> list[tuple[str, int]]:  # a message a (model, step evaluated)
@@ -273,10 +274,3 @@ def _a_model_on_each_partition(partitions: int) -> list[str]:
     for i in range(1000):
         by_partition.setdefault(partition_of(f"m{i}", partitions), f"m{i}")
     return [by_partition[p] for p in range(partitions)]
-
-
-def _owns(worker, model: str) -> bool:
-    from coalmine.agents.state import partition_of
-
-    health = orjson.loads(worker.get("/health"))
-    return partition_of(model, 6) in health["partitions_evaluated"]
