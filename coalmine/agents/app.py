@@ -191,11 +191,7 @@ def create_app(
             """A stopped worker (SIGTERM) first writes what it evaluated since its last write:
             its successor resumes there, and publishes no alert again."""
             async with evaluating:
-                try:
-                    await save(unsaved)
-                    unsaved.clear()
-                except Exception:  # the successor evaluates again from the last write
-                    log.exception("stage 2: state not written on stop")
+                await write_now(set(unsaved), "on stop")
             await state_topic.close()
 
     @app.service
@@ -296,24 +292,26 @@ def create_app(
             await asyncio.wait_for(evaluating.acquire(), HAND_OVER_WAIT_S)
         except TimeoutError:
             log.warning("stage 2: state of revoked partitions %s not written", sorted(gone))
-            let_go(gone)
-            return
-        try:
-            leaving = {m for m in unsaved if partition[m] in gone}
-            await save(leaving)
-            unsaved.difference_update(leaving)
-        except Exception:  # their new owner evaluates again from the last write
-            log.exception("stage 2: state of revoked partitions %s not written", sorted(gone))
-        finally:
-            let_go(gone)
-            evaluating.release()
-
-    def let_go(gone: set[int]) -> None:
-        for p in gone:
+        else:
+            try:
+                leaving = {m for m in unsaved if partition[m] in gone}
+                await write_now(leaving, f"of revoked partitions {sorted(gone)}")
+            finally:
+                evaluating.release()
+        for p in gone:  # no await since the release: no batch evaluates them in between
             owned.discard(p)
             resumed[p].clear()
         # Faust delivers them again, should the partitions come back here
         waiting[:] = [w for w in waiting if w[1].message.partition not in gone]
+
+    async def write_now(models: set[str], what: str) -> None:
+        """Write ``models``' state at once (holding ``evaluating``); a write that fails is
+        logged, and their next owner evaluates again from the last one."""
+        try:
+            await save(models)
+            unsaved.difference_update(models)
+        except Exception:
+            log.exception("stage 2: state %s not written", what)
 
     async def owns(partition: int) -> bool:
         """Whether this worker evaluates ``partition``; Faust may resume a newly assigned one
