@@ -116,7 +116,7 @@ class Evaluator:
         # window): evaluated or skipped alike however the partials were cut and timed
         while self.next_bucket + step <= through and self.pending:
             if min(self.pending) - self.next_bucket > self.settings.window_ms:
-                out.extend(self._evaluate_carried())  # the buckets before the gap
+                out.extend(self.finish())  # the buckets before the gap
                 self.window.clear()  # a gap longer than the window: start afresh
                 self.next_bucket = min(self.pending)
                 continue
@@ -142,13 +142,11 @@ class Evaluator:
             and bucket.end - carried[0].start < settings.max_carry_ms
         ):
             return Emitted([], [], [])
-        return self._evaluate_carried()
+        return self.finish()
 
     def finish(self) -> Emitted:
-        """End of input (a replay's): evaluate the buckets carried, however few their events."""
-        return self._evaluate_carried()
-
-    def _evaluate_carried(self) -> Emitted:
+        """Evaluate the buckets carried, however few their events: a step's end, a gap longer
+        than the window, or the end of input (a replay's)."""
         carried, self.carried = self.carried, []
         return self.evaluate(self._merged(carried)) if carried else Emitted([], [], [])
 
