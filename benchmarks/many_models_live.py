@@ -103,7 +103,9 @@ def main() -> None:
     )
     print("| measure | value |")
     print("|---|---:|")
-    print(f"| worker start to ready (baselines from the cache, group joins) | {ready:.1f} s |")
+    print(
+        f"| worker start to /health (baselines from the cache; the group joins follow) | {ready:.1f} s |"
+    )
     print(f"| worker start to the {pairs:,} (model, step) pairs evaluated | {took:.1f} s |")
     print(f"| events folded by then | {folded:,.0f} of {n:,} |")
     print(f"| stage-1 batches (polls), mean events each | {batches:,.0f}, {per_batch:,.0f} |")

@@ -161,8 +161,9 @@ def test_killing_a_worker_changes_no_window_and_no_alert(
 
 
 def _under_way(namespace, workers, first: list, evaluations: int) -> dict[int, dict]:
-    """Once every worker is in both groups (stage 2, stage 1), publish the ``first`` events
-    and wait for that many evaluations; each worker's /health, by ``id``."""
+    """Once every worker is in both groups (stage 2, stage 1) and evaluates partials partitions
+    of its own, publish the ``first`` events and wait for that many evaluations; each worker's
+    /health, by ``id``."""
     for group in (workers[0].app_id, f"{workers[0].app_id}-stage1"):
         wait_until(
             lambda g=group: group_members(namespace.broker.bootstrap, g) == len(workers),
@@ -170,6 +171,12 @@ def _under_way(namespace, workers, first: list, evaluations: int) -> dict[int, d
             f"a stable group {group} of {len(workers)}",
             interval=0.5,
         )
+
+    def split() -> bool:  # members join before their assignment is theirs (and resumed)
+        owned = [orjson.loads(w.get("/health"))["partitions_evaluated"] for w in workers]
+        return all(owned) and sorted(p for ps in owned for p in ps) == list(range(6))
+
+    wait_until(split, 90, "the partials partitions split among the workers", interval=0.5)
     namespace.publish(first)
     wait_until(
         lambda: sum(w.metric("coalmine_evaluations_total") for w in workers) >= evaluations,

@@ -122,6 +122,23 @@ class Sources:
         }
 
 
+class _App(faust.App):
+    """Faust's app, starting :attr:`with_consumer` (services with consumers of their own)
+    before its own services, not once its tables are recovered as ``@app.service`` does: stage
+    1's consumer then joins its group while Faust's consumer joins the app's. One after the
+    other, the two joins held a fresh worker for twice a group's join delay (the embedded
+    broker's: half the session timeout, 5 s; Kafka's group.initial.rebalance.delay.ms: 3 s)."""
+
+    with_consumer: list[type[Service]]
+
+    def on_init_dependencies(self) -> list:
+        services = list(super().on_init_dependencies())
+        if self.producer_only or self.client_only:  # no consumer: no stage 1 either
+            return services
+        # first: Faust's table manager waits 1 s before its consumer joins
+        return [s(loop=self.loop, beacon=self.beacon) for s in self.with_consumer] + services
+
+
 def create_app(
     baselines: dict[str, Baseline],
     broker_url: str,
@@ -141,7 +158,7 @@ def create_app(
         / app_id
     )
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = _App(
         app_id,
         broker=f"kafka://{parse_broker_url(broker_url)}",
         broker_credentials=Security.resolve(broker_url).faust_credentials(),
@@ -194,13 +211,14 @@ def create_app(
                 await write_now(set(unsaved), "on stop")
             await state_topic.close()
 
-    @app.service
     class _Stage1(Stage1):
         def __init__(self, **kwargs):
             super().__init__(
                 baselines, parse_broker_url(broker_url), group_id=f"{app_id}-stage1", **kwargs
             )
             stage1.append(self)
+
+    app.with_consumer = [_Stage1]
 
     async def send_dead_letter(
         tp: TopicPartition, offset: int | None, key: bytes | None, value: bytes | None, reason: str
@@ -248,8 +266,11 @@ def create_app(
         fresh evaluator when they have none); their sources count as live again."""
         assigned = args[0] if args else kwargs["assigned"]
         mine = {tp.partition for tp in assigned if tp.topic == topics.PARTIALS}
-        for p in sorted(mine - owned):
-            records = await state_topic.read(p)
+        new = sorted(mine - owned)
+        # each read ends with a wait for more (StateTopic.read): all at once, not one by one
+        read = dict(zip(new, await asyncio.gather(*(state_topic.read(p) for p in new))))
+        for p in new:
+            records = read.pop(p)
             for model in [m for m in baselines if partition[m] == p]:
                 restored = await restored_or_none(records, model, p)
                 if restored is None:

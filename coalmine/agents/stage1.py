@@ -174,8 +174,11 @@ class Stage1(Service):
             heartbeat_interval_ms=2_000,
             **security,
         )
-        self.consumer.subscribe([topics.PREDICTIONS, topics.LABELS], listener=_Rebalance(self))
         await self.consumer.start()
+        # after start, which would otherwise wait for the group's join: the app's services
+        # start after this one (:class:`coalmine.agents.app._App`), the app's consumer joining
+        # its group meanwhile
+        self.consumer.subscribe([topics.PREDICTIONS, topics.LABELS], listener=_Rebalance(self))
 
     async def on_stop(self) -> None:
         if self.consumer is not None:
