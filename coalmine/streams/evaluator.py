@@ -111,7 +111,7 @@ class Evaluator:
             if not self.pending:
                 return out
             self.next_bucket = min(self.pending)
-        step = self.settings.bucket_ms
+        step, first = self.settings.bucket_ms, self.next_bucket
         # an empty bucket waits for the next one with events (none may come within the
         # window): evaluated or skipped alike however the partials were cut and timed
         while self.next_bucket + step <= through and self.pending:
@@ -123,9 +123,10 @@ class Evaluator:
             start = self.next_bucket
             out.extend(self._step(Bucket(start, self.pending.pop(start, {}), start + step)))
             self.next_bucket += step
-        self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
-        kept = self.carried[0].start if self.carried else self.next_bucket
-        self.bucket_versions = {b: v for b, v in self.bucket_versions.items() if b >= kept}
+        if self.next_bucket != first:  # else all they hold is still pending (a partial each)
+            self.applied = {a for a in self.applied if a[1] >= self.next_bucket}
+            kept = self.carried[0].start if self.carried else self.next_bucket
+            self.bucket_versions = {b: v for b, v in self.bucket_versions.items() if b >= kept}
         return out
 
     def _step(self, bucket: Bucket) -> Emitted:
