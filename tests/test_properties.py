@@ -9,7 +9,7 @@ from functools import cache, reduce
 
 import numpy as np
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from coalmine.cache import FileCalibrationCache
@@ -127,6 +127,7 @@ _VALUES = st.floats(-1e9, 1e9, allow_nan=False, allow_subnormal=True)
         max_size=15,
     )
 )
+@example([(0, [0.0, 0.0, 0.0, -0.0], False), (0, [0.0, 0.0, 0.0, -0.0], False)])  # found so
 def test_many_summaries_merged_at_once_are_bit_for_bit_those_added_one_at_a_time(parts):
     """A step of a low-traffic model merges its buckets in one pass (``Summary.total``): the
     window it slides is the one adding them one after the other gives, to the last bit (live,

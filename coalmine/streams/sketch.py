@@ -399,9 +399,18 @@ def _array(name: str, value) -> np.ndarray:
 _ALWAYS = tuple(f.name for f in fields(Summary) if f.name not in _SCORE_BINS)
 _always_of = itemgetter(*_ALWAYS)
 #: how :meth:`Summary.total` adds up each of :data:`_ALWAYS` over its summaries, first to last:
-#: numpy's reduction of a list along its first axis adds row after row, as ``+`` one at a time
+#: numpy's reduction of a list along its first axis adds row after row, as ``+`` one at a time;
+#: a float one from -0.0, the one zero that leaves any first row as it is (numpy's own start,
+#: 0.0, turned a bin whose sums are all -0.0 into 0.0, which ``+`` keeps)
 _ALWAYS_REDUCERS = tuple(
-    np.add.reduce if name in _ARRAYS else partial(reduce, operator.add) for name in _ALWAYS
+    (
+        partial(reduce, operator.add)
+        if name not in _ARRAYS
+        else partial(np.add.reduce, initial=-0.0)
+        if _ARRAYS[name].kind == "f"
+        else np.add.reduce
+    )
+    for name in _ALWAYS
 )
 #: every field in order, with its default where :meth:`Summary.from_dict` may fill it in: a
 #: scalar's, and no score bins (an empty array, never changed in place, may be shared)
