@@ -5,7 +5,10 @@ beside the floor, one consumer-group join of a bare aiokafka consumer with the w
 session timeout on the same broker (the embedded broker holds a join for half of it).
 
 A worker joins two groups, stage 1's consumer's and Faust's, and stage 2 then reads its
-partitions' state: the calibration cache is warmed first, as a restarted worker finds it.
+partitions' state: the calibration cache is warmed first, as a restarted worker finds it. Then
+the same for a restart: once the worker has folded the backlog it is stopped (SIGTERM: it
+writes stage 2's state), the next 5 s of events are published, and a new worker, which reads
+every model's state back, is timed alike.
 
 usage: python benchmarks/worker_start.py [--models M [M ...]] [--repeat K]
 """
@@ -19,6 +22,7 @@ import time
 import uuid
 from types import SimpleNamespace
 
+import orjson
 from aiokafka import AIOKafkaConsumer
 
 from coalmine.baselines import build_baselines
@@ -61,6 +65,30 @@ def first_time(worker, t0: float, metric: str) -> float:
     return time.perf_counter() - t0
 
 
+def later(lines: list[bytes], ms: int) -> list[bytes]:
+    """The events ``ms`` later, with ids of their own (not duplicates of the first ones)."""
+    out = []
+    for line in lines:
+        event = orjson.loads(line)
+        event["ts"] += ms
+        event["event_id"] += "-later"
+        event["request_id"] += "-later"
+        out.append(orjson.dumps(event))
+    return out
+
+
+def timed_start(ns: Namespace, config, log) -> tuple[float, float, float]:
+    """A worker started and stopped: seconds to /health, to its first event folded and to its
+    first step evaluated, once it has folded everything on the topic."""
+    with ns.worker(config, log=log) as worker:
+        t0 = time.perf_counter()
+        worker.wait_ready(timeout=600)
+        health = time.perf_counter() - t0
+        folded = first_time(worker, t0, "coalmine_events_total")
+        evaluated = first_time(worker, t0, "coalmine_evaluations_total")
+    return health, folded, evaluated
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,8 +96,10 @@ def main() -> None:
     ap.add_argument("--models", type=int, nargs="+", default=[1, 1000])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    print("| models | worker start to /health | first event folded | first step evaluated |")
-    print("|---:|---:|---:|---:|")
+    print(
+        "| models | start | worker start to /health | first event folded | first step evaluated |"
+    )
+    print("|---:|---|---:|---:|---:|")
     for models in args.models:
         work, _ = models_work(
             SimpleNamespace(
@@ -82,24 +112,23 @@ def main() -> None:
             ),
             "coalmine-worker-start-",
         )
-        build_baselines(load_config(work / "monitor.toml"))  # the calibration cache, warm
+        config = work / "monitor.toml"
+        build_baselines(load_config(config))  # the calibration cache, warm
         lines = (work / "stream.jsonl").read_bytes().splitlines()
-        runs = []
+        more = later(lines, BACKLOG_S * 1000)
+        fresh, restarted, joins = [], [], []
         for _ in range(args.repeat):
             with EmbeddedBroker() as broker:  # a fresh one each: no state, no groups
                 ns = Namespace(broker)
                 ns.publish(("prediction", line) for line in lines)
-                join = asyncio.run(one_join(broker.bootstrap, ns.topic["predictions"]))
-                with ns.worker(work / "monitor.toml", log=work / "worker.log") as worker:
-                    t0 = time.perf_counter()
-                    worker.wait_ready(timeout=600)
-                    health = time.perf_counter() - t0
-                    folded = first_time(worker, t0, "coalmine_events_total")
-                    evaluated = first_time(worker, t0, "coalmine_evaluations_total")
-                runs.append((health, folded, evaluated, join))
-        health, folded, evaluated, join = (statistics.median(r) for r in zip(*runs))
-        print(f"| {models:,} | {health:.1f} s | {folded:.1f} s | {evaluated:.1f} s |")
-    print(f"\none group join (the floor for the first fold): {join:.1f} s")
+                joins.append(asyncio.run(one_join(broker.bootstrap, ns.topic["predictions"])))
+                fresh.append(timed_start(ns, config, work / "worker.log"))
+                ns.publish(("prediction", line) for line in more)
+                restarted.append(timed_start(ns, config, work / "restarted.log"))
+        for start, runs in (("fresh", fresh), ("restarted", restarted)):
+            health, folded, evaluated = (statistics.median(r) for r in zip(*runs))
+            print(f"| {models:,} | {start} | {health:.1f} s | {folded:.1f} s | {evaluated:.1f} s |")
+    print(f"\none group join (the floor for the first fold): {statistics.median(joins):.1f} s")
     print(f"(medians of {args.repeat} runs each, a fresh broker each)")
 
 
