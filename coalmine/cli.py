@@ -61,6 +61,33 @@ def _config_or_exit(path: str):
         sys.exit(f"coalmine: bad config: {exc}")
 
 
+def _number_in(kind: type, low: float, high: float, what: str):
+    """An argparse type: a ``kind`` number in ``[low, high]``; argparse names the option and
+    exits with status 2 when it is not (a traceback from deep inside otherwise).
+
+    >>> _number_in(int, 1, 65535, "a TCP port")("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '0' is not a TCP port (1 to 65535)
+    """
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({low:g} to {high:g})")
+        return value
+
+    return parse
+
+
+_port = _number_in(int, 1, 65535, "a TCP port")
+_partitions = _number_in(int, 1, 10_000, "a partition count")
+_seconds = _number_in(float, 1e-3, 1e9, "a number of seconds")
+_rate = _number_in(float, 1e-3, 1e6, "a rate per second")
+
+
 def _parser(
     name: str, sub, help_: str, description: str, epilog: str = ""
 ) -> argparse.ArgumentParser:
@@ -109,10 +136,10 @@ def add_broker(sub) -> None:
         "examples:\n  coalmine broker                # a free port; prints the export line to use\n"
         "  coalmine broker --port 9092 &\n  export COALMINE_BROKER=kafka://127.0.0.1:9092",
     )
-    p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
+    p.add_argument("--port", type=_port, default=None, help="TCP port (default: a free one)")
     p.add_argument(
         "--partitions",
-        type=int,
+        type=_partitions,
         default=topics.DEFAULT_PARTITIONS,
         help="partitions per topic (default: %(default)s)",
     )
@@ -156,7 +183,7 @@ def add_worker(sub) -> None:
     p.add_argument("--config", required=True, help="monitor TOML file")
     p.add_argument(
         "--web-port",
-        type=int,
+        type=_port,
         default=6066,
         help="port of /metrics and /health (default: %(default)s)",
     )
@@ -168,7 +195,7 @@ def add_worker(sub) -> None:
     )
     p.add_argument(
         "--partitions",
-        type=int,
+        type=_partitions,
         default=topics.DEFAULT_PARTITIONS,
         help="partitions of the coalmine topics (default: %(default)s)",
     )
@@ -339,7 +366,7 @@ def add_tail(sub) -> None:
     p.add_argument("--from-end", action="store_true", help="only records that arrive from now on")
     p.add_argument(
         "--until-idle",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="stop after this many seconds without a record (default: run until Ctrl-C)",
@@ -373,7 +400,7 @@ def add_topics(sub) -> None:
     _broker_arg(p)
     p.add_argument(
         "--partitions",
-        type=int,
+        type=_partitions,
         default=topics.DEFAULT_PARTITIONS,
         help="partitions per topic (default: %(default)s)",
     )
@@ -706,10 +733,10 @@ def add_demo(sub) -> None:
         "example:\n  coalmine demo --duration 90",
     )
     p.add_argument(
-        "--duration", type=float, default=60.0, help="seconds of traffic (default: %(default)s)"
+        "--duration", type=_seconds, default=60.0, help="seconds of traffic (default: %(default)s)"
     )
     p.add_argument(
-        "--rate", type=float, default=300.0, help="predictions per second (default: %(default)s)"
+        "--rate", type=_rate, default=300.0, help="predictions per second (default: %(default)s)"
     )
     p.set_defaults(func=cmd_demo)
 

@@ -74,6 +74,29 @@ def test_worker_refuses_a_bad_config_with_the_field_in_the_message(tmp_path):
     assert "models[0].bucket: expected a duration" in str(stopped.value.code)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["worker", "--config", "m.toml", "--web-port", "0"],
+        ["worker", "--config", "m.toml", "--partitions", "0"],
+        ["broker", "--port", "70000"],
+        ["topics", "create", "--partitions", "six"],
+        ["demo", "--rate", "0"],
+        ["demo", "--duration", "-5"],
+        ["tail", "alerts", "--until-idle", "nan"],
+    ],
+)
+def test_a_number_out_of_range_on_the_command_line_is_refused_naming_its_option(argv, capsys):
+    """Before: a Faust or socket traceback, a division by zero, or a demo of no traffic."""
+    from coalmine.cli import main
+
+    with pytest.raises(SystemExit) as stopped:  # argparse: before anything starts
+        main(argv)
+    option = next(a for a in argv if a.startswith("--") and a != "--config")
+    assert stopped.value.code == 2
+    assert f"argument {option}: {argv[argv.index(option) + 1]!r} is not" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("every", ["soon", "0", "-1", "inf", "nan"])
 def test_worker_refuses_a_state_write_interval_that_is_not_a_positive_number(
     tmp_path, monkeypatch, every
