@@ -160,6 +160,24 @@ def test_killing_a_worker_changes_no_window_and_no_alert(
     assert all(w.proc.poll() is None for w in survivors)
 
 
+def test_a_stopped_worker_leaves_its_consumer_groups(namespace, start_worker, shuttle_config):
+    """SIGTERM: the worker leaves both its groups (Faust's, stage 1's) at once, so the next
+    worker joins without waiting for its session (10 s) to time out. The embedded broker
+    numbers a group's first generation 0, from which aiokafka alone does not leave
+    (:mod:`coalmine.groups`)."""
+    worker = start_worker(shuttle_config)
+    groups = (worker.app_id, f"{worker.app_id}-stage1")
+    for group in groups:
+        wait_until(
+            lambda g=group: group_members(namespace.broker.bootstrap, g) == 1, 60, f"{group} joined"
+        )
+    worker.stop()
+    for group in groups:  # well within the session timeout
+        wait_until(
+            lambda g=group: group_members(namespace.broker.bootstrap, g) == 0, 4, f"{group} left"
+        )
+
+
 def _under_way(namespace, workers, first: list, evaluations: int) -> dict[int, dict]:
     """Once every worker is in both groups (stage 2, stage 1) and evaluates partials partitions
     of its own, publish the ``first`` events and wait for that many evaluations; each worker's

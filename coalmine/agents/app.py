@@ -32,7 +32,7 @@ from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from coalmine import events as contract
-from coalmine import topics
+from coalmine import groups, topics
 from coalmine.agents import metrics
 from coalmine.agents.stage1 import Stage1, dead_letter
 from coalmine.agents.state import ModelState, StateTopic, head_record, partition_of, restore
@@ -152,6 +152,7 @@ def create_app(
     """A Faust app monitoring the models of ``baselines`` (:func:`coalmine.baselines.build_baselines`);
     run it with ``app.main()`` or a Worker."""
     save_every = save_every_s()
+    groups.install()  # stopped, it leaves its consumer groups on the embedded broker too
     # Faust keeps an app directory even with memory tables: never the working directory
     datadir = (
         Path(os.environ.get("COALMINE_DATA_DIR") or Path(tempfile.gettempdir()) / "coalmine-faust")
