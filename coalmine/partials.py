@@ -33,7 +33,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if _LITTLE and value.dtype.isnative and value.flags.c_contiguous:
             return value.data  # the array's own bytes, not a copy (msgspec encodes any buffer)
-        return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+        return _little_endian(value)
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot encode {type(value).__name__} in a partial")
